@@ -1,0 +1,1 @@
+"""APEL accounting: archive, dirq outgoing queue, sync records and the STOMP sender."""

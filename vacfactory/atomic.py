@@ -1,0 +1,78 @@
+"""Crash-safe file writes: the one helper every state or record file goes through.
+
+Maildir's rule: write a temporary file in the same directory, fsync it, rename it over the
+final name, fsync the directory. A reader sees either the old file or the new one, never a
+partial one, and a crash at any instant leaves at worst a stray ``.tmp-*`` file that
+:func:`remove_stale_temporaries` cleans up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+TEMP_PREFIX = ".tmp-"
+
+
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (same directory temp file + rename).
+
+    ``sync=False`` skips the fsyncs: still atomic against a killed process, but not against
+    a power cut. Use it only for files that are rewritten constantly (heartbeats, counters).
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if sync:
+        fsync_directory(directory)
+
+
+def atomic_write_text(path: str, text: str, mode: int = 0o644, sync: bool = True) -> None:
+    """Replace ``path`` with UTF-8 ``text`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode, sync=sync)
+
+
+def atomic_write_json(path: str, value: Any, mode: int = 0o644, sync: bool = True) -> None:
+    """Replace ``path`` with ``value`` as sorted, indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(value, sort_keys=True, indent=1) + "\n", mode=mode, sync=sync)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename or unlink inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: str) -> int:
+    """Delete temp files a crash left behind in ``directory``; return how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+    return removed

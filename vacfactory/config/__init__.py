@@ -1,0 +1,1 @@
+"""Configuration: the option table, loading and validation (see docs/configuration.md)."""

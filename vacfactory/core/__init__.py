@@ -1,0 +1,1 @@
+"""The pure core: decisions from plain values. No I/O, no adapters, ``now`` passed in."""

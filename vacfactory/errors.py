@@ -1,0 +1,112 @@
+"""The project's exception hierarchy.
+
+Every error says where the problem came from (a config file and line, a machine, a peer
+address), so that one log line or one CLI message is enough to act on it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+
+class VacFactoryError(Exception):
+    """Base class of every error vacfactory raises on purpose."""
+
+
+class ConfigError(VacFactoryError):
+    """One problem in the configuration, located as precisely as we can.
+
+    str() gives ``FILE:LINE: [SECTION] OPTION: MESSAGE`` with the parts that are known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: Optional[str] = None,
+        line: Optional[int] = None,
+        section: Optional[str] = None,
+        option: Optional[str] = None,
+    ) -> None:
+        self.message = message
+        self.source = source
+        self.line = line
+        self.section = section
+        self.option = option
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.source:
+            where = self.source + (f":{self.line}" if self.line else "") + ": "
+        what = ""
+        if self.section:
+            what += f"[{self.section}] "
+        if self.option:
+            what += f"{self.option}: "
+        return f"{where}{what}{self.message}"
+
+
+class ConfigErrors(ConfigError):
+    """All the problems found in one configuration, reported together."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors: Sequence[ConfigError] = tuple(errors)
+        VacFactoryError.__init__(self, str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+class StateError(VacFactoryError):
+    """A machine directory or other state file is missing, unreadable or inconsistent."""
+
+    def __init__(self, message: str, *, machine: Optional[str] = None, path: Optional[str] = None):
+        self.machine = machine
+        self.path = path
+        prefix = machine or path
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class HypervisorError(VacFactoryError):
+    """libvirt (or another hypervisor) refused or failed an operation."""
+
+    def __init__(self, message: str, *, domain: Optional[str] = None, uri: Optional[str] = None):
+        self.domain = domain
+        self.uri = uri
+        prefix = domain or uri
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class VMInputError(VacFactoryError):
+    """Something a VM wrote (joboutputs, an HTTP request, a syslog datagram) was rejected."""
+
+    def __init__(self, message: str, *, machine: Optional[str] = None, item: Optional[str] = None):
+        self.machine = machine
+        self.item = item
+        where = ":".join(p for p in (machine, item) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ExportError(VacFactoryError):
+    """Publishing a VM's directories (NFS export, HTTP registration) failed."""
+
+
+class AccountingError(VacFactoryError):
+    """An APEL record could not be built, validated, archived, queued or sent."""
+
+
+class RecordInvalid(AccountingError):
+    """An APEL record breaks one of the APEL server's rules; the VM stays unaccounted."""
+
+
+class ProtocolError(VacFactoryError):
+    """A VacQuery datagram is malformed; it is dropped without a reply."""
+
+    def __init__(self, message: str, *, peer: Optional[str] = None):
+        self.peer = peer
+        super().__init__(f"{peer}: {message}" if peer else message)
+
+
+class ImageError(VacFactoryError):
+    """A root image could not be fetched, verified or cached."""

@@ -1,0 +1,1 @@
+"""The hypervisor boundary: a narrow interface and its libvirt implementation."""

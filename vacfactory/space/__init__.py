@@ -1,0 +1,1 @@
+"""The space: VacQuery protocol, UDP responder and query client."""

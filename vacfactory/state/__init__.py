@@ -1,0 +1,1 @@
+"""The state directory: machine directories and daemon status, written atomically."""
