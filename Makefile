@@ -1,0 +1,44 @@
+# vacfactory: the entry points. `make demo` and `make test` work on a fresh Debian 12 machine
+# (run as root: they install what is missing and start libvirtd).
+
+PY := .venv/bin/python
+PYTEST := .venv/bin/pytest
+DEMO_SECONDS ?= 180
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test unit integration system bench faults docs clean-demo
+
+setup:
+	tools/setup-machine.sh
+
+# Real TCG VMs from conf/demo.conf, state in demo-state/, a live table, then a summary.
+demo: setup
+	$(PY) tools/demo.py --config conf/demo.conf --seconds $(DEMO_SECONDS)
+
+# The whole suite: pure and libvirt test-driver unit tests, real VMs, network namespaces.
+test: setup
+	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration tests/system $(PYTEST_ARGS)
+
+unit:
+	$(PYTEST) -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PYTEST) -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+system: setup
+	$(PYTEST) -q -p no:cacheprovider tests/system $(PYTEST_ARGS)
+
+# Performance figures (printed with their goals; nothing here fails a build).
+bench: setup
+	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+faults: setup
+	$(PYTEST) -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
+
+# Regenerate the configuration reference and man pages from the option table.
+docs:
+	$(PY) -m vacfactory.config.docs markdown > docs/configuration.md
+	$(PY) -m vacfactory.config.docs man > docs/vacfactory.conf.5
+
+clean-demo:
+	rm -rf demo-state

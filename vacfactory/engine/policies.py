@@ -1,0 +1,87 @@
+"""Configuration -> the pure core's plain values (policies, local VMs, MJF inputs).
+
+Kept in one place so the core never sees a Config and the option names stay in config/.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+from vacfactory.core.mjf import MJFInput
+from vacfactory.core.views import FactoryPolicy, LocalVM, MachinetypePolicy
+from vacfactory.state.machines import Machine
+
+
+def factory_policy(config, host_processors: int) -> FactoryPolicy:
+    s = config.settings
+    return FactoryPolicy(
+        total_processors=s.total_processors,
+        processors_per_superslot=s.processors_per_superslot,
+        hs06_per_processor=s.hs06_per_processor or 1.0,
+        mb_per_processor=s.mb_per_processor,
+        total_memory_mb=s.total_memory_mb,
+        overload_per_processor=s.overload_per_processor,
+        host_processors=host_processors,
+        shutdown_time=s.shutdown_time,
+        draining=bool(s.draining),
+        max_starting_processors=s.max_starting_processors,
+        starting_seconds=s.starting_seconds,
+    )
+
+
+def machinetype_policies(config) -> List[MachinetypePolicy]:
+    return [
+        MachinetypePolicy(
+            name=name,
+            target_share=mt.target_share,
+            machinegroup=mt.machinegroup,
+            min_processors=mt.min_processors,
+            max_processors=mt.max_processors,
+            min_wallclock_seconds=mt.min_wallclock_seconds,
+            max_wallclock_seconds=mt.max_wallclock_seconds,
+            backoff_seconds=mt.backoff_seconds,
+            fizzle_seconds=mt.fizzle_seconds,
+            startable=mt.startable,
+        )
+        for name, mt in config.machinetypes.items()
+    ]
+
+
+def local_vm(machine: Machine, shutdown_time: float) -> LocalVM:
+    record = machine.record
+    return LocalVM(
+        uuid=record.uuid,
+        machinetype=record.machinetype,
+        processors=record.processors,
+        created=record.created,
+        shutdown_time=shutdown_time,
+        memory_mb=record.memory_mb,
+        hs06=record.hs06,
+        started=machine.started.time if machine.started else None,
+    )
+
+
+def mjf_input(config, record, extra_machinefeatures: Optional[Iterable] = None) -> MJFInput:
+    """MJF values for a VM being created (core.mjf computes the keys)."""
+    s = config.settings
+    mt = config.machinetypes.get(record.machinetype)
+    scratch_gb = None
+    if mt is not None and mt.machine_model in ("cernvm3", "cernvm4"):
+        scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor or 40) * record.processors
+    elif mt is not None and (mt.disk_gb_per_processor or s.disk_gb_per_processor):
+        scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor) * record.processors
+    extras = dict(s.machinefeatures_options)
+    if extra_machinefeatures:
+        extras.update(dict(extra_machinefeatures))
+    return MJFInput(
+        job_id=record.uuid,
+        processors=record.processors,
+        jobstart=int(record.created),
+        shutdown_time=int(record.shutdown_time),
+        mb_per_processor=s.mb_per_processor,
+        hs06_per_processor=record.hs06_per_processor,
+        grace_seconds=s.grace_seconds,
+        scratch_bytes=int(scratch_gb * 1_000_000_000) if scratch_gb else 0,
+        max_swap_bytes=0,
+        extra_machinefeatures=extras,
+    )

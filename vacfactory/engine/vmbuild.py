@@ -1,0 +1,223 @@
+"""Turn a machinetype and a new VM's record into what the adapters need to start it.
+
+- ``new_record``: the VM's identity (name, slot, address, token, sizes, times).
+- ``features``: its machine/job features (core.mjf computes them).
+- ``user_data``: the rendered contextualization (core.userdata), with an optional proxy.
+- ``domain_spec``: disks made in the machine directory and the hypervisor.VMSpec.
+
+Machine models (Vac's): ``vm-raw`` boots a qcow2 overlay on ``root_image``; ``cernvm3``/
+``cernvm4`` boot the ``root_image`` ISO from CD with an empty disk as ``root_device``; any VM
+model may instead (or also) boot a kernel directly (``kernel_image``, ``initrd_image``,
+``kernel_cmdline``), which is how the tiny demo guest runs. Relative paths are looked up in
+``<state_dir>/machinetypes/<name>/files/`` as Vac does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Dict, Optional, Tuple
+
+from vacfactory import __version__
+from vacfactory.core import mjf, userdata
+from vacfactory.engine import policies
+from vacfactory.errors import VacFactoryError
+from vacfactory.hypervisor import disks
+from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
+from vacfactory.hypervisor.network import slot_ip, slot_mac
+from vacfactory.state.machines import Machine
+from vacfactory.state.records import VMRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CERNVM_DISK_GB = 40
+MJF_URL = "http://169.254.169.253"
+
+
+class BuildError(VacFactoryError):
+    """A VM could not be prepared (missing image, unreadable template, bad file)."""
+
+
+class VMBuilder:
+    """Stateless apart from where the machinetype files live."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+
+    # -- identity and features ----------------------------------------------------------
+
+    def new_record(self, config, mt, *, uuid: str, slot: int, name: str, processors: int,
+                   created: float, shutdown_time: float) -> VMRecord:
+        s = config.settings
+        networked = uses_network(config)
+        return VMRecord(
+            uuid=uuid,
+            name=name,
+            slot=slot,
+            factory=s.factory_name,
+            space=s.vac_space,
+            machinetype=mt.name,
+            machine_model=mt.machine_model,
+            processors=processors,
+            memory_mb=s.mb_per_processor * processors,
+            created=created,
+            shutdown_time=shutdown_time,
+            hs06_per_processor=s.hs06_per_processor,
+            accounting_fqan=mt.accounting_fqan,
+            machinegroup=mt.machinegroup,
+            fizzle_seconds=float(mt.fizzle_seconds),
+            mjf_transport=mt.mjf_transport,
+            address=slot_ip(slot) if networked else None,
+            mac=slot_mac(slot) if networked else None,
+            token=secrets.token_hex(16),
+        )
+
+    def features(self, config, record: VMRecord) -> Tuple[Dict[str, str], Dict[str, str]]:
+        inputs = policies.mjf_input(config, record)
+        return mjf.machinefeatures(inputs), mjf.jobfeatures(inputs)
+
+    def user_data(self, config, mt, record: VMRecord) -> Optional[bytes]:
+        """Render the machinetype's user_data template, or None if it has none."""
+        if not mt.user_data:
+            return None
+        template = self._read_text(mt, mt.user_data, "user_data")
+        files = {name: self._read_text(mt, path, f"user_data_file_{name}") for name, path in mt.user_data_files.items()}
+        options = dict(mt.user_data_options)
+        if mt.user_data_proxy:
+            options["x509_proxy"] = self._proxy(mt, record)
+        substitutions = userdata.standard_substitutions(
+            space=record.space,
+            machinetype=record.machinetype,
+            machine_hostname=record.name,
+            manager_version=f"vacfactory {__version__}",
+            manager_hostname=record.factory,
+            uuid=record.uuid,
+            machinefeatures_url=f"{MJF_URL}/machinefeatures",
+            jobfeatures_url=f"{MJF_URL}/jobfeatures",
+            joboutputs_url=f"{MJF_URL}/joboutputs",
+            root_image_url=mt.root_image if is_url(mt.root_image) else None,
+        )
+        return userdata.render_user_data(template, substitutions, options, files).encode("utf-8")
+
+    def _proxy(self, mt, record: VMRecord) -> str:
+        from datetime import datetime, timezone
+
+        from vacfactory.vmio import proxy
+
+        directory = self.machinetype_dir(mt.name)
+        try:
+            with open(os.path.join(directory, "x509cert.pem"), "rb") as f:
+                cert = f.read()
+            with open(os.path.join(directory, "x509key.pem"), "rb") as f:
+                key = f.read()
+        except OSError as error:
+            raise BuildError(f"machinetype {mt.name}: user_data_proxy needs x509cert.pem and x509key.pem "
+                             f"in {directory}: {error}") from None
+        not_after = datetime.fromtimestamp(record.shutdown_time, tz=timezone.utc)
+        return proxy.make_limited_proxy(cert, key, not_after, mt.name, legacy=bool(mt.legacy_proxy)).decode("ascii")
+
+    # -- the domain ---------------------------------------------------------------------
+
+    def domain_spec(self, config, mt, machine: Machine) -> VMSpec:
+        """Make the VM's disks in its machine directory and describe its domain."""
+        s = config.settings
+        record = machine.record
+        disk_list = []
+        boot = "hd"
+        root_image = self.resolve(mt, mt.root_image) if mt.root_image else None
+        disk_gb = mt.disk_gb_per_processor or s.disk_gb_per_processor
+        if mt.machine_model in ("cernvm3", "cernvm4") and root_image:
+            disk_list.append(DiskSpec(path=root_image, target_dev="sda", fmt="raw", device="cdrom",
+                                      readonly=True, bus="sata"))
+            root = os.path.join(machine.disks_dir, "root.qcow2")
+            disks.create_scratch(root, int((disk_gb or DEFAULT_CERNVM_DISK_GB) * record.processors * 10**9))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device))
+            boot = "cdrom"
+        elif root_image:
+            root = os.path.join(machine.disks_dir, "root.qcow2")
+            disks.create_overlay(root_image, root, disks.image_format(root_image))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device))
+            if disk_gb:
+                scratch = os.path.join(machine.disks_dir, "scratch.qcow2")
+                disks.create_scratch(scratch, int(disk_gb * record.processors * 10**9))
+                disk_list.append(DiskSpec(path=scratch, target_dev=mt.scratch_device))
+        if mt.config_drive:
+            disk_list.append(self._config_drive(machine))
+        interface = None
+        if record.mac is not None:
+            interface = InterfaceSpec(network=s.network_name, mac=record.mac)
+        kernel = self.resolve(mt, mt.kernel_image) if mt.kernel_image else None
+        initrd = self.resolve(mt, mt.initrd_image) if mt.initrd_image else None
+        if kernel is None and not root_image:
+            raise BuildError(f"machinetype {mt.name}: neither root_image nor kernel_image is set")
+        return VMSpec(
+            name=record.name,
+            uuid=record.uuid,
+            vcpus=record.processors,
+            memory_mib=record.memory_mb,
+            domain_type=s.domain_type,
+            cpu_mode=s.cpu_mode,
+            console_log=machine.console_log,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=mt.kernel_cmdline,
+            disks=tuple(disk_list),
+            interface=interface,
+            boot=boot,
+        )
+
+    def _config_drive(self, machine: Machine) -> DiskSpec:
+        from vacfactory.vmio import configdrive
+
+        try:
+            with open(machine.user_data_path, "rb") as f:
+                user_data = f.read()
+        except FileNotFoundError:
+            user_data = b""
+        path = os.path.join(machine.disks_dir, "config.iso")
+        record = machine.record
+        configdrive.build_config_drive(path, user_data, {"uuid": record.uuid, "hostname": record.name,
+                                                         "name": record.name})
+        return DiskSpec(path=path, target_dev="sdb", fmt="raw", device="cdrom", readonly=True, bus="sata")
+
+    def remove_disks(self, machine: Machine) -> None:
+        """Remove the VM's disks once its domain is gone (console log and outputs stay)."""
+        try:
+            names = os.listdir(machine.disks_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            disks.remove_disk(os.path.join(machine.disks_dir, name))
+
+    # -- files of a machinetype ---------------------------------------------------------
+
+    def machinetype_dir(self, name: str) -> str:
+        return os.path.join(self.state_dir, "machinetypes", name)
+
+    def resolve(self, mt, path: str) -> str:
+        """An absolute path, or one relative to machinetypes/<name>/files/ (Vac's rule)."""
+        if is_url(path):
+            raise BuildError(f"machinetype {mt.name}: {path}: fetching images by URL needs the image cache")
+        if not os.path.isabs(path):
+            path = os.path.join(self.machinetype_dir(mt.name), "files", path)
+        if not os.path.isfile(path):
+            raise BuildError(f"machinetype {mt.name}: {path}: no such file")
+        return path
+
+    def _read_text(self, mt, path: str, what: str) -> str:
+        resolved = self.resolve(mt, path)
+        try:
+            with open(resolved, "rb") as f:
+                return f.read(4 << 20).decode("utf-8", errors="replace")
+        except OSError as error:
+            raise BuildError(f"machinetype {mt.name}: {what} {resolved}: {error}") from None
+
+
+def is_url(value: Optional[str]) -> bool:
+    return bool(value) and value.startswith(("http://", "https://"))
+
+
+def uses_network(config) -> bool:
+    """VMs get the private network unless this is libvirt's in-process test driver."""
+    return config.settings.domain_type != "test" and bool(config.settings.network_name)

@@ -1,0 +1,526 @@
+"""The engine: keeps the hypervisor full of VMs, one decision round at a time.
+
+A round: poll the configuration -> list the hypervisor's domains -> reconcile them with the
+machine directories (adopt, finish, destroy zombies) -> enforce limits on running VMs ->
+account and clean finished VMs -> ask the core scheduler what to create -> create all of it.
+
+Rounds run whenever a libvirt lifecycle event arrives (so a VM that powers off is replaced
+within about a second) and at least every ``cycle_seconds``. Unlike Vac (one creation per
+60 s cycle) a round creates as many VMs as there are free processors, so an empty factory
+fills in one round.
+
+Crash safety comes from the state directory: everything the engine knows is on disk before
+it acts on it, and at start-up the engine rebuilds its view from disk plus the hypervisor.
+While the hypervisor cannot be reached the engine is *blind*: it finishes nothing and creates
+nothing until it can see again (a libvirtd restart must not look like every VM ending).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set
+
+from vacfactory.core import enforce, mjf, scheduler, status as core_status
+from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
+from vacfactory.core.views import Create, Decision, FinishedVM, SpaceView
+from vacfactory.engine import naming, policies
+from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
+from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
+from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.records import Accounted, Finished, VMRecord
+from vacfactory.state.status import StatusFiles
+
+log = logging.getLogger(__name__)
+
+#: how long finished machine directories are kept when the machinetype is gone (Vac: 3 days)
+DEFAULT_MACHINES_DIR_DAYS = 3.0
+#: the factory's own heartbeat record of a VM is rewritten at most this often
+HEARTBEAT_WRITE_SECONDS = 10.0
+#: retention clean-up runs at most this often
+RETENTION_SECONDS = 3600.0
+
+
+@dataclass
+class RoundReport:
+    """What one round did; kept for status.json, logs and tests."""
+
+    time: float
+    blind: bool = False
+    adopted: List[str] = field(default_factory=list)
+    finished: List[str] = field(default_factory=list)
+    killed: List[str] = field(default_factory=list)
+    zombies: List[str] = field(default_factory=list)
+    created: List[str] = field(default_factory=list)
+    failed: List[str] = field(default_factory=list)
+    decision: Optional[Decision] = None
+
+
+class Factory:
+    """The lifecycle engine. Collaborators are injected so tests use real but local ones.
+
+    ``config_source`` has ``poll()`` returning an object with ``config``, ``changed`` and
+    ``errors`` (config.loader.ConfigWatcher). ``builder`` turns a machine into a VMSpec
+    (engine.vmbuild), ``boundary`` publishes a VM's MJF/joboutputs and reads what it wrote
+    (engine.boundary), ``accountant`` writes its APEL record (engine.accountant).
+    ``space_view`` (optional) returns the space-wide view given this factory's own view.
+    """
+
+    def __init__(
+        self,
+        config_source,
+        hypervisor: Hypervisor,
+        store: MachineStore,
+        builder,
+        boundary,
+        accountant,
+        host_processors: int,
+        clock: Callable[[], float] = time.time,
+        load_average: Callable[[], float] = lambda: max(os.getloadavg()),
+        space_view: Optional[Callable[[object, SpaceView, float], SpaceView]] = None,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.config_source = config_source
+        self.hypervisor = hypervisor
+        self.store = store
+        self.status = StatusFiles(store.state_dir)
+        self.builder = builder
+        self.boundary = boundary
+        self.accountant = accountant
+        self.host_processors = host_processors
+        self.clock = clock
+        self.load_average = load_average
+        self.space_view = space_view
+        self.rng = rng or random.Random()
+
+        self.config = config_source.current
+        self.machines: Dict[str, Machine] = {}
+        self.shutdown_times: Dict[str, float] = {}
+        self.last_finishes: Dict[str, FinishedVM] = {}
+        self.started_at = clock()
+        self.last_report: Optional[RoundReport] = None
+        self._blind_logged = False
+        self._config_errors_logged: Optional[str] = None
+        self._last_retention = 0.0
+        self._unaccountable: Set[str] = set()
+
+        # written by the hypervisor's event thread, read by the engine thread
+        self._events_lock = threading.Lock()
+        self._stop_times: Dict[str, float] = {}
+        self._final_cpu: Dict[str, float] = {}
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+
+    # -- start-up and the loop ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Rebuild the in-memory view from disk; the first round reconciles with libvirt."""
+        self.machines = self.store.load_all(recover=True)
+        self.last_finishes = self.store.last_finishes()
+        for machine in self.machines.values():
+            if machine.live:
+                self.shutdown_times[machine.uuid] = self.store.current_shutdown_time(machine)
+        self.boundary.start(self.config, [m for m in self.machines.values() if m.live and m.cleaned is None])
+        self.hypervisor.set_event_callback(self.on_event)
+        live = sum(1 for m in self.machines.values() if m.live)
+        log.info("engine started: %d machine directories, %d live", len(self.machines), live)
+
+    def run(
+        self, until: Optional[Callable[[], bool]] = None, after_round: Optional[Callable[[], None]] = None
+    ) -> None:
+        """Run rounds until ``stop()`` (or ``until()`` is true); ``after_round`` runs after each."""
+        while not self.stopping.is_set() and not (until and until()):
+            self.wake.clear()
+            try:
+                self.run_round()
+            except (VacFactoryError, OSError) as error:  # disk full, permissions: report, go on
+                log.error("round failed: %s", error)
+            if after_round is not None:
+                after_round()
+            self.wake.wait(self.config.settings.cycle_seconds)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def on_event(self, event: DomainEvent) -> None:
+        """Lifecycle event from the hypervisor's thread: remember facts, wake the engine."""
+        if event.kind in ("shutdown", "stopped", "crashed"):
+            with self._events_lock:
+                if event.cpu_seconds is not None:
+                    self._final_cpu[event.uuid] = event.cpu_seconds
+                if event.kind != "shutdown":
+                    self._stop_times.setdefault(event.uuid, event.time)
+        if event.kind in ("stopped", "crashed", "suspended"):
+            self.wake.set()
+
+    # -- one round ----------------------------------------------------------------------
+
+    def run_round(self) -> RoundReport:
+        now = self.clock()
+        report = RoundReport(time=now)
+        self._poll_config()
+        config = self.config
+        try:
+            domains = self.hypervisor.list_domains()
+        except HypervisorError as error:
+            report.blind = True
+            if not self._blind_logged:
+                log.error("hypervisor unreachable, creating nothing until it is back: %s", error)
+                self._blind_logged = True
+            self._write_status(report)
+            self.last_report = report
+            return report
+        if self._blind_logged:
+            log.info("hypervisor reachable again")
+            self._blind_logged = False
+        by_uuid = {d.uuid: d for d in domains}
+        self._reconcile(config, domains, by_uuid, now, report)
+        self._enforce(config, by_uuid, now, report)
+        self._settle(config, now)
+        self._apply_drain(config)
+        report.decision = self._decide(config, now)
+        self._create_all(config, report.decision, report)
+        self._retention(config, now)
+        self._write_status(report)
+        self.last_report = report
+        return report
+
+    def _poll_config(self) -> None:
+        result = self.config_source.poll()
+        if result.errors is not None:
+            text = str(result.errors)
+            if text != self._config_errors_logged:
+                for line in text.splitlines():
+                    log.error("configuration rejected, keeping the last good one: %s", line)
+                self._config_errors_logged = text
+        else:
+            self._config_errors_logged = None
+        if result.changed and result.config is not None:
+            log.info("configuration reloaded: %d machinetypes", len(result.config.machinetypes))
+        if result.config is not None:
+            self.config = result.config
+
+    # -- reconcile ----------------------------------------------------------------------
+
+    def _reconcile(self, config, domains: List[DomainInfo], by_uuid, now: float, report: RoundReport) -> None:
+        pattern = naming.domain_pattern(config.settings.factory_name)
+        live = {u for u, m in self.machines.items() if m.live}
+        for domain in domains:
+            if pattern.match(domain.name) and domain.uuid not in live:
+                log.warning("%s: zombie domain (uuid %s is not a live VM of ours): destroying", domain.name, domain.uuid)
+                self._destroy(domain.uuid, domain.name)
+                report.zombies.append(domain.name)
+        for uuid in sorted(live):
+            machine = self.machines[uuid]
+            domain = by_uuid.get(uuid)
+            if machine.started is None:
+                if domain is not None:
+                    log.info("%s: adopting a domain whose start was not recorded", machine.name)
+                    self.machines[uuid] = self.store.mark_started(machine, machine.record.created)
+                    report.adopted.append(machine.name)
+                else:
+                    log.info("%s: creation was interrupted; cleaning up", machine.name)
+                    self._finish(machine, now, reason="create_failed")
+                continue
+            if domain is None:
+                self._finish(machine, now)
+                report.finished.append(machine.name)
+            elif domain.cpu_seconds and (
+                machine.heartbeat is None or now - machine.heartbeat.time >= HEARTBEAT_WRITE_SECONDS
+            ):
+                self.machines[uuid] = self.store.write_heartbeat(machine, now, domain.cpu_seconds)
+
+    # -- enforce ------------------------------------------------------------------------
+
+    def _enforce(self, config, by_uuid, now: float, report: RoundReport) -> None:
+        settings = config.settings
+        for uuid, machine in list(self.machines.items()):
+            if not machine.live or machine.started is None or uuid not in by_uuid:
+                continue
+            mt = config.machinetypes.get(machine.record.machinetype)
+            heartbeat_policy = None
+            heartbeat_mtime = None
+            if mt is not None:
+                heartbeat_policy = enforce.HeartbeatPolicy(
+                    heartbeat_file=mt.heartbeat_file,
+                    heartbeat_seconds=mt.heartbeat_seconds or 0,
+                    fizzle_seconds=mt.fizzle_seconds,
+                )
+                if mt.heartbeat_file:
+                    heartbeat_mtime = self.boundary.heartbeat_mtime(machine, mt.heartbeat_file)
+            facts = enforce.RunningVMFacts(
+                uuid=uuid,
+                name=machine.name,
+                machinetype=machine.record.machinetype,
+                started=machine.started.time,
+                shutdown_time=self.shutdown_times.get(uuid, machine.record.shutdown_time),
+                paused=by_uuid[uuid].state in (DomainState.PAUSED, DomainState.CRASHED),
+                heartbeat_mtime=heartbeat_mtime,
+            )
+            kill = enforce.check_running_vm(
+                facts,
+                heartbeat_policy,
+                settings.shutdown_time,
+                settings.grace_seconds,
+                now,
+                self.started_at,
+            )
+            if kill is not None:
+                log.warning("%s: killing: %s", machine.name, kill.value)
+                self._destroy(uuid, machine.name)
+                self._finish(self.machines[uuid], now, kill=kill)
+                report.killed.append(machine.name)
+
+    def _destroy(self, uuid: str, name: str) -> None:
+        try:
+            self.hypervisor.destroy(uuid)
+        except HypervisorError as error:
+            log.error("%s: destroy failed: %s", name, error)
+
+    # -- finish, account, clean ---------------------------------------------------------
+
+    def _finish(
+        self, machine: Machine, now: float, kill: Optional[KillReason] = None, reason: Optional[str] = None
+    ) -> None:
+        """Record how a VM ended; everything after (accounting, cleaning) reads this record."""
+        with self._events_lock:
+            stop_time = self._stop_times.pop(machine.uuid, None)
+            final_cpu = self._final_cpu.pop(machine.uuid, None)
+        started = machine.started.time if machine.started else None
+        if kill is not None:
+            end_time = now
+        elif stop_time is not None:
+            end_time = stop_time
+        elif machine.heartbeat is not None:
+            end_time = machine.heartbeat.time
+        else:
+            end_time = started if started is not None else now
+        if started is not None:
+            end_time = max(end_time, started)  # a clock step back must not give negative walls
+        cpu = final_cpu if final_cpu is not None else (machine.heartbeat.cpu_seconds if machine.heartbeat else 0.0)
+        if reason == "create_failed" or started is None:
+            finished = Finished(time=now, end_time=end_time, cpu_seconds=0.0, outcome=Outcome.FAILED.value,
+                                reason=reason or "create_failed")
+        else:
+            message = self.boundary.shutdown_message(machine)
+            abort_on_700 = self.config.settings.abort_on_700
+            classified = classify(message, end_time - started, machine.record.fizzle_seconds, kill, abort_on_700)
+            shown: Optional[ShutdownMessage] = classified.message
+            finished = Finished(
+                time=now,
+                end_time=end_time,
+                cpu_seconds=float(cpu),
+                outcome=classified.outcome.value,
+                reason=kill.value if kill else ("shutdown_message" if message else "no_message"),
+                code=shown.code if shown else None,
+                text=shown.text if shown else "",
+            )
+            log.info(
+                "%s: finished after %ds: %s (%s)",
+                machine.name, int(end_time - started), finished.message or "no shutdown_message", finished.outcome,
+            )
+            if finished.code is not None and 300 <= finished.code < 400:
+                # Vac's hint for tuning fizzle_seconds
+                log.info("%s: minimum %s fizzle_seconds=%d ?", machine.name, machine.record.machinetype,
+                         int(end_time - started))
+        machine = self.store.mark_finished(machine, finished)
+        self.machines[machine.uuid] = machine
+        self.shutdown_times.pop(machine.uuid, None)
+        if finished.outcome != Outcome.FAILED.value:
+            previous = self.last_finishes.get(machine.record.machinetype)
+            if previous is None or previous.finished_time <= finished.end_time:
+                self.last_finishes[machine.record.machinetype] = FinishedVM(
+                    uuid=machine.uuid, machinetype=machine.record.machinetype, finished_time=finished.end_time,
+                    code=finished.code, text=finished.text, outcome=finished.outcome,
+                )
+
+    def _settle(self, config, now: float) -> None:
+        """Account and clean every finished VM that still needs it (retried until done)."""
+        for uuid, machine in list(self.machines.items()):
+            if machine.finished is not None and machine.cleaned is None:
+                self._settle_machine(uuid, now)
+
+    def _settle_machine(self, uuid: str, now: float) -> None:
+        machine = self.machines[uuid]
+        if machine.accounted is None:
+            try:
+                accounted = self.accountant.account(machine, now)
+            except AccountingError as error:
+                if uuid not in self._unaccountable:
+                    log.error("%s: accounting failed, will retry: %s", machine.name, error)
+                    self._unaccountable.add(uuid)
+                accounted = None
+            if accounted is not None:
+                self._unaccountable.discard(uuid)
+                machine = self.store.mark_accounted(machine, accounted)
+                self.machines[uuid] = machine
+        if machine.cleaned is None:
+            self._clean(machine, now)
+
+    def _clean(self, machine: Machine, now: float) -> None:
+        try:
+            self.boundary.withdraw(machine)
+        except VacFactoryError as error:
+            log.error("%s: withdrawing exports failed, will retry: %s", machine.name, error)
+            return
+        self.builder.remove_disks(machine)
+        self.machines[machine.uuid] = self.store.mark_cleaned(machine, now)
+
+    # -- drain --------------------------------------------------------------------------
+
+    def _apply_drain(self, config) -> None:
+        """Publish an earlier factory shutdown_time in running VMs' MJF (Vac does this too)."""
+        factory_shutdown = config.settings.shutdown_time
+        if factory_shutdown is None:
+            return
+        for uuid, machine in self.machines.items():
+            if not machine.live:
+                continue
+            current = self.shutdown_times.get(uuid, machine.record.shutdown_time)
+            new = enforce.drained_shutdown_time(current, factory_shutdown)
+            if new is None:
+                continue
+            machinefeatures, jobfeatures = mjf.shutdown_keys(int(new), config.settings.grace_seconds)
+            try:
+                self.store.rewrite_features(machine, machinefeatures, jobfeatures)
+            except OSError as error:
+                log.error("%s: cannot publish the new shutdown time: %s", machine.name, error)
+                continue
+            self.shutdown_times[uuid] = new
+            log.info("%s: shutdown time moved to %d (drain)", machine.name, int(new))
+
+    # -- decide and create --------------------------------------------------------------
+
+    def local_vms(self):
+        return [
+            policies.local_vm(m, self.shutdown_times.get(u, m.record.shutdown_time))
+            for u, m in self.machines.items()
+            if m.live
+        ]
+
+    def _decide(self, config, now: float) -> Decision:
+        mt_policies = policies.machinetype_policies(config)
+        local = self.local_vms()
+        own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
+        view = self.space_view(config, own, now) if self.space_view else own
+        try:
+            load = self.load_average()
+        except OSError:
+            load = 0.0
+        return scheduler.decide(
+            policies.factory_policy(config, self.host_processors), mt_policies, local, view, load, now, self.rng
+        )
+
+    def _create_all(self, config, decision: Decision, report: RoundReport) -> None:
+        failed_types: Set[str] = set()
+        for create in decision.creates:
+            if create.machinetype in failed_types:
+                continue
+            name = self._create(config, create)
+            if name is None:
+                failed_types.add(create.machinetype)
+                report.failed.append(create.machinetype)
+            else:
+                report.created.append(name)
+
+    def _free_slot(self, config) -> Optional[int]:
+        busy = {m.record.slot for m in self.machines.values() if m.cleaned is None}
+        for slot in range(config.settings.total_processors):
+            if slot not in busy:
+                return slot
+        return None
+
+    def _create(self, config, create: Create) -> Optional[str]:
+        """Prepare, publish and start one VM; on failure leave no trace but its record."""
+        settings = config.settings
+        mt = config.machinetypes[create.machinetype]
+        slot = self._free_slot(config)
+        if slot is None:
+            log.error("no free slot for a %s VM although processors are free", create.machinetype)
+            return None
+        now = self.clock()
+        record = self.builder.new_record(
+            config, mt, uuid=str(uuidlib.uuid4()), slot=slot,
+            name=naming.domain_name(settings.factory_name, slot),
+            processors=create.processors, created=now, shutdown_time=create.shutdown_time,
+        )
+        try:
+            machinefeatures, jobfeatures = self.builder.features(config, record)
+            user_data = self.builder.user_data(config, mt, record)
+            machine = self.store.prepare(record, machinefeatures, jobfeatures, user_data)
+        except (VacFactoryError, OSError, ValueError) as error:
+            self._creation_failed(record.name, create.machinetype, error)
+            return None
+        self.machines[record.uuid] = machine
+        self.shutdown_times[record.uuid] = record.shutdown_time
+        try:
+            spec = self.builder.domain_spec(config, mt, machine)
+            self.boundary.publish(machine)
+            self.hypervisor.create(spec)
+        except (VacFactoryError, OSError) as error:
+            self._creation_failed(record.name, create.machinetype, error)
+            self._finish(machine, self.clock(), reason="create_failed")
+            self._settle_machine(machine.uuid, self.clock())
+            return None
+        self.machines[record.uuid] = self.store.mark_started(machine, self.clock())
+        self.status.clear_error()
+        log.info("%s: created %s with %d processors, uuid %s", record.name, record.machinetype,
+                 record.processors, record.uuid)
+        return record.name
+
+    def _creation_failed(self, name: str, machinetype: str, error: Exception) -> None:
+        message = f"{name}: creation of a {machinetype} VM failed: {error}"
+        log.error("%s", message)
+        self.status.set_error(message)
+
+    # -- retention and status -----------------------------------------------------------
+
+    def _retention(self, config, now: float) -> None:
+        """Delete done machine directories older than their machinetype's machines_dir_days."""
+        if now - self._last_retention < RETENTION_SECONDS:
+            return
+        self._last_retention = now
+        for uuid, machine in list(self.machines.items()):
+            if machine.state != "done" or machine.finished is None:
+                continue
+            mt = config.machinetypes.get(machine.record.machinetype)
+            days = mt.machines_dir_days if mt is not None else DEFAULT_MACHINES_DIR_DAYS
+            if days <= 0 or now - machine.finished.time < days * 86400:
+                continue
+            try:
+                self.store.delete(machine)
+            except StateError as error:
+                log.error("%s", error)
+                continue
+            del self.machines[uuid]
+            log.info("%s: machine directory deleted after %.1f days", machine.name, days)
+
+    def _write_status(self, report: RoundReport) -> None:
+        live = [m for m in self.machines.values() if m.live]
+        processors = sum(m.record.processors for m in live)
+        per_type: Dict[str, int] = {}
+        for m in live:
+            per_type[m.record.machinetype] = per_type.get(m.record.machinetype, 0) + m.record.processors
+        status = {
+            "time": report.time,
+            "blind": report.blind,
+            "running_machines": len(live),
+            "running_processors": processors,
+            "total_processors": self.config.settings.total_processors,
+            "processors_by_machinetype": per_type,
+            "decision": report.decision.reason if report.decision else None,
+            "created": report.created,
+            "failed": report.failed,
+        }
+        try:
+            self.status.write_status(status)
+            if not report.blind:
+                self.status.beat(report.time)
+        except OSError as error:
+            log.error("cannot write status files: %s", error)

@@ -1,0 +1,296 @@
+"""Machine directories: the on-disk record of every VM, and the only code that writes them.
+
+Layout of ``<state_dir>/machines/<uuid>/`` (see docs/ARCHITECTURE.md):
+``vm.json`` (VMRecord), then ``started``, ``heartbeat``, ``finished``, ``accounted``,
+``cleaned`` as the VM moves on, plus ``machinefeatures/``, ``jobfeatures/``, ``joboutputs/``
+(written by the VM), ``user_data``, ``console.log`` and ``disks/``.
+
+Crash safety: a VM directory is prepared under ``machines/.new-<uuid>`` and renamed into
+place only when complete, so a kill during preparation leaves a ``.new-`` directory that
+:meth:`MachineStore.load_all` removes. Every record file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, replace
+from typing import Dict, Mapping, Optional
+
+from vacfactory.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_directory,
+    remove_stale_temporaries,
+)
+from vacfactory.core.views import FinishedVM
+from vacfactory.errors import StateError
+from vacfactory.state.records import (
+    Accounted,
+    Cleaned,
+    Finished,
+    Heartbeat,
+    Started,
+    VMRecord,
+    from_json,
+    to_json,
+)
+
+log = logging.getLogger(__name__)
+
+NEW_PREFIX = ".new-"
+RECORD_FILES = {
+    "started": Started,
+    "heartbeat": Heartbeat,
+    "finished": Finished,
+    "accounted": Accounted,
+    "cleaned": Cleaned,
+}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One VM as recorded on disk: its identity plus how far through its life it got."""
+
+    record: VMRecord
+    path: str
+    started: Optional[Started] = None
+    heartbeat: Optional[Heartbeat] = None
+    finished: Optional[Finished] = None
+    accounted: Optional[Accounted] = None
+    cleaned: Optional[Cleaned] = None
+
+    @property
+    def uuid(self) -> str:
+        return self.record.uuid
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def state(self) -> str:
+        """created | running | finished | done (accounted and cleaned)."""
+        if self.finished is None:
+            return "running" if self.started is not None else "created"
+        if self.accounted is not None and self.cleaned is not None:
+            return "done"
+        return "finished"
+
+    @property
+    def live(self) -> bool:
+        """True while the VM may have a domain (created or running)."""
+        return self.finished is None
+
+    @property
+    def machinefeatures_dir(self) -> str:
+        return os.path.join(self.path, "machinefeatures")
+
+    @property
+    def jobfeatures_dir(self) -> str:
+        return os.path.join(self.path, "jobfeatures")
+
+    @property
+    def joboutputs_dir(self) -> str:
+        return os.path.join(self.path, "joboutputs")
+
+    @property
+    def user_data_path(self) -> str:
+        return os.path.join(self.path, "user_data")
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.path, "console.log")
+
+    @property
+    def disks_dir(self) -> str:
+        return os.path.join(self.path, "disks")
+
+
+class MachineStore:
+    """Reads and writes machine directories under ``<state_dir>/machines``."""
+
+    def __init__(self, state_dir: str, create: bool = True) -> None:
+        """``create=False`` for readers: a missing state directory is a StateError."""
+        self.state_dir = state_dir
+        self.machines_dir = os.path.join(state_dir, "machines")
+        self.finishes_dir = os.path.join(state_dir, "finishes")
+        for directory in (state_dir, self.machines_dir, self.finishes_dir):
+            if create:
+                os.makedirs(directory, mode=0o755, exist_ok=True)
+            elif not os.path.isdir(directory):
+                raise StateError("no such directory (has the factory ever run here?)", path=directory)
+
+    # -- creating -------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        record: VMRecord,
+        machinefeatures: Mapping[str, str],
+        jobfeatures: Mapping[str, str],
+        user_data: Optional[bytes] = None,
+    ) -> Machine:
+        """Write a complete machine directory for a VM that has no domain yet."""
+        final = os.path.join(self.machines_dir, record.uuid)
+        staging = os.path.join(self.machines_dir, NEW_PREFIX + record.uuid)
+        if os.path.exists(final):
+            raise StateError("machine directory already exists", machine=record.name, path=final)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.mkdir(staging, 0o755)
+        for sub in ("machinefeatures", "jobfeatures", "joboutputs", "disks"):
+            os.mkdir(os.path.join(staging, sub), 0o755)
+        # MJF and user_data need no fsync of their own: a power cut kills the VM that reads
+        # them, while vm.json (synced) keeps the VM accountable.
+        for key, value in machinefeatures.items():
+            atomic_write_text(os.path.join(staging, "machinefeatures", key), value, sync=False)
+        for key, value in jobfeatures.items():
+            atomic_write_text(os.path.join(staging, "jobfeatures", key), value, sync=False)
+        if user_data is not None:
+            # user_data may hold a proxy or site secrets: only root reads it
+            atomic_write_bytes(os.path.join(staging, "user_data"), user_data, mode=0o600, sync=False)
+        atomic_write_json(os.path.join(staging, "vm.json"), to_json(record))
+        os.rename(staging, final)
+        fsync_directory(self.machines_dir)
+        return Machine(record=record, path=final)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def load_all(self, recover: bool = False) -> Dict[str, Machine]:
+        """Every machine directory.
+
+        ``recover=True`` (only the engine, at start-up, holding the state lock) also removes
+        what interrupted preparations and writes left behind; readers such as the CLI must
+        not, since the daemon may be writing those files right now. A directory that does
+        not parse is logged and skipped (never deleted: an admin should see it).
+        """
+        machines: Dict[str, Machine] = {}
+        if recover:
+            remove_stale_temporaries(self.machines_dir)
+        for entry in sorted(os.listdir(self.machines_dir)):
+            path = os.path.join(self.machines_dir, entry)
+            if entry.startswith(NEW_PREFIX):
+                if recover:
+                    log.info("%s: removing interrupted preparation", entry[len(NEW_PREFIX):])
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            if entry.startswith(".") or not os.path.isdir(path):
+                continue
+            try:
+                machine = self.load(path, recover=recover)
+            except StateError as error:
+                log.error("%s: cannot load machine directory: %s", entry, error)
+                continue
+            machines[machine.uuid] = machine
+        return machines
+
+    def load(self, path: str, recover: bool = False) -> Machine:
+        """Load one machine directory (``recover``: see :meth:`load_all`)."""
+        if recover:
+            remove_stale_temporaries(path)
+        record = from_json(VMRecord, self._read_json(os.path.join(path, "vm.json")), os.path.join(path, "vm.json"))
+        if os.path.basename(path) != record.uuid:
+            raise StateError("vm.json uuid does not match the directory name", path=path)
+        parts = {}
+        for name, cls in RECORD_FILES.items():
+            file_path = os.path.join(path, name)
+            if os.path.exists(file_path):
+                parts[name] = from_json(cls, self._read_json(file_path), file_path)
+        return Machine(record=record, path=path, **parts)
+
+    @staticmethod
+    def _read_json(path: str) -> object:
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read(1 << 20))
+        except FileNotFoundError:
+            raise StateError("missing", path=path) from None
+        except (OSError, ValueError) as error:
+            raise StateError(f"unreadable: {error}", path=path) from None
+
+    def current_shutdown_time(self, machine: Machine) -> float:
+        """The VM's shutdown time now: jobfeatures/shutdowntime_job (drain moves it earlier)."""
+        try:
+            with open(os.path.join(machine.jobfeatures_dir, "shutdowntime_job")) as f:
+                return float(f.read(64).strip())
+        except (OSError, ValueError):
+            return machine.record.shutdown_time
+
+    def last_finishes(self) -> Dict[str, FinishedVM]:
+        """The latest finished VM of each machinetype (finishes/<machinetype>.json)."""
+        result: Dict[str, FinishedVM] = {}
+        for entry in os.listdir(self.finishes_dir):
+            if not entry.endswith(".json"):
+                continue
+            path = os.path.join(self.finishes_dir, entry)
+            try:
+                finish = from_json(FinishedVM, self._read_json(path), path)
+            except StateError as error:
+                log.error("cannot read %s: %s", path, error)
+                continue
+            result[finish.machinetype] = finish
+        return result
+
+    # -- moving a VM through its life -----------------------------------------------------
+
+    def mark_started(self, machine: Machine, time: float) -> Machine:
+        started = Started(time=time)
+        atomic_write_json(os.path.join(machine.path, "started"), to_json(started))
+        return replace(machine, started=started)
+
+    def write_heartbeat(self, machine: Machine, time: float, cpu_seconds: float) -> Machine:
+        heartbeat = Heartbeat(time=time, cpu_seconds=cpu_seconds)
+        # rewritten every cycle for every VM: atomic, but not worth an fsync each time
+        atomic_write_json(os.path.join(machine.path, "heartbeat"), to_json(heartbeat), sync=False)
+        return replace(machine, heartbeat=heartbeat)
+
+    def mark_finished(self, machine: Machine, finished: Finished) -> Machine:
+        atomic_write_json(os.path.join(machine.path, "finished"), to_json(finished))
+        if finished.outcome != "failed":
+            self._update_last_finish(machine, finished)
+        return replace(machine, finished=finished)
+
+    def mark_accounted(self, machine: Machine, accounted: Accounted) -> Machine:
+        atomic_write_json(os.path.join(machine.path, "accounted"), to_json(accounted))
+        return replace(machine, accounted=accounted)
+
+    def mark_cleaned(self, machine: Machine, time: float) -> Machine:
+        cleaned = Cleaned(time=time)
+        atomic_write_json(os.path.join(machine.path, "cleaned"), to_json(cleaned))
+        return replace(machine, cleaned=cleaned)
+
+    def rewrite_features(
+        self, machine: Machine, machinefeatures: Mapping[str, str], jobfeatures: Mapping[str, str]
+    ) -> None:
+        """Rewrite some MJF keys of a running VM (a drain moves its shutdown time earlier)."""
+        for key, value in machinefeatures.items():
+            atomic_write_text(os.path.join(machine.machinefeatures_dir, key), value)
+        for key, value in jobfeatures.items():
+            atomic_write_text(os.path.join(machine.jobfeatures_dir, key), value)
+
+    def delete(self, machine: Machine) -> None:
+        """Remove a finished, accounted and cleaned machine directory (retention expired)."""
+        if machine.state != "done":
+            raise StateError(f"refusing to delete a machine in state {machine.state}", machine=machine.name)
+        shutil.rmtree(machine.path, ignore_errors=True)
+
+    def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
+        record = machine.record
+        path = os.path.join(self.finishes_dir, record.machinetype + ".json")
+        try:
+            previous = from_json(FinishedVM, self._read_json(path), path)
+            if previous.finished_time > finished.end_time:
+                return
+        except StateError:
+            pass
+        latest = FinishedVM(
+            uuid=record.uuid,
+            machinetype=record.machinetype,
+            finished_time=finished.end_time,
+            code=finished.code,
+            text=finished.text,
+            outcome=finished.outcome,
+        )
+        atomic_write_json(path, to_json(latest))
