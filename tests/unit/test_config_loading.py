@@ -1,0 +1,404 @@
+"""Loading valid configurations: file order, merging, Vac compatibility, defaults, the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from vacfactory.config import options as table
+from vacfactory.config.hostfacts import HostFacts, count_processors, memory_total_mb
+from vacfactory.config.loader import ConfigSources, load_config, load_config_string
+from vacfactory.config.model import MachineType, Settings, VacuumPipe, effective_options
+
+HOST = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384)
+
+
+def write(path, text: str) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def minimal(state_dir, extra: str = "") -> str:
+    return f"[settings]\nvac_space = vac01.example.com\nstate_dir = {state_dir}\n{extra}"
+
+
+# A Vac 03.01 /etc/vac.conf as sites wrote it: legacy names, [vmtype], a vacuum pipe.
+VAC_CONF = """\
+# Vac configuration of wn01.example.com
+[settings]
+vac_space = vac01.example.com
+factories = wn02.example.com wn03.example.com .
+cpu_total = 8
+mb_per_cpu = 3072
+hs06_per_cpu = 10.5
+overload_per_cpu = 1.5
+disk_gb_per_cpu = 40
+vcpu_per_machine = 2
+domain_type = kvm
+total_machines = 8
+delete_old_files = yes
+gocdb_sitename = UKI-NORTHGRID-MAN-HEP
+vacmon_hostport = vacmon.gridpp.ac.uk:8482
+version_logger = true
+fix_networking = false
+user_data_option_cvmfs_proxy = http://squid.example.com:3128
+machinefeatures_option_db12 = 12.5
+
+[machinetype lhcb]
+target_share = 2
+vm_model = cernvm3
+root_image = https://lhcbproject.web.cern.ch/lhcbproject/cernvm3.iso
+cernvm_signing_dn = /DC=ch/DC=cern/OU=computers/CN=cvm-sign01.cern.ch
+user_data = https://lhcb-portal-dirac.cern.ch/pilot/user_data
+user_data_option_cvmfs_proxy = http://lhcb-squid.example.com:3128
+user_data_file_hostcert = hostcert.pem
+accounting_fqan = /lhcb/Role=NULL/Capability=NULL
+heartbeat_file = vm-heartbeat
+heartbeat_seconds = 600
+max_processors = 2
+min_processors = 2
+machineoutputs_days = 5
+log_machineoutputs = true
+
+[vmtype atlas]
+target_share = 1
+machine_model = vm-raw
+root_image = /var/lib/vac/images/atlas.img
+rootpublickey = /root/.ssh/id_rsa.pub
+user_data_proxy = true
+legacy_proxy = True
+
+[vacuum_pipe gridpp]
+vacuum_pipe_url = https://repo.gridpp.ac.uk/vacproject/gridpp/gridpp.pipe
+target_share = 3
+user_data_option_cvmfs_proxy = http://squid.example.com:3128
+"""
+
+
+def test_dropins_are_read_sorted_then_main_then_override_later_wins(tmp_path):
+    state = tmp_path / "state"
+    write(tmp_path / "vacfactory.d" / "20-b.conf", "[settings]\nmb_per_processor = 2000\nhttp_port = 8020\n")
+    write(tmp_path / "vacfactory.d" / "10-a.conf",
+          "[settings]\nmb_per_processor = 1000\nhttp_port = 8010\nudp_port = 9010\ncycle_seconds = 5\n")
+    write(tmp_path / "vacfactory.d" / "30-c.conf.disabled", "[settings]\nmb_per_processor = 9999\n")
+    main = write(tmp_path / "vacfactory.conf", minimal(state, "http_port = 8080\ncycle_seconds = 6\n"))
+    write(state / "runtime.conf", "[settings]\ncycle_seconds = 7\ndraining = yes\n")
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    s = config.settings
+    assert (s.mb_per_processor, s.udp_port, s.http_port, s.cycle_seconds, s.draining) == (2000, 9010, 8080, 7.0, True)
+    assert [st.path for st in config.sources] == [
+        str(tmp_path / "vacfactory.d" / "10-a.conf"), str(tmp_path / "vacfactory.d" / "20-b.conf"),
+        main, str(state / "runtime.conf")]
+    assert config.origins["settings"]["cycle_seconds"] == f"{state / 'runtime.conf'}:2"
+
+
+def test_same_named_sections_merge_across_files(tmp_path):
+    write(tmp_path / "vacfactory.d" / "lhcb.conf",
+          "[machinetype lhcb]\ntarget_share = 1\nroot_image = cernvm3.iso\nmax_processors = 1\n")
+    main = write(tmp_path / "vacfactory.conf",
+                 minimal(tmp_path, "[machinetype lhcb]\nmax_processors = 4\n[machinetype atlas]\nroot_image = a.img\n"))
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    lhcb = config.machinetypes["lhcb"]
+    assert (lhcb.target_share, lhcb.max_processors) == (1.0, 4)
+    assert lhcb.root_image == str(tmp_path / "machinetypes" / "lhcb" / "files" / "cernvm3.iso")
+    assert list(config.machinetypes) == ["lhcb", "atlas"]
+
+
+def test_override_location_follows_state_dir_given_in_a_dropin(tmp_path):
+    state = tmp_path / "elsewhere"
+    write(tmp_path / "vacfactory.d" / "state.conf", f"[settings]\nstate_dir = {state}\n")
+    main = write(tmp_path / "vacfactory.conf", "[settings]\nvac_space = vac01.example.com\n")
+    write(state / "runtime.conf", "[settings]\nshutdown_time = 1700000000\n")
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert config.settings.shutdown_time == 1700000000
+    assert config.settings.state_dir == str(state)
+
+
+def test_option_and_section_kind_names_are_case_insensitive(tmp_path):
+    main = write(tmp_path / "vacfactory.conf",
+                 "[Settings]\nVAC_SPACE = vac01.example.com\nState_Dir = %s\nTotal_Processors = 3\n" % tmp_path)
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert config.settings.total_processors == 3
+
+
+def test_vac_conf_layout_loads_unchanged_with_deprecation_warnings(tmp_path):
+    etc = tmp_path / "etc"
+    write(etc / "vac.d" / "shares.conf", "[machinetype lhcb]\ntarget_share = 5\n")
+    main = write(etc / "vac.conf", VAC_CONF)
+    runtime = write(tmp_path / "run" / "vac.conf", "[settings]\ndraining = yes\nstate_dir = %s\n" % (tmp_path / "s"))
+    host = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=65536)
+    sources = ConfigSources.for_main_file(str(main), vac_runtime_file=runtime)
+    config = load_config(sources, host_facts=host)
+
+    s = config.settings
+    assert (s.total_processors, s.mb_per_processor, s.hs06_per_processor) == (8, 3072, 10.5)
+    assert (s.overload_per_processor, s.disk_gb_per_processor, s.processors_per_superslot) == (1.5, 40, 2)
+    assert s.factories == ("wn02.example.com", "wn03.example.com", ".")
+    assert (s.version_logger, s.fix_networking, s.draining) == (1, False, True)
+    assert s.vacmon_hostport == ("vacmon.gridpp.ac.uk:8482",)
+    assert dict(s.machinefeatures_options) == {"db12": "12.5"}
+
+    lhcb = config.machinetypes["lhcb"]
+    assert (lhcb.target_share, lhcb.machine_model, lhcb.machines_dir_days) == (2.0, "cernvm3", 5.0)
+    assert lhcb.image_signing_dn == "/DC=ch/DC=cern/OU=computers/CN=cvm-sign01.cern.ch"
+    assert lhcb.machinegroup == "/lhcb/Role=NULL/Capability=NULL"
+    assert dict(lhcb.user_data_options) == {"cvmfs_proxy": "http://lhcb-squid.example.com:3128"}
+    atlas = config.machinetypes["atlas"]
+    assert (atlas.machine_model, atlas.user_data_proxy, atlas.legacy_proxy) == ("vm-raw", True, True)
+    assert dict(atlas.user_data_options) == {"cvmfs_proxy": "http://squid.example.com:3128"}
+    assert list(config.machinetypes) == ["lhcb", "atlas"]
+
+    pipe = config.vacuum_pipes["gridpp"]
+    assert (pipe.url, pipe.target_share) == ("https://repo.gridpp.ac.uk/vacproject/gridpp/gridpp.pipe", 3.0)
+    assert dict(pipe.options) == {"user_data_option_cvmfs_proxy": "http://squid.example.com:3128"}
+
+    warned = "\n".join(config.warnings)
+    for line, text in [(5, "[settings] cpu_total: deprecated: use total_processors"),
+                       (12, "[settings] total_machines: ignored: use total_processors"),
+                       (16, "[settings] version_logger: 'true' is deprecated here: use 1"),
+                       (23, "[machinetype lhcb] vm_model: deprecated: use machine_model"),
+                       (25, "[machinetype lhcb] cernvm_signing_dn: deprecated: use image_signing_dn"),
+                       (35, "[machinetype lhcb] log_machineoutputs: ignored: use machines_dir_days"),
+                       (37, "[vmtype atlas] deprecated section kind: use [machinetype atlas]"),
+                       (41, "[machinetype atlas] rootpublickey: ignored: use root_public_key in [settings]")]:
+        assert f"{main}:{line}: {text}" in warned
+    assert [st.path for st in config.sources] == [
+        str(etc / "vac.d" / "shares.conf"), str(main), runtime, str(tmp_path / "s" / "runtime.conf")]
+
+
+def test_vac_dropins_are_overridden_by_vac_conf(tmp_path):
+    etc = tmp_path / "etc"
+    write(etc / "vac.d" / "shares.conf", "[machinetype lhcb]\ntarget_share = 5\nfizzle_seconds = 60\n")
+    main = write(etc / "vac.conf", VAC_CONF)
+    sources = ConfigSources.for_main_file(str(main), vac_runtime_file=str(tmp_path / "absent"))
+    config = load_config(sources, host_facts=HOST)
+    assert config.machinetypes["lhcb"].target_share == 2.0  # vac.conf is read after vac.d
+    assert config.machinetypes["lhcb"].fizzle_seconds == 60
+
+
+def test_default_sources_are_the_etc_files():
+    sources = ConfigSources.default()
+    assert (sources.main_file, sources.dropin_dir, sources.main_required) == \
+        ("/etc/vacfactory.conf", "/etc/vacfactory.d", False)
+    assert sources.override_path("/var/lib/vacfactory") == "/var/lib/vacfactory/runtime.conf"
+
+
+def test_for_main_file_uses_the_stem_for_the_dropin_directory():
+    sources = ConfigSources.for_main_file("/srv/site/factory.conf")
+    assert (sources.dropin_dir, sources.late_files) == ("/srv/site/factory.d", ())
+
+
+def test_defaults_come_from_host_facts(tmp_path):
+    config = load_config_string(minimal(tmp_path), HOST)
+    s = config.settings
+    assert (s.factory_name, s.total_processors, s.total_memory_mb) == ("wn01.example.com", 8, 16384)
+    assert config.origins["settings"]["total_processors"] == "default"
+
+
+def test_constant_defaults_match_the_brief(tmp_path):
+    s = load_config_string(minimal(tmp_path), HOST).settings
+    assert (s.libvirt_uri, s.domain_type, s.cpu_mode, s.network_name, s.network_bridge) == \
+        ("qemu:///system", "kvm", "host-passthrough", "vacfactory", "vacbr0")
+    assert (s.cycle_seconds, s.max_starting_processors, s.starting_seconds, s.abort_on_700) == (10.0, 64, 60.0, True)
+    assert (s.http_port, s.udp_port, s.nfs_exporter, s.apel_broker_port) == (80, 995, "ganesha", 61613)
+    assert (s.mb_per_processor, s.overload_per_processor, s.udp_timeout_seconds) == (2048, 1.25, 10.0)
+    assert (s.hs06_per_processor, s.space_key, s.shutdown_time) == (None, None, None)
+
+
+def test_domain_type_test_allows_more_processors_than_the_host(tmp_path):
+    config = load_config_string(minimal(tmp_path, "domain_type = test\ntotal_processors = 64\n"), HOST)
+    assert config.settings.total_processors == 64
+
+
+def test_machinetype_computed_defaults(tmp_path):
+    text = minimal(tmp_path, """\
+[machinetype lhcb]
+root_image = /images/lhcb.iso
+accounting_fqan = /lhcb/Role=pilot
+max_wallclock_seconds = 172800
+[machinetype atlas]
+root_image = /images/atlas.iso
+machinegroup = atlas-group
+min_wallclock_seconds = 3600
+""")
+    config = load_config_string(text, HOST)
+    lhcb, atlas = config.machinetypes["lhcb"], config.machinetypes["atlas"]
+    assert (lhcb.machinegroup, lhcb.min_wallclock_seconds) == ("/lhcb/Role=pilot", 172800)
+    assert (atlas.machinegroup, atlas.min_wallclock_seconds, atlas.max_wallclock_seconds) == ("atlas-group", 3600, 86400)
+    assert lhcb.machinetype_path == f"{tmp_path}/machinetypes/lhcb"
+    assert (lhcb.backoff_seconds, lhcb.fizzle_seconds, lhcb.machine_model) == (10, 600, "cernvm3")
+
+
+def test_machinegroup_defaults_to_the_name_without_fqan(tmp_path):
+    config = load_config_string(minimal(tmp_path, "[machinetype cms]\nroot_image = c.iso\n"), HOST)
+    assert config.machinetypes["cms"].machinegroup == "cms"
+
+
+def test_user_data_options_merge_machinetype_over_settings(tmp_path):
+    text = minimal(tmp_path, """\
+user_data_option_proxy = http://site-squid:3128
+user_data_option_site = MAN
+user_data_file_cert = /etc/site/cert.pem
+user_data_file_key = key.pem
+[machinetype lhcb]
+root_image = /images/lhcb.iso
+user_data_option_proxy = http://lhcb-squid:3128
+user_data_file_key = /etc/lhcb/key.pem
+[machinetype atlas]
+root_image = /images/atlas.iso
+""")
+    config = load_config_string(text, HOST)
+    lhcb, atlas = config.machinetypes["lhcb"], config.machinetypes["atlas"]
+    assert dict(lhcb.user_data_options) == {"proxy": "http://lhcb-squid:3128", "site": "MAN"}
+    assert dict(lhcb.user_data_files) == {"cert": "/etc/site/cert.pem", "key": "/etc/lhcb/key.pem"}
+    assert dict(atlas.user_data_options) == {"proxy": "http://site-squid:3128", "site": "MAN"}
+    assert dict(atlas.user_data_files) == {"cert": "/etc/site/cert.pem",
+                                           "key": f"{tmp_path}/machinetypes/atlas/files/key.pem"}
+    assert dict(config.settings.user_data_files) == {"cert": "/etc/site/cert.pem", "key": "key.pem"}
+
+
+def test_multiline_user_data_option_keeps_its_lines(tmp_path):
+    text = minimal(tmp_path, "[machinetype lhcb]\nroot_image = l.iso\nuser_data_option_script = echo one\n  echo two\n")
+    config = load_config_string(text, HOST)
+    assert config.machinetypes["lhcb"].user_data_options["script"] == "echo one\necho two"
+
+
+def test_relative_images_resolve_under_machinetype_files_but_urls_stay(tmp_path):
+    text = minimal(tmp_path, """\
+[machinetype tiny]
+machine_model = vm-raw
+root_image = https://images.example.com/tiny.qcow2
+kernel_image = vmlinuz
+initrd_image = /boot/initrd.img
+kernel_cmdline = console=ttyS0 quiet
+machinetype_path = /srv/tiny
+user_data = user_data
+""")
+    tiny = load_config_string(text, HOST).machinetypes["tiny"]
+    assert tiny.root_image == "https://images.example.com/tiny.qcow2"
+    assert (tiny.kernel_image, tiny.initrd_image) == ("/srv/tiny/files/vmlinuz", "/boot/initrd.img")
+    assert (tiny.user_data, tiny.kernel_cmdline) == ("/srv/tiny/files/user_data", "console=ttyS0 quiet")
+
+
+@pytest.mark.parametrize("model", ["docker", "singularity"])
+def test_container_models_load_but_are_not_startable(tmp_path, model):
+    text = minimal(tmp_path, f"[machinetype c]\nmachine_model = {model}\nroot_image = docker://lhcb/worker\n"
+                             if model == "docker" else
+                             f"[machinetype c]\nmachine_model = {model}\nroot_image = /cvmfs/x/image\n")
+    config = load_config_string(text, HOST, source="f.conf")
+    assert config.machinetypes["c"].startable is False
+    assert any(w.startswith("f.conf:5: [machinetype c] machine_model:") and "never be started" in w
+               for w in config.warnings)
+
+
+def test_vm_models_are_startable(tmp_path):
+    config = load_config_string(minimal(tmp_path, "[machinetype v]\nmachine_model = cernvm4\nroot_image = v.img\n"), HOST)
+    assert config.machinetypes["v"].startable is True
+
+
+def test_machinetype_disk_larger_than_settings_is_capped_with_warning(tmp_path):
+    text = minimal(tmp_path, "disk_gb_per_processor = 20\n[machinetype big]\nroot_image = b.iso\n"
+                             "disk_gb_per_processor = 50\n[machinetype small]\nroot_image = s.iso\n"
+                             "disk_gb_per_processor = 10\n")
+    config = load_config_string(text, HOST, source="f.conf")
+    assert config.machinetypes["big"].disk_gb_per_processor == 20
+    assert config.machinetypes["small"].disk_gb_per_processor == 10
+    assert "f.conf:7: [machinetype big] disk_gb_per_processor: larger than the [settings] value (20): using 20" \
+        in config.warnings
+
+
+@pytest.mark.parametrize("word,expected", [("yes", True), ("No", False), ("TRUE", True), ("false", False),
+                                           ("1", True), ("0", False), ("On", True), ("off", False)])
+def test_booleans_accept_vac_spellings_in_any_case(tmp_path, word, expected):
+    config = load_config_string(minimal(tmp_path, f"draining = {word}\n"), HOST)
+    assert config.settings.draining is expected
+
+
+def test_settings_attribute_typo_is_an_attribute_error(tmp_path):
+    config = load_config_string(minimal(tmp_path), HOST)
+    with pytest.raises(AttributeError):
+        config.settings.total_procesors  # noqa: B018 - the typo is the point
+
+
+def test_config_values_are_frozen(tmp_path):
+    config = load_config_string(minimal(tmp_path, "user_data_option_a = b\n"), HOST)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.settings.total_processors = 1
+    with pytest.raises(TypeError):
+        config.settings.user_data_options["a"] = "c"  # type: ignore[index]
+
+
+def test_model_fields_are_exactly_the_table_rows():
+    settings_fields = [f.name for f in dataclasses.fields(Settings)]
+    assert settings_fields == [o.name for o in table.options_of(table.SETTINGS)] + \
+        ["user_data_options", "user_data_files", "machinefeatures_options"]
+    mt_fields = [f.name for f in dataclasses.fields(MachineType)]
+    assert mt_fields == ["name", "startable"] + [o.name for o in table.options_of(table.MACHINETYPE)] + \
+        ["user_data_options", "user_data_files"]
+    assert [f.name for f in dataclasses.fields(VacuumPipe)] == ["prefix", "vacuum_pipe_url", "target_share", "options"]
+
+
+def test_every_option_has_a_doc_and_a_default_that_parses():
+    for option in table.OPTIONS:
+        assert option.doc, option.name
+        if option.default is not None and not isinstance(option.default, table.Computed):
+            assert option.type.parse(option.type.format(option.default)) == option.default, option.name
+
+
+def test_option_names_and_aliases_are_unique_per_section():
+    for section in table.SECTIONS:
+        names = [o.name for o in table.options_of(section)]
+        aliases = [a for o in table.options_of(section) for a in o.aliases]
+        assert len(set(names)) == len(names)
+        assert not set(aliases) & set(names)
+        assert len(set(aliases)) == len(aliases)
+
+
+def test_effective_options_mask_secrets_and_name_origins(tmp_path):
+    config = load_config_string(minimal(tmp_path, "space_key = hunter2\n"), HOST, source="f.conf")
+    settings = dict(effective_options(config))["settings"]
+    by_name = {o.name: o for o in settings}
+    assert (by_name["space_key"].text, by_name["space_key"].origin) == ("********", "f.conf:4")
+    assert "hunter2" not in repr(settings)
+    assert (by_name["mb_per_processor"].text, by_name["mb_per_processor"].origin) == ("2048", "default")
+
+
+def test_hostfacts_probe_reads_proc_files(tmp_path):
+    write(tmp_path / "cpuinfo", "processor\t: 0\nmodel name\t: x\n\nprocessor\t: 1\nmodel name\t: x\n\n"
+                                "processor\t: 2\n")
+    write(tmp_path / "meminfo", "MemTotal:       24684512 kB\nMemFree:  1 kB\n")
+    facts = HostFacts.probe(proc=str(tmp_path))
+    assert (facts.cpu_count, facts.mem_total_mb) == (3, 24684512 // 1024)
+    assert facts.fqdn
+
+
+def test_hostfacts_fall_back_when_proc_is_unreadable(tmp_path):
+    assert count_processors(str(tmp_path / "absent")) == (os.cpu_count() or 1)
+    assert memory_total_mb(str(tmp_path / "absent")) == 0
+
+
+def test_secret_values_stay_out_of_repr(tmp_path):
+    config = load_config_string(minimal(tmp_path, "space_key = hunter2\n"), HOST)
+    assert config.settings.space_key == "hunter2"
+    assert "hunter2" not in repr(config.settings) and "hunter2" not in repr(config)
+
+
+def test_hidden_and_non_conf_dropins_are_skipped(tmp_path):
+    write(tmp_path / "vacfactory.d" / ".#editing.conf", "[settings]\ndraining = garbage\n")
+    write(tmp_path / "vacfactory.d" / "site.conf.rpmnew", "[settings]\ndraining = garbage\n")
+    write(tmp_path / "vacfactory.d" / "site.conf", "[settings]\ndraining = yes\n")
+    main = write(tmp_path / "vacfactory.conf", minimal(tmp_path))
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert config.settings.draining is True
+    assert [os.path.basename(s.path) for s in config.sources] == ["site.conf", "vacfactory.conf", "runtime.conf"]
+
+
+def test_lists_accept_tabs_and_continuation_lines(tmp_path):
+    text = minimal(tmp_path, "factories = wn02.example.com\tWN03.example.com\n    wn04.example.com\n")
+    config = load_config_string(text, HOST)
+    assert config.settings.factories == ("wn02.example.com", "wn03.example.com", "wn04.example.com")

@@ -1,0 +1,620 @@
+"""The option table: every configuration option, its type, default, rules and documentation.
+
+This is the only place that names options. The loader walks these rows to parse and validate a
+configuration, the model builds its ``Settings`` and ``MachineType`` classes from them, and
+``docs.py`` renders docs/configuration.md and vacfactory.conf(5) from them, so parsing,
+defaults and documentation cannot drift apart.
+
+Rows are grouped by section: ``settings`` ([settings]), ``machinetype`` ([machinetype NAME],
+legacy [vmtype NAME]) and ``vacuum_pipe`` ([vacuum_pipe PREFIX], which also accepts every
+machinetype option as a default for the machinetypes the pipe defines). Within a section,
+computed defaults are evaluated in table order, so a default may only depend on rows above it
+(or on any explicitly set value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from vacfactory.config.hostfacts import HostFacts
+from vacfactory.config.parsers import (
+    FQDN_PATTERN,
+    HOSTNAME_PATTERN,
+    Boolean,
+    Choice,
+    Integer,
+    Location,
+    Number,
+    Path,
+    RegexText,
+    Text,
+    ValueType,
+    Words,
+)
+
+SETTINGS = "settings"
+MACHINETYPE = "machinetype"
+VACUUM_PIPE = "vacuum_pipe"
+SECTIONS = (SETTINGS, MACHINETYPE, VACUUM_PIPE)
+
+#: The option that locates the runtime override file (``<state_dir>/runtime.conf``).
+STATE_DIR = "state_dir"
+#: The runtime override file's name inside state_dir.
+RUNTIME_OVERRIDE_NAME = "runtime.conf"
+#: The machinetype option whose ``files/`` subdirectory relative paths are resolved against.
+FILES_BASE = "machinetype_path"
+
+#: Machine models vacfactory can start (as libvirt VMs).
+VM_MODELS = ("cernvm3", "cernvm4", "vm-raw")
+#: Machine models Vac also ran (as containers); understood, but never started by vacfactory.
+CONTAINER_MODELS = ("docker", "singularity")
+
+#: Names of machinetypes and vacuum pipe prefixes (Vac's rule; '_' separates fields on disk).
+SECTION_NAME_PATTERN = r"[a-z0-9-]+"
+
+
+@dataclass(frozen=True)
+class DefaultContext:
+    """What a computed default or a rule may look at."""
+
+    host: HostFacts
+    #: values of this section known so far (explicit ones and defaults of rows above)
+    values: Mapping[str, Any]
+    #: the [settings] values when evaluating a machinetype (empty for [settings] itself)
+    settings: Mapping[str, Any]
+    #: machinetype name or vacuum pipe prefix; None for [settings]
+    section_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A default computed from the host or from other options."""
+
+    describe: str
+    compute: Callable[[DefaultContext], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the table."""
+
+    name: str
+    section: str
+    type: ValueType
+    default: Any = None
+    required: bool = False
+    aliases: Tuple[str, ...] = ()
+    doc: str = ""
+    #: True if Vac 03.01 has this option (possibly with other semantics, see doc)
+    vac: bool = True
+    #: never printed by `config show` or in errors
+    secret: bool = False
+    #: old spellings of values, accepted with a warning: (text, value)
+    legacy_values: Tuple[Tuple[str, Any], ...] = ()
+    #: relative paths are resolved against <machinetype_path>/files/
+    relative_to_files: bool = False
+    #: may not be set by the runtime override file
+    not_in_override: bool = False
+
+
+@dataclass(frozen=True)
+class OptionFamily:
+    """Options named ``<prefix>XXX`` with an admin-chosen suffix XXX."""
+
+    prefix: str
+    sections: Tuple[str, ...]
+    type: ValueType
+    #: attribute of Settings / MachineType holding {XXX: value}
+    attribute: str
+    doc: str
+    vac: bool = True
+    suffix_pattern: str = "[a-z0-9_]+"
+    relative_to_files: bool = False
+
+
+@dataclass(frozen=True)
+class IgnoredOption:
+    """An option Vac once had: accepted, ignored, and warned about."""
+
+    name: str
+    section: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule between options of one section, reported at ``option``'s file and line.
+
+    ``test`` returns a message when the rule is broken. It runs only when every option in
+    ``needs`` parsed. A ``warning`` rule may give ``replacement``: the value ``option`` takes.
+    """
+
+    section: str
+    option: str
+    needs: Tuple[str, ...]
+    test: Callable[[DefaultContext], Optional[str]]
+    doc: str
+    severity: str = "error"
+    replacement: Optional[Callable[[DefaultContext], Any]] = None
+
+
+def _default_machinegroup(ctx: DefaultContext) -> Any:
+    return ctx.values.get("accounting_fqan") or ctx.section_name
+
+
+def _default_machinetype_path(ctx: DefaultContext) -> Any:
+    state_dir = ctx.settings.get(STATE_DIR) or "/var/lib/vacfactory"
+    return f"{state_dir.rstrip('/')}/machinetypes/{ctx.section_name}"
+
+
+_POSITIVE_INT = Integer(min=1)
+_NONNEG_INT = Integer(min=0)
+_BYTES = Integer(name="bytes", min=1)
+_SECONDS = Integer(name="seconds", min=0)
+_NAME = Text()
+_PATH = Path()
+_INTERFACE = Text(
+    name="interface name",
+    pattern=r"[A-Za-z0-9_.-]{1,15}",
+    pattern_doc="must be a Linux interface name: 1 to 15 of A-Z a-z 0-9 _ . -",
+)
+_DEVICE = Text(name="device name", pattern=r"[a-z0-9]+", pattern_doc="may contain only a-z and 0-9")
+_FILE_NAME = Text(
+    name="file name",
+    pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+    pattern_doc="must be a plain file name (A-Z a-z 0-9 _ . -, no '/')",
+)
+
+S, M, P = SETTINGS, MACHINETYPE, VACUUM_PIPE
+
+OPTIONS: Tuple[Option, ...] = (
+    # ---------------------------------------------------------------- [settings]: the space
+    Option("vac_space", S, Text(name="space name", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                                pattern_doc="must be a DNS-like name (A-Z a-z 0-9 . _ -)"),
+           required=True,
+           doc="Name of the Vac space this factory belongs to, a DNS-like name such as "
+               "vac01.example.com. Factories answer VacQuery requests only for their own space."),
+    Option("factory_name", S, Text(name="host name", pattern=FQDN_PATTERN,
+                                   pattern_doc="must be a fully qualified domain name (contain a dot)"),
+           default=Computed("this host's fully qualified domain name", lambda c: c.host.fqdn), vac=False,
+           doc="Name of this factory in the space, in accounting records and in VM names "
+               "(<short>-NN.<domain>). Vac insisted the host name is fully qualified; so do we."),
+    Option("factories", S, Words(item=Text(pattern=rf"\.|{HOSTNAME_PATTERN}",
+                                           pattern_doc="must be a host name, or '.' for this factory"),
+                                 lower=True),
+           default=(),
+           doc="The other factories of the space, queried by UDP to share out the target shares. "
+               "'.' stands for this factory. Empty: this factory decides alone."),
+    Option("description", S, _NAME, doc="Free-text description of the space (Vac parses it but does not use it)."),
+    Option("udp_timeout_seconds", S, Number(name="seconds", min=0, min_exclusive=True), default=10.0,
+           doc="Overall time to wait for VacQuery replies from the other factories."),
+    Option("udp_port", S, Integer(name="port", min=1, max=65535), default=995, vac=False,
+           doc="UDP port of the VacQuery responder and of the factories it queries (Vac: fixed 995)."),
+    Option("space_key", S, Text(), secret=True, vac=False,
+           doc="Shared secret of the space: when set, VacQuery messages carry an HMAC and unsigned "
+               "or wrongly signed messages are dropped. Prefer space_key_file, which keeps the "
+               "secret out of the configuration."),
+    Option("space_key_file", S, _PATH, vac=False,
+           doc="File holding the space key (first line). Mutually exclusive with space_key."),
+    # ---------------------------------------------------------------- [settings]: the host
+    Option("domain_type", S, Choice(choices=("kvm", "qemu", "test"), choice_docs=(
+        ("kvm", "hardware virtualisation (production)"),
+        ("qemu", "software emulation (TCG), where KVM is unusable"),
+        ("test", "libvirt's test driver (unit tests); lifts the total_processors limit"))),
+           default="kvm",
+           doc="libvirt domain type. Vac 03.01 listed domain_type as deprecated and ignored it; "
+               "vacfactory uses it again."),
+    Option("libvirt_uri", S, Text(), default="qemu:///system", vac=False,
+           doc="libvirt connection URI."),
+    Option("cpu_mode", S, Choice(choices=("host-passthrough", "host-model", "none")),
+           default="host-passthrough", vac=False,
+           doc="CPU model given to VMs; 'none' leaves it to libvirt (use it with domain_type = qemu)."),
+    Option("total_processors", S, _POSITIVE_INT, aliases=("cpu_total",),
+           default=Computed("this host's processor count (/proc/cpuinfo)", lambda c: c.host.cpu_count),
+           doc="Processors this factory may give to VMs. More than the host has is an error, "
+               "except with domain_type = test."),
+    Option("total_memory_mb", S, Integer(name="MiB", min=1),
+           default=Computed("this host's memory (MemTotal in /proc/meminfo)", lambda c: c.host.mem_total_mb),
+           vac=False, doc="Memory (MiB) this factory may give to VMs in total."),
+    Option("mb_per_processor", S, Integer(name="MiB", min=1), default=2048, aliases=("mb_per_cpu",),
+           doc="Memory (MiB) given to a VM per processor it has."),
+    Option("hs06_per_processor", S, Number(min=0, min_exclusive=True), aliases=("hs06_per_cpu",),
+           doc="Benchmark power of one processor (HS06, or HEPscore23 with accounting_benchmark). "
+               "Unset: 1.0 is used for shares, and no hs06 MJF file and no APEL record is written "
+               "(as in Vac)."),
+    Option("processors_per_superslot", S, _POSITIVE_INT, default=1,
+           aliases=("vcpu_per_machine", "cpu_per_machine"),
+           doc="Size of a superslot: VMs started together share one end time."),
+    Option("overload_per_processor", S, Number(min=0, min_exclusive=True), default=1.25,
+           aliases=("overload_per_cpu",),
+           doc="No VM is started while the load average exceeds this times the running (or total) "
+               "processors."),
+    Option("disk_gb_per_processor", S, _NONNEG_INT, aliases=("scratch_gb", "disk_gb_per_cpu"),
+           doc="Disk (GB, 10^9 bytes) per processor for each VM's scratch or root disk. Unset or 0: "
+               "Vac's sizes (logical volumes share the volume group; files get 40 GB per processor)."),
+    Option("volume_group", S, Text(name="volume group", pattern=r"[A-Za-z0-9+_.-]+",
+                                   pattern_doc="must be an LVM volume group name"),
+           doc="LVM volume group for VM disks. Unset: vac_volume_group if it exists, else files."),
+    Option("root_public_key", S, _PATH, default="/root/.ssh/id_rsa.pub",
+           doc="SSH public key offered to VMs (user_data and metadata)."),
+    Option("singularity_user", S, Text(name="user name"),
+           doc="Unprivileged user that ran Singularity containers in Vac. vacfactory starts no "
+               "containers; accepted so Vac configurations load."),
+    # ---------------------------------------------------------------- [settings]: the engine
+    Option("state_dir", S, _PATH, default="/var/lib/vacfactory", vac=False, not_in_override=True,
+           doc="Directory of all state: machines, finishes, accounting, caches, and the runtime "
+               "override file runtime.conf (which may not set state_dir itself)."),
+    Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=3600), default=10.0, vac=False,
+           doc="Longest time between two decision rounds; libvirt events wake the engine sooner "
+               "(Vac: one round, then a 60 s sleep)."),
+    Option("max_starting_processors", S, _POSITIVE_INT, default=64, vac=False,
+           doc="At most this many processors may belong to VMs still starting (younger than "
+               "starting_seconds), so a fresh factory ramps up without overloading the host."),
+    Option("starting_seconds", S, Number(name="seconds", min=0), default=60.0, vac=False,
+           doc="How long a new VM counts as starting for max_starting_processors."),
+    Option("shutdown_time", S, Integer(name="epoch seconds", min=0),
+           doc="Unix time at which all VMs must have stopped; none are started that would run "
+               "past it. Usually set temporarily in the runtime override file."),
+    Option("draining", S, Boolean(), default=False,
+           doc="Start no new VMs; running ones finish normally."),
+    Option("abort_on_700", S, Boolean(), default=True, vac=False,
+           doc="Count shutdown_message codes 700-799 as aborts, which trigger backoff (Vac 03.00 "
+               "does; Vcycle does not)."),
+    Option("grace_seconds", S, _SECONDS, default=0, vac=False,
+           doc="MJF grace_secs: a VM still running at its shutdown time is killed this much later."),
+    Option("fix_networking", S, Boolean(), default=True,
+           doc="Repair a libvirt network that has the wrong addresses by recreating it."),
+    # ---------------------------------------------------------------- [settings]: network, I/O
+    Option("network_name", S, Text(pattern=r"[A-Za-z0-9_.-]+",
+                                   pattern_doc="may contain only A-Z a-z 0-9 _ . -"),
+           default="vacfactory", vac=False, doc="Name of the libvirt NAT network of the VMs."),
+    Option("network_bridge", S, _INTERFACE, default="vacbr0", vac=False,
+           doc="Linux bridge of that network."),
+    Option("forward_dev", S, _INTERFACE, doc="Host interface the NAT network forwards through "
+                                             "(libvirt's <forward dev=...>). Unset: any."),
+    Option("http_port", S, Integer(name="port", min=1, max=65535), default=80, vac=False,
+           doc="Port of the MJF/joboutputs and metadata HTTP server on 169.254.169.253/254."),
+    Option("nfs_exporter", S, Choice(choices=("none", "ganesha", "exportfs"), choice_docs=(
+        ("none", "no NFS: VMs use HTTP (mjf_transport = http)"),
+        ("ganesha", "userspace nfs-ganesha"),
+        ("exportfs", "the kernel NFS server"))),
+           default="ganesha", vac=False, doc="How machine directories are exported to VMs over NFS."),
+    Option("joboutputs_max_file_bytes", S, _BYTES, default=10485760, vac=False,
+           doc="Largest single file a VM may write into joboutputs."),
+    Option("joboutputs_max_total_bytes", S, _BYTES, default=104857600, vac=False,
+           doc="Most bytes a VM may write into joboutputs in total."),
+    Option("joboutputs_max_files", S, _POSITIVE_INT, default=256, vac=False,
+           doc="Most files a VM may create in joboutputs."),
+    # ---------------------------------------------------------------- [settings]: accounting
+    Option("gocdb_sitename", S, _NAME, doc="GOCDB site name: Site of APEL records."),
+    Option("gocdb_cert_file", S, _PATH, doc="Certificate used to update GOCDB."),
+    Option("gocdb_key_file", S, _PATH, doc="Key used to update GOCDB."),
+    Option("accounting_benchmark", S, Choice(choices=("HEPSPEC", "HEPscore23")), default="HEPSPEC",
+           vac=False, doc="ServiceLevelType of APEL records (the benchmark hs06_per_processor is in)."),
+    Option("apel_infrastructure_description", S, Text(max_length=100), default="APEL-VACFACTORY",
+           vac=False, doc="InfrastructureDescription of APEL records (Vac wrote APEL-VAC)."),
+    Option("apel_infrastructure_type", S, Text(max_length=20), default="grid", vac=False,
+           doc="InfrastructureType of APEL records."),
+    Option("apel_cloud_records", S, Boolean(), default=False, vac=False,
+           doc="Also write APEL-cloud-message v0.4 records."),
+    Option("apel_send", S, Boolean(), default=False, vac=False,
+           doc="The daemon sends queued APEL records itself over STOMP. No: run ssmsend from cron "
+               "on apel-outgoing, as with Vac."),
+    Option("apel_broker_host", S, Text(name="host name", pattern=HOSTNAME_PATTERN,
+                                       pattern_doc="must be a host name"),
+           vac=False, doc="STOMP broker host; required with apel_send = yes."),
+    Option("apel_broker_port", S, Integer(name="port", min=1, max=65535), default=61613, vac=False,
+           doc="STOMP broker port."),
+    Option("apel_destination", S, Text(), default="/queue/global.accounting.cpu.central", vac=False,
+           doc="STOMP destination of APEL records."),
+    Option("apel_use_ssl", S, Boolean(), default=True, vac=False, doc="Connect to the broker with TLS."),
+    Option("apel_host_cert", S, _PATH, default="/etc/grid-security/hostcert.pem", vac=False,
+           doc="Certificate that signs APEL messages and authenticates to the broker."),
+    Option("apel_host_key", S, _PATH, default="/etc/grid-security/hostkey.pem", vac=False,
+           doc="Key of apel_host_cert."),
+    Option("apel_capath", S, _PATH, default="/etc/grid-security/certificates", vac=False,
+           doc="CA directory for verifying the broker."),
+    Option("apel_send_interval_seconds", S, Integer(name="seconds", min=1), default=3600, vac=False,
+           doc="How often queued APEL records are sent."),
+    # ---------------------------------------------------------------- [settings]: monitoring
+    Option("version_logger", S, _NONNEG_INT, default=1, legacy_values=(("true", 1), ("false", 0)),
+           doc="Messages per day to Vac's version logger; 0 disables. The legacy true/false are "
+               "accepted with a warning."),
+    Option("vacmon_hostport", S, Words(item=Text(pattern=r"[a-z0-9.-]+:[0-9]+",
+                                                 pattern_doc="must be host.domain:port"), lower=True),
+           default=(), doc="VacMon collectors that receive factory and machinetype status messages."),
+    # ================================================================ [machinetype NAME]
+    Option("target_share", M, Number(min=0), default=0.0,
+           doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it."),
+    Option("machine_model", M, Choice(choices=VM_MODELS + CONTAINER_MODELS, choice_docs=(
+        ("cernvm3", "a CernVM 3 ISO as a cdrom plus a scratch disk"),
+        ("cernvm4", "a CernVM 4 image"),
+        ("vm-raw", "a raw or qcow2 disk image, used through a qcow2 overlay"),
+        ("docker", "a Docker container (Vac only: vacfactory warns and never starts it)"),
+        ("singularity", "a Singularity container (Vac only: vacfactory warns and never starts it)"))),
+           default="cernvm3", aliases=("vm_model",),
+           doc="What kind of machine this is. vacfactory starts VMs only; docker and singularity "
+               "machinetypes load with a warning and are never started."),
+    Option("root_image", M, Location(schemes=("http", "https", "docker")), relative_to_files=True,
+           doc="Boot image: an absolute path, a path relative to <machinetype_path>/files/, an "
+               "http(s) URL (cached), or docker://... for docker machinetypes. A startable "
+               "machinetype needs root_image or kernel_image."),
+    Option("kernel_image", M, Path(absolute=False), relative_to_files=True, vac=False,
+           doc="Kernel to boot directly (libvirt <kernel>), for images without a boot loader."),
+    Option("initrd_image", M, Path(absolute=False), relative_to_files=True, vac=False,
+           doc="Initial ramdisk for kernel_image."),
+    Option("kernel_cmdline", M, Text(allow_empty=True), vac=False,
+           doc="Kernel command line for kernel_image: one line of printable characters."),
+    Option("user_data", M, Location(schemes=("http", "https")), relative_to_files=True,
+           doc="user_data template: an absolute path, a path relative to <machinetype_path>/files/, "
+               "or an http(s) URL. ##user_data_...## patterns in it are substituted."),
+    Option("machinetype_path", M, _PATH,
+           default=Computed("<state_dir>/machinetypes/<name>", _default_machinetype_path),
+           doc="Directory of this machinetype's files (files/, x509cert.pem, x509key.pem). "
+               "Undocumented in Vac, which used /var/lib/vac/machinetypes/<name>."),
+    Option("root_device", M, _DEVICE, default="vda",
+           doc="Guest device of the root disk (virtio if it contains 'vd', else IDE)."),
+    Option("scratch_device", M, _DEVICE, default="vdb", doc="Guest device of the scratch disk."),
+    Option("container_command", M, Text(), default="/user_data",
+           doc="Command a container runs (docker, singularity)."),
+    Option("tmp_binds", M, Words(item=Path()), default=(),
+           doc="Directories bound into docker containers as temporary space."),
+    Option("cvmfs_repositories", M, Words(item=Text(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                                                    pattern_doc="must be a repository name")),
+           default=(), doc="CernVM-FS repositories the machinetype needs (kept mounted on the host)."),
+    Option("disk_gb_per_processor", M, _NONNEG_INT,
+           doc="Overrides the [settings] value for this machinetype, but only downwards: a larger "
+               "value is ignored with a warning (Vac's rule)."),
+    Option("min_processors", M, _POSITIVE_INT, default=1, doc="Fewest processors a VM of this type gets."),
+    Option("max_processors", M, _POSITIVE_INT, default=1,
+           doc="Most processors a VM of this type gets; must be >= min_processors."),
+    Option("max_wallclock_seconds", M, Integer(name="seconds", min=1), default=86400,
+           doc="Longest life of a VM; it is stopped at start + this (plus grace_seconds)."),
+    Option("min_wallclock_seconds", M, _SECONDS,
+           default=Computed("max_wallclock_seconds", lambda c: c.values.get("max_wallclock_seconds")),
+           doc="Shortest remaining time for which a VM of this type is started into an existing "
+               "superslot; must be <= max_wallclock_seconds."),
+    Option("backoff_seconds", M, _SECONDS, default=10,
+           doc="After an abort (or a fizzle), wait this long before starting another VM of this "
+               "type (Vac's code default; its man page gave none)."),
+    Option("fizzle_seconds", M, _SECONDS, default=600,
+           doc="A VM that stops sooner than this after starting, without a success code, fizzled."),
+    Option("heartbeat_file", M, _FILE_NAME,
+           doc="File in joboutputs the VM must create within fizzle_seconds and keep fresh."),
+    Option("heartbeat_seconds", M, _SECONDS, default=0,
+           doc="Kill the VM if heartbeat_file is older than this; 0: only check that it exists."),
+    Option("accounting_fqan", M, _NAME, doc="FQAN put in APEL records (e.g. /lhcb/Role=NULL/Capability=NULL)."),
+    Option("machinegroup", M, _NAME,
+           default=Computed("accounting_fqan, else the machinetype name", _default_machinegroup),
+           doc="Group used for space-wide share accounting. Undocumented in Vac."),
+    Option("machines_dir_days", M, Number(name="days"), default=3.0, aliases=("machineoutputs_days",),
+           doc="Keep finished machine directories this many days; <= 0 keeps them for ever."),
+    Option("image_signing_dn", M, RegexText(), aliases=("cernvm_signing_dn",),
+           doc="Regular expression the DN of the root_image signer must match (CernVM images). "
+               "Vac stored it under a name it then never read."),
+    Option("user_data_proxy", M, Boolean(), default=False,
+           doc="Make a limited X.509 proxy from <machinetype_path>/x509cert.pem and x509key.pem "
+               "and substitute it for ##user_data_option_x509_proxy##."),
+    Option("legacy_proxy", M, Boolean(), default=False,
+           doc="Make the proxy in the legacy (pre-RFC 3820) format."),
+    Option("mjf_transport", M, Choice(choices=("http", "nfs")), default="http", vac=False,
+           doc="How the VM reaches machinefeatures/jobfeatures/joboutputs: HTTP on 169.254.169.253, "
+               "or NFS (needs nfs_exporter)."),
+    Option("config_drive", M, Boolean(), default=False, vac=False,
+           doc="Also attach an OpenStack-style config drive (ISO) holding user_data and metadata."),
+    # ================================================================ [vacuum_pipe PREFIX]
+    Option("vacuum_pipe_url", P, Location(name="URL", schemes=("http", "https", "file"), allow_paths=False),
+           required=True, doc="URL of the JSON vacuum pipe defining machinetypes <prefix>-<suffix>."),
+    Option("target_share", P, Number(min=0), default=0.0,
+           doc="Total share of the pipe, divided among its machinetypes by their own target_share."),
+)
+
+FAMILIES: Tuple[OptionFamily, ...] = (
+    OptionFamily("user_data_option_", (SETTINGS, MACHINETYPE, VACUUM_PIPE), Text(multiline=True, allow_empty=True),
+                 attribute="user_data_options",
+                 doc="Replaces ##user_data_option_XXX## in user_data. In [settings]: a default for every "
+                     "machinetype; a machinetype's own value wins."),
+    OptionFamily("user_data_file_", (SETTINGS, MACHINETYPE, VACUUM_PIPE), Path(absolute=False),
+                 attribute="user_data_files", relative_to_files=True,
+                 doc="A file (absolute, or relative to <machinetype_path>/files/) whose contents replace "
+                     "##user_data_file_XXX## and ##user_data_option_XXX## in user_data. In [settings]: a "
+                     "default for every machinetype; a machinetype's own value wins."),
+    OptionFamily("machinefeatures_option_", (SETTINGS,), Text(allow_empty=True),
+                 attribute="machinefeatures_options",
+                 doc="Extra machinefeatures key XXX with this value (one line). Undocumented in Vac."),
+)
+
+IGNORED: Tuple[IgnoredOption, ...] = (
+    IgnoredOption("total_machines", SETTINGS, "use total_processors"),
+    IgnoredOption("delete_old_files", SETTINGS, "old files are always deleted"),
+    IgnoredOption("mb_per_machine", SETTINGS, "Vac never read it either: use mb_per_processor"),
+    IgnoredOption("rootpublickey", MACHINETYPE, "use root_public_key in [settings]"),
+    IgnoredOption("root_public_key", MACHINETYPE, "use root_public_key in [settings]"),
+    IgnoredOption("log_machineoutputs", MACHINETYPE, "use machines_dir_days"),
+    IgnoredOption("user_data_proxy_cert", MACHINETYPE,
+                  "use user_data_proxy = yes with <machinetype_path>/x509cert.pem"),
+    IgnoredOption("user_data_proxy_key", MACHINETYPE,
+                  "use user_data_proxy = yes with <machinetype_path>/x509key.pem"),
+)
+
+#: Section kinds as written in headers; legacy kinds map to the canonical one with a warning.
+SECTION_KINDS: Mapping[str, str] = {
+    "settings": SETTINGS,
+    "machinetype": MACHINETYPE,
+    "vmtype": MACHINETYPE,
+    "vacuum_pipe": VACUUM_PIPE,
+}
+LEGACY_SECTION_KINDS: Mapping[str, str] = {"vmtype": "machinetype"}
+
+#: Sections that are errors, with the advice Vac gave.
+FORBIDDEN_SECTIONS: Mapping[str, str] = {
+    "factories": "use the factories option in [settings] instead of a [factories] section",
+    "targetshares": "use a target_share option in each [machinetype NAME] section instead of a "
+                    "[targetshares] section",
+}
+
+
+def machinetype_startable(values: Mapping[str, Any]) -> bool:
+    """vacfactory starts VMs only: container machinetypes are kept but never started."""
+    return values.get("machine_model") in VM_MODELS
+
+
+def _rule_total_processors(c: DefaultContext) -> Optional[str]:
+    v = c.values
+    if v["domain_type"] != "test" and v["total_processors"] > c.host.cpu_count:
+        return (f"must be <= this host's {c.host.cpu_count} processors "
+                f"(got {v['total_processors']}; only domain_type = test may exceed it)")
+    return None
+
+
+def _rule_space_key(c: DefaultContext) -> Optional[str]:
+    if c.values.get("space_key") is not None and c.values.get("space_key_file") is not None:
+        return "cannot be set together with space_key: choose one"
+    return None
+
+
+def _rule_apel_broker(c: DefaultContext) -> Optional[str]:
+    if c.values["apel_send"] and not c.values.get("apel_broker_host"):
+        return "apel_broker_host is required when apel_send = yes"
+    return None
+
+
+def _rule_joboutputs(c: DefaultContext) -> Optional[str]:
+    v = c.values
+    if v["joboutputs_max_file_bytes"] > v["joboutputs_max_total_bytes"]:
+        return f"must be <= joboutputs_max_total_bytes ({v['joboutputs_max_total_bytes']})"
+    return None
+
+
+def _rule_processors(c: DefaultContext) -> Optional[str]:
+    if c.values["max_processors"] < c.values["min_processors"]:
+        return f"must be >= min_processors ({c.values['min_processors']})"
+    return None
+
+
+def _rule_wallclock(c: DefaultContext) -> Optional[str]:
+    if c.values["min_wallclock_seconds"] > c.values["max_wallclock_seconds"]:
+        return f"must be <= max_wallclock_seconds ({c.values['max_wallclock_seconds']})"
+    return None
+
+
+def _rule_docker_image(c: DefaultContext) -> Optional[str]:
+    image = c.values.get("root_image")
+    if image and image.lower().startswith("docker://") and c.values["machine_model"] != "docker":
+        return "a docker:// image needs machine_model = docker"
+    return None
+
+
+def _rule_boot_image(c: DefaultContext) -> Optional[str]:
+    if machinetype_startable(c.values) and not c.values.get("root_image") and not c.values.get("kernel_image"):
+        return "root_image (or kernel_image) is required"
+    return None
+
+
+def _rule_kernel_parts(c: DefaultContext) -> Optional[str]:
+    if c.values.get("kernel_image"):
+        return None
+    given = [n for n in ("initrd_image", "kernel_cmdline") if c.values.get(n) is not None]
+    if given:
+        return f"{' and '.join(given)} need kernel_image"
+    return None
+
+
+def _rule_not_startable(c: DefaultContext) -> Optional[str]:
+    if not machinetype_startable(c.values):
+        return (f"machine_model {c.values['machine_model']} is understood but vacfactory starts only "
+                f"VMs ({', '.join(VM_MODELS)}): this machinetype will never be started")
+    return None
+
+
+def _rule_disk_downwards(c: DefaultContext) -> Optional[str]:
+    mine = c.values.get("disk_gb_per_processor")
+    site = c.settings.get("disk_gb_per_processor")
+    if mine is not None and site and mine > site:
+        return f"larger than the [settings] value ({site}): using {site}"
+    return None
+
+
+def _rule_min_processors_fit(c: DefaultContext) -> Optional[str]:
+    wanted = c.values["min_processors"]
+    for limit in ("processors_per_superslot", "total_processors"):
+        have = c.settings.get(limit)
+        if have is not None and wanted > have:
+            return f"{wanted} is more than {limit} ({have}): this machinetype can never start"
+    return None
+
+
+RULES: Tuple[Rule, ...] = (
+    Rule(S, "total_processors", ("total_processors", "domain_type"), _rule_total_processors,
+         "total_processors may not exceed the host's processor count unless domain_type = test."),
+    Rule(S, "space_key_file", ("space_key", "space_key_file"), _rule_space_key,
+         "space_key and space_key_file are mutually exclusive."),
+    Rule(S, "apel_send", ("apel_send", "apel_broker_host"), _rule_apel_broker,
+         "apel_send = yes needs apel_broker_host."),
+    Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),
+         _rule_joboutputs, "joboutputs_max_file_bytes may not exceed joboutputs_max_total_bytes."),
+    Rule(M, "max_processors", ("min_processors", "max_processors"), _rule_processors,
+         "max_processors may not be less than min_processors."),
+    Rule(M, "min_wallclock_seconds", ("min_wallclock_seconds", "max_wallclock_seconds"), _rule_wallclock,
+         "min_wallclock_seconds may not exceed max_wallclock_seconds."),
+    Rule(M, "root_image", ("root_image", "machine_model"), _rule_docker_image,
+         "docker:// images need machine_model = docker."),
+    Rule(M, "root_image", ("root_image", "kernel_image", "machine_model"), _rule_boot_image,
+         "A startable machinetype needs root_image or kernel_image."),
+    Rule(M, "kernel_image", ("kernel_image", "initrd_image", "kernel_cmdline"), _rule_kernel_parts,
+         "initrd_image and kernel_cmdline need kernel_image."),
+    Rule(M, "machine_model", ("machine_model",), _rule_not_startable,
+         "docker and singularity machinetypes load with a warning and are never started.",
+         severity="warning"),
+    Rule(M, "disk_gb_per_processor", ("disk_gb_per_processor",), _rule_disk_downwards,
+         "A machinetype's disk_gb_per_processor larger than the [settings] one is ignored with a warning.",
+         severity="warning", replacement=lambda c: c.settings.get("disk_gb_per_processor")),
+    Rule(M, "min_processors", ("min_processors",), _rule_min_processors_fit,
+         "A min_processors larger than processors_per_superslot or total_processors gives a warning: "
+         "such a machinetype can never start.", severity="warning"),
+)
+
+
+def options_of(section: str) -> Tuple[Option, ...]:
+    """The rows of one section, in table order."""
+    return tuple(o for o in OPTIONS if o.section == section)
+
+
+def families_of(section: str) -> Tuple[OptionFamily, ...]:
+    return tuple(f for f in FAMILIES if section in f.sections)
+
+
+def ignored_of(section: str) -> Dict[str, IgnoredOption]:
+    """Ignored names of a section (a [vacuum_pipe] inherits the machinetype ones)."""
+    kinds = (section, MACHINETYPE) if section == VACUUM_PIPE else (section,)
+    return {i.name: i for i in IGNORED if i.section in kinds}
+
+
+def aliases_of(section: str) -> Dict[str, str]:
+    """Deprecated name -> canonical name, for every option a section accepts."""
+    return {alias: o.name for o in accepted_options(section).values() for alias in o.aliases}
+
+
+def accepted_options(section: str) -> Dict[str, Option]:
+    """Canonical name -> row of every option a section accepts.
+
+    A [vacuum_pipe] section accepts its own rows plus every machinetype row, whose values become
+    defaults of the machinetypes the pipe defines.
+    """
+    rows = {o.name: o for o in options_of(section)}
+    if section == VACUUM_PIPE:
+        for row in options_of(MACHINETYPE):
+            rows.setdefault(row.name, row)
+    return rows
+
+
+def describe_default(option: Option) -> str:
+    """The default as the docs show it."""
+    if isinstance(option.default, Computed):
+        return option.default.describe
+    if option.default is None:
+        return "required" if option.required else "unset"
+    if option.default == ():
+        return "empty"
+    return option.type.format(option.default)
