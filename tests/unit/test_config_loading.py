@@ -402,3 +402,17 @@ def test_lists_accept_tabs_and_continuation_lines(tmp_path):
     text = minimal(tmp_path, "factories = wn02.example.com\tWN03.example.com\n    wn04.example.com\n")
     config = load_config_string(text, HOST)
     assert config.settings.factories == ("wn02.example.com", "wn03.example.com", "wn04.example.com")
+
+
+def test_relative_state_dir_is_relative_to_the_file_that_sets_it(tmp_path):
+    from vacfactory.config.hostfacts import HostFacts
+    from vacfactory.config.loader import ConfigSources, load_config
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "demo.conf").write_text(
+        "[settings]\nvac_space = s.example.org\nfactory_name = f.example.org\nstate_dir = ../state\n"
+    )
+    config = load_config(ConfigSources.for_main_file(str(conf / "demo.conf")),
+                         host_facts=HostFacts(fqdn="h.example.org", cpu_count=2, mem_total_mb=4096))
+    assert config.settings.state_dir == str(tmp_path / "state")

@@ -407,7 +407,10 @@ def _parse_entry(row: Any, entry: _Entry, title: str, problems: _Problems) -> An
             problems.warn(f"{entry.raw!r} is deprecated here: use {row.type.format(value)}",
                           entry.where, title, entry.given)
             return value
-    return row.type.parse(entry.raw)
+    value = row.type.parse(entry.raw)
+    if getattr(row.type, "relative_to_config", False) and not value.startswith("/") and entry.where.source:
+        value = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(entry.where.source)), value))
+    return value
 
 
 @dataclass

@@ -242,9 +242,11 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Unprivileged user that ran Singularity containers in Vac. vacfactory starts no "
                "containers; accepted so Vac configurations load."),
     # ---------------------------------------------------------------- [settings]: the engine
-    Option("state_dir", S, _PATH, default="/var/lib/vacfactory", vac=False, not_in_override=True,
+    Option("state_dir", S, Path(relative_to_config=True), default="/var/lib/vacfactory", vac=False,
+           not_in_override=True,
            doc="Directory of all state: machines, finishes, accounting, caches, and the runtime "
-               "override file runtime.conf (which may not set state_dir itself)."),
+               "override file runtime.conf (which may not set state_dir itself). A relative path "
+               "is relative to the directory of the file that sets it."),
     Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=3600), default=10.0, vac=False,
            doc="Longest time between two decision rounds; libvirt events wake the engine sooner "
                "(Vac: one round, then a 60 s sleep)."),

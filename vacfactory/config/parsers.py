@@ -229,15 +229,23 @@ class Choice(ValueType):
 
 @dataclass(frozen=True)
 class Path(ValueType):
-    """A file system path; ``absolute`` requires a leading '/'. '..' components are refused."""
+    """A file system path; ``absolute`` requires a leading '/'. '..' components are refused.
+
+    ``relative_to_config``: a relative path is allowed (with '..') and the loader resolves
+    it against the directory of the file that set it, like an include in nginx or sudoers;
+    this lets a configuration bundled with a checkout (conf/demo.conf) name its own folders.
+    """
 
     name: str = "path"
     absolute: bool = True
+    relative_to_config: bool = False
 
     def parse(self, text: str) -> str:
         _check_text(text, False)
         if not text:
             raise ValueError("must not be empty")
+        if self.relative_to_config:
+            return text
         if self.absolute and not text.startswith("/"):
             raise ValueError(f"{quote(text)} must be an absolute path")
         if ".." in text.split("/"):
@@ -245,6 +253,8 @@ class Path(ValueType):
         return text
 
     def constraints(self) -> str:
+        if self.relative_to_config:
+            return "absolute path, or relative to the directory of the file that sets it"
         if self.absolute:
             return "absolute path"
         return "absolute, or relative to the machinetype's files directory; no `..`"
