@@ -149,13 +149,18 @@ class Factory:
         self.wake.set()
 
     def on_event(self, event: DomainEvent) -> None:
-        """Lifecycle event from the hypervisor's thread: remember facts, wake the engine."""
+        """Lifecycle event from the hypervisor's thread: remember facts, wake the engine.
+
+        The stop is stamped with the engine's own clock (not the adapter's), so every time
+        in a VM's record comes from one source.
+        """
         if event.kind in ("shutdown", "stopped", "crashed"):
+            now = self.clock()
             with self._events_lock:
                 if event.cpu_seconds is not None:
                     self._final_cpu[event.uuid] = event.cpu_seconds
                 if event.kind != "shutdown":
-                    self._stop_times.setdefault(event.uuid, event.time)
+                    self._stop_times.setdefault(event.uuid, now)
         if event.kind in ("stopped", "crashed", "suspended"):
             self.wake.set()
 
@@ -253,7 +258,7 @@ class Factory:
                     fizzle_seconds=mt.fizzle_seconds,
                 )
                 if mt.heartbeat_file:
-                    heartbeat_mtime = self.boundary.heartbeat_mtime(machine, mt.heartbeat_file)
+                    heartbeat_mtime = self.boundary.heartbeat_mtime(machine, mt.heartbeat_file, now)
             facts = enforce.RunningVMFacts(
                 uuid=uuid,
                 name=machine.name,

@@ -105,7 +105,7 @@ class VMBuilder:
 
         from vacfactory.vmio import proxy
 
-        directory = self.machinetype_dir(mt.name)
+        directory = mt.machinetype_path
         try:
             with open(os.path.join(directory, "x509cert.pem"), "rb") as f:
                 cert = f.read()
@@ -192,15 +192,13 @@ class VMBuilder:
 
     # -- files of a machinetype ---------------------------------------------------------
 
-    def machinetype_dir(self, name: str) -> str:
-        return os.path.join(self.state_dir, "machinetypes", name)
-
     def resolve(self, mt, path: str) -> str:
-        """An absolute path, or one relative to machinetypes/<name>/files/ (Vac's rule)."""
+        """An existing file: the configuration already made relative paths absolute under
+        ``<machinetype_path>/files/`` (Vac's rule)."""
         if is_url(path):
             raise BuildError(f"machinetype {mt.name}: {path}: fetching images by URL needs the image cache")
         if not os.path.isabs(path):
-            path = os.path.join(self.machinetype_dir(mt.name), "files", path)
+            path = os.path.join(mt.machinetype_path, "files", path)
         if not os.path.isfile(path):
             raise BuildError(f"machinetype {mt.name}: {path}: no such file")
         return path

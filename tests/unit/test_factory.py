@@ -1,0 +1,296 @@
+"""The engine on libvirt's test driver: fill, refill, backoff, kills, zombies, restarts, drain.
+
+Real configuration files, state directory, libvirt test driver, VM boundary and accounting;
+only the clock is moved by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid as uuidlib
+
+import pytest
+
+from tests.unit.engine_harness import (
+    Harness,
+    kernel_file,
+    machinetype_text,
+    make_harness,
+    settings_text,
+)
+from vacfactory.hypervisor.base import VMSpec
+from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """engine(total=8, machinetypes=[(name, share, extra)], settings='') -> a started Harness."""
+    made = []
+
+    def build(total=8, machinetypes=(("alpha", 1, ""),), settings=""):
+        name = f"t{os.getpid()}n{next(_names)}.example.org"
+        kernel = kernel_file(str(tmp_path))
+        text = settings_text(name, str(tmp_path / "state"), total, settings)
+        for mt_name, share, extra in machinetypes:
+            text += machinetype_text(mt_name, kernel, share, extra)
+        harness = make_harness(str(tmp_path), text, name=name)
+        made.append(harness)
+        return harness
+
+    yield build
+    for harness in made:
+        harness.teardown()
+
+
+def test_empty_factory_fills_every_processor_in_one_round(engine):
+    h = engine(total=16)
+    report = h.factory.run_round()
+    assert len(report.created) == 16
+    assert len(h.domains()) == 16
+    assert {m.state for m in h.live()} == {"running"}
+    names = sorted(m.name for m in h.live())
+    assert names[0].startswith(h.name.split(".")[0] + "-00.")
+
+
+def test_each_vm_gets_a_complete_machine_directory(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (machine,) = h.live()
+    path = machine.path
+    assert os.path.basename(path) == machine.uuid
+    for name in ("vm.json", "started", "machinefeatures", "jobfeatures", "joboutputs"):
+        assert os.path.exists(os.path.join(path, name)), name
+    with open(os.path.join(path, "jobfeatures", "job_id")) as f:
+        assert f.read() == machine.uuid
+    with open(os.path.join(path, "machinefeatures", "hs06")) as f:
+        assert float(f.read()) == 10.0
+    (domain,) = h.domains()
+    assert domain.uuid == machine.uuid and domain.name == machine.name
+
+
+def test_a_vm_that_powers_off_is_finished_accounted_cleaned_and_replaced(engine):
+    h = engine(total=2)
+    h.factory.run_round()
+    first = h.live()[0]
+    h.clock.advance(600)
+    h.power_off(first, "200 Success")
+    report = h.factory.run_round()
+    assert first.name in report.finished
+    done = h.factory.machines[first.uuid]
+    assert done.finished.outcome == "success" and done.finished.code == 200
+    assert done.accounted is not None and done.accounted.archive is not None
+    assert done.cleaned is not None
+    assert len(report.created) == 1 and len(h.domains()) == 2
+    with open(done.accounted.archive) as f:
+        record = f.read()
+    assert f"LocalJobId: {first.uuid}" in record and "WallDuration: 600" in record
+
+
+def test_no_work_message_makes_the_machinetype_back_off(engine):
+    h = engine(total=2, machinetypes=(("alpha", 1, ""), ("beta", 1, "")))
+    h.factory.run_round()
+    betas = [m for m in h.live() if m.record.machinetype == "beta"]
+    assert len(betas) == 1
+    h.clock.advance(100)
+    h.power_off(betas[0], "300 Nothing to do")
+    report = h.factory.run_round()
+    assert h.factory.machines[betas[0].uuid].finished.outcome == "abort"
+    # the free processor goes to alpha although beta is now the most starved
+    by_name = {m.name: m for m in h.factory.machines.values() if m.live}
+    assert [by_name[n].record.machinetype for n in report.created] == ["alpha"]
+    assert "beta" not in {m.record.machinetype for m in h.live()}
+
+
+def test_a_fizzle_without_message_backs_off_and_is_not_accounted(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.clock.advance(10)  # fizzle_seconds is 60
+    h.power_off(vm)
+    report = h.factory.run_round()
+    done = h.factory.machines[vm.uuid]
+    assert done.finished.outcome == "fizzle" and done.finished.code == 300
+    assert done.accounted.archive is None and "fizzle" in done.accounted.skipped
+    assert report.created == []  # alpha backs off
+
+
+def test_zombie_domains_named_like_ours_are_destroyed(engine):
+    h = engine(total=2)
+    h.factory.run_round()
+    zombie = VMSpec(name=f"{h.name.split('.')[0]}-07.{h.name.split('.', 1)[1]}", uuid=str(uuidlib.uuid4()),
+                    vcpus=1, memory_mib=64, domain_type="test")
+    h.hypervisor.create(zombie)
+    other = VMSpec(name="someone-else-01.example.net", uuid=str(uuidlib.uuid4()), vcpus=1, memory_mib=64,
+                   domain_type="test")
+    h.hypervisor.create(other)
+    try:
+        report = h.factory.run_round()
+        assert report.zombies == [zombie.name]
+        assert h.hypervisor.domain_info(zombie.uuid) is None
+        assert h.hypervisor.domain_info(other.uuid) is not None
+    finally:
+        h.hypervisor.destroy(other.uuid)
+
+
+def test_restart_keeps_running_vms_without_duplicates(engine, tmp_path):
+    h = engine(total=4)
+    h.factory.run_round()
+    before = {m.uuid for m in h.live()}
+    again = h.restart()  # the old engine is abandoned mid-life, as after kill -9
+    report = again.factory.run_round()
+    assert report.created == [] and report.zombies == [] and report.finished == []
+    assert {m.uuid for m in again.live()} == before
+    assert {d.uuid for d in again.domains()} == before
+    again.hypervisor.close()
+
+
+def test_interrupted_preparation_is_removed_at_start_up(engine):
+    h = engine(total=1)
+    leftover = os.path.join(h.state_dir, "machines", ".new-" + str(uuidlib.uuid4()))
+    os.makedirs(os.path.join(leftover, "machinefeatures"))
+    again = h.restart()
+    assert not os.path.exists(leftover)
+    again.hypervisor.close()
+
+
+def test_a_vm_created_but_not_recorded_as_started_is_adopted(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    os.unlink(os.path.join(vm.path, "started"))  # crash between createXML and `started`
+    again = h.restart()
+    report = again.factory.run_round()
+    assert report.adopted == [vm.name] and report.created == []
+    assert again.factory.machines[vm.uuid].started is not None
+    again.hypervisor.close()
+
+
+def test_a_vm_whose_domain_never_started_is_cleaned_without_accounting(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    os.unlink(os.path.join(vm.path, "started"))
+    h.hypervisor.destroy(vm.uuid)  # crash before createXML: no domain
+    again = h.restart()
+    again.factory.run_round()
+    done = again.factory.machines[vm.uuid]
+    assert done.finished.outcome == "failed" and done.accounted.skipped == "never started"
+    assert done.cleaned is not None
+    again.hypervisor.close()
+
+
+def test_missing_heartbeat_file_kills_with_700(engine):
+    h = engine(total=1, machinetypes=(("alpha", 1, "heartbeat_file = heartbeat\nheartbeat_seconds = 120\n"),))
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.clock.advance(61)  # past fizzle_seconds (and the daemon's start-up grace)
+    report = h.factory.run_round()
+    assert report.killed == [vm.name]
+    done = h.factory.machines[vm.uuid]
+    assert (done.finished.code, done.finished.text) == (700, "Heartbeat file not created")
+    assert h.hypervisor.domain_info(vm.uuid) is None
+
+
+def test_stale_heartbeat_kills_with_700_and_fresh_one_keeps_the_vm(engine):
+    h = engine(total=1, machinetypes=(("alpha", 1, "heartbeat_file = heartbeat\nheartbeat_seconds = 120\n"),))
+    h.factory.run_round()
+    (vm,) = h.live()
+    heartbeat = os.path.join(vm.joboutputs_dir, "heartbeat")
+    with open(heartbeat, "w") as f:
+        f.write("alive\n")
+    h.clock.advance(100)
+    os.utime(heartbeat, (h.clock.now, h.clock.now))
+    assert h.factory.run_round().killed == []
+    h.clock.advance(121)
+    report = h.factory.run_round()
+    assert report.killed == [vm.name]
+    assert h.factory.machines[vm.uuid].finished.text == "Heartbeat file not updated"
+
+
+def test_wallclock_kill_is_neutral_and_accounted(engine):
+    h = engine(total=1, machinetypes=(("alpha", 1, "max_wallclock_seconds = 600\n"),))
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.clock.advance(601)
+    report = h.factory.run_round()
+    assert report.killed == [vm.name]
+    done = h.factory.machines[vm.uuid]
+    assert done.finished.outcome == "neutral" and done.finished.reason == "wallclock"
+    assert done.accounted.archive is not None
+
+
+def test_drain_moves_shutdowntime_in_running_vms_and_stops_creation(engine):
+    h = engine(total=2)
+    h.factory.run_round()
+    vm = h.live()[0]
+    deadline = int(h.clock.now) + 300
+    with open(os.path.join(h.state_dir, "runtime.conf"), "w") as f:
+        f.write(f"[settings]\nshutdown_time = {deadline}\n")
+    h.power_off(h.live()[1], "200 Success")
+    report = h.factory.run_round()
+    assert report.created == []
+    for key, directory in (("shutdowntime", "machinefeatures"), ("shutdowntime_job", "jobfeatures")):
+        with open(os.path.join(vm.path, directory, key)) as f:
+            assert int(f.read()) == deadline
+
+
+def test_draining_factory_ends_with_nothing_left_behind(engine):
+    h = engine(total=3)
+    h.factory.run_round()
+    text = open(h.config_path).read().replace("[settings]\n", "[settings]\ndraining = yes\n", 1)
+    h.rewrite_config(text)
+    h.clock.advance(700)
+    for vm in h.live():
+        h.power_off(vm, "200 Success")
+    report = h.factory.run_round()
+    assert report.created == [] and h.domains() == []
+    assert all(m.state == "done" for m in h.factory.machines.values())
+    for m in h.factory.machines.values():
+        assert os.listdir(m.disks_dir) == []
+
+
+def test_a_broken_config_edit_keeps_the_last_good_one_and_the_vms(engine, caplog):
+    h = engine(total=2)
+    h.factory.run_round()
+    before = {m.uuid for m in h.live()}
+    h.rewrite_config(open(h.config_path).read().replace("total_processors = 2", "total_processors = lots"))
+    report = h.factory.run_round()
+    assert {m.uuid for m in h.live()} == before and report.killed == []
+    assert h.factory.config.settings.total_processors == 2
+    assert "total_processors" in caplog.text and "keeping the last good one" in caplog.text
+
+
+def test_blind_engine_finishes_nothing_and_creates_nothing(engine):
+    h = engine(total=2)
+    h.factory.run_round()
+    before = {m.uuid for m in h.live()}
+    real = h.factory.hypervisor
+    h.factory.hypervisor = LibvirtHypervisor("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+    try:
+        report = h.factory.run_round()
+    finally:
+        h.factory.hypervisor.close()
+        h.factory.hypervisor = real
+    assert report.blind and report.finished == [] and report.created == []
+    assert {m.uuid for m in h.live()} == before
+    assert h.factory.run_round().finished == []
+
+
+def test_status_files_report_counts_and_creation_errors(engine, tmp_path):
+    h = engine(total=2, machinetypes=(("alpha", 1, ""),))
+    os.unlink(kernel_file(str(tmp_path)))  # the image vanished: creation must fail cleanly
+    report = h.factory.run_round()
+    assert report.created == [] and report.failed == ["alpha"]
+    with open(os.path.join(h.state_dir, "factory-error")) as f:
+        assert "no such file" in f.read()
+    assert h.domains() == []
+    assert all(m.state == "done" for m in h.factory.machines.values())
+    kernel_file(str(tmp_path))
+    h.factory.run_round()
+    assert not os.path.exists(os.path.join(h.state_dir, "factory-error"))
+    status = json.load(open(os.path.join(h.state_dir, "status.json")))
+    assert status["running_processors"] == 2

@@ -1,0 +1,253 @@
+"""The factory daemon: wires the engine to its adapters and runs it until told to stop.
+
+Threads: the engine (the caller's thread), libvirt's event loop (inside the hypervisor
+adapter), the MJF/metadata HTTP server, the VacQuery responder and the APEL sender. Signals:
+SIGTERM/SIGINT stop creating and exit, leaving running VMs alone (they are adopted on the
+next start); SIGHUP makes the engine re-read the configuration at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from vacfactory.accounting.settings import AccountingSettings
+from vacfactory.config.hostfacts import HostFacts
+from vacfactory.config.loader import ConfigSources, ConfigWatcher
+from vacfactory.engine import naming
+from vacfactory.engine.accountant import Accountant
+from vacfactory.engine.boundary import VMBoundary
+from vacfactory.engine.vmbuild import VMBuilder, uses_network
+from vacfactory.errors import HypervisorError, VacFactoryError
+from vacfactory.factory import Factory
+from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
+from vacfactory.state.lock import StateLock
+from vacfactory.state.machines import MachineStore
+from vacfactory.vmio.httpserver import MetadataServer
+from vacfactory.vmio.joboutputs import JobOutputsLimits
+
+log = logging.getLogger(__name__)
+
+METADATA_ADDRESS = "169.254.169.254"
+MJF_ADDRESS = "169.254.169.253"
+NETWORK_REPAIR_SECONDS = 60.0
+JOBOUTPUTS_CHECK_SECONDS = 30.0
+
+
+@dataclass
+class Periodic:
+    """A job the daemon runs after engine rounds, at most every ``interval`` seconds."""
+
+    name: str
+    interval: float
+    action: Callable[[], None]
+    last: float = 0.0
+
+
+class Daemon:
+    """Everything one factory runs. ``start()`` then ``run()``; ``stop()`` from any thread."""
+
+    def __init__(self, sources: ConfigSources, host_facts: Optional[HostFacts] = None) -> None:
+        self.host_facts = host_facts or HostFacts.probe()
+        self.watcher = ConfigWatcher(sources, host_facts=self.host_facts)
+        self.config = self.watcher.current
+        settings = self.config.settings
+        self.lock = StateLock(settings.state_dir)
+        self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        self.store = MachineStore(settings.state_dir)
+        self.builder = VMBuilder(settings.state_dir)
+        self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config))
+        self.factory = Factory(
+            config_source=self.watcher,
+            hypervisor=self.hypervisor,
+            store=self.store,
+            builder=self.builder,
+            boundary=self.boundary,
+            accountant=Accountant(lambda: AccountingSettings.from_config(self.factory.config)),
+            host_processors=self.host_facts.cpu_count,
+        )
+        self.http: Optional[MetadataServer] = None
+        self.periodic: List[Periodic] = [
+            Periodic("network", NETWORK_REPAIR_SECONDS, self.ensure_network),
+            Periodic("metadata server", NETWORK_REPAIR_SECONDS, self.ensure_http),
+            Periodic("joboutputs limits", JOBOUTPUTS_CHECK_SECONDS, self.enforce_joboutputs_limits),
+        ]
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.lock.acquire()
+        self.factory.start()
+        self.run_periodic(force=True)
+        log.info("vacfactory started: factory %s, state %s, %d processors",
+                 self.config.settings.factory_name, self.config.settings.state_dir,
+                 self.config.settings.total_processors)
+        notify_systemd("READY=1")
+
+    def run(self, until: Optional[Callable[[], bool]] = None) -> None:
+        """Run engine rounds (and the periodic jobs after each) until stopped."""
+        self.factory.run(until=until, after_round=self._after_round)
+
+    def _after_round(self) -> None:
+        self.run_periodic()
+        notify_systemd("WATCHDOG=1")
+
+    def stop(self) -> None:
+        self.factory.stop()
+
+    def close(self) -> None:
+        """Stop the servers and release the state lock; running VMs are left alone."""
+        notify_systemd("STOPPING=1")
+        if self.http is not None:
+            self.http.stop()
+        self.hypervisor.close()
+        self.lock.release()
+        log.info("vacfactory stopped; running VMs were left running")
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.factory.wake.set())
+
+    # -- periodic jobs ------------------------------------------------------------------
+
+    def run_periodic(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for job in self.periodic:
+            if force or now - job.last >= job.interval:
+                job.last = now
+                try:
+                    job.action()
+                except (VacFactoryError, OSError) as error:
+                    log.error("%s: %s", job.name, error)
+
+    def ensure_network(self) -> None:
+        """Create or repair the private VM network (fixed MAC -> IP per slot)."""
+        config = self.factory.config
+        if not uses_network(config):
+            return
+        spec = network_spec(config)
+        try:
+            self.hypervisor.ensure_network(spec)
+        except HypervisorError as error:
+            log.error("network %s: %s", spec.name, error)
+
+    def ensure_http(self) -> None:
+        """Serve MJF/metadata on 169.254.169.253/.254 once those addresses exist."""
+        config = self.factory.config
+        if self.http is not None or not uses_network(config):
+            return
+        port = config.settings.http_port
+        server = MetadataServer(
+            self.boundary.registry,
+            bind=[(MJF_ADDRESS, port), (METADATA_ADDRESS, port)],
+            limits=self.boundary.limits,
+        )
+        try:
+            server.start()
+        except OSError as error:
+            log.error("metadata server cannot bind %s/%s port %d yet: %s", MJF_ADDRESS, METADATA_ADDRESS, port, error)
+            return
+        self.http = server
+
+    def enforce_joboutputs_limits(self) -> None:
+        """VMs writing over NFS bypass the HTTP caps: trim their joboutputs regularly."""
+        for machine in list(self.factory.machines.values()):
+            if machine.live and machine.record.mjf_transport == "nfs":
+                self.boundary.enforce_limits(machine)
+
+
+def network_spec(config) -> NetworkSpec:
+    s = config.settings
+    if s.total_processors > 252:
+        raise VacFactoryError("total_processors above 252 does not fit the 169.254.169.0/24 VM network")
+    hosts = tuple(
+        (slot_mac(slot), slot_ip(slot), naming.domain_name(s.factory_name, slot).split(".")[0])
+        for slot in range(s.total_processors)
+    )
+    return NetworkSpec(
+        name=s.network_name,
+        bridge=s.network_bridge,
+        address=METADATA_ADDRESS,
+        prefix=24,
+        dhcp_hosts=hosts,
+        extra_addresses=(MJF_ADDRESS,),
+        forward="nat",
+        forward_dev=s.forward_dev,
+    )
+
+
+def make_exporter(config):
+    from vacfactory.vmio import exports
+
+    kind = config.settings.nfs_exporter
+    if kind == "ganesha":
+        state = config.settings.state_dir
+        return exports.GaneshaExporter(
+            config_path=os.path.join(state, "ganesha", "ganesha.conf"),
+            pid_file=os.path.join(state, "ganesha", "ganesha.pid"),
+            log_path=os.path.join(state, "ganesha", "ganesha.log"),
+            bind_address=METADATA_ADDRESS,
+        )
+    if kind == "exportfs":
+        return exports.ExportfsExporter()
+    return exports.NullExporter()
+
+
+def joboutputs_limits(config) -> JobOutputsLimits:
+    s = config.settings
+    return JobOutputsLimits(
+        max_file_bytes=s.joboutputs_max_file_bytes,
+        max_total_bytes=s.joboutputs_max_total_bytes,
+        max_files=s.joboutputs_max_files,
+    )
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+    except OSError as error:
+        log.debug("systemd notify failed: %s", error)
+
+
+def configure_logging(level: str = "INFO", log_file: Optional[str] = None) -> None:
+    """One line per event: time, level, module, message (machine name first in messages)."""
+    handler: logging.Handler
+    if log_file:
+        from logging.handlers import WatchedFileHandler  # logrotate without copytruncate
+
+        handler = WatchedFileHandler(log_file)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run_foreground(sources: ConfigSources, seconds: Optional[float] = None) -> None:
+    """`vacfactory run`: start, run until a signal (or ``seconds``), stop cleanly."""
+    daemon = Daemon(sources)
+    daemon.install_signal_handlers()
+    daemon.start()
+    deadline = time.monotonic() + seconds if seconds else None
+    try:
+        daemon.run(until=(lambda: time.monotonic() >= deadline) if deadline else None)
+    finally:
+        daemon.close()
+
+

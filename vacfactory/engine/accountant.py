@@ -1,0 +1,55 @@
+"""The accounting step as the engine sees it: a finished VM -> an APEL record, or why not.
+
+A VM that never started, or ran less than ``fizzle_seconds``, gets no record (as Vac). Every
+other VM gets one, even if its machinetype has left the configuration: everything the
+record needs was written into vm.json and ``finished`` before this step runs, so a retry
+after a crash produces an identical record.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vacfactory.accounting.account import account_vm
+from vacfactory.accounting.records import VMUsage
+from vacfactory.accounting.settings import AccountingSettings
+from vacfactory.core.outcomes import Outcome
+from vacfactory.state.machines import Machine
+from vacfactory.state.records import Accounted
+
+
+class Accountant:
+    def __init__(self, settings: Callable[[], AccountingSettings]) -> None:
+        """``settings`` is called each time, so a reloaded configuration takes effect."""
+        self.settings = settings
+
+    def account(self, machine: Machine, now: float) -> Accounted:
+        finished = machine.finished
+        assert finished is not None, "only finished VMs are accounted"
+        if machine.started is None or finished.outcome == Outcome.FAILED.value:
+            return Accounted(time=now, skipped="never started")
+        wall = finished.end_time - machine.started.time
+        if wall < machine.record.fizzle_seconds:
+            return Accounted(time=now, skipped=f"ran {int(wall)} s, less than fizzle_seconds "
+                                               f"({int(machine.record.fizzle_seconds)})")
+        result = account_vm(usage(machine), self.settings(), now)
+        return Accounted(time=now, archive=result.archive_path, queued=result.queue_name)
+
+
+def usage(machine: Machine) -> VMUsage:
+    record = machine.record
+    finished = machine.finished
+    started = machine.started
+    assert finished is not None and started is not None
+    return VMUsage(
+        uuid=record.uuid,
+        machinetype=record.machinetype,
+        hostname=record.name,
+        processors=record.processors,
+        start_time=int(started.time),
+        end_time=int(finished.end_time),
+        cpu_seconds=int(finished.cpu_seconds),
+        memory_mb=record.memory_mb,
+        hs06_per_processor=record.hs06_per_processor,
+        accounting_fqan=record.accounting_fqan,
+    )
