@@ -158,9 +158,11 @@ class Daemon:
 
     def enforce_joboutputs_limits(self) -> None:
         """VMs writing over NFS bypass the HTTP caps: trim their joboutputs regularly."""
+        config = self.factory.config
         for machine in list(self.factory.machines.values()):
             if machine.live and machine.record.mjf_transport == "nfs":
-                self.boundary.enforce_limits(machine)
+                mt = config.machinetypes.get(machine.record.machinetype)
+                self.boundary.enforce_limits(machine, mt.heartbeat_file if mt else None)
 
 
 def network_spec(config) -> NetworkSpec:

@@ -108,6 +108,7 @@ class Factory:
         self._config_errors_logged: Optional[str] = None
         self._last_retention = 0.0
         self._unaccountable: Set[str] = set()
+        self._last_reason: Optional[str] = None
 
         # written by the hypervisor's event thread, read by the engine thread
         self._events_lock = threading.Lock()
@@ -190,6 +191,7 @@ class Factory:
         self._settle(config, now)
         self._apply_drain(config)
         report.decision = self._decide(config, now)
+        self._log_reason(report.decision)
         self._create_all(config, report.decision, report)
         self._retention(config, now)
         self._write_status(report)
@@ -421,6 +423,14 @@ class Factory:
         return scheduler.decide(
             policies.factory_policy(config, self.host_processors), mt_policies, local, view, load, now, self.rng
         )
+
+    def _log_reason(self, decision: Decision) -> None:
+        """Say why the factory stopped creating, once per change (not every round)."""
+        # the numbers in a reason change constantly; compare its words before the first digit
+        key = decision.reason.split(":")[0]
+        if key != self._last_reason:
+            log.info("decision: %s", decision.reason)
+            self._last_reason = key
 
     def _create_all(self, config, decision: Decision, report: RoundReport) -> None:
         failed_types: Set[str] = set()

@@ -61,8 +61,10 @@ class VMBoundary:
         """The VM's heartbeat file mtime; one set far in the future counts as no heartbeat."""
         return joboutputs.heartbeat_mtime(machine.joboutputs_dir, name, now=now)
 
-    def enforce_limits(self, machine: Machine) -> None:
-        joboutputs.enforce_limits(machine.joboutputs_dir, self.limits)
+    def enforce_limits(self, machine: Machine, heartbeat_file: Optional[str] = None) -> None:
+        """Trim what a VM wrote beyond the caps, keeping its heartbeat and shutdown_message."""
+        protect = [heartbeat_file] if heartbeat_file else []
+        joboutputs.enforce_limits(machine.joboutputs_dir, self.limits, protect=protect)
 
 
 def endpoint(machine: Machine) -> VMEndpoint:

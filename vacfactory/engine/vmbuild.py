@@ -97,6 +97,8 @@ class VMBuilder:
             jobfeatures_url=f"{MJF_URL}/jobfeatures",
             joboutputs_url=f"{MJF_URL}/joboutputs",
             root_image_url=mt.root_image if is_url(mt.root_image) else None,
+            user_data_url=mt.user_data if is_url(mt.user_data) else None,
+            site=config.settings.gocdb_sitename,
         )
         return userdata.render_user_data(template, substitutions, options, files).encode("utf-8")
 
