@@ -1,0 +1,293 @@
+#!/bin/sh
+# vacfactory demo pilot: a user_data template (contextualization/README.md has the contract).
+# The factory replaces the ##user_data_...## markers (Vac's substitutions) and removes any left
+# over; every empty option falls back to its default.  Busybox ash compatible; no wget -T (the
+# Debian busybox-static build lacks it), every network step is bounded with `timeout`.
+#
+# 1. MJF: option mjf=http (default): wget from the machinefeatures/jobfeatures URLs (URLs in
+#    /tmp/meta_data.json "meta", token URLs first, are preferred), joboutputs by HTTP POST;
+#    mjf=nfs: NFSv4.1 mounts of <server>:/<uuid>/{machinefeatures,jobfeatures,joboutputs}.
+# 2. joboutputs/mjf_report: machinefeatures/KEY=VALUE and jobfeatures/KEY=VALUE for every key.
+# 3. Work for lifetime s, writing joboutputs/<heartbeat_file> every heartbeat_interval s from
+#    the start (no heartbeat from heartbeat_stop_after s on, if set: then it sleeps until it is
+#    killed); stop early once jobfeatures/shutdowntime_job has passed.
+# 4. joboutputs/shutdown_message = outcome, then power off.
+set -eu
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+# Substituted values, read through quoted here-documents so that any character is safe.
+UUID=$(cat <<'VF_END'
+##user_data_uuid##
+VF_END
+)
+MACHINETYPE=$(cat <<'VF_END'
+##user_data_machinetype##
+VF_END
+)
+MF_URL=$(cat <<'VF_END'
+##user_data_machinefeatures_url##
+VF_END
+)
+JF_URL=$(cat <<'VF_END'
+##user_data_jobfeatures_url##
+VF_END
+)
+JO_URL=$(cat <<'VF_END'
+##user_data_joboutputs_url##
+VF_END
+)
+OPT_MJF=$(cat <<'VF_END'
+##user_data_option_mjf##
+VF_END
+)
+OPT_NFS_SERVER=$(cat <<'VF_END'
+##user_data_option_nfs_server##
+VF_END
+)
+OPT_HEARTBEAT_FILE=$(cat <<'VF_END'
+##user_data_option_heartbeat_file##
+VF_END
+)
+OPT_HEARTBEAT_INTERVAL=$(cat <<'VF_END'
+##user_data_option_heartbeat_interval##
+VF_END
+)
+OPT_HEARTBEAT_STOP_AFTER=$(cat <<'VF_END'
+##user_data_option_heartbeat_stop_after##
+VF_END
+)
+OPT_LIFETIME=$(cat <<'VF_END'
+##user_data_option_lifetime##
+VF_END
+)
+OPT_OUTCOME=$(cat <<'VF_END'
+##user_data_option_outcome##
+VF_END
+)
+
+WORK=/tmp/pilot
+META=/tmp/meta_data.json
+MNT=/mnt/vf
+
+say() { echo "PILOT: $*"; }
+
+# value VALUE DEFAULT: VALUE, unless it is empty or a marker the factory left in place
+value() {
+    case "$1" in
+        '' | *'#''#user_data_'*) printf '%s' "$2" ;;
+        *) printf '%s' "$1" ;;
+    esac
+}
+
+is_uint() {
+    case "$1" in
+        '' | *[!0-9]*) return 1 ;;
+    esac
+}
+
+uint() {  # uint VALUE DEFAULT
+    _v=$(value "$1" "$2")
+    if is_uint "$_v"; then printf '%s' "$_v"; else printf '%s' "$2"; fi
+}
+
+is_name() {  # a single safe path component
+    case "$1" in
+        '' | .* | *[!A-Za-z0-9._-]*) return 1 ;;
+    esac
+}
+
+# json_string KEY FILE: the first "KEY": "string" in FILE (flat enough for meta_data.json)
+json_string() {
+    [ -s "$2" ] || return 0
+    # shellcheck disable=SC2020  # one newline for each of , { }
+    tr ',{}' '\n\n\n' < "$2" | sed 's#\\/#/#g' |
+        sed -n 's/^[[:space:]]*"'"$1"'"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# MJF access: http or nfs
+
+http_get() {  # URL -> stdout
+    timeout -s KILL 10 wget -q -O - "$1" 2>/dev/null
+}
+
+list_keys() {  # DIR_OR_URL: one key per line
+    if [ "$MJF" = http ]; then
+        http_get "$1/" | tr '<' '\n' | sed -n 's/^a href="\([^"]*\)".*/\1/p'
+    else
+        ls -1 "$1"
+    fi | while read -r _k; do
+        if is_name "$_k"; then echo "$_k"; fi
+    done
+}
+
+read_key() {  # DIR_OR_URL KEY -> value on stdout; fails if unreadable
+    if [ "$MJF" = http ]; then
+        http_get "$1/$2"
+    else
+        cat "$1/$2" 2>/dev/null
+    fi
+}
+
+put_output() {  # NAME FILE: store FILE as joboutputs/NAME
+    if [ "$MJF" = http ]; then
+        timeout -s KILL 10 wget -q -O /dev/null --post-file="$2" "$JOBOUTPUTS/$1" 2>/dev/null
+    else
+        cat "$2" > "$JOBOUTPUTS/$1"
+    fi
+}
+
+nfs_mount() {  # EXPORT MOUNTPOINT ro|rw
+    mkdir -p "$2"
+    timeout -s KILL 30 mount -t nfs4 -o "vers=4.1,proto=tcp,addr=$NFS_SERVER,$3" \
+        "$NFS_SERVER:$1" "$2"
+}
+
+setup_http() {
+    # meta_data.json "meta": the per-VM token URLs (*_token_url, work behind NAT too) win,
+    # then its plain URLs, then the substituted ones
+    for _suffix in _token_url ''; do
+        _mf=$(json_string "machinefeatures$_suffix" "$META")
+        _jf=$(json_string "jobfeatures$_suffix" "$META")
+        _jo=$(json_string "joboutputs$_suffix" "$META")
+        if [ -n "$_mf" ] && [ -n "$_jf" ] && [ -n "$_jo" ]; then
+            MF_URL=$_mf JF_URL=$_jf JO_URL=$_jo
+            say "MJF URLs from $META${_suffix:+ (token URLs)}"
+            break
+        fi
+    done
+    MACHINEFEATURES=$(value "$MF_URL" "")
+    JOBFEATURES=$(value "$JF_URL" "")
+    JOBOUTPUTS=$(value "$JO_URL" "")
+    MACHINEFEATURES=${MACHINEFEATURES%/} JOBFEATURES=${JOBFEATURES%/} JOBOUTPUTS=${JOBOUTPUTS%/}
+    if [ -z "$MACHINEFEATURES" ] || [ -z "$JOBFEATURES" ] || [ -z "$JOBOUTPUTS" ]; then
+        say "no machinefeatures/jobfeatures/joboutputs URLs"
+        return 1
+    fi
+}
+
+setup_nfs() {
+    NFS_SERVER=$(value "$OPT_NFS_SERVER" 169.254.169.254)
+    if [ -z "$UUID" ]; then
+        UUID=$(json_string uuid "$META")
+    fi
+    if ! is_name "$UUID"; then
+        say "no usable uuid for the NFS exports"
+        return 1
+    fi
+    if ! { nfs_mount "/$UUID/machinefeatures" "$MNT/machinefeatures" ro &&
+           nfs_mount "/$UUID/jobfeatures" "$MNT/jobfeatures" ro &&
+           nfs_mount "/$UUID/joboutputs" "$MNT/joboutputs" rw; }; then
+        say "NFS mounts from $NFS_SERVER:/$UUID failed"
+        return 1
+    fi
+    MACHINEFEATURES=$MNT/machinefeatures
+    JOBFEATURES=$MNT/jobfeatures
+    JOBOUTPUTS=$MNT/joboutputs
+    say "mounted $NFS_SERVER:/$UUID/{machinefeatures,jobfeatures,joboutputs} on $MNT"
+}
+
+cleanup_nfs() {
+    [ "$MJF" = nfs ] || return 0
+    sync
+    for _d in joboutputs jobfeatures machinefeatures; do
+        timeout -s KILL 10 umount "$MNT/$_d" 2>/dev/null || true
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+
+mjf_report() {
+    : > "$WORK/mjf_report"
+    for _kind in machinefeatures jobfeatures; do
+        if [ "$_kind" = machinefeatures ]; then _base=$MACHINEFEATURES; else _base=$JOBFEATURES; fi
+        for _key in $(list_keys "$_base"); do
+            if _val=$(read_key "$_base" "$_key"); then
+                printf '%s/%s=%s\n' "$_kind" "$_key" "$(printf '%s' "$_val" | tr '\n' ' ')" \
+                    >> "$WORK/mjf_report"
+            fi
+        done
+    done
+    say "mjf_report: $(wc -l < "$WORK/mjf_report") keys"
+    put_output mjf_report "$WORK/mjf_report" || say "could not write joboutputs/mjf_report"
+}
+
+heartbeat() {
+    date +%s > "$WORK/heartbeat"
+    put_output "$HEARTBEAT_FILE" "$WORK/heartbeat" || say "heartbeat write failed"
+}
+
+shutdown_time_passed() {  # NOW
+    _sdt=$(read_key "$JOBFEATURES" shutdowntime_job || true)
+    is_uint "$_sdt" && [ "$1" -ge "$_sdt" ]
+}
+
+work() {
+    _start=$(date +%s)
+    _end=$((_start + LIFETIME))
+    _stop=""
+    [ -z "$HEARTBEAT_STOP_AFTER" ] || _stop=$((_start + HEARTBEAT_STOP_AFTER))
+    while :; do
+        _now=$(date +%s)
+        if [ -n "$_stop" ] && [ "$_now" -ge "$_stop" ]; then
+            say "heartbeat stopped after $HEARTBEAT_STOP_AFTER s, as asked; sleeping until killed"
+            while :; do sleep 60; done
+        fi
+        heartbeat
+        if shutdown_time_passed "$_now"; then
+            say "shutdowntime_job has passed: stopping early"
+            return 0
+        fi
+        [ "$_now" -lt "$_end" ] || return 0
+        _next=$((_now + HEARTBEAT_INTERVAL))
+        [ "$_next" -le "$_end" ] || _next=$_end
+        [ -z "$_stop" ] || [ "$_next" -le "$_stop" ] || _next=$_stop
+        _now=$(date +%s)
+        [ "$_next" -le "$_now" ] || sleep $((_next - _now))
+    done
+}
+
+power_off() {
+    sync
+    if [ -n "${VF_PILOT_NO_POWEROFF:-}" ]; then  # for trying the pilot outside a VM
+        say "done (VF_PILOT_NO_POWEROFF set: not powering off)"
+        return 0
+    fi
+    say "powering off"
+    poweroff -f 2>/dev/null || poweroff || true
+}
+
+# ---------------------------------------------------------------------------------------------
+
+UUID=$(value "$UUID" "")
+MACHINETYPE=$(value "$MACHINETYPE" "")
+MJF=$(value "$OPT_MJF" http)
+HEARTBEAT_FILE=$(value "$OPT_HEARTBEAT_FILE" heartbeat)
+is_name "$HEARTBEAT_FILE" || HEARTBEAT_FILE=heartbeat
+HEARTBEAT_INTERVAL=$(uint "$OPT_HEARTBEAT_INTERVAL" 5)
+[ "$HEARTBEAT_INTERVAL" -gt 0 ] || HEARTBEAT_INTERVAL=5
+HEARTBEAT_STOP_AFTER=$(uint "$OPT_HEARTBEAT_STOP_AFTER" "")
+LIFETIME=$(uint "$OPT_LIFETIME" 20)
+OUTCOME=$(value "$OPT_OUTCOME" "200 Success")
+
+mkdir -p "$WORK"
+say "uuid=$UUID machinetype=$MACHINETYPE mjf=$MJF lifetime=$LIFETIME" \
+    "heartbeat=$HEARTBEAT_FILE/${HEARTBEAT_INTERVAL}s${HEARTBEAT_STOP_AFTER:+ stop after ${HEARTBEAT_STOP_AFTER}s}" \
+    "outcome='$OUTCOME'"
+case "$MJF" in
+    http) setup_http || { power_off; exit 1; } ;;
+    nfs) setup_nfs || { power_off; exit 1; } ;;
+    *) say "unknown mjf option '$MJF' (http or nfs)"; power_off; exit 1 ;;
+esac
+export MACHINEFEATURES JOBFEATURES JOBOUTPUTS
+
+mjf_report
+work
+printf '%s\n' "$OUTCOME" > "$WORK/shutdown_message"
+if put_output shutdown_message "$WORK/shutdown_message"; then
+    say "shutdown_message: $OUTCOME"
+else
+    say "could not write joboutputs/shutdown_message"
+fi
+cleanup_nfs
+power_off
