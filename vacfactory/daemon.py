@@ -19,7 +19,6 @@ from typing import Callable, List, Optional
 from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
-from vacfactory.engine import naming
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
@@ -165,14 +164,19 @@ class Daemon:
                 self.boundary.enforce_limits(machine, mt.heartbeat_file if mt else None)
 
 
+#: slots 0..251 map to 169.254.169.1-.252; .253 and .254 are the MJF and metadata addresses
+MAX_SLOTS = 252
+
+
 def network_spec(config) -> NetworkSpec:
+    """The private VM network. Its DHCP table always lists every possible slot with a generic
+    name, so every configuration on a host describes the same network and changing
+    total_processors (or running a second configuration, as tests do) never makes
+    ensure_network "repair" it under running VMs."""
     s = config.settings
-    if s.total_processors > 252:
-        raise VacFactoryError("total_processors above 252 does not fit the 169.254.169.0/24 VM network")
-    hosts = tuple(
-        (slot_mac(slot), slot_ip(slot), naming.domain_name(s.factory_name, slot).split(".")[0])
-        for slot in range(s.total_processors)
-    )
+    if s.total_processors > MAX_SLOTS:
+        raise VacFactoryError(f"total_processors above {MAX_SLOTS} does not fit the 169.254.169.0/24 VM network")
+    hosts = tuple((slot_mac(slot), slot_ip(slot), f"vm-{slot:03d}") for slot in range(MAX_SLOTS))
     return NetworkSpec(
         name=s.network_name,
         bridge=s.network_bridge,

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MACHINES_DIR_DAYS = 3.0
 #: the factory's own heartbeat record of a VM is rewritten at most this often
 HEARTBEAT_WRITE_SECONDS = 10.0
-#: retention clean-up runs at most this often
-RETENTION_SECONDS = 3600.0
+#: retention clean-up runs at most this often (it only walks the in-memory list)
+RETENTION_SECONDS = 60.0
 
 
 @dataclass

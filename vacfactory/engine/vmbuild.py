@@ -130,8 +130,9 @@ class VMBuilder:
         root_image = self.resolve(mt, mt.root_image) if mt.root_image else None
         disk_gb = mt.disk_gb_per_processor or s.disk_gb_per_processor
         if mt.machine_model in ("cernvm3", "cernvm4") and root_image:
-            disk_list.append(DiskSpec(path=root_image, target_dev="sda", fmt="raw", device="cdrom",
-                                      readonly=True, bus="sata"))
+            # IDE cdrom on hdc as Vac does: the `pc` machine type has IDE built in
+            disk_list.append(DiskSpec(path=root_image, target_dev="hdc", fmt="raw", device="cdrom",
+                                      readonly=True, bus="ide"))
             root = os.path.join(machine.disks_dir, "root.qcow2")
             disks.create_scratch(root, int((disk_gb or DEFAULT_CERNVM_DISK_GB) * record.processors * 10**9))
             disk_list.append(DiskSpec(path=root, target_dev=mt.root_device))
@@ -181,7 +182,7 @@ class VMBuilder:
         record = machine.record
         configdrive.build_config_drive(path, user_data, {"uuid": record.uuid, "hostname": record.name,
                                                          "name": record.name})
-        return DiskSpec(path=path, target_dev="sdb", fmt="raw", device="cdrom", readonly=True, bus="sata")
+        return DiskSpec(path=path, target_dev="hdd", fmt="raw", device="cdrom", readonly=True, bus="ide")
 
     def remove_disks(self, machine: Machine) -> None:
         """Remove the VM's disks once its domain is gone (console log and outputs stay)."""

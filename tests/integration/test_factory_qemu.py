@@ -1,0 +1,190 @@
+"""The real daemon (`vacfactory run` in a subprocess) with real TCG guests on qemu:///system.
+
+- a 2-processor factory runs at least 4 VMs to completion and replaces each one promptly
+  (cycle_seconds is 60, so a prompt refill proves the libvirt event drives it);
+- after a drain nothing is left behind: no domain, no disk, no machine directory;
+- kill -9 of the daemon while VMs run, then a restart: the same VMs, no duplicates, no zombies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Callable, Dict
+
+import pytest
+
+from vacfactory.engine import naming
+from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+from vacfactory.state.machines import Machine, MachineStore
+
+pytestmark = pytest.mark.integration
+
+VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class DaemonUnderTest:
+    def __init__(self, tmp_path, tiny_guest, lifetime: int, total: int = 2, extra: str = "") -> None:
+        self.name = f"vfit{os.getpid()}x{int(time.time() * 1000) % 100000}.example.org"
+        self.state_dir = str(tmp_path / "state")
+        self.config = str(tmp_path / "vacfactory.conf")
+        self.log = str(tmp_path / "daemon.log")
+        with open(self.config, "w") as f:
+            f.write(textwrap.dedent(f"""\
+                [settings]
+                vac_space = space.example.org
+                factory_name = {self.name}
+                state_dir = {self.state_dir}
+                libvirt_uri = qemu:///system
+                domain_type = qemu
+                total_processors = {total}
+                mb_per_processor = 256
+                cycle_seconds = 60
+                overload_per_processor = 50
+                nfs_exporter = none
+                {extra}
+
+                [machinetype plain]
+                target_share = 1
+                machine_model = vm-raw
+                kernel_image = {tiny_guest.kernel}
+                initrd_image = {tiny_guest.initrd}
+                kernel_cmdline = console=ttyS0 quiet panic=-1 vf_lifetime={lifetime}
+                fizzle_seconds = 1
+                backoff_seconds = 1
+                machines_dir_days = 0.0002
+                """))
+        self.process = None
+        self.hypervisor = LibvirtHypervisor("qemu:///system")
+        self.pattern = naming.domain_pattern(self.name)
+
+    def start(self) -> None:
+        log = open(self.log, "a")
+        self.process = subprocess.Popen(
+            [VACFACTORY, "--config", self.config, "run", "--log-level", "INFO"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+        self.process = None
+
+    def machines(self) -> Dict[str, Machine]:
+        try:
+            return MachineStore(self.state_dir, create=False).load_all()
+        except Exception:  # the daemon has not made the directory yet
+            return {}
+
+    def domains(self):
+        return [d for d in self.hypervisor.list_domains() if self.pattern.match(d.name)]
+
+    def log_text(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGKILL)
+        for domain in self.domains():
+            self.hypervisor.destroy(domain.uuid)
+        self.hypervisor.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, tiny_guest):
+    made = []
+
+    def make(**kwargs) -> DaemonUnderTest:
+        daemon = DaemonUnderTest(tmp_path, tiny_guest, **kwargs)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
+
+
+def drain(daemon: DaemonUnderTest) -> None:
+    with open(os.path.join(daemon.state_dir, "runtime.conf"), "w") as f:
+        f.write(f"[settings]\nshutdown_time = {int(time.time())}\n")
+    daemon.process.send_signal(signal.SIGHUP)  # re-read now rather than at the next event
+
+
+def test_two_processors_run_vms_to_completion_refill_promptly_and_drain_clean(daemon_factory):
+    d = daemon_factory(lifetime=3)
+    d.start()
+    finished = lambda: [m for m in d.machines().values() if m.finished is not None]  # noqa: E731
+    wait_for(lambda: len(finished()) >= 5, 240, "5 VMs to finish")
+    assert len(d.domains()) <= 2
+
+    machines = sorted(d.machines().values(), key=lambda m: m.record.created)
+    done = [m for m in machines if m.finished is not None]
+    assert all(m.finished.outcome == "neutral" and m.finished.reason == "no_message" for m in done)
+    assert all(m.accounted is not None and m.accounted.archive for m in done), "each VM gets an APEL record"
+    assert all(m.finished.cpu_seconds > 0 for m in done), "CPU time measured from libvirt"
+
+    # each slot's next VM started soon after the previous one ended (event-driven refill)
+    gaps = []
+    by_slot: Dict[int, list] = {}
+    for m in machines:
+        by_slot.setdefault(m.record.slot, []).append(m)
+    for slot_machines in by_slot.values():
+        for previous, following in zip(slot_machines, slot_machines[1:]):
+            if previous.finished and following.started:
+                gaps.append(following.started.time - previous.finished.end_time)
+    assert len(gaps) >= 3
+    assert max(gaps) < 15, f"refill gaps {gaps} (cycle_seconds is 60: events must drive refills)"
+    print(f"refill gaps: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s")
+
+    drain(d)
+    wait_for(lambda: not d.domains() and all(m.state == "done" for m in d.machines().values()), 90,
+             "the drained factory to end and account every VM")
+    time.sleep(1)
+    assert d.domains() == []
+    for m in d.machines().values():
+        assert os.listdir(m.disks_dir) == [], f"{m.name} left disks behind"
+    # retention (machines_dir_days = 0.0002, about 17 s) removes the finished directories
+    wait_for(lambda: d.machines() == {}, 120, "machine directories to be removed after retention")
+    d.stop()
+    assert "Traceback" not in d.log_text()
+
+
+def test_kill_9_and_restart_keeps_the_same_vms_without_duplicates_or_zombies(daemon_factory):
+    d = daemon_factory(lifetime=300)
+    d.start()
+    wait_for(lambda: len([m for m in d.machines().values() if m.started]) == 2, 120, "2 running VMs")
+    before = {m.uuid for m in d.machines().values() if m.live}
+    d.stop(signal.SIGKILL)
+    assert {dom.uuid for dom in d.domains()} == before, "kill -9 of the daemon leaves VMs running"
+
+    d.start()
+    wait_for(lambda: "engine started" in d.log_text() and "decision:" in d.log_text().split("engine started")[-1],
+             60, "the restarted daemon to complete a round")
+    time.sleep(3)
+    assert {m.uuid for m in d.machines().values() if m.live} == before
+    assert {dom.uuid for dom in d.domains()} == before
+    assert len(d.machines()) == 2, "no VM was created twice"
+    after_restart = d.log_text().split("engine started")[-1]
+    assert "zombie" not in after_restart and "created plain" not in after_restart
+
+    drain(d)
+    wait_for(lambda: not d.domains(), 60, "drain to kill the long-lived VMs")
+    wait_for(lambda: all(m.state == "done" for m in d.machines().values()), 30, "the killed VMs to be accounted")
+    reasons = {m.finished.reason for m in d.machines().values()}
+    assert reasons <= {"shutdown_time", "wallclock"}
+    d.stop()
