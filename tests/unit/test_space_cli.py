@@ -1,0 +1,186 @@
+"""cli/space.py: ``vacfactory machinetypes|factories|machines FACTORY|simulate``, end to end
+against responders on loopback, plus Vac's line formats."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterator, List
+
+import pytest
+
+from vacfactory.cli import space as cli_space
+from vacfactory.cli.main import main
+from vacfactory.space.protocol import DAEMON_VERSION, Query, QueryType, decode, replies_for
+from vacfactory.space.responder import Responder
+from vacfactory.space.snapshot import (
+    FactorySnapshot,
+    FactoryStatus,
+    MachineStatus,
+    MachinetypeStatus,
+)
+
+SPACE = "vac01.example.ac.uk"
+NOW = 1_700_000_000.0
+
+
+def snapshot(name: str) -> FactorySnapshot:
+    return FactorySnapshot(
+        space=SPACE, factory=name,
+        machines=(
+            MachineStatus(machine=f"{name}-00", state="Running", uuid="u1", machinetype="atlas",
+                          machine_model="vm", created_time=NOW - 7300, started_time=NOW - 7200,
+                          heartbeat_time=NOW, num_processors=2, cpu_seconds=7200,
+                          cpu_percentage=88.0, hs06=20.0),
+            MachineStatus(machine=f"{name}-01", state="Shut down",
+                          shutdown_message="300 No more work available from task queue"),
+        ),
+        machinetypes=(
+            MachinetypeStatus(machinetype="atlas", running_hs06=20.0, running_machines=1,
+                              running_processors=2, shutdown_message="300 No more work",
+                              shutdown_time=NOW - 60),
+            MachinetypeStatus(machinetype="lhcb"),
+        ),
+        factory_status=FactoryStatus(running_processors=2, max_processors=8, running_machines=1,
+                                     max_machines=8, load_average=1.25,
+                                     root_disk_avail_kb=1000, daemon_disk_avail_kb=2000,
+                                     mem_used_kb=300, mem_total_kb=4000),
+    )
+
+
+def one_reply(query_type: QueryType, name: str = "f1.example.ac.uk", index: int = 0):
+    data = replies_for(Query(query_type, SPACE, "c"), snapshot(name), NOW)[index]
+    return decode(data, peer="p")
+
+
+# -- line formats ----------------------------------------------------------------------------
+
+
+def test_machine_lines_follow_vac_machines():
+    running = cli_space.machine_line(one_reply(QueryType.MACHINES, index=0), NOW)
+    assert running.split() == ["f1", "atlas", "Running", "2", "VM", "2.00", "hrs", "50%", "88%"]
+    down = cli_space.machine_line(one_reply(QueryType.MACHINES, index=1), NOW)
+    assert down.startswith("f1 ")  # short name = up to the first dot
+    assert down.endswith('Shut down  1 VM "300 No more work av"')
+    assert "----------" in down
+
+
+def test_machinetype_and_factory_lines():
+    line = cli_space.machinetype_line(one_reply(QueryType.MACHINETYPES), NOW)
+    assert line.split()[:4] == ["f1", "atlas", "1", "20.0"]
+    assert line.endswith('"300 No more work"')
+    factory = cli_space.factory_line(one_reply(QueryType.FACTORY), NOW)
+    assert factory.split()[:7] == ["f1", "2/8", "1/8", "1.25", "1000", "2000", "300/"]
+    assert factory.endswith(f' "{DAEMON_VERSION}"')
+
+
+def test_peer_supplied_text_cannot_reach_the_terminal_raw():
+    reply = one_reply(QueryType.MACHINETYPES)
+    hostile = reply.status.__class__(machinetype="atlas", shutdown_message="\x1b[2Jowned\n")
+    line = cli_space.machinetype_line(reply.__class__(**{**reply.__dict__, "status": hostile}),
+                                      NOW)
+    assert "\x1b" not in line and "\n" not in line and "?[2Jowned?" in line
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def factories() -> Iterator[Dict[str, object]]:
+    """Two responders on 127.0.0.2 and .3 named by their addresses (no DNS needed)."""
+    responders: List[Responder] = []
+    port = 0
+    for address in ("127.0.0.2", "127.0.0.3"):
+        responder = Responder((address, port), lambda a=address: snapshot(a), SPACE,
+                              lambda: {"127.0.0.1"})
+        responder.start()
+        port = responder.address[1]
+        responders.append(responder)
+    yield {"port": port, "responders": responders}
+    for responder in responders:
+        responder.stop()
+
+
+def write_config(tmp_path, port: int, factories: str, extra: str = "") -> str:
+    path = tmp_path / "vacfactory.conf"
+    path.write_text(f"""[settings]
+vac_space = {SPACE}
+factory_name = here.example.ac.uk
+factories = {factories}
+udp_port = {port}
+udp_timeout_seconds = 1.0
+{extra}
+[machinetype atlas]
+target_share = 1
+root_image = /tmp/none.img
+""")
+    return str(path)
+
+
+def test_machinetypes_over_the_network(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    assert main(["--config", config, "machinetypes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["127.0.0.2", "atlas"], ["127.0.0.2", "lhcb"],
+        ["127.0.0.3", "atlas"], ["127.0.0.3", "lhcb"]]
+
+
+def test_factories_json_is_an_array_of_the_raw_replies(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    assert main(["--config", config, "factories", "--json"]) == 0
+    replies = json.loads(capsys.readouterr().out)
+    assert [r["factory"] for r in replies] == ["127.0.0.2", "127.0.0.3"]
+    assert all(r["message_type"] == "factory_status" and r["total_cpus"] == 8 for r in replies)
+
+
+def test_named_factories_only_and_missing_ones_are_reported(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    code = main(["--config", config, "factories", "-t", "0.5", "127.0.0.3", "127.0.0.9"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert len(out.out.splitlines()) == 1
+    assert "127.0.0.9" in out.err and "127.0.0.3" not in out.err
+    assert main(["--config", config, "factories", "-t", "0.3", "127.0.0.9"]) == 69
+
+
+def test_machines_with_factory_names_asks_over_the_network(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2")
+    assert main(["--config", config, "machines", "127.0.0.3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "Running" in lines[0] and "Shut down" in lines[1]
+
+
+def test_a_space_key_in_the_configuration_signs_queries(tmp_path, capsys):
+    key_file = tmp_path / "space.key"
+    key_file.write_text("s3cret\n")
+    keyed = Responder(("127.0.0.4", 0), lambda: snapshot("127.0.0.4"), SPACE,
+                      lambda: {"127.0.0.1"}, space_key=b"s3cret")
+    keyed.start()
+    port = keyed.address[1]
+    open_one = Responder(("127.0.0.5", port), lambda: snapshot("127.0.0.5"), SPACE,
+                         lambda: {"127.0.0.1"})
+    open_one.start()
+    try:
+        config = write_config(tmp_path, port, "127.0.0.4 127.0.0.5",
+                              extra=f"space_key_file = {key_file}\n")
+        code = main(["--config", config, "factories", "-t", "0.5"])
+    finally:
+        keyed.stop()
+        open_one.stop()
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.out.startswith("127.0.0.4") and len(out.out.splitlines()) == 1
+    assert "127.0.0.5" in out.err  # its unsigned replies do not count
+
+
+def test_simulate_prints_the_share_table(capsys):
+    assert main(["simulate", "--factories", "6", "--processors", "4", "--hours", "2",
+                 "--warmup-hours", "0.5", "--shares", "3:1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["machinetype", "share"]
+    assert "alpha" in out and "beta" in out and "max deviation" in out
+
+
+def test_simulate_rejects_nonsense(capsys):
+    assert main(["simulate", "--shares", "0:1"]) == 2
+    assert main(["simulate", "--loss", "1.5"]) == 2

@@ -1,0 +1,279 @@
+"""``vacfactory machinetypes|factories [FACTORY...]`` over VacQuery, and ``vacfactory simulate``.
+
+Like Vac's ``vac`` command: ask all factories of the space (or the ones named) and print one
+line per reply, or with ``--json`` the raw reply objects as a JSON array. ``vacfactory
+machines FACTORY...`` (in ``cli/machines.py``) calls :func:`network_machines`.
+
+Exit codes: 0 when every factory asked answered completely; 1 when some did not (they are
+named on stderr - unknown, not empty); 69 when none answered; 78 for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+from vacfactory.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    add_json_argument,
+    load_config,
+    print_json,
+)
+from vacfactory.errors import ConfigError
+from vacfactory.space.auth import load_space_key
+from vacfactory.space.client import SpaceReplies, query_space
+from vacfactory.space.protocol import DEFAULT_PORT, QueryType, Reply
+from vacfactory.space.snapshot import (
+    STATE_RUNNING,
+    STATE_SHUTDOWN,
+    STATE_STARTING,
+    FactoryStatus,
+    MachineStatus,
+    MachinetypeStatus,
+)
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for verb, help_text, handler in (
+        ("machinetypes", "ask factories what each machinetype runs (VacQuery)", run_machinetypes),
+        ("factories", "ask factories how busy they are (VacQuery)", run_factories),
+    ):
+        parser = subparsers.add_parser(verb, help=help_text)
+        parser.add_argument("factories", nargs="*", metavar="FACTORY",
+                            help="factories to ask (default: all in the configuration)")
+        add_network_arguments(parser)
+        parser.set_defaults(handler=handler)
+    simulate = subparsers.add_parser(
+        "simulate", help="simulate a space of factories to measure share accuracy")
+    simulate.add_argument("--factories", type=int, default=100, help="number of factories")
+    simulate.add_argument("--processors", type=int, default=32, help="processors per factory")
+    simulate.add_argument("--shares", default="5:3:2", help="target shares, e.g. 5:3:2")
+    simulate.add_argument("--hours", type=float, default=4.0, help="simulated hours")
+    simulate.add_argument("--warmup-hours", type=float, default=1.0,
+                          help="hours before shares are measured")
+    simulate.add_argument("--loss", type=float, default=0.0,
+                          help="probability that a datagram is lost (0-1)")
+    simulate.add_argument("--unreachable", type=float, default=0.0,
+                          help="fraction of factories nobody can reach (0-1)")
+    simulate.add_argument("--seed", type=int, default=1)
+    add_json_argument(simulate)
+    simulate.set_defaults(handler=run_simulate)
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every network verb shares (Vac's ``-t``, ``-s`` and ``-J``)."""
+    parser.add_argument("-t", "--timeout", type=float,
+                        help="overall deadline in seconds (default udp_timeout_seconds)")
+    parser.add_argument("-s", "--space", help="space name (default vac_space)")
+    add_json_argument(parser)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and the query
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    """What a network verb needs from the configuration (and the command line)."""
+
+    space: str
+    factories: Sequence[str]
+    timeout: float
+    port: int
+    space_key: Optional[bytes]
+    local_name: str
+
+
+def space_settings(args: argparse.Namespace, config: Any) -> SpaceSettings:
+    """Map the configuration and the command line onto :class:`SpaceSettings`."""
+    settings = config.settings
+    factories = list(getattr(args, "factories", None) or getattr(settings, "factories", None)
+                     or ["."])
+    timeout = getattr(args, "timeout", None) or getattr(settings, "udp_timeout_seconds", 10.0)
+    local_name = getattr(settings, "factory_name", None) or socket.getfqdn()
+    return SpaceSettings(
+        space=getattr(args, "space", None) or settings.vac_space,
+        factories=factories,
+        timeout=float(timeout),
+        port=int(getattr(settings, "udp_port", None) or DEFAULT_PORT),
+        space_key=load_space_key(getattr(settings, "space_key", None),
+                                 getattr(settings, "space_key_file", None)),
+        local_name=local_name,
+    )
+
+
+def ask(settings: SpaceSettings, query_type: QueryType) -> SpaceReplies:
+    return query_space(settings.factories, query_type, settings.space, settings.timeout,
+                       port=settings.port, space_key=settings.space_key,
+                       local_name=settings.local_name)
+
+
+def _run(args: argparse.Namespace, config: Any, query_type: QueryType,
+         line: Callable[[Reply, float], str]) -> int:
+    try:
+        settings = space_settings(args, config)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_CONFIG
+    result = ask(settings, query_type)
+    replies = ordered_replies(result)
+    if getattr(args, "json", False):
+        print_json([dict(r.fields) for r in replies])
+    else:
+        now = time.time()
+        for reply in replies:
+            print(line(reply, now))
+    return report_missing(result)
+
+
+def ordered_replies(result: SpaceReplies) -> List[Reply]:
+    """Factories in the order asked; each factory's replies sorted by name."""
+    out: List[Reply] = []
+    for name in result.factories:
+        if name in result.answered:
+            out.extend(sorted(result.answered[name].replies, key=lambda r: r.key))
+    return out
+
+
+def report_missing(result: SpaceReplies) -> int:
+    """Name the factories that did not answer (fully) on stderr; the exit code says how many."""
+    if result.unknown:
+        print(f"no answer within {result.elapsed:.1f} s from: {', '.join(result.unknown)}",
+              file=sys.stderr)
+    if result.incomplete:
+        print(f"incomplete answer from: {', '.join(result.incomplete)}", file=sys.stderr)
+    if result.factories and not result.answered:
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILURE if result.unknown or result.incomplete else EXIT_OK
+
+
+def network_machines(args: argparse.Namespace, config: Any) -> int:
+    """``vacfactory machines FACTORY...``: Vac's ``vac machines`` over the network."""
+    return _run(args, config, QueryType.MACHINES, machine_line)
+
+
+def run_machinetypes(args: argparse.Namespace) -> int:
+    return _run(args, load_config(args), QueryType.MACHINETYPES, machinetype_line)
+
+
+def run_factories(args: argparse.Namespace) -> int:
+    return _run(args, load_config(args), QueryType.FACTORY, factory_line)
+
+
+# --------------------------------------------------------------------------------------------
+# Vac's line formats (§5 of the Vac study); every peer-supplied string is made printable
+
+
+def _clean(value: Any) -> str:
+    return _UNPRINTABLE.sub("?", "" if value is None else str(value))
+
+
+def _short(name: str) -> str:
+    """Vac prints host names up to the first dot; an address stays whole."""
+    name = _clean(name)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name.split(".", 1)[0]
+    return name
+
+
+def machine_line(reply: Reply, now: float) -> str:
+    """``vac machines``: slot, machinetype, state, processors, model, then by state."""
+    m = reply.status
+    assert isinstance(m, MachineStatus)
+    model = {"vm": "VM", "docker": "DC", "singularity": "SC"}.get(m.machine_model or "vm", "??")
+    line = (f"{_short(m.machine):<15s} {_clean(m.machinetype or '----------')[:14]:<14s} "
+            f"{_clean(m.state):<9s} {m.num_processors:2d} {model}")
+    if m.state == STATE_RUNNING and m.started_time is not None:
+        seen = m.heartbeat_time if m.heartbeat_time is not None else now
+        wall = max(seen - m.started_time, 0.0)
+        lifetime_cpu = (100.0 * (m.cpu_seconds or 0.0) / (wall * max(m.num_processors, 1))
+                        if wall > 0 else 0.0)
+        line += f" {wall / 3600.0:5.2f} hrs {lifetime_cpu:3.0f}% {m.cpu_percentage or 0.0:3.0f}%"
+    elif m.state == STATE_STARTING and m.created_time is not None:
+        line += f" {max(now - m.created_time, 0.0) / 60.0:4.2f} mins"
+    elif m.state == STATE_SHUTDOWN and m.shutdown_message:
+        line += f' "{_clean(m.shutdown_message)[:19]}"'
+    return line
+
+
+def _when(epoch: Optional[float]) -> str:
+    """Vac's ``%d %b %H:%M:%S`` local time, ``-`` when unknown (or absurd)."""
+    if not epoch:
+        return "-"
+    try:
+        return time.strftime("%d %b %H:%M:%S", time.localtime(epoch))
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def machinetype_line(reply: Reply, now: float) -> str:
+    """``vac machinetype``, for every machinetype: factory, machinetype, running machines,
+    running HS06, when and how the latest VM of the type finished."""
+    s = reply.status
+    assert isinstance(s, MachinetypeStatus)
+    return (f"{_short(reply.factory):<15s} {_clean(s.machinetype)[:14]:<14s} "
+            f"{s.running_machines:2d} {s.running_hs06:5.1f} {_when(s.shutdown_time)} "
+            f'"{_clean(s.shutdown_message)}"')
+
+
+def factory_line(reply: Reply, now: float) -> str:
+    """``vac factories``: processors, machines, load, disks, memory, version."""
+    f = reply.status
+    assert isinstance(f, FactoryStatus)
+    return (f"{_short(reply.factory):<15s} {f.running_processors:2d}/{f.max_processors} "
+            f"{f.running_machines:2d}/{f.max_machines} {f.load_average:6.2f} "
+            f"{f.root_disk_avail_kb:9d} {f.daemon_disk_avail_kb:9d} "
+            f"{f.mem_used_kb:8d}/{f.mem_total_kb:8d} \"{_clean(reply.daemon_version)}\"")
+
+
+# --------------------------------------------------------------------------------------------
+# simulate
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from vacfactory.space.simulator import SimConfig, format_result, parse_shares, simulate
+
+    try:
+        machinetypes = parse_shares(args.shares)
+    except ValueError as error:
+        print(f"vacfactory simulate: {error}", file=sys.stderr)
+        return 2
+    if not (0.0 <= args.loss < 1.0 and 0.0 <= args.unreachable < 1.0):
+        print("vacfactory simulate: --loss and --unreachable must be in [0, 1)", file=sys.stderr)
+        return 2
+    if args.factories < 1 or args.processors < 1 or args.hours <= args.warmup_hours:
+        print("vacfactory simulate: need factories, processors and hours > warmup-hours",
+              file=sys.stderr)
+        return 2
+    result = simulate(SimConfig(
+        factories=args.factories, processors=args.processors, machinetypes=machinetypes,
+        hours=args.hours, warmup_hours=args.warmup_hours, loss=args.loss,
+        unreachable=args.unreachable, seed=args.seed))
+    if args.json:
+        print_json({
+            "target": result.target,
+            "achieved": result.achieved,
+            "max_deviation_points": result.max_deviation_points,
+            "utilisation": result.utilisation,
+            "decisions": result.decisions,
+            "datagrams": result.datagrams,
+            "answered_fraction": result.answered_fraction,
+            "wall_seconds": result.wall_seconds,
+        })
+    else:
+        for line in format_result(result):
+            print(line)
+    return EXIT_OK
