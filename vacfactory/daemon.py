@@ -21,11 +21,17 @@ from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
+from vacfactory.engine.hoststatus import HostStatusReader
+from vacfactory.engine.snapshot import build_snapshot
+from vacfactory.engine.spacewatch import SpaceWatcher
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
 from vacfactory.errors import HypervisorError, VacFactoryError
 from vacfactory.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
+from vacfactory.space.auth import load_space_key
+from vacfactory.space.responder import ResolvedPeers, Responder
+from vacfactory.space.snapshot import FactorySnapshot
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import MachineStore
 from vacfactory.vmio.httpserver import MetadataServer
@@ -62,6 +68,7 @@ class Daemon:
         self.store = MachineStore(settings.state_dir)
         self.builder = VMBuilder(settings.state_dir)
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config))
+        self.space = SpaceWatcher(lambda: self.factory.config)
         self.factory = Factory(
             config_source=self.watcher,
             hypervisor=self.hypervisor,
@@ -70,11 +77,17 @@ class Daemon:
             boundary=self.boundary,
             accountant=Accountant(lambda: AccountingSettings.from_config(self.factory.config)),
             host_processors=self.host_facts.cpu_count,
+            space_view=self.space.view,
         )
+        self.host_status = HostStatusReader(settings.state_dir)
+        self.snapshot: Optional[FactorySnapshot] = None
         self.http: Optional[MetadataServer] = None
+        self.responder: Optional[Responder] = None
+        self.peers: Optional[ResolvedPeers] = None
         self.periodic: List[Periodic] = [
             Periodic("network", NETWORK_REPAIR_SECONDS, self.ensure_network),
             Periodic("metadata server", NETWORK_REPAIR_SECONDS, self.ensure_http),
+            Periodic("responder", NETWORK_REPAIR_SECONDS, self.ensure_responder),
             Periodic("joboutputs limits", JOBOUTPUTS_CHECK_SECONDS, self.enforce_joboutputs_limits),
         ]
 
@@ -83,7 +96,9 @@ class Daemon:
     def start(self) -> None:
         self.lock.acquire()
         self.factory.start()
+        self.publish_snapshot()
         self.run_periodic(force=True)
+        self.space.start()
         log.info("vacfactory started: factory %s, state %s, %d processors",
                  self.config.settings.factory_name, self.config.settings.state_dir,
                  self.config.settings.total_processors)
@@ -94,6 +109,7 @@ class Daemon:
         self.factory.run(until=until, after_round=self._after_round)
 
     def _after_round(self) -> None:
+        self.publish_snapshot()
         self.run_periodic()
         notify_systemd("WATCHDOG=1")
 
@@ -103,6 +119,11 @@ class Daemon:
     def close(self) -> None:
         """Stop the servers and release the state lock; running VMs are left alone."""
         notify_systemd("STOPPING=1")
+        self.space.stop()
+        if self.responder is not None:
+            self.responder.stop()
+        if self.peers is not None:
+            self.peers.stop()
         if self.http is not None:
             self.http.stop()
         self.hypervisor.close()
@@ -154,6 +175,48 @@ class Daemon:
             log.error("metadata server cannot bind %s/%s port %d yet: %s", MJF_ADDRESS, METADATA_ADDRESS, port, error)
             return
         self.http = server
+
+    def publish_snapshot(self) -> None:
+        """Replace the responder's snapshot with one of the current state (atomic swap)."""
+        factory = self.factory
+        now = factory.clock()
+        report = factory.last_report
+        self.snapshot = build_snapshot(
+            factory.config, factory.machines, factory.own_states, factory.last_finishes,
+            self.host_status.read(), now, report.time if report else 0.0, self.http is not None,
+        )
+
+    def ensure_responder(self) -> None:
+        """Answer VacQuery on udp_port; only configured factories (and this host) get answers."""
+        s = self.factory.config.settings
+        if self.peers is None or set(self.peers.names) != set(self._peer_names(s)):
+            if self.peers is not None:
+                self.peers.stop()
+            self.peers = ResolvedPeers(s.factories, local_name=s.factory_name)
+            self.peers.start()
+            if self.responder is not None:
+                self.responder.allowed_peers = self.peers
+        if self.responder is not None:
+            return
+        responder = Responder(
+            ("0.0.0.0", s.udp_port),
+            lambda: self.snapshot,
+            s.vac_space,
+            self.peers,
+            space_key=load_space_key(s.space_key, s.space_key_file),
+        )
+        try:
+            responder.start()
+        except OSError as error:
+            log.error("VacQuery responder cannot bind UDP port %d yet: %s", s.udp_port, error)
+            return
+        self.responder = responder
+
+    @staticmethod
+    def _peer_names(settings) -> list:
+        from vacfactory.space.client import canonical_names
+
+        return canonical_names(list(settings.factories), settings.factory_name)
 
     def enforce_joboutputs_limits(self) -> None:
         """VMs writing over NFS bypass the HTTP caps: trim their joboutputs regularly."""

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Set
 
 from vacfactory.core import enforce, mjf, scheduler, status as core_status
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
-from vacfactory.core.views import Create, Decision, FinishedVM, SpaceView
+from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
 from vacfactory.engine import naming, policies
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
@@ -44,6 +44,14 @@ DEFAULT_MACHINES_DIR_DAYS = 3.0
 HEARTBEAT_WRITE_SECONDS = 10.0
 #: retention clean-up runs at most this often (it only walks the in-memory list)
 RETENTION_SECONDS = 60.0
+
+
+def console_mtime(machine: Machine) -> Optional[float]:
+    """When qemu last wrote the VM's serial console (the VM prints until it powers off)."""
+    try:
+        return os.stat(machine.console_log).st_mtime
+    except OSError:
+        return None
 
 
 @dataclass
@@ -102,6 +110,8 @@ class Factory:
         self.machines: Dict[str, Machine] = {}
         self.shutdown_times: Dict[str, float] = {}
         self.last_finishes: Dict[str, FinishedVM] = {}
+        #: this factory's own per-machinetype state at the last decision (snapshots use it)
+        self.own_states: Dict[str, MachinetypeState] = {}
         self.started_at = clock()
         self.last_report: Optional[RoundReport] = None
         self._blind_logged = False
@@ -304,10 +314,10 @@ class Factory:
             end_time = now
         elif stop_time is not None:
             end_time = stop_time
-        elif machine.heartbeat is not None:
-            end_time = machine.heartbeat.time
         else:
-            end_time = started if started is not None else now
+            # it ended unobserved (the daemon was down): its last sign of life
+            signs = [machine.heartbeat.time if machine.heartbeat else None, console_mtime(machine)]
+            end_time = min(max([t for t in signs if t is not None] or [started or now]), now)
         if started is not None:
             end_time = max(end_time, started)  # a clock step back must not give negative walls
         cpu = final_cpu if final_cpu is not None else (machine.heartbeat.cpu_seconds if machine.heartbeat else 0.0)
@@ -415,6 +425,7 @@ class Factory:
         mt_policies = policies.machinetype_policies(config)
         local = self.local_vms()
         own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
+        self.own_states = own
         view = self.space_view(config, own, now) if self.space_view else own
         try:
             load = self.load_average()

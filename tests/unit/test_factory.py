@@ -294,3 +294,24 @@ def test_status_files_report_counts_and_creation_errors(engine, tmp_path):
     assert not os.path.exists(os.path.join(h.state_dir, "factory-error"))
     status = json.load(open(os.path.join(h.state_dir, "status.json")))
     assert status["running_processors"] == 2
+
+
+def test_a_vm_that_ended_while_the_daemon_was_down_ends_at_its_last_sign_of_life(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.hypervisor.close()  # the engine stops listening (as if killed) ...
+    again = h.restart()
+    again.factory.hypervisor.destroy(vm.uuid)  # ... the VM powers off while nobody watches ...
+    last_output = vm.started.time + 500
+    with open(vm.console_log, "w") as f:
+        f.write("GUEST: powering off\n")
+    os.utime(vm.console_log, (last_output, last_output))
+    h.clock.advance(3600)  # ... and the daemon comes back an hour later
+    again2 = again.restart()
+    again2.factory.run_round()
+    done = again2.factory.machines[vm.uuid]
+    assert done.finished.end_time == last_output
+    assert done.finished.outcome == "neutral"
+    again.hypervisor.close()
+    again2.hypervisor.close()

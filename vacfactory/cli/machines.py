@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK, add_json_argument, load_config, print_json
 from vacfactory.errors import StateError
-from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.machines import Machine, MachineStore, latest_by_slot
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,23 +52,12 @@ def machine_rows(machines: Dict[str, Machine], total_processors: int, every: boo
     if every:
         chosen = sorted(machines.values(), key=lambda m: (m.record.created, m.record.slot))
         return [machine_row(m) for m in chosen]
-    by_slot: Dict[int, Machine] = {}
-    for machine in machines.values():
-        slot = machine.record.slot
-        current = by_slot.get(slot)
-        if current is None or _newer(machine, current):
-            by_slot[slot] = machine
+    by_slot = latest_by_slot(machines.values())
     rows = []
     for slot in range(max([total_processors] + [s + 1 for s in by_slot])):
         machine = by_slot.get(slot)
         rows.append(machine_row(machine) if machine else {"slot": slot, "state": "Shut down", "name": None})
     return rows
-
-
-def _newer(a: Machine, b: Machine) -> bool:
-    if a.live != b.live:
-        return a.live
-    return a.record.created > b.record.created
 
 
 def machine_row(machine: Machine) -> dict:

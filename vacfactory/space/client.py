@@ -125,6 +125,17 @@ def resolve_factory(name: str) -> List[str]:
     return found
 
 
+def _local_first(resolver: Resolver, local_name: str) -> Resolver:
+    """This factory's own name falls back to loopback when it does not resolve: a test or demo
+    factory's name need not be in DNS, and the responder always answers this host's tools."""
+
+    def resolve(name: str) -> List[str]:
+        found = resolver(name)
+        return found if found or name != local_name else ["127.0.0.1"]
+
+    return resolve
+
+
 class Resolutions:
     """Names being resolved in background threads while the query round goes on.
 
@@ -441,7 +452,7 @@ def query_space(
     """
     start = time.monotonic()
     names = canonical_names(factories, local_name)
-    resolutions = Resolutions(names, resolver)
+    resolutions = Resolutions(names, _local_first(resolver, local_name))
     addresses = {name: resolutions.known.get(name) for name in names}
     gatherer = Gatherer(addresses, message_type, space, timeout=timeout, start=start,
                         salt=os.urandom(32), space_key=space_key,

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 from vacfactory.atomic import (
     atomic_write_bytes,
@@ -294,3 +294,13 @@ class MachineStore:
             outcome=finished.outcome,
         )
         atomic_write_json(path, to_json(latest))
+
+
+def latest_by_slot(machines: Iterable[Machine]) -> Dict[int, Machine]:
+    """Each slot's live VM, else the most recent VM that used it (Vac's one-line-per-slot view)."""
+    by_slot: Dict[int, Machine] = {}
+    for machine in machines:
+        current = by_slot.get(machine.record.slot)
+        if current is None or (machine.live, machine.record.created) > (current.live, current.record.created):
+            by_slot[machine.record.slot] = machine
+    return by_slot

@@ -1,0 +1,140 @@
+"""Build the FactorySnapshot the VacQuery responder answers from, after every engine round.
+
+The responder never reads files or asks libvirt: it serves this immutable object, replaced
+whole after each round (an atomic reference swap), so an answer is never half old, half new.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from vacfactory.core.views import FinishedVM, MachinetypeState
+from vacfactory.engine import naming
+from vacfactory.engine.hoststatus import HostStatus
+from vacfactory.space.snapshot import (
+    STATE_RUNNING,
+    STATE_SHUTDOWN,
+    STATE_STARTING,
+    FactorySnapshot,
+    FactoryStatus,
+    MachineStatus,
+    MachinetypeStatus,
+)
+from vacfactory.state.machines import Machine, latest_by_slot
+
+
+def build_snapshot(
+    config,
+    machines: Mapping[str, Machine],
+    own_states: Mapping[str, MachinetypeState],
+    last_finishes: Mapping[str, FinishedVM],
+    host: HostStatus,
+    now: float,
+    last_round: float,
+    http_alive: bool,
+) -> FactorySnapshot:
+    s = config.settings
+    hs06_per_processor = s.hs06_per_processor or 1.0
+    by_slot = latest_by_slot(machines.values())
+    slots = tuple(
+        machine_status(by_slot[slot], now) if slot in by_slot
+        else MachineStatus(machine=naming.domain_name(s.factory_name, slot))
+        for slot in range(s.total_processors)
+    )
+    live = [m for m in machines.values() if m.live]
+    machinetypes = tuple(
+        machinetype_status(name, config.machinetypes.get(name), own_states.get(name, MachinetypeState()),
+                           last_finishes.get(name), machines, s.mb_per_processor)
+        for name in config.machinetypes
+    )
+    factory_status = FactoryStatus(
+        running_processors=sum(m.record.processors for m in live),
+        running_machines=len(live),
+        running_hs06=sum(m.record.hs06 for m in live),
+        max_processors=s.total_processors,
+        max_machines=s.total_processors,
+        max_hs06=s.total_processors * hs06_per_processor,
+        root_disk_avail_kb=host.root_disk_avail_kb,
+        root_disk_avail_inodes=host.root_disk_avail_inodes,
+        daemon_disk_avail_kb=host.daemon_disk_avail_kb,
+        daemon_disk_avail_inodes=host.daemon_disk_avail_inodes,
+        load_average=host.load_average,
+        kernel_version=host.kernel_version,
+        os_issue=host.os_issue,
+        boot_time=host.boot_time,
+        factory_heartbeat_time=last_round,
+        responder_heartbeat_time=now,
+        mjf_heartbeat_time=now if http_alive else 0,
+        metadata_heartbeat_time=now if http_alive else 0,
+        swap_used_kb=host.swap_used_kb,
+        swap_free_kb=host.swap_free_kb,
+        mem_used_kb=host.mem_used_kb,
+        mem_total_kb=host.mem_total_kb,
+    )
+    return FactorySnapshot(
+        space=s.vac_space,
+        factory=s.factory_name,
+        site=s.gocdb_sitename or "",
+        machines=slots,
+        machinetypes=machinetypes,
+        factory_status=factory_status,
+        time=now,
+    )
+
+
+def machine_status(machine: Machine, now: float) -> MachineStatus:
+    record = machine.record
+    state = {"created": STATE_STARTING, "running": STATE_RUNNING}.get(machine.state, STATE_SHUTDOWN)
+    heartbeat = machine.heartbeat
+    cpu = machine.finished.cpu_seconds if machine.finished else (heartbeat.cpu_seconds if heartbeat else None)
+    cpu_percentage = None
+    if machine.started is not None and cpu is not None:
+        end = machine.finished.end_time if machine.finished else (heartbeat.time if heartbeat else now)
+        wall = max(end - machine.started.time, 1e-9) * record.processors
+        cpu_percentage = round(100.0 * cpu / wall, 1)
+    finished = machine.finished
+    return MachineStatus(
+        machine=record.name,
+        state=state,
+        uuid=record.uuid,
+        machinetype=record.machinetype,
+        machine_model="vm",
+        created_time=record.created,
+        started_time=machine.started.time if machine.started else None,
+        heartbeat_time=heartbeat.time if heartbeat else None,
+        num_processors=record.processors,
+        cpu_seconds=cpu,
+        cpu_percentage=cpu_percentage,
+        hs06=record.hs06,
+        shutdown_message=(finished.message or None) if finished else None,
+        shutdown_time=finished.end_time if finished else None,
+        fqan=record.accounting_fqan,
+    )
+
+
+def machinetype_status(
+    name: str,
+    mt,
+    state: MachinetypeState,
+    last: Optional[FinishedVM],
+    machines: Mapping[str, Machine],
+    mb_per_processor: int,
+) -> MachinetypeStatus:
+    message = None
+    if last is not None and last.code is not None:
+        message = f"{last.code} {last.text}".strip()
+    last_machine: Optional[Machine] = machines.get(last.uuid) if last else None
+    return MachinetypeStatus(
+        machinetype=name,
+        running_hs06=state.running_hs06,
+        running_machines=state.running_machines,
+        running_processors=state.running_processors,
+        num_before_fizzle=state.num_before_fizzle,
+        shutdown_message=message,
+        shutdown_time=last.finished_time if last else None,
+        shutdown_machine=last_machine.name if last_machine else None,
+        fqan=mt.accounting_fqan if mt is not None else None,
+        max_wallclock_seconds=mt.max_wallclock_seconds if mt is not None else None,
+        max_processors=mt.max_processors if mt is not None else None,
+        bytes_per_processor=mb_per_processor * 1048576,
+    )
