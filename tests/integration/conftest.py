@@ -1,0 +1,47 @@
+"""Shared fixtures for integration tests: the tiny guest and the libvirt URI.
+
+Integration tests need a running libvirtd and the tiny guest; when either is missing they
+fail (they never skip), so a broken CI machine cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_FALLBACK_GUEST_DIR = "/tmp/guestbuild/guest"
+
+
+@dataclass(frozen=True)
+class TinyGuest:
+    """Paths of the tiny test guest (Debian kernel + busybox initramfs)."""
+
+    directory: str
+    kernel: str  # uncompressed vmlinux: PVH entry, about 40% faster to boot under TCG
+    initrd: str
+
+
+@pytest.fixture(scope="session")
+def tiny_guest() -> TinyGuest:
+    """The tiny guest from $VACFACTORY_GUEST_DIR if set (and only there), else
+    images/build/tiny-guest, else the temporary build in /tmp/guestbuild/guest."""
+    explicit = os.environ.get("VACFACTORY_GUEST_DIR")
+    if explicit:
+        candidates = [explicit]
+    else:
+        candidates = [str(REPO / "images" / "build" / "tiny-guest"), _FALLBACK_GUEST_DIR]
+    for directory in candidates:
+        kernel, initrd = os.path.join(directory, "vmlinux"), os.path.join(directory, "initrd.img")
+        if os.path.isfile(kernel) and os.path.isfile(initrd):
+            return TinyGuest(directory=directory, kernel=kernel, initrd=initrd)
+    pytest.fail(f"tiny guest (vmlinux + initrd.img) not found in any of {candidates}")
+
+
+@pytest.fixture(scope="session")
+def qemu_uri() -> str:
+    """The libvirt URI integration tests run real (TCG) domains on."""
+    return "qemu:///system"

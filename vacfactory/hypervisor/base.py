@@ -1,0 +1,258 @@
+"""The narrow hypervisor interface the engine codes against, and the values that cross it.
+
+Like Nova's virt driver interface: the engine only ever creates, destroys, lists and
+inspects transient domains, and hears about their lifecycle. Everything libvirt-specific
+(XML, connections, error codes, event loops) stays behind :class:`Hypervisor`, so the engine
+can be tested against the libvirt ``test:///default`` driver or a fake.
+
+The specs validate themselves on construction: they end up in domain XML and in qemu-img
+argument lists, so a bad value must fail here, early and with a clear message, rather than as
+an obscure libvirt error (or worse, as an option injected into a command line).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, List, Optional, Protocol, Tuple
+
+from .network import NetworkSpec
+
+__all__ = [
+    "DomainState",
+    "DiskSpec",
+    "InterfaceSpec",
+    "FilesystemSpec",
+    "VMSpec",
+    "DomainInfo",
+    "DomainEvent",
+    "EVENT_KINDS",
+    "Hypervisor",
+    "NetworkSpec",
+    "check_path",
+    "check_uuid",
+]
+
+
+class DomainState(str, Enum):
+    """What the engine needs to know about a domain's run state (libvirt has more)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    OTHER = "other"
+
+
+#: the kinds a DomainEvent can carry
+EVENT_KINDS = ("started", "stopped", "shutdown", "crashed", "suspended", "resumed", "other")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
+_TARGET_DEV = re.compile(r"\A(vd|sd|hd)[a-z]{1,2}\Z")
+_TAG = re.compile(r"\A[A-Za-z0-9_.-]{1,31}\Z")
+_MAC = re.compile(r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+_NETWORK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def check_path(what: str, path: str) -> str:
+    """Return ``path`` if it is safe to hand to libvirt or a subprocess, else ValueError.
+
+    Absolute (so it can never be read as an option, and never depends on our cwd) and free of
+    control characters (which XML 1.0 cannot carry and which have no business in a path).
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{what}: path must be a non-empty string, got {path!r}")
+    if not path.startswith("/"):
+        raise ValueError(f"{what}: path must be absolute: {path!r}")
+    if _CONTROL.search(path):
+        raise ValueError(f"{what}: path contains control characters: {path!r}")
+    return path
+
+
+def check_uuid(value: str) -> str:
+    """Return the canonical lower-case form of a UUID string, ValueError if it is not one."""
+    try:
+        return str(uuidlib.UUID(value))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"not a UUID: {value!r}") from exc
+
+
+def _check_text(what: str, value: str) -> None:
+    if _CONTROL.search(value):
+        raise ValueError(f"{what}: contains control characters: {value!r}")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One block device: an image file the factory created (overlay, scratch) or an ISO."""
+
+    path: str
+    target_dev: str = "vda"
+    fmt: str = "qcow2"  # qcow2 | raw
+    device: str = "disk"  # disk | cdrom
+    readonly: bool = False
+    bus: str = "virtio"  # virtio | sata | ide (cdrom: sata)
+
+    def __post_init__(self) -> None:
+        check_path("disk", self.path)
+        if not _TARGET_DEV.match(self.target_dev):
+            raise ValueError(f"disk {self.path}: bad target_dev {self.target_dev!r}")
+        if self.fmt not in ("qcow2", "raw"):
+            raise ValueError(f"disk {self.path}: fmt must be qcow2 or raw, not {self.fmt!r}")
+        if self.device not in ("disk", "cdrom"):
+            raise ValueError(f"disk {self.path}: device must be disk or cdrom, not {self.device!r}")
+        if self.bus not in ("virtio", "sata", "ide"):
+            raise ValueError(f"disk {self.path}: bus must be virtio, sata or ide, not {self.bus!r}")
+        if self.device == "cdrom" and self.bus == "virtio":
+            raise ValueError(f"disk {self.path}: a cdrom cannot be on the virtio bus")
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """The VM's one NIC on the factory's private libvirt network (fixed MAC -> fixed IP)."""
+
+    network: str
+    mac: str
+    anti_spoofing: bool = False  # nwfilter clean-traffic
+
+    def __post_init__(self) -> None:
+        if not _NETWORK_NAME.match(self.network):
+            raise ValueError(f"interface: bad network name {self.network!r}")
+        if not _MAC.match(self.mac):
+            raise ValueError(f"interface: bad MAC address {self.mac!r}")
+        if int(self.mac[:2], 16) & 1:
+            raise ValueError(f"interface: {self.mac} is a multicast MAC address")
+
+
+@dataclass(frozen=True)
+class FilesystemSpec:
+    """A host directory shared into the VM over virtio-9p (accessmode mapped).
+
+    libvirt does not chown these: qemu (libvirt-qemu) must be able to open the directory
+    (measured: a root 0700 source makes createXML fail with "cannot initialize fsdev ...
+    Permission denied"), and to write into it, it must own it. In mapped mode the files it
+    creates are libvirt-qemu's, 0600, with the guest's owner and mode kept in xattrs.
+    """
+
+    source_dir: str
+    tag: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        check_path("filesystem", self.source_dir)
+        if not _TAG.match(self.tag):
+            raise ValueError(f"filesystem {self.source_dir}: bad mount tag {self.tag!r}")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything needed to start one transient domain; the engine builds it, XML is derived."""
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory_mib: int
+    domain_type: str  # kvm | qemu | test
+    cpu_mode: str = "host-passthrough"  # host-passthrough | host-model | none (kvm only)
+    console_log: Optional[str] = None
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+    disks: Tuple[DiskSpec, ...] = ()
+    interface: Optional[InterfaceSpec] = None
+    filesystems: Tuple[FilesystemSpec, ...] = ()
+    boot: str = "hd"  # hd | cdrom, when there is no kernel
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"VM name {self.name!r} is not a valid domain name")
+        check_uuid(self.uuid)
+        if not isinstance(self.vcpus, int) or self.vcpus < 1:
+            raise ValueError(f"{self.name}: vcpus must be a positive integer, got {self.vcpus!r}")
+        if not isinstance(self.memory_mib, int) or self.memory_mib < 1:
+            raise ValueError(f"{self.name}: memory_mib must be positive, got {self.memory_mib!r}")
+        if self.domain_type not in ("kvm", "qemu", "test"):
+            raise ValueError(f"{self.name}: domain_type must be kvm, qemu or test")
+        if self.cpu_mode not in ("host-passthrough", "host-model", "none"):
+            raise ValueError(f"{self.name}: bad cpu_mode {self.cpu_mode!r}")
+        if self.boot not in ("hd", "cdrom"):
+            raise ValueError(f"{self.name}: boot must be hd or cdrom, not {self.boot!r}")
+        for what in ("console_log", "kernel", "initrd"):
+            value = getattr(self, what)
+            if value is not None:
+                check_path(f"{self.name} {what}", value)
+        if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
+            raise ValueError(f"{self.name}: initrd and cmdline need a kernel")
+        if self.cmdline is not None:
+            _check_text(f"{self.name} cmdline", self.cmdline)
+        targets = [d.target_dev for d in self.disks]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"{self.name}: duplicate disk target_dev in {targets}")
+        tags = [f.tag for f in self.filesystems]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"{self.name}: duplicate filesystem tag in {tags}")
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One domain as the hypervisor sees it now."""
+
+    name: str
+    uuid: str
+    state: DomainState
+    cpu_seconds: float
+    vcpus: int
+    memory_kib: int
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """One lifecycle event; ``kind`` is one of :data:`EVENT_KINDS`.
+
+    ``cpu_seconds`` is only filled in for ``shutdown`` (guest-initiated power-off), read in
+    the moment between the guest powering off and qemu exiting, because a transient domain
+    is gone a moment later and accounting wants its final CPU time. It is best effort: None
+    means "not available" (always so for the ``shutdown`` that a ``destroy`` causes); use the
+    last CPU time observed through ``list_domains``/``domain_info`` instead.
+
+    ``time`` is when the event reached us (epoch seconds). For qemu a start gives
+    ``resumed`` then ``started``; a guest power-off ``shutdown`` then ``stopped``; a destroy
+    ``shutdown`` then ``stopped`` too.
+    """
+
+    uuid: str
+    name: str
+    kind: str
+    time: float
+    cpu_seconds: Optional[float] = None
+
+
+class Hypervisor(Protocol):
+    """What the engine needs from a hypervisor, and nothing more."""
+
+    def create(self, spec: VMSpec) -> None:
+        """Start a transient domain; HypervisorError on failure."""
+
+    def destroy(self, uuid: str) -> bool:
+        """Hard stop; False if the domain was already gone. Idempotent."""
+
+    def list_domains(self) -> List[DomainInfo]:
+        """Every domain on the connection, in as few hypervisor calls as possible."""
+
+    def domain_info(self, uuid: str) -> Optional[DomainInfo]:
+        """One domain, or None if it does not exist (any more)."""
+
+    def set_event_callback(self, callback: Callable[[DomainEvent], None]) -> None:
+        """Deliver lifecycle events to ``callback``, called from the event thread."""
+
+    def ping(self) -> bool:
+        """Is the hypervisor reachable now."""
+
+    def ensure_network(self, spec: NetworkSpec) -> None:
+        """Create or repair the factory's private VM network."""
+
+    def close(self) -> None:
+        """Release the connection; the object may be used again (it reconnects)."""
