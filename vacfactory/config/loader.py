@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from vacfactory.config import options as table
+from vacfactory.config import pipes as pipelib
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.model import Config, MachineType, Settings, SourceStamp, VacuumPipe, frozen_mapping
 from vacfactory.config.parsers import is_url
@@ -109,9 +111,12 @@ class ConfigSources:
     def override_path(self, state_dir: str) -> str:
         return os.path.join(state_dir, self.override_name)
 
-    def stamps(self, override_path: Optional[str]) -> Tuple[SourceStamp, ...]:
-        """Cheap identity of every source now: one listdir and one stat per file."""
-        paths = self.base_files() + ([override_path] if override_path else [])
+    def stamps(self, override_path: Optional[str], extra: Tuple[str, ...] = ()) -> Tuple[SourceStamp, ...]:
+        """Cheap identity of every source now: one listdir and one stat per file.
+
+        ``extra`` are further files the configuration depends on (the vacuum pipe caches).
+        """
+        paths = self.base_files() + ([override_path] if override_path else []) + list(extra)
         return tuple(stamp(p) for p in paths)
 
 
@@ -512,16 +517,31 @@ def _resolve_files(base: Optional[str], value: Any) -> Any:
 
 
 def _build(merged: Dict[_Key, _Section], host: HostFacts, problems: _Problems, fallback: _Where,
-           stamps: Tuple[SourceStamp, ...]) -> Optional[Config]:
-    """Evaluate every section into the frozen model; None if anything was wrong."""
+           stamps: Tuple[SourceStamp, ...], pipe_dir: Optional[str] = None) -> Optional[Config]:
+    """Evaluate every section into the frozen model; None if anything was wrong.
+
+    ``pipe_dir`` holds the vacuum pipe caches (``<prefix>.pipe``); None: pipes define nothing.
+    """
     settings_section = merged.get((table.SETTINGS, None)) or _Section(table.SETTINGS, None, fallback)
     s = _evaluate(settings_section, host, {}, problems)
     origins: Dict[str, Mapping[str, str]] = {settings_section.title: frozen_mapping(s.origins)}
     settings_families = s.families
     machinetypes: Dict[str, Any] = {}
     pipes: Dict[str, Any] = {}
+    expansions = _read_pipe_caches(merged, pipe_dir, problems)
+    from_pipes = {mt.name for expansion in expansions.values() for mt in expansion.machinetypes}
+    pipe_prefixes = tuple(f"{p}-" for (k, p) in merged if k == table.VACUUM_PIPE and p is not None)
     for (kind, name), section in merged.items():
         if kind == table.MACHINETYPE and name is not None:
+            if name in from_pipes:
+                _check_local_entries(section, problems)  # merged with its pipe below
+                continue
+            if name.startswith(pipe_prefixes):
+                m = _evaluate_pipe_refinement(section, host, s.values, problems)
+                if m is not None:
+                    origins[section.title] = frozen_mapping(_inherit_origins(m.origins, s.origins, settings_families))
+                    machinetypes[name] = _make_machinetype(name, m, settings_families)
+                continue
             m = _evaluate(section, host, s.values, problems)
             origins[section.title] = frozen_mapping(_inherit_origins(m.origins, s.origins, settings_families))
             if not problems.errors:
@@ -531,6 +551,17 @@ def _build(merged: Dict[_Key, _Section], host: HostFacts, problems: _Problems, f
             origins[section.title] = frozen_mapping(pipe_origins)
             if pipe is not None:
                 pipes[name] = pipe
+                expansion = expansions.get(name)
+                if expansion is not None and not problems.errors:
+                    for mt_name, mt, mt_origins in _pipe_machinetypes(
+                            section, expansion, merged, host, s.values, settings_families, problems):
+                        if mt_name in machinetypes:
+                            problems.warn(f"{pipelib.label(name, expansion.url)}: machinetype {mt_name} is "
+                                          "already defined: entry skipped", _Where(None))
+                            continue
+                        machinetypes[mt_name] = mt
+                        origins[f"{table.MACHINETYPE} {mt_name}"] = frozen_mapping(
+                            _inherit_origins(mt_origins, s.origins, settings_families))
     problems.sort([st.path for st in stamps] or [fallback.source or ""])
     if problems.errors:
         return None
@@ -568,6 +599,163 @@ def _make_machinetype(name: str, m: _Evaluated, settings_families: Dict[str, Dic
             combined = {k: _resolve_files(base, v) for k, v in combined.items()}
         families[family.attribute] = frozen_mapping(combined)
     return MachineType(name=name, startable=table.machinetype_startable(values), **values, **families)
+
+
+# --------------------------------------------------------------------------- vacuum pipes
+
+PIPE_CACHE_DIR = "pipescache"
+PIPE_CACHE_SUFFIX = ".pipe"
+PIPE_META_SUFFIX = ".meta.json"
+
+
+def pipe_cache_path(state_dir: str, prefix: str) -> str:
+    """``<state_dir>/pipescache/<prefix>.pipe``: the last good document of a pipe (Vac's place)."""
+    return os.path.join(state_dir, PIPE_CACHE_DIR, prefix + PIPE_CACHE_SUFFIX)
+
+
+def pipe_meta_path(state_dir: str, prefix: str) -> str:
+    """Sidecar of a pipe cache: URL, fetch times, validators (written by vacfactory.pipefetch)."""
+    return os.path.join(state_dir, PIPE_CACHE_DIR, prefix + PIPE_META_SUFFIX)
+
+
+def _pipe_share(section: _Section) -> float:
+    row = table.accepted_options(table.VACUUM_PIPE)["target_share"]
+    entry = section.entries.get("target_share")
+    try:
+        return float(row.type.parse(entry.raw)) if entry is not None else float(row.default)
+    except ValueError:
+        return 0.0  # reported when the section is evaluated
+
+
+def _read_pipe_caches(merged: Dict[_Key, _Section], pipe_dir: Optional[str],
+                      problems: _Problems) -> Dict[str, pipelib.PipeExpansion]:
+    """Expand every pipe from its cache file. The network is never touched here: the daemon
+    refreshes the caches (vacfactory.pipefetch), so `config check` and the daemon agree."""
+    expansions: Dict[str, pipelib.PipeExpansion] = {}
+    if pipe_dir is None:
+        return expansions
+    for (kind, prefix), section in merged.items():
+        if kind != table.VACUUM_PIPE or prefix is None or not re.fullmatch(table.SECTION_NAME_PATTERN, prefix):
+            continue
+        entry = section.entries.get("vacuum_pipe_url")
+        if entry is None:
+            continue
+        url = entry.raw
+        where = pipelib.label(prefix, url)
+        path = os.path.join(pipe_dir, prefix + PIPE_CACHE_SUFFIX)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(pipelib.MAX_DOCUMENT_BYTES + 1)
+        except FileNotFoundError:
+            problems.warn(f"{where}: not fetched yet (no {path}): it defines no machinetypes until the "
+                          "daemon fetches it", _Where(None))
+            continue
+        except OSError as error:
+            problems.warn(f"{where}: cannot read the cache {path}: {error.strerror or error}", _Where(None))
+            continue
+        try:
+            expansion = pipelib.expand_bytes(prefix, url, _pipe_share(section), data)
+        except pipelib.PipeError as error:
+            problems.warn(f"{where}: the cache {path} is unusable: {error}", _Where(None))
+            continue
+        cached_url = _cached_url(os.path.join(pipe_dir, prefix + PIPE_META_SUFFIX))
+        if cached_url is not None and cached_url != url:
+            problems.warn(f"{where}: the cache was fetched from {cached_url}; using it until the new URL "
+                          "is fetched", _Where(None))
+        for message in expansion.problems:
+            problems.warn(message, _Where(None))
+        expansions[prefix] = expansion
+    return expansions
+
+
+def _cached_url(meta_path: str) -> Optional[str]:
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    url = meta.get("url") if isinstance(meta, dict) else None
+    return url if isinstance(url, str) else None
+
+
+def _check_local_entries(section: _Section, problems: _Problems) -> None:
+    """A site section that refines a pipe machinetype: its own values must parse (errors are the
+    site's, and fail the configuration like any other local mistake)."""
+    accepted = table.accepted_options(table.MACHINETYPE)
+    for name, entry in section.entries.items():
+        try:
+            row = accepted.get(name)
+            if row is not None:
+                _parse_entry(row, entry, section.title, problems)
+            else:
+                for family in table.families_of(table.MACHINETYPE):
+                    if name.startswith(family.prefix):
+                        family.type.parse(entry.raw)
+                        break
+        except ValueError as error:
+            problems.error(str(error), entry.where, section.title, entry.given)
+
+
+def _evaluate_pipe_refinement(section: _Section, host: HostFacts, settings: Mapping[str, Any],
+                               problems: _Problems) -> Optional[_Evaluated]:
+    """A site section named like a pipe's machinetype (``PREFIX-SUFFIX``) that the pipe does
+    not define now (not fetched yet, or its entry is broken). Its own values must parse; if it
+    is not a complete machinetype on its own it is skipped with a warning, so a pipe outage or
+    a VO's mistake never makes the site's configuration invalid."""
+    before = len(problems.errors)
+    _check_local_entries(section, problems)
+    if len(problems.errors) > before:
+        return None
+    scratch = _Problems()
+    evaluated = _evaluate(section, host, settings, scratch)
+    problems.warnings.extend(scratch.warnings)
+    if scratch.errors:
+        for error in scratch.errors:
+            problems.warn(f"{error}: no vacuum pipe defines machinetype {section.name} now, and this section alone "
+                          "is not a complete machinetype: skipped", _Where(None))
+        return None
+    return evaluated
+
+
+def _pipe_machinetypes(pipe_section: _Section, expansion: pipelib.PipeExpansion, merged: Dict[_Key, _Section],
+                       host: HostFacts, settings: Mapping[str, Any], settings_families: Dict[str, Dict[str, Any]],
+                       problems: _Problems) -> List[Tuple[str, Any, Dict[str, str]]]:
+    """Each pipe entry merged with the site's values and evaluated like a local section.
+
+    Precedence, as in Vac: the site's ``[machinetype PREFIX-SUFFIX]`` section, then the
+    ``[vacuum_pipe PREFIX]`` options, then the pipe document. An entry that fails (a rule
+    between options, a default that does not fit) is skipped with a warning; the site's own
+    configuration stays valid whatever a pipe says.
+    """
+    settings_state_dir = settings.get(table.STATE_DIR) or "/var/lib/vacfactory"
+    own = {row.name for row in table.options_of(table.VACUUM_PIPE)}
+    result: List[Tuple[str, Any, Dict[str, str]]] = []
+    where = pipelib.label(expansion.prefix, expansion.url)
+    for pipe_mt in expansion.machinetypes:
+        at = _Where(f"{where} machinetypes[{pipe_mt.index}]")
+        entries: Dict[str, _Entry] = {k: _Entry(k, v, at) for k, v in pipe_mt.options.items()}
+        entries[table.FILES_BASE] = _Entry(table.FILES_BASE, os.path.join(
+            settings_state_dir, "machinetypes", expansion.prefix), _Where(where))
+        entries.update({k: v for k, v in pipe_section.entries.items() if k not in own})
+        local = merged.get((table.MACHINETYPE, pipe_mt.name))
+        if local is not None:
+            entries.update(local.entries)
+        section = _Section(table.MACHINETYPE, pipe_mt.name, local.where if local else at, entries)
+        scratch = _Problems()
+        evaluated = _evaluate(section, host, settings, scratch)
+        for warning in scratch.warnings:
+            problems.warnings.append(warning)
+        if scratch.errors:
+            for error in scratch.errors:
+                if error.source and error.source.startswith(where):
+                    text = f"{error.source}.{error.option}: {error.message}" if error.option else str(error)
+                else:
+                    text = str(error)
+                problems.warn(f"{text}: entry {pipe_mt.name} skipped", _Where(None))
+            continue
+        result.append((pipe_mt.name, _make_machinetype(pipe_mt.name, evaluated, settings_families),
+                       evaluated.origins))
+    return result
 
 
 def _make_pipe(section: _Section, host: HostFacts, settings: Mapping[str, Any],
@@ -609,8 +797,11 @@ class _Attempt:
     config: Optional[Config]
     errors: Optional[ConfigErrors]
     warnings: Tuple[str, ...]
+    #: the configuration files, then the vacuum pipe caches (Config.sources has the files only)
     stamps: Tuple[SourceStamp, ...]
     override_path: Optional[str]
+    #: the vacuum pipe caches the configuration was expanded from (watched like the files)
+    pipe_paths: Tuple[str, ...] = ()
 
 
 def _attempt(sources: ConfigSources, host: HostFacts) -> _Attempt:
@@ -635,26 +826,48 @@ def _attempt(sources: ConfigSources, host: HostFacts) -> _Attempt:
             sections = _read_source(override_path, True, problems)
             unreadable = unreadable or sections is None
             _merge(merged, sections or [])
+    pipe_dir = _find_pipe_dir(merged)
+    pipe_paths: Tuple[str, ...] = ()
+    if pipe_dir is not None:
+        pipe_paths = tuple(os.path.join(pipe_dir, prefix + PIPE_CACHE_SUFFIX)
+                           for (kind, prefix) in merged if kind == table.VACUUM_PIPE and prefix is not None
+                           and re.fullmatch(table.SECTION_NAME_PATTERN, prefix))
+    # stat the caches before reading them: a cache replaced meanwhile is noticed at the next poll
+    watched = tuple(stamps) + tuple(stamp(p) for p in pipe_paths)
     config = None
     if not unreadable:  # otherwise "required option is missing" and the like would only be noise
         fallback = _Where(sources.main_file or (base[0] if base else None))
-        config = _build(merged, host, problems, fallback, tuple(stamps))
+        config = _build(merged, host, problems, fallback, tuple(stamps), pipe_dir)
     errors = ConfigErrors(problems.errors) if problems.errors else None
     warnings = tuple(str(w) for w in problems.warnings)
-    return _Attempt(config, errors, warnings, tuple(stamps), override_path)
+    return _Attempt(config, errors, warnings, watched, override_path, pipe_paths)
 
 
-def _find_override(sources: ConfigSources, merged: Dict[_Key, _Section]) -> Optional[str]:
-    """The override's path from the state_dir of the files read so far (None if it is invalid)."""
+def _state_dir_of(merged: Dict[_Key, _Section]) -> Optional[str]:
+    """state_dir as the files read so far give it (None if it is invalid)."""
     row = table.accepted_options(table.SETTINGS)[table.STATE_DIR]
     settings = merged.get((table.SETTINGS, None))
     entry = settings.entries.get(table.STATE_DIR) if settings else None
     if entry is None:
-        return sources.override_path(row.default)
+        return row.default
     try:
-        return sources.override_path(row.type.parse(entry.raw))
+        return _parse_entry(row, entry, "settings", _Problems())
     except ValueError:
         return None  # reported when [settings] is evaluated
+
+
+def _find_pipe_dir(merged: Dict[_Key, _Section]) -> Optional[str]:
+    state_dir = _state_dir_of(merged)
+    return os.path.join(state_dir, PIPE_CACHE_DIR) if state_dir else None
+
+
+def _find_override(sources: ConfigSources, merged: Dict[_Key, _Section]) -> Optional[str]:
+    """The override's path from the state_dir of the files read so far (None if it is invalid).
+
+    A relative state_dir is resolved against the file that sets it, as for the value itself,
+    so the override is found wherever the command runs from."""
+    state_dir = _state_dir_of(merged)
+    return sources.override_path(state_dir) if state_dir else None
 
 
 def load_config(sources: ConfigSources, host_facts: Optional[HostFacts] = None) -> Config:
@@ -749,10 +962,11 @@ class ConfigWatcher:
         attempt = _attempt(self.sources, self.host_facts)
         self._stamps = attempt.stamps
         self._override_path = attempt.override_path
+        self._pipe_paths = attempt.pipe_paths
         return attempt
 
     def poll(self) -> PollResult:
-        if self.sources.stamps(self._override_path) == self._stamps:
+        if self.sources.stamps(self._override_path, self._pipe_paths) == self._stamps:
             return PollResult(self._current, False, self._errors)
         attempt = self._read()
         if attempt.errors is not None:

@@ -326,6 +326,37 @@ OPTIONS: Tuple[Option, ...] = (
     Option("vacmon_hostport", S, Words(item=Text(pattern=r"[a-z0-9.-]+:[0-9]+",
                                                  pattern_doc="must be host.domain:port"), lower=True),
            default=(), doc="VacMon collectors that receive factory and machinetype status messages."),
+    Option("metrics_port", S, Integer(name="port", min=0, max=65535), default=0, vac=False,
+           doc="TCP port of the Prometheus text endpoint GET /metrics, bound to 127.0.0.1 only "
+               "(scrape it through a local agent or a reverse proxy). 0: no endpoint."),
+    Option("check_disk_free_warning_mb", S, Integer(name="MiB", min=0), default=10240, vac=False,
+           doc="`vacfactory check` warns when the file system of state_dir has less free space "
+               "than this (MiB)."),
+    Option("check_disk_free_critical_mb", S, Integer(name="MiB", min=0), default=1024, vac=False,
+           doc="`vacfactory check` is critical when the file system of state_dir has less free "
+               "space than this (MiB; Vac stopped creating VMs below 1 GB, or meant to); must be "
+               "<= check_disk_free_warning_mb."),
+    Option("check_apel_backlog_warning_seconds", S, Integer(name="seconds", min=1), default=86400,
+           vac=False,
+           doc="`vacfactory check` warns when the oldest APEL message waiting in apel-outgoing is "
+               "older than this: ssmsend (or apel_send) is not delivering."),
+    # ---------------------------------------------------------------- [settings]: downloads
+    Option("pipe_ca_path", S, _PATH, vac=False,
+           doc="CA certificates (a hashed directory such as /etc/grid-security/certificates, or "
+               "one PEM bundle) that verify https vacuum pipes and root images. Unset: "
+               "/etc/grid-security/certificates if it exists, else the system's CAs."),
+    Option("pipe_fetch_timeout_seconds", S, Number(name="seconds", min=1, max=600), default=30.0,
+           vac=False,
+           doc="Longest time one vacuum pipe download may take in total (Vac: 30 s). On failure "
+               "the cached copy stays in use."),
+    Option("image_fetch_timeout_seconds", S, Number(name="seconds", min=1, max=86400), default=120.0,
+           vac=False,
+           doc="Longest time one root_image download may take in total (Vac: 120 s per read). On "
+               "failure the cached copy stays in use."),
+    Option("image_check_seconds", S, Number(name="seconds", min=0), default=300.0, vac=False,
+           doc="A cached http(s) root_image is checked with its server (a conditional GET with "
+               "If-None-Match/If-Modified-Since) at most this often. 0: before every VM "
+               "creation, as Vac did."),
     # ================================================================ [machinetype NAME]
     Option("target_share", M, Number(min=0), default=0.0,
            doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it."),
@@ -342,6 +373,12 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Boot image: an absolute path, a path relative to <machinetype_path>/files/, an "
                "http(s) URL (cached), or docker://... for docker machinetypes. A startable "
                "machinetype needs root_image or kernel_image."),
+    Option("root_image_sha256", M, Text(name="sha256", pattern=r"[0-9a-f]{64}", lower=True,
+                                        pattern_doc="must be 64 hexadecimal digits"),
+           vac=False,
+           doc="SHA-256 of root_image. When set, a downloaded (or local) image whose digest "
+               "differs is refused, and the cached copy is used only if it matches. May also be "
+               "given by a vacuum pipe."),
     Option("kernel_image", M, Path(absolute=False), relative_to_files=True, vac=False,
            doc="Kernel to boot directly (libvirt <kernel>), for images without a boot loader."),
     Option("initrd_image", M, Path(absolute=False), relative_to_files=True, vac=False,
@@ -476,6 +513,13 @@ def _rule_space_key(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_disk_thresholds(c: DefaultContext) -> Optional[str]:
+    v = c.values
+    if v["check_disk_free_critical_mb"] > v["check_disk_free_warning_mb"]:
+        return f"must be <= check_disk_free_warning_mb ({v['check_disk_free_warning_mb']})"
+    return None
+
+
 def _rule_apel_broker(c: DefaultContext) -> Optional[str]:
     if c.values["apel_send"] and not c.values.get("apel_broker_host"):
         return "apel_broker_host is required when apel_send = yes"
@@ -552,6 +596,8 @@ RULES: Tuple[Rule, ...] = (
          "total_processors may not exceed the host's processor count unless domain_type = test."),
     Rule(S, "space_key_file", ("space_key", "space_key_file"), _rule_space_key,
          "space_key and space_key_file are mutually exclusive."),
+    Rule(S, "check_disk_free_critical_mb", ("check_disk_free_critical_mb", "check_disk_free_warning_mb"),
+         _rule_disk_thresholds, "check_disk_free_critical_mb may not exceed check_disk_free_warning_mb."),
     Rule(S, "apel_send", ("apel_send", "apel_broker_host"), _rule_apel_broker,
          "apel_send = yes needs apel_broker_host."),
     Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),

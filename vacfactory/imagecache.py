@@ -1,0 +1,335 @@
+"""Root images by path or http(s) URL: downloaded once, verified, shared read-only by all VMs.
+
+``ImageCache(directory, ca_path, timeout).get(location, sha256)`` returns the local path of a
+verified image. For a local path it only verifies (existence, and the sha256 if given). For
+a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
+
+- revalidates it with a conditional GET (``If-None-Match`` with the stored ETag,
+  ``If-Modified-Since`` with the stored Last-Modified; Vac required Last-Modified and sent
+  only the file's mtime), at most every ``check_seconds``; a 304 reuses the cache;
+- streams a 200 into a temporary file in the same directory (hashing as it goes), refuses it
+  if the body is shorter or longer than Content-Length, if its sha256 differs from the one
+  configured, or if the whole download takes longer than ``timeout`` seconds, then fsyncs it
+  and renames it to a NEW versioned name ``<key>-<n>.img``. VMs use images through qcow2
+  overlays whose backing file is that path, so an image in use is never replaced or
+  truncated under a running VM; :meth:`ImageCache.prune` deletes old versions once no live
+  VM uses them;
+- when the server cannot be reached, answers with an error, or sends a bad body, keeps
+  using the cached copy (with a warning; Vac raised even with a good copy at hand), and
+  raises :class:`~vacfactory.errors.ImageError` only when there is no usable copy.
+
+The sidecar ``<key>.json`` (written atomically) records the URL, the current version's file
+name, size and sha256, the validators and when the server was last asked. Images are made
+read-only (0444): qemu opens them read-only through the overlays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import requests
+
+from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
+from vacfactory.errors import ImageError
+from vacfactory.pipefetch import USER_AGENT, iter_body, verify_setting
+
+log = logging.getLogger(__name__)
+
+IMAGE_MODE = 0o444
+_CHUNK = 1 << 20
+_VERSION = re.compile(r"\A([0-9a-f]{24})-([0-9]+)\.img\Z")
+_SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+def is_url(location: str) -> bool:
+    return location.lower().startswith(("http://", "https://"))
+
+
+def url_key(url: str) -> str:
+    """The file name stem of a URL's cache entries (a hash: URLs are not file names)."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A URL's sidecar: which version is current and how to revalidate it."""
+
+    url: str
+    file: str
+    size: int
+    sha256: str
+    etag: Optional[str] = None
+    last_modified: Optional[str] = None
+    checked: float = 0.0
+
+    def as_json(self) -> Dict[str, Any]:
+        return {"url": self.url, "file": self.file, "size": self.size, "sha256": self.sha256,
+                "etag": self.etag, "last_modified": self.last_modified, "checked": self.checked}
+
+
+@dataclass(frozen=True)
+class _Download:
+    path: str
+    size: int
+    sha256: str
+    etag: Optional[str]
+    last_modified: Optional[str]
+
+
+class _Failure(Exception):
+    """A refresh failed; the cached copy may still serve."""
+
+
+class ImageCache:
+    """The image cache in ``directory`` (thread-safe; one download at a time)."""
+
+    def __init__(self, directory: str, ca_path: Optional[str] = None, timeout: float = 120.0,
+                 check_seconds: float = 0.0, clock: Callable[[], float] = time.time,
+                 session: Optional[requests.Session] = None) -> None:
+        self.directory = directory
+        self.ca_path = ca_path
+        self.timeout = timeout
+        self.check_seconds = check_seconds
+        self.clock = clock
+        self.session = session
+        self._lock = threading.Lock()
+        #: (path, size, mtime_ns, inode) -> sha256 of local images already hashed
+        self._digests: Dict[Tuple[str, int, int, int], str] = {}
+
+    # -- public -------------------------------------------------------------------------
+
+    def get(self, location: str, sha256: Optional[str] = None) -> str:
+        """Local path of a verified copy of ``location`` (a path or an http(s) URL)."""
+        if sha256 is not None:
+            sha256 = sha256.lower()
+            if not _SHA256.match(sha256):
+                raise ImageError(f"{location}: {sha256!r} is not a sha256 digest")
+        with self._lock:
+            if not is_url(location):
+                return self._local(location, sha256)
+            return self._remote(location, sha256)
+
+    def prune(self, in_use: Set[str]) -> List[str]:
+        """Delete every cached file that is neither a URL's current version nor in ``in_use``
+        (the backing images of live VMs); return the deleted paths."""
+        keep = {os.path.realpath(p) for p in in_use}
+        removed: List[str] = []
+        with self._lock:
+            current = set()
+            try:
+                names = os.listdir(self.directory)
+            except FileNotFoundError:
+                return removed
+            for name in names:
+                if name.endswith(".json") and not name.startswith(TEMP_PREFIX):
+                    entry = self._read_entry_file(os.path.join(self.directory, name))
+                    if entry is not None:
+                        current.add(entry.file)
+            for name in names:
+                path = os.path.join(self.directory, name)
+                if _VERSION.match(name) and name not in current and os.path.realpath(path) not in keep:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    removed.append(path)
+                    log.info("%s: old image version removed", path)
+            remove_stale_temporaries(self.directory)  # nothing downloads while we hold the lock
+        return removed
+
+    def current(self, url: str) -> Optional[str]:
+        """The path of the current cached version of ``url``, if any (no network)."""
+        entry = self._read_entry(url)
+        return self._path(entry.file) if entry is not None and self._valid(entry) else None
+
+    # -- local paths --------------------------------------------------------------------
+
+    def _local(self, path: str, sha256: Optional[str]) -> str:
+        try:
+            st = os.stat(path)
+        except OSError as error:
+            raise ImageError(f"{path}: {error.strerror or error}") from None
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: not a regular file")
+        if sha256 is not None:
+            key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+            digest = self._digests.get(key)
+            if digest is None:
+                digest = _hash_file(path)
+                self._digests[key] = digest
+            if digest != sha256:
+                raise ImageError(f"{path}: sha256 is {digest}, not the configured {sha256}")
+        return path
+
+    # -- URLs ---------------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def _entry_path(self, url: str) -> str:
+        return self._path(url_key(url) + ".json")
+
+    def _read_entry(self, url: str) -> Optional[_Entry]:
+        entry = self._read_entry_file(self._entry_path(url))
+        return entry if entry is not None and entry.url == url else None
+
+    @staticmethod
+    def _read_entry_file(path: str) -> Optional[_Entry]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            entry = _Entry(url=str(raw["url"]), file=str(raw["file"]), size=int(raw["size"]),
+                           sha256=str(raw["sha256"]), etag=raw.get("etag"), last_modified=raw.get("last_modified"),
+                           checked=float(raw.get("checked") or 0.0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return entry if _VERSION.match(entry.file) else None
+
+    def _valid(self, entry: _Entry) -> bool:
+        """The cached file is there and has the recorded size (cheap; not re-hashed)."""
+        try:
+            return os.path.getsize(self._path(entry.file)) == entry.size
+        except OSError:
+            return False
+
+    def _remote(self, url: str, sha256: Optional[str]) -> str:
+        now = self.clock()
+        entry = self._read_entry(url)
+        usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+        if usable is not None and now - usable.checked < self.check_seconds:
+            return self._path(usable.file)
+        try:
+            download = self._download(url, usable, sha256)
+        except _Failure as failure:
+            if usable is not None:
+                log.warning("%s: cannot refresh the image (%s): using the cached copy %s", url, failure,
+                            self._path(usable.file))
+                return self._path(usable.file)
+            raise ImageError(f"{url}: {failure} (and no usable cached copy)") from None
+        if download is None:  # 304 Not Modified
+            assert usable is not None
+            self._write_entry(_replace(usable, checked=now))
+            return self._path(usable.file)
+        return self._install(url, download, entry, now)
+
+    def _install(self, url: str, download: _Download, previous: Optional[_Entry], now: float) -> str:
+        """Put a verified download in place under a new version name (or reuse an identical one)."""
+        if previous is not None and self._valid(previous) and previous.sha256 == download.sha256:
+            os.unlink(download.path)
+            name = previous.file
+            log.info("%s: unchanged content, keeping %s", url, self._path(name))
+        else:
+            name = f"{url_key(url)}-{self._next_version(url)}.img"
+            os.chmod(download.path, IMAGE_MODE)
+            os.rename(download.path, self._path(name))  # a new name: never over a file in use
+            fsync_directory(self.directory)
+            log.info("%s: cached as %s (%d bytes, sha256 %s)", url, self._path(name), download.size, download.sha256)
+        self._write_entry(_Entry(url=url, file=name, size=download.size, sha256=download.sha256,
+                                 etag=download.etag, last_modified=download.last_modified, checked=now))
+        return self._path(name)
+
+    def _next_version(self, url: str) -> int:
+        key = url_key(url)
+        highest = 0
+        for name in os.listdir(self.directory):
+            match = _VERSION.match(name)
+            if match and match.group(1) == key:
+                highest = max(highest, int(match.group(2)))
+        return highest + 1
+
+    def _write_entry(self, entry: _Entry) -> None:
+        atomic_write_json(self._entry_path(entry.url), entry.as_json())
+
+    def _download(self, url: str, cached: Optional[_Entry], sha256: Optional[str]) -> Optional[_Download]:
+        """GET ``url`` (conditionally if ``cached``) into a temp file; None on 304."""
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if cached is not None:
+            if cached.etag:
+                headers["If-None-Match"] = cached.etag
+            if cached.last_modified:
+                headers["If-Modified-Since"] = cached.last_modified
+        deadline = time.monotonic() + self.timeout
+        http = self.session or requests
+        try:
+            with http.get(url, headers=headers, stream=True, timeout=self.timeout,
+                          verify=verify_setting(self.ca_path)) as response:
+                if response.status_code == 304 and cached is not None:
+                    return None
+                if response.status_code != 200:
+                    raise _Failure(f"HTTP {response.status_code} {response.reason or ''}".strip())
+                return self._receive(url, response, deadline, sha256)
+        except requests.RequestException as error:
+            raise _Failure(f"{type(error).__name__}: {str(error)[:200]}") from None
+        except OSError as error:  # disk full, unwritable cache: the cached copy may still serve
+            raise _Failure(f"cannot write into {self.directory}: {error.strerror or error}") from None
+
+    def _receive(self, url: str, response: requests.Response, deadline: float,
+                 sha256: Optional[str]) -> _Download:
+        expected = _content_length(response)
+        if expected is not None:
+            free = shutil.disk_usage(self.directory).free
+            if expected > free:
+                raise _Failure(f"image of {expected} bytes does not fit in {free} free bytes")
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{url_key(url)}-", dir=self.directory)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in iter_body(response, _CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if time.monotonic() > deadline:
+                        raise _Failure(f"download took more than {self.timeout:g} s")
+                f.flush()
+                os.fsync(f.fileno())
+            if expected is not None and size != expected:
+                raise _Failure(f"received {size} bytes but Content-Length is {expected}")
+            got = digest.hexdigest()
+            if sha256 is not None and got != sha256:
+                raise _Failure(f"sha256 of the download is {got}, not the configured {sha256}")
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return _Download(tmp, size, got, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+
+
+def _content_length(response: requests.Response) -> Optional[int]:
+    """The body length the server announced (unknown when it compressed the body anyway)."""
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    text = response.headers.get("Content-Length")
+    if text is None or not text.strip().isdigit():
+        return None
+    return int(text.strip())
+
+
+def _replace(entry: _Entry, **changes: Any) -> _Entry:
+    values = entry.as_json()
+    values.update(changes)
+    return _Entry(**values)
+
+
+def _hash_file(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read: {error.strerror or error}") from None
+    return digest.hexdigest()
