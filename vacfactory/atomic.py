@@ -52,6 +52,20 @@ def atomic_write_json(path: str, value: Any, mode: int = 0o644, sync: bool = Tru
     atomic_write_text(path, json.dumps(value, sort_keys=True, indent=1) + "\n", mode=mode, sync=sync)
 
 
+def write_new_file(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Create ``path`` (which must not exist) with ``data``, without a temp file or fsync.
+
+    Only for files inside a directory that is itself still being prepared and will be
+    renamed into place atomically (a VM's ``machines/.new-<uuid>``): nobody can see a half
+    written file there, and a crash leaves the whole staging directory to be removed.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(directory: str) -> None:
     """Make a rename or unlink inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -290,6 +290,8 @@ class Factory:
             )
             if kill is not None:
                 log.warning("%s: killing: %s", machine.name, kill.value)
+                with self._events_lock:  # destroy reports no CPU time: keep this round's reading
+                    self._final_cpu[uuid] = by_uuid[uuid].cpu_seconds
                 self._destroy(uuid, machine.name)
                 self._finish(self.machines[uuid], now, kill=kill)
                 report.killed.append(machine.name)

@@ -135,16 +135,17 @@ class VMBuilder:
                                       readonly=True, bus="ide"))
             root = os.path.join(machine.disks_dir, "root.qcow2")
             disks.create_scratch(root, int((disk_gb or DEFAULT_CERNVM_DISK_GB) * record.processors * 10**9))
-            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device)))
             boot = "cdrom"
         elif root_image:
             root = os.path.join(machine.disks_dir, "root.qcow2")
             disks.create_overlay(root_image, root, disks.image_format(root_image))
-            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device)))
             if disk_gb:
                 scratch = os.path.join(machine.disks_dir, "scratch.qcow2")
                 disks.create_scratch(scratch, int(disk_gb * record.processors * 10**9))
-                disk_list.append(DiskSpec(path=scratch, target_dev=mt.scratch_device))
+                disk_list.append(DiskSpec(path=scratch, target_dev=mt.scratch_device,
+                                          bus=bus_for(mt.scratch_device)))
         if mt.config_drive:
             disk_list.append(self._config_drive(machine))
         interface = None
@@ -213,6 +214,11 @@ class VMBuilder:
                 return f.read(4 << 20).decode("utf-8", errors="replace")
         except OSError as error:
             raise BuildError(f"machinetype {mt.name}: {what} {resolved}: {error}") from None
+
+
+def bus_for(device: str) -> str:
+    """Vac's rule: virtio for vdX devices, IDE otherwise (hdX, as CernVM images expect)."""
+    return "virtio" if device.startswith("vd") else "ide"
 
 
 def is_url(value: Optional[str]) -> bool:

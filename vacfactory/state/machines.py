@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 from typing import Dict, Iterable, Mapping, Optional
 
 from vacfactory.atomic import (
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     fsync_directory,
     remove_stale_temporaries,
+    write_new_file,
 )
 from vacfactory.core.views import FinishedVM
 from vacfactory.errors import StateError
@@ -142,15 +142,16 @@ class MachineStore:
         os.mkdir(staging, 0o755)
         for sub in ("machinefeatures", "jobfeatures", "joboutputs", "disks"):
             os.mkdir(os.path.join(staging, sub), 0o755)
-        # MJF and user_data need no fsync of their own: a power cut kills the VM that reads
-        # them, while vm.json (synced) keeps the VM accountable.
+        # The staging directory is invisible until renamed, so its files need no temp file
+        # of their own, and no fsync: a power cut kills the VM that reads them, while vm.json
+        # (synced) keeps the VM accountable.
         for key, value in machinefeatures.items():
-            atomic_write_text(os.path.join(staging, "machinefeatures", key), value, sync=False)
+            write_new_file(os.path.join(staging, "machinefeatures", key), value.encode())
         for key, value in jobfeatures.items():
-            atomic_write_text(os.path.join(staging, "jobfeatures", key), value, sync=False)
+            write_new_file(os.path.join(staging, "jobfeatures", key), value.encode())
         if user_data is not None:
             # user_data may hold a proxy or site secrets: only root reads it
-            atomic_write_bytes(os.path.join(staging, "user_data"), user_data, mode=0o600, sync=False)
+            write_new_file(os.path.join(staging, "user_data"), user_data, mode=0o600)
         atomic_write_json(os.path.join(staging, "vm.json"), to_json(record))
         os.rename(staging, final)
         fsync_directory(self.machines_dir)
@@ -237,7 +238,10 @@ class MachineStore:
 
     def mark_started(self, machine: Machine, time: float) -> Machine:
         started = Started(time=time)
-        atomic_write_json(os.path.join(machine.path, "started"), to_json(started))
+        # Atomic but not fsynced: a killed daemon loses nothing (the page cache survives it),
+        # and the kernel writes it back within ~30 s, long before a VM passes fizzle_seconds,
+        # so even a power cut cannot cost a VM that was worth accounting its record.
+        atomic_write_json(os.path.join(machine.path, "started"), to_json(started), sync=False)
         return replace(machine, started=started)
 
     def write_heartbeat(self, machine: Machine, time: float, cpu_seconds: float) -> Machine:

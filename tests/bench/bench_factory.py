@@ -1,0 +1,216 @@
+"""Factory-core figures for `make bench` (printed with their goals; nothing is asserted).
+
+1. fill: an empty 64-processor factory on libvirt's test driver, 1-processor VMs: time until
+   all 64 are created (one decision round). Goal < 2 s (Vac: over an hour).
+2. refill: a real daemon on qemu:///system with TCG guests that power off after a few
+   seconds: time from a domain's stop event to the next domain's start event. Goal: median
+   < 1 s; a bare `virsh create` of the same guest takes ~0.5 s here.
+3. idle: a daemon with its slots full on the test driver: CPU share of one core and RSS.
+   Goals < 1 % and < 100 MB.
+
+Usage: python tests/bench/bench_factory.py [--skip-refill] [--refills N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tests.unit.engine_harness import kernel_file, machinetype_text, make_harness, settings_text  # noqa: E402
+from vacfactory.engine import naming  # noqa: E402
+
+VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
+GUEST = os.path.join(REPO, "images", "build", "tiny-guest")
+
+
+def bench_fill() -> None:
+    with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
+        name = f"vfbfill{os.getpid()}.example.org"
+        text = settings_text(name, os.path.join(tmp, "state"), 64, "") + machinetype_text("bench", kernel_file(tmp))
+        harness = make_harness(tmp, text, name=name)
+        try:
+            start = time.perf_counter()
+            cpu = time.process_time()
+            report = harness.factory.run_round()
+            elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu
+            created = len(report.created)
+        finally:
+            harness.teardown()
+    print(f"fill: {created} VMs created on 64 free processors in {elapsed:.2f} s ({cpu:.2f} s CPU) "
+          f"(goal < 2 s; Vac's one VM per 60 s cycle needs over an hour)")
+
+
+def write_daemon_config(tmp: str, name: str, uri: str, domain_type: str, total: int, cmdline: str,
+                        kernel: str, initrd: str, cycle: float) -> str:
+    path = os.path.join(tmp, "vacfactory.conf")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            [settings]
+            vac_space = bench.example.org
+            factory_name = {name}
+            state_dir = {tmp}/state
+            libvirt_uri = {uri}
+            domain_type = {domain_type}
+            total_processors = {total}
+            mb_per_processor = 256
+            cycle_seconds = {cycle}
+            overload_per_processor = 100
+            nfs_exporter = none
+            udp_port = {20000 + os.getpid() % 10000}
+
+            [machinetype bench]
+            target_share = 1
+            machine_model = vm-raw
+            kernel_image = {kernel}
+            initrd_image = {initrd}
+            kernel_cmdline = {cmdline}
+            fizzle_seconds = 1
+            backoff_seconds = 1
+            """))
+    return path
+
+
+def bench_refill(refills: int) -> None:
+    import libvirt
+
+    from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+
+    kernel, initrd = os.path.join(GUEST, "vmlinux"), os.path.join(GUEST, "initrd.img")
+    if not os.path.exists(kernel):
+        print(f"refill: skipped, no guest in {GUEST} (run make setup)")
+        return
+    name = f"vfbrefill{os.getpid()}.example.org"
+    pattern = naming.domain_pattern(name)
+    stops, starts = [], []
+    lock = threading.Lock()
+
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    hypervisor = LibvirtHypervisor("qemu:///system")  # starts libvirt's event loop for us
+
+    def on_event(event) -> None:
+        if not pattern.match(event.name):
+            return
+        with lock:
+            if event.kind == "stopped":
+                stops.append(time.time())
+            elif event.kind == "started":
+                starts.append(time.time())
+
+    hypervisor.set_event_callback(on_event)
+    hypervisor.list_domains()  # connect, so events flow
+    with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
+        os.chmod(tmp, 0o755)
+        config = write_daemon_config(tmp, name, "qemu:///system", "qemu", 2,
+                                     "console=ttyS0 quiet panic=-1 vf_lifetime=2", kernel, initrd, 60)
+        log = open(os.path.join(tmp, "daemon.log"), "w")
+        daemon = subprocess.Popen([VACFACTORY, "--config", config, "run"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 60 + 20 * refills
+            while time.time() < deadline:
+                with lock:
+                    if len(stops) >= refills + 2:
+                        break
+                time.sleep(0.5)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+            for domain in hypervisor.list_domains():
+                if pattern.match(domain.name):
+                    hypervisor.destroy(domain.uuid)
+    gaps = []
+    with lock:
+        for stop in stops:
+            following = [s for s in starts if s >= stop]
+            if following:
+                gaps.append(min(following) - stop)
+    bare = bare_create(kernel, initrd)
+    hypervisor.close()
+    if not gaps:
+        print("refill: no refills observed (see the daemon log)")
+        return
+    print(f"refill: guest powered off -> next domain started: median {statistics.median(gaps):.2f} s, "
+          f"max {max(gaps):.2f} s over {len(gaps)} refills (goal: median < 1 s; "
+          f"a bare createXML here: {bare:.2f} s; Vac: up to 60 s plus its cycle)")
+
+
+def bare_create(kernel: str, initrd: str) -> float:
+    """How long libvirt itself takes to start this guest (the floor for any refill)."""
+    import uuid
+
+    from vacfactory.hypervisor.base import VMSpec
+    from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+
+    hypervisor = LibvirtHypervisor("qemu:///system")
+    spec = VMSpec(name=f"vfbench-bare-{os.getpid()}", uuid=str(uuid.uuid4()), vcpus=1, memory_mib=256,
+                  domain_type="qemu", kernel=kernel, initrd=initrd, cmdline="console=ttyS0 quiet panic=-1")
+    start = time.perf_counter()
+    hypervisor.create(spec)
+    elapsed = time.perf_counter() - start
+    hypervisor.destroy(spec.uuid)
+    hypervisor.close()
+    return elapsed
+
+
+def bench_idle(seconds: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
+        name = f"vfbidle{os.getpid()}.example.org"
+        config = write_daemon_config(tmp, name, "test:///default", "test", 8, "quiet", kernel_file(tmp), "", 10)
+        config_text = open(config).read().replace("initrd_image = \n", "")
+        with open(config, "w") as f:
+            f.write(config_text)
+        log = open(os.path.join(tmp, "daemon.log"), "w")
+        daemon = subprocess.Popen([VACFACTORY, "--config", config, "run"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(5)  # start-up and the first fill
+            before = cpu_seconds(daemon.pid)
+            time.sleep(seconds)
+            used = cpu_seconds(daemon.pid) - before
+            rss = rss_mb(daemon.pid)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+    print(f"idle daemon (8 running VMs, test driver): {100 * used / seconds:.2f} % of one core, "
+          f"RSS {rss:.0f} MB over {seconds:.0f} s (goals < 1 %, < 100 MB)")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-refill", action="store_true")
+    parser.add_argument("--refills", type=int, default=8)
+    parser.add_argument("--idle-seconds", type=float, default=30)
+    args = parser.parse_args()
+    bench_fill()
+    if not args.skip_refill:
+        bench_refill(args.refills)
+    bench_idle(args.idle_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
