@@ -35,10 +35,11 @@ bench: setup
 faults: setup
 	$(PYTEST) -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
 
-# Regenerate the configuration reference and man pages from the option table.
+# Regenerate the configuration reference and the man pages (option table, argparse parser).
 docs:
 	$(PY) -m vacfactory.config.docs markdown > docs/configuration.md
 	$(PY) -m vacfactory.config.docs man > docs/vacfactory.conf.5
+	$(PY) -m vacfactory.cli.main man > docs/vacfactory.1
 
 clean-demo:
 	rm -rf demo-state

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -34,6 +35,16 @@ from vacfactory.space.responder import ResolvedPeers, Responder
 from vacfactory.space.snapshot import FactorySnapshot
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import MachineStore
+from vacfactory.accounting.outgoing import backlog_of
+from vacfactory.core import scheduler
+from vacfactory.core.views import MachinetypeState
+from vacfactory.engine import policies
+from vacfactory.engine.snapshot import machine_status
+from vacfactory.imagecache import ImageCache
+from vacfactory.metrics import MetricsServer, MetricsSnapshot
+from vacfactory.pipefetch import refresh_pipes
+from vacfactory.space.vacmon import VacMonSender, cycle_messages, finished_message
+from vacfactory.state.machines import Machine
 from vacfactory.vmio.httpserver import MetadataServer
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 
@@ -43,6 +54,35 @@ METADATA_ADDRESS = "169.254.169.254"
 MJF_ADDRESS = "169.254.169.253"
 NETWORK_REPAIR_SECONDS = 60.0
 JOBOUTPUTS_CHECK_SECONDS = 30.0
+PIPES_SECONDS = 60.0
+IMAGE_PRUNE_SECONDS = 3600.0
+VACMON_SECONDS = 60.0  # Vac sent its status once per 60 s cycle
+BACKLOG_SECONDS = 30.0
+
+
+class BackgroundJob:
+    """A job that may block (network fetches) and so runs in its own thread, never the engine's."""
+
+    def __init__(self, name: str, interval: float, action: Callable[[], None]) -> None:
+        self.name = name
+        self.interval = interval
+        self.action = action
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"vacfactory-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.action()
+            except (VacFactoryError, OSError) as error:
+                log.error("%s: %s", self.name, error)
+            self._stopping.wait(self.interval)
 
 
 @dataclass
@@ -66,7 +106,11 @@ class Daemon:
         self.lock = StateLock(settings.state_dir)
         self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
         self.store = MachineStore(settings.state_dir)
-        self.builder = VMBuilder(settings.state_dir)
+        self.images = ImageCache(
+            os.path.join(settings.state_dir, "imagecache"), settings.pipe_ca_path,
+            settings.image_fetch_timeout_seconds, settings.image_check_seconds,
+        )
+        self.builder = VMBuilder(settings.state_dir, self.images)
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config))
         self.space = SpaceWatcher(lambda: self.factory.config)
         self.factory = Factory(
@@ -78,17 +122,26 @@ class Daemon:
             accountant=Accountant(lambda: AccountingSettings.from_config(self.factory.config)),
             host_processors=self.host_facts.cpu_count,
             space_view=self.space.view,
+            on_finished=self.vm_finished,
         )
         self.host_status = HostStatusReader(settings.state_dir)
         self.snapshot: Optional[FactorySnapshot] = None
         self.http: Optional[MetadataServer] = None
         self.responder: Optional[Responder] = None
         self.peers: Optional[ResolvedPeers] = None
+        self.metrics: Optional[MetricsServer] = None
+        self.metrics_snapshot: Optional[MetricsSnapshot] = None
+        self._backlog_cache = None
+        self.vacmon = VacMonSender(settings.vacmon_hostport) if settings.vacmon_hostport else None
+        self.background = [BackgroundJob("pipes", PIPES_SECONDS, self.refresh_pipes)]
         self.periodic: List[Periodic] = [
             Periodic("network", NETWORK_REPAIR_SECONDS, self.ensure_network),
             Periodic("metadata server", NETWORK_REPAIR_SECONDS, self.ensure_http),
             Periodic("responder", NETWORK_REPAIR_SECONDS, self.ensure_responder),
             Periodic("joboutputs limits", JOBOUTPUTS_CHECK_SECONDS, self.enforce_joboutputs_limits),
+            Periodic("metrics server", NETWORK_REPAIR_SECONDS, self.ensure_metrics),
+            Periodic("image cache", IMAGE_PRUNE_SECONDS, self.prune_images),
+            Periodic("vacmon", VACMON_SECONDS, self.send_vacmon),
         ]
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -99,6 +152,8 @@ class Daemon:
         self.publish_snapshot()
         self.run_periodic(force=True)
         self.space.start()
+        for job in self.background:
+            job.start()
         log.info("vacfactory started: factory %s, state %s, %d processors",
                  self.config.settings.factory_name, self.config.settings.state_dir,
                  self.config.settings.total_processors)
@@ -110,6 +165,7 @@ class Daemon:
 
     def _after_round(self) -> None:
         self.publish_snapshot()
+        self.publish_metrics()
         self.run_periodic()
         notify_systemd("WATCHDOG=1")
 
@@ -119,6 +175,13 @@ class Daemon:
     def close(self) -> None:
         """Stop the servers and release the state lock; running VMs are left alone."""
         notify_systemd("STOPPING=1")
+        self.factory.flush()
+        for job in self.background:
+            job.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.vacmon is not None:
+            self.vacmon.close()
         self.space.stop()
         if self.responder is not None:
             self.responder.stop()
@@ -182,9 +245,72 @@ class Daemon:
         now = factory.clock()
         report = factory.last_report
         self.snapshot = build_snapshot(
-            factory.config, factory.machines, factory.own_states, factory.last_finishes,
+            factory.config, factory.machines, factory.own_states(now), factory.last_finishes,
             self.host_status.read(), now, report.time if report else 0.0, self.http is not None,
         )
+
+    def publish_metrics(self) -> None:
+        """Build the /metrics snapshot in the engine thread (the HTTP thread only reads it)."""
+        factory = self.factory
+        config = factory.config
+        now = factory.clock()
+        running = {name: (0, 0) for name in config.machinetypes}
+        for machine in factory.machines.values():
+            if machine.live:
+                vms, procs = running.get(machine.record.machinetype, (0, 0))
+                running[machine.record.machinetype] = (vms + 1, procs + machine.record.processors)
+        view = factory.own_states(now)
+        backoff = {
+            mt.name: scheduler.backoff_remaining(mt, view.get(mt.name, MachinetypeState()), now)
+            for mt in policies.machinetype_policies(config)
+        }
+        backlog = self._backlog(config, now)
+        report = factory.last_report
+        self.metrics_snapshot = factory.recorder.snapshot(
+            config.settings.factory_name, config.settings.total_processors, running, backoff,
+            backlog.count, (now - backlog.oldest) if backlog.oldest else None,
+            not (report and report.blind),
+        )
+
+    def _backlog(self, config, now: float):
+        """The APEL queue's size, counted at most every BACKLOG_SECONDS (it lists files)."""
+        if self._backlog_cache is None or now - self._backlog_cache[0] >= BACKLOG_SECONDS:
+            self._backlog_cache = (now, backlog_of(os.path.join(config.settings.state_dir, "apel-outgoing")))
+        return self._backlog_cache[1]
+
+    def ensure_metrics(self) -> None:
+        port = self.factory.config.settings.metrics_port
+        if not port or self.metrics is not None:
+            return
+        server = MetricsServer(port, lambda: self.metrics_snapshot)
+        try:
+            server.start()
+        except OSError as error:
+            log.error("metrics endpoint cannot bind 127.0.0.1:%d: %s", port, error)
+            return
+        self.metrics = server
+
+    def refresh_pipes(self) -> None:
+        """Fetch due vacuum pipes into their caches; the config watcher reloads from them."""
+        for problem in refresh_pipes(self.factory.config):
+            log.warning("%s", problem)
+
+    def prune_images(self) -> None:
+        """Delete cached image versions no live VM's overlay reads any more."""
+        in_use = {m.record.root_image_path for m in self.factory.machines.values()
+                  if m.cleaned is None and m.record.root_image_path}
+        for path in self.images.prune(in_use):
+            log.info("image cache: removed %s", path)
+
+    def send_vacmon(self) -> None:
+        if self.vacmon is not None and self.snapshot is not None:
+            self.vacmon.send(cycle_messages(self.snapshot, time.time()))
+
+    def vm_finished(self, machine: Machine) -> None:
+        """VacMon hears about every finished VM, with its real final state (not Vac's bug)."""
+        if self.vacmon is not None and self.snapshot is not None:
+            now = time.time()
+            self.vacmon.send([finished_message(self.snapshot, machine_status(machine, now), now)])
 
     def ensure_responder(self) -> None:
         """Answer VacQuery on udp_port; only configured factories (and this host) get answers."""

@@ -32,6 +32,7 @@ from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState
 from vacfactory.engine import naming, policies
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
+from vacfactory.metrics import MetricsRecorder
 from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.state.records import Accounted, Finished, VMRecord
 from vacfactory.state.status import StatusFiles
@@ -92,6 +93,7 @@ class Factory:
         load_average: Callable[[], float] = lambda: max(os.getloadavg()),
         space_view: Optional[Callable[[object, SpaceView, float], SpaceView]] = None,
         rng: Optional[random.Random] = None,
+        on_finished: Optional[Callable[[Machine], None]] = None,
     ) -> None:
         self.config_source = config_source
         self.hypervisor = hypervisor
@@ -105,13 +107,13 @@ class Factory:
         self.load_average = load_average
         self.space_view = space_view
         self.rng = rng or random.Random()
+        self.on_finished = on_finished
+        self.recorder = MetricsRecorder(clock())
 
         self.config = config_source.current
         self.machines: Dict[str, Machine] = {}
         self.shutdown_times: Dict[str, float] = {}
         self.last_finishes: Dict[str, FinishedVM] = {}
-        #: this factory's own per-machinetype state at the last decision (snapshots use it)
-        self.own_states: Dict[str, MachinetypeState] = {}
         self.started_at = clock()
         self.last_report: Optional[RoundReport] = None
         self._blind_logged = False
@@ -178,6 +180,20 @@ class Factory:
     # -- one round ----------------------------------------------------------------------
 
     def run_round(self) -> RoundReport:
+        began = time.monotonic()
+        try:
+            return self._round()
+        finally:
+            self.recorder.round_done(time.monotonic() - began)
+
+    def flush(self) -> None:
+        """At shutdown: account and clean what has finished, so nothing waits for the restart."""
+        try:
+            self._settle(self.config, self.clock())
+        except (VacFactoryError, OSError) as error:
+            log.error("final accounting failed (it is retried at the next start): %s", error)
+
+    def _round(self) -> RoundReport:
         now = self.clock()
         report = RoundReport(time=now)
         self._poll_config()
@@ -220,6 +236,8 @@ class Factory:
             self._config_errors_logged = None
         if result.changed and result.config is not None:
             log.info("configuration reloaded: %d machinetypes", len(result.config.machinetypes))
+            for warning in result.config.warnings:  # e.g. vacuum pipe entries that were skipped
+                log.warning("configuration: %s", warning)
         if result.config is not None:
             self.config = result.config
 
@@ -350,6 +368,10 @@ class Factory:
                          int(end_time - started))
         machine = self.store.mark_finished(machine, finished)
         self.machines[machine.uuid] = machine
+        if finished.outcome != Outcome.FAILED.value:
+            self.recorder.finished(machine.record.machinetype, finished.code, finished.outcome)
+            if self.on_finished is not None:
+                self.on_finished(machine)
         self.shutdown_times.pop(machine.uuid, None)
         if finished.outcome != Outcome.FAILED.value:
             previous = self.last_finishes.get(machine.record.machinetype)
@@ -423,11 +445,15 @@ class Factory:
             if m.live
         ]
 
+    def own_states(self, now: float) -> Dict[str, MachinetypeState]:
+        """This factory's per-machinetype state right now (what it tells the space)."""
+        mt_policies = policies.machinetype_policies(self.config)
+        return core_status.machinetype_states(mt_policies, self.local_vms(), self.last_finishes, now)
+
     def _decide(self, config, now: float) -> Decision:
         mt_policies = policies.machinetype_policies(config)
         local = self.local_vms()
         own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
-        self.own_states = own
         view = self.space_view(config, own, now) if self.space_view else own
         try:
             load = self.load_average()
@@ -473,17 +499,17 @@ class Factory:
             log.error("no free slot for a %s VM although processors are free", create.machinetype)
             return None
         now = self.clock()
-        record = self.builder.new_record(
-            config, mt, uuid=str(uuidlib.uuid4()), slot=slot,
-            name=naming.domain_name(settings.factory_name, slot),
-            processors=create.processors, created=now, shutdown_time=create.shutdown_time,
-        )
+        name = naming.domain_name(settings.factory_name, slot)
         try:
+            record = self.builder.new_record(
+                config, mt, uuid=str(uuidlib.uuid4()), slot=slot, name=name,
+                processors=create.processors, created=now, shutdown_time=create.shutdown_time,
+            )
             machinefeatures, jobfeatures = self.builder.features(config, record)
             user_data = self.builder.user_data(config, mt, record)
             machine = self.store.prepare(record, machinefeatures, jobfeatures, user_data)
         except (VacFactoryError, OSError, ValueError) as error:
-            self._creation_failed(record.name, create.machinetype, error)
+            self._creation_failed(name, create.machinetype, error)
             return None
         self.machines[record.uuid] = machine
         self.shutdown_times[record.uuid] = record.shutdown_time
@@ -498,6 +524,7 @@ class Factory:
             return None
         self.machines[record.uuid] = self.store.mark_started(machine, self.clock())
         self.status.clear_error()
+        self.recorder.created(record.machinetype)
         log.info("%s: created %s with %d processors, uuid %s", record.name, record.machinetype,
                  record.processors, record.uuid)
         return record.name
@@ -506,6 +533,7 @@ class Factory:
         message = f"{name}: creation of a {machinetype} VM failed: {error}"
         log.error("%s", message)
         self.status.set_error(message)
+        self.recorder.creation_failed(machinetype)
 
     # -- retention and status -----------------------------------------------------------
 

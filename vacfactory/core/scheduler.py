@@ -321,3 +321,8 @@ def _backoff_until(mt: MachinetypePolicy, state: MachinetypeState) -> float:
 def backed_off(mt: MachinetypePolicy, state: MachinetypeState, now: float) -> bool:
     """True if ``mt`` may not start a VM now because of a recent abort (for status displays)."""
     return not _past_backoff(mt, state, now)
+
+
+def backoff_remaining(mt: MachinetypePolicy, state: MachinetypeState, now: float) -> float:
+    """Seconds until ``mt`` may start again after an abort; 0 when it is not backing off."""
+    return 0.0 if _past_backoff(mt, state, now) else max(_backoff_until(mt, state) - now, 0.0)

@@ -12,6 +12,7 @@ import logging
 from typing import Iterable, List, Optional
 
 from vacfactory.core.outcomes import ShutdownMessage
+from vacfactory.errors import ExportError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportSpec, Exporter, NullExporter
@@ -39,7 +40,11 @@ class VMBoundary:
             if machine.record.address:
                 self.registry.add(endpoint(machine))
             expected[machine.uuid] = export_specs(machine)
-        self.exporter.reconcile(expected)
+        try:
+            self.exporter.reconcile(expected)
+        except ExportError as error:
+            # HTTP VMs do not need NFS; NFS VMs will fail to publish, with this error again
+            log.error("NFS exports could not be restored: %s", error)
 
     def publish(self, machine: Machine) -> None:
         # a VM without an address (libvirt's test driver: no network) cannot reach the server

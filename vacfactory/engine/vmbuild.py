@@ -22,10 +22,11 @@ from typing import Dict, Optional, Tuple
 from vacfactory import __version__
 from vacfactory.core import mjf, userdata
 from vacfactory.engine import policies
-from vacfactory.errors import VacFactoryError
+from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
 from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
 from vacfactory.hypervisor.network import slot_ip, slot_mac
+from vacfactory.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
 
@@ -40,10 +41,11 @@ class BuildError(VacFactoryError):
 
 
 class VMBuilder:
-    """Stateless apart from where the machinetype files live."""
+    """Stateless apart from the image cache that root images by URL (or path) go through."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, images: Optional[ImageCache] = None) -> None:
         self.state_dir = state_dir
+        self.images = images
 
     # -- identity and features ----------------------------------------------------------
 
@@ -51,6 +53,7 @@ class VMBuilder:
                    created: float, shutdown_time: float) -> VMRecord:
         s = config.settings
         networked = uses_network(config)
+        root_image_path = self.root_image(mt) if mt.root_image else None
         return VMRecord(
             uuid=uuid,
             name=name,
@@ -71,7 +74,20 @@ class VMBuilder:
             address=slot_ip(slot) if networked else None,
             mac=slot_mac(slot) if networked else None,
             token=secrets.token_hex(16),
+            root_image_path=root_image_path,
         )
+
+    def root_image(self, mt) -> str:
+        """A verified local copy of the machinetype's root image (fetched by URL if need be).
+
+        The cache never replaces a file in place, so the path stays valid for the VM's life.
+        """
+        if self.images is not None:
+            try:
+                return self.images.get(mt.root_image, mt.root_image_sha256)
+            except ImageError as error:
+                raise BuildError(f"machinetype {mt.name}: {error}") from None
+        return self.resolve(mt, mt.root_image)
 
     def features(self, config, record: VMRecord) -> Tuple[Dict[str, str], Dict[str, str]]:
         inputs = policies.mjf_input(config, record)
@@ -127,7 +143,7 @@ class VMBuilder:
         record = machine.record
         disk_list = []
         boot = "hd"
-        root_image = self.resolve(mt, mt.root_image) if mt.root_image else None
+        root_image = record.root_image_path
         disk_gb = mt.disk_gb_per_processor or s.disk_gb_per_processor
         if mt.machine_model in ("cernvm3", "cernvm4") and root_image:
             # IDE cdrom on hdc as Vac does: the `pc` machine type has IDE built in

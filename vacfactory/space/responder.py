@@ -365,6 +365,7 @@ class ResolvedPeers:
         allow_loopback: bool = True,
     ) -> None:
         self.names = canonical_names(list(factories), local_name)
+        self.local_name = local_name
         self.resolver = resolver
         self.refresh_seconds = refresh_seconds
         self.allow_loopback = allow_loopback
@@ -386,7 +387,8 @@ class ResolvedPeers:
                 addresses = frozenset()
             if addresses:
                 self._by_name[name] = addresses
-            elif name not in self._by_name:
+            elif name not in self._by_name and name != self.local_name:
+                # (this factory's own tools ask on loopback, which is always allowed)
                 logger.warning("%s: factory does not resolve; its queries are not answered", name)
         current: Set[str] = set()
         for addresses in self._by_name.values():

@@ -43,6 +43,7 @@ class VMRecord:
     address: Optional[str] = None   # IPv4 on the private network
     mac: Optional[str] = None
     token: str = ""                 # per-VM secret for the HTTP MJF/metadata server
+    root_image_path: Optional[str] = None  # the cached base image its overlay reads (never replaced)
 
     @property
     def hs06(self) -> float:

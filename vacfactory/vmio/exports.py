@@ -514,6 +514,8 @@ class GaneshaExporter:
         self._write_config()
         start = time.monotonic()
         pid = self.running_pid()
+        if pid is None and not any(plan.values()):
+            return  # nothing to serve: ganesha starts with the first VM that mounts over NFS
         if pid is None:
             self._start()
         else:
