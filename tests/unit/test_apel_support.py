@@ -1,0 +1,172 @@
+"""Shared builders for the APEL tests: settings over a temporary state directory, VM usages,
+a throw-away CA with host and server certificates, and a dirq reader. (No tests here.)"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from dirq.QueueSimple import QueueSimple
+
+from vacfactory.accounting.settings import AccountingSettings, BrokerSettings
+from vacfactory.core.apel import VMUsage
+
+#: 2024-01-17T13:49:39Z: a fixed "now" for pure tests
+NOW = 1705499379.0
+UUID = "5d0c1a3e-7f7b-4c55-9a0e-1f1b6ad7c2e4"
+
+
+def make_settings(state_dir: str, **changes: object) -> AccountingSettings:
+    settings = AccountingSettings(
+        site="UKI-NORTHGRID-MAN-HEP",
+        space="vac01.tier2.hep.manchester.ac.uk",
+        factory="factory07.tier2.hep.manchester.ac.uk",
+        archive_dir=os.path.join(state_dir, "apel-archive"),
+        outgoing_dir=os.path.join(state_dir, "apel-outgoing"),
+    )
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def make_usage(i: int = 0, **changes: object) -> VMUsage:
+    usage = VMUsage(
+        uuid=UUID if i == 0 else f"00000000-0000-4000-8000-{i:012x}",
+        machinetype="lhcb-prod",
+        hostname=f"factory07-{i % 100:02d}.tier2.hep.manchester.ac.uk",
+        processors=8,
+        start_time=1705413779,
+        end_time=1705499379,
+        cpu_seconds=81234,
+        memory_mb=16384,
+        hs06_per_processor=10.5,
+        accounting_fqan="/lhcb/Role=NULL/Capability=NULL",
+    )
+    return replace(usage, **changes)  # type: ignore[arg-type]
+
+
+def read_queue(path: str) -> Dict[str, str]:
+    """Every element of a dirq QueueSimple, read back the way ssmsend reads it (lock, get)."""
+    queue = QueueSimple(path)
+    bodies = {}
+    for name in queue:
+        assert queue.lock(name), name
+        bodies[name] = queue.get(name).decode("ascii")
+        queue.unlock(name)
+    return bodies
+
+
+def archive_files(archive_dir: str, cloud: bool = False) -> List[str]:
+    """Job records (``YYYYMM/<identity>/<uuid>``) or cloud records (``cloud/YYYYMM/<uuid>``)."""
+    found = []
+    for root, _, files in os.walk(archive_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            parts = os.path.relpath(path, archive_dir).split(os.sep)
+            if name.startswith(".") or len(parts) != 3:
+                continue
+            if (parts[0] == "cloud") == cloud:
+                found.append(path)
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA and two certificates signed by it, written as PEM files."""
+
+    ca_cert: str
+    host_cert: str
+    host_key: str
+    server_cert: str
+    server_key: str
+    host_dn: str
+
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _write_key(path: str, key: rsa.RSAPrivateKey) -> None:
+    with open(path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+
+
+def _write_cert(path: str, cert: x509.Certificate) -> None:
+    with open(path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue(ca_key: rsa.RSAPrivateKey, ca_name: x509.Name, subject: x509.Name, key: rsa.RSAPrivateKey,
+          days: float = 30, usages: Tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+          san: Optional[List[x509.GeneralName]] = None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def make_pki(directory: str, host_days: float = 30) -> Pki:
+    """A CA, a host certificate (client + S/MIME signer) and a broker certificate for localhost."""
+    os.makedirs(directory, exist_ok=True)
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vacfactory test"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "vacfactory test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    host_key, server_key = _key(), _key()
+    host_name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "UK"),
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "eScience"),
+                           x509.NameAttribute(NameOID.COMMON_NAME, "factory07.tier2.hep.manchester.ac.uk")])
+    host = issue(ca_key, ca_name, host_name, host_key, days=host_days,
+                 usages=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION))
+    server = issue(ca_key, ca_name, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), server_key,
+                   usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+                   san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    paths = {n: os.path.join(directory, n) for n in ("ca.pem", "hostcert.pem", "hostkey.pem", "server.pem",
+                                                     "server.key")}
+    _write_cert(paths["ca.pem"], ca)
+    _write_cert(paths["hostcert.pem"], host)
+    _write_key(paths["hostkey.pem"], host_key)
+    _write_cert(paths["server.pem"], server)
+    _write_key(paths["server.key"], server_key)
+    return Pki(ca_cert=paths["ca.pem"], host_cert=paths["hostcert.pem"], host_key=paths["hostkey.pem"],
+               server_cert=paths["server.pem"], server_key=paths["server.key"],
+               host_dn="/C=UK/O=eScience/CN=factory07.tier2.hep.manchester.ac.uk")
+
+
+def broker_settings(pki: Pki, host: str, port: int, use_ssl: bool, destination: str = "/queue/apel.test",
+                    **changes: object) -> BrokerSettings:
+    broker = BrokerSettings(host=host, port=port, destination=destination, use_ssl=use_ssl,
+                            host_cert=pki.host_cert, host_key=pki.host_key, capath=pki.ca_cert)
+    return replace(broker, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,363 @@
+"""A built-in ssmsend: sign queued messages and deliver them over STOMP, at least once.
+
+It copies ssmsend's algorithm (apel/ssm ``Ssm2.send_all``) and fixes its hang (apel/ssm#29):
+
+- nothing queued: return at once, never connect (so a frequent timer is cheap);
+- check the host certificate and key before connecting (they sign every message);
+- connect with the host certificate as TLS client certificate; wait for CONNECTED;
+- per element: lock it, read it, check it is an ASCII APEL message, S/MIME-sign it, SEND it
+  with ``empa-id`` and ``receipt`` = the element name, wait for *that* RECEIPT, and only then
+  remove it from the queue;
+- every wait is bounded by one overall deadline; on any failure stop, unlock the element and
+  leave it and everything after it queued for the next run.
+
+A receipt that is lost after the broker took the message means the message is sent again
+next time: APEL's REPLACE key makes that harmless. A message is never removed before its
+receipt, so a broker that dies mid-send loses nothing.
+
+The sender speaks STOMP only. EGI's production service moved to ARGO AMS; sites sending
+there use the real ``ssmsend`` (``protocol: AMS``) on the same queue directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Set, Tuple
+
+import stomp
+import stomp.exception
+
+from vacfactory.accounting.outgoing import OutgoingQueue
+from vacfactory.accounting.settings import AccountingSettings, BrokerSettings
+from vacfactory.accounting.smime import Signer, load_signer
+from vacfactory.core.apel import parse_message
+from vacfactory.errors import AccountingError, RecordInvalid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+#: socket-level timeout for TCP connect and the TLS handshake
+CONNECT_TIMEOUT_SECONDS = 10.0
+#: time kept back from the deadline to close the connection cleanly
+CLOSE_BUDGET_SECONDS = 2.0
+#: we ask the broker for a heart-beat this often (ms): a dead broker is noticed within 1.5x
+#: that even over TLS, where stomp.py does not notice the end of the stream itself
+HEARTBEAT_MS = 2000
+LISTENER_NAME = "vacfactory-sender"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What one run of the sender did."""
+
+    sent: int
+    failed: int
+    remaining: int
+    #: queued elements that are not ASCII APEL messages: left in place, reported
+    invalid: int = 0
+    error: Optional[str] = None
+    #: the broker could not be reached or the connection was lost (CLI exit 69)
+    unreachable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.failed == 0 and self.invalid == 0
+
+
+class _Unreachable(AccountingError):
+    """No connection to the broker, or it was lost."""
+
+
+class _Listener(stomp.ConnectionListener):
+    """Turns stomp.py's callbacks (on its I/O thread) into state a bounded wait can test."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.connected = False
+        self.disconnected = False
+        self.errors: List[str] = []
+        self.receipts: Set[str] = set()
+
+    def on_connected(self, frame: stomp.utils.Frame) -> None:
+        with self.condition:
+            self.connected = True
+            self.condition.notify_all()
+
+    def on_receipt(self, frame: stomp.utils.Frame) -> None:
+        with self.condition:
+            self.receipts.add(frame.headers.get("receipt-id", ""))
+            self.condition.notify_all()
+
+    def on_error(self, frame: stomp.utils.Frame) -> None:
+        message = frame.headers.get("message") or str(frame.body)[:200]
+        with self.condition:
+            self.errors.append(message.strip())
+            self.condition.notify_all()
+
+    def on_disconnected(self) -> None:
+        with self.condition:
+            self.disconnected = True
+            self.condition.notify_all()
+
+    def on_heartbeat_timeout(self) -> None:
+        self.on_disconnected()
+
+    def wait(self, predicate: Callable[[], bool], deadline: float) -> bool:
+        """Wait until predicate() or the deadline; True if predicate() holds."""
+        with self.condition:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.condition.wait(min(left, 1.0))
+            return True
+
+
+class _Link:
+    """One STOMP connection with bounded connect, send-and-wait and close."""
+
+    def __init__(self, broker: BrokerSettings, deadline: float) -> None:
+        if not broker.host:
+            raise AccountingError("apel_broker_host is not set")
+        self.broker = broker
+        self.where = f"{broker.host}:{broker.port}"
+        self.listener = _Listener()
+        self.conn = stomp.Connection(
+            [(broker.host, broker.port)],
+            prefer_localhost=False,
+            try_loopback_connect=False,
+            reconnect_attempts_max=1,
+            reconnect_sleep_initial=0.1,
+            reconnect_sleep_max=0.5,
+            # bounds the TCP connect and the TLS handshake, which happen before any wait of ours
+            timeout=max(0.5, min(CONNECT_TIMEOUT_SECONDS, deadline - time.monotonic())),
+            heartbeats=(0, HEARTBEAT_MS),
+        )
+        self.conn.set_listener(LISTENER_NAME, self.listener)
+
+    def open(self, deadline: float) -> None:
+        """Connect (TLS with the host certificate if use_ssl) and wait for CONNECTED."""
+        bundle = None
+        try:
+            if self.broker.use_ssl:
+                bundle = _ca_bundle(self.broker.capath)
+                self.conn.set_ssl(
+                    for_hosts=[(self.broker.host, self.broker.port)],
+                    cert_file=self.broker.host_cert,
+                    key_file=self.broker.host_key,
+                    ca_certs=bundle[0],
+                )
+            self.conn.connect(wait=False)
+        except (stomp.exception.StompException, OSError) as error:
+            raise _Unreachable(f"cannot connect to {self.where}: {str(error) or type(error).__name__}") from error
+        finally:
+            if bundle and bundle[1]:
+                os.unlink(bundle[0])
+        listener = self.listener
+        if not listener.wait(lambda: listener.connected or listener.disconnected or bool(listener.errors), deadline):
+            raise _Unreachable(f"{self.where}: no CONNECTED frame before the deadline")
+        if not listener.connected:
+            raise _Unreachable(f"{self.where}: connection refused: {'; '.join(listener.errors) or 'disconnected'}")
+
+    def send(self, destination: str, body: str, name: str, deadline: float) -> None:
+        """SEND one message and wait for its RECEIPT; AccountingError if it does not come."""
+        listener = self.listener
+        try:
+            self.conn.send(
+                destination=destination,
+                body=body,
+                headers={"empa-id": name, "receipt": name, "persistent": "true"},
+            )
+        except (stomp.exception.StompException, OSError) as error:
+            reason = str(error) or type(error).__name__
+            raise _Unreachable(f"{self.where}: lost while sending {name}: {reason}") from error
+        listener.wait(lambda: name in listener.receipts or listener.disconnected or bool(listener.errors), deadline)
+        if name in listener.receipts:
+            return
+        if listener.errors:
+            raise AccountingError(f"{self.where}: broker refused {name}: {listener.errors[-1]}")
+        if listener.disconnected:
+            raise _Unreachable(f"{self.where}: connection lost before the receipt for {name}")
+        raise AccountingError(f"{self.where}: no receipt for {name} before the deadline")
+
+    def close(self, budget: float) -> None:
+        """DISCONNECT politely, then make sure the socket and stomp.py's thread are gone."""
+        deadline = time.monotonic() + budget
+        _bounded(self._disconnect, budget / 2)
+        _bounded(self._drop_socket, max(0.1, deadline - time.monotonic()))
+        transport = self.conn.transport
+        sock = getattr(transport, "socket", None)
+        if sock is not None:  # the polite ways hung: cut it
+            transport.running = False
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _disconnect(self) -> None:
+        if self.listener.connected and not self.listener.disconnected:
+            self.conn.disconnect()
+            self.listener.wait(lambda: self.listener.disconnected, time.monotonic() + 1.0)
+
+    def _drop_socket(self) -> None:
+        transport = self.conn.transport
+        transport.running = False
+        if getattr(transport, "socket", None) is not None:
+            transport.disconnect_socket()
+
+
+def _bounded(function: Callable[[], None], seconds: float) -> None:
+    """Run a teardown step in a daemon thread and give up waiting after ``seconds``."""
+
+    def run() -> None:
+        try:
+            function()
+        except (stomp.exception.StompException, OSError, ValueError, AttributeError) as error:
+            log.debug("sender teardown: %s: %s", function.__name__, error)
+
+    thread = threading.Thread(target=run, name="vacfactory-stomp-close", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
+def _ca_bundle(capath: str) -> Tuple[Optional[str], bool]:
+    """(file for ssl's cafile, whether it is a temporary we made).
+
+    ssmsend takes a CA *directory* (``/etc/grid-security/certificates``); Python's ssl wants a
+    file from stomp.py, so the directory's certificates are concatenated into a temporary one.
+    """
+    if not capath:
+        return None, False
+    if os.path.isfile(capath):
+        return capath, False
+    if not os.path.isdir(capath):
+        raise AccountingError(f"apel_capath {capath} is neither a CA file nor a directory")
+    seen: Set[bytes] = set()
+    pems: List[bytes] = []
+    for name in sorted(os.listdir(capath)):
+        if not (name.endswith(".pem") or name.endswith(".crt") or _hash_name(name)):
+            continue
+        try:
+            with open(os.path.join(capath, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if b"-----BEGIN CERTIFICATE-----" in data and data not in seen:
+            seen.add(data)
+            pems.append(data if data.endswith(b"\n") else data + b"\n")
+    if not pems:
+        raise AccountingError(f"apel_capath {capath} holds no CA certificates")
+    fd, path = tempfile.mkstemp(prefix="vacfactory-ca-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(pems))
+    return path, True
+
+
+def _hash_name(name: str) -> bool:
+    """OpenSSL's hashed names: ``1a2b3c4d.0``."""
+    stem, dot, suffix = name.partition(".")
+    return bool(dot) and len(stem) == 8 and suffix.isdigit() and all(c in "0123456789abcdef" for c in stem)
+
+
+def send_queued(
+    settings: AccountingSettings,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    *,
+    now: Optional[float] = None,
+) -> SendResult:
+    """Deliver everything queued (job queue, and the cloud queue when enabled).
+
+    Returns within about ``timeout_seconds`` whatever the broker does; what was not
+    delivered stays queued for the next run.
+    """
+    started = time.monotonic()
+    close_budget = min(CLOSE_BUDGET_SECONDS, timeout_seconds / 4)
+    deadline = started + max(0.1, timeout_seconds - close_budget)
+    queues = _queues(settings)
+    for queue, _ in queues:
+        queue.purge()
+    pending = sum(queue.count() for queue, _ in queues)
+    if pending == 0:
+        log.debug("no APEL messages to send")
+        return SendResult(sent=0, failed=0, remaining=0)
+    try:
+        signer = load_signer(settings.broker.host_cert, settings.broker.host_key, time.time() if now is None else now)
+        link = _Link(settings.broker, deadline)
+    except AccountingError as error:
+        log.error("APEL send: %s", error)
+        return SendResult(sent=0, failed=0, remaining=pending, error=str(error))
+    try:
+        link.open(deadline)
+    except AccountingError as error:  # _Unreachable, or a CA directory without certificates
+        log.error("APEL send: %s", error)
+        link.close(close_budget)
+        return SendResult(sent=0, failed=0, remaining=pending, error=str(error),
+                          unreachable=isinstance(error, _Unreachable))
+    sent, invalid, failure = _send_all(link, signer, queues, deadline)
+    link.close(close_budget)
+    remaining = sum(queue.count() for queue, _ in queues)
+    result = SendResult(
+        sent=sent,
+        failed=1 if failure else 0,
+        remaining=remaining,
+        invalid=invalid,
+        error=str(failure) if failure else None,
+        unreachable=isinstance(failure, _Unreachable),
+    )
+    level = logging.INFO if result.ok else logging.ERROR
+    log.log(level, "APEL send to %s: %d sent, %d failed, %d invalid, %d left queued%s", link.where, sent,
+            result.failed, invalid, remaining, f": {failure}" if failure else "")
+    return result
+
+
+def _queues(settings: AccountingSettings) -> List[Tuple[OutgoingQueue, str]]:
+    queues = [(OutgoingQueue(settings.outgoing_dir), settings.broker.destination)]
+    if settings.cloud_records or os.path.isdir(settings.cloud_queue_dir):
+        queues.append((OutgoingQueue(settings.cloud_queue_dir), settings.broker.cloud_destination))
+    return queues
+
+
+def _send_all(
+    link: _Link, signer: Signer, queues: List[Tuple[OutgoingQueue, str]], deadline: float
+) -> Tuple[int, int, Optional[AccountingError]]:
+    """Send element after element; stop at the first failure or at the deadline."""
+    sent = invalid = 0
+    for queue, destination in queues:
+        for name in queue.names():
+            if time.monotonic() >= deadline:
+                log.warning("APEL send: deadline reached, the rest stays queued")
+                return sent, invalid, None
+            if not queue.lock(name):
+                continue  # another sender has it
+            try:
+                body = queue.get_locked(name)
+                text = body.decode("ascii")
+                parse_message(text)
+            except (OSError, UnicodeDecodeError, RecordInvalid) as error:
+                log.error("%s/%s: not an APEL message, left in the queue (republish from the archive"
+                          " and remove it): %s", queue.path, name, error)
+                queue.unlock(name)
+                invalid += 1
+                continue
+            try:
+                link.send(destination, signer.sign(body).decode("ascii"), name, deadline)
+            except AccountingError as error:
+                queue.unlock(name)
+                return sent, invalid, error
+            queue.remove_locked(name)
+            sent += 1
+            log.debug("%s: sent to %s and removed", name, destination)
+    return sent, invalid, None
+
+
+def send_is_due(settings: AccountingSettings, last_attempt: Optional[float], now: float) -> bool:
+    """The daemon's timer: is the built-in sender on and its interval over?"""
+    if not settings.broker.send_enabled:
+        return False
+    return last_attempt is None or now - last_attempt >= settings.broker.send_interval_seconds
