@@ -36,6 +36,8 @@ from vacfactory.space.snapshot import FactorySnapshot
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import MachineStore
 from vacfactory.accounting.outgoing import backlog_of
+from vacfactory.accounting.sender import send_is_due, send_queued
+from vacfactory.accounting.sync import sync_if_due
 from vacfactory.core import scheduler
 from vacfactory.core.views import MachinetypeState
 from vacfactory.engine import policies
@@ -58,6 +60,7 @@ PIPES_SECONDS = 60.0
 IMAGE_PRUNE_SECONDS = 3600.0
 VACMON_SECONDS = 60.0  # Vac sent its status once per 60 s cycle
 BACKLOG_SECONDS = 30.0
+ACCOUNTING_SECONDS = 300.0  # how often the daily sync and the sender's interval are checked
 
 
 class BackgroundJob:
@@ -133,7 +136,11 @@ class Daemon:
         self.metrics_snapshot: Optional[MetricsSnapshot] = None
         self._backlog_cache = None
         self.vacmon = VacMonSender(settings.vacmon_hostport) if settings.vacmon_hostport else None
-        self.background = [BackgroundJob("pipes", PIPES_SECONDS, self.refresh_pipes)]
+        self._last_send: Optional[float] = None
+        self.background = [
+            BackgroundJob("pipes", PIPES_SECONDS, self.refresh_pipes),
+            BackgroundJob("accounting", ACCOUNTING_SECONDS, self.accounting_jobs),
+        ]
         self.periodic: List[Periodic] = [
             Periodic("network", NETWORK_REPAIR_SECONDS, self.ensure_network),
             Periodic("metadata server", NETWORK_REPAIR_SECONDS, self.ensure_http),
@@ -294,6 +301,19 @@ class Daemon:
         """Fetch due vacuum pipes into their caches; the config watcher reloads from them."""
         for problem in refresh_pipes(self.factory.config):
             log.warning("%s", problem)
+
+    def accounting_jobs(self) -> None:
+        """The daily APEL sync records, and the built-in sender when apel_send is on."""
+        settings = AccountingSettings.from_config(self.factory.config)
+        now = time.time()
+        written = sync_if_due(settings, now)
+        if written:
+            log.info("APEL sync records queued: %d", len(written))
+        if send_is_due(settings, self._last_send, now):
+            self._last_send = now
+            result = send_queued(settings)
+            log.info("APEL sender: %d sent, %d failed, %d still queued", result.sent, result.failed,
+                     result.remaining)
 
     def prune_images(self) -> None:
         """Delete cached image versions no live VM's overlay reads any more."""

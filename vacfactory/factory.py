@@ -120,6 +120,8 @@ class Factory:
         self._config_errors_logged: Optional[str] = None
         self._last_retention = 0.0
         self._unaccountable: Set[str] = set()
+        #: VMs this process has seen running (so a vanished one ended since the last round)
+        self._seen_running: Set[str] = set()
         self._last_reason: Optional[str] = None
 
         # written by the hypervisor's event thread, read by the engine thread
@@ -266,7 +268,9 @@ class Factory:
             if domain is None:
                 self._finish(machine, now)
                 report.finished.append(machine.name)
-            elif domain.cpu_seconds and (
+                continue
+            self._seen_running.add(uuid)
+            if domain.cpu_seconds and (
                 machine.heartbeat is None or now - machine.heartbeat.time >= HEARTBEAT_WRITE_SECONDS
             ):
                 self.machines[uuid] = self.store.write_heartbeat(machine, now, domain.cpu_seconds)
@@ -334,6 +338,8 @@ class Factory:
             end_time = now
         elif stop_time is not None:
             end_time = stop_time
+        elif machine.uuid in self._seen_running:
+            end_time = now  # running at the last round, gone now; its stop event is late
         else:
             # it ended unobserved (the daemon was down): its last sign of life
             signs = [machine.heartbeat.time if machine.heartbeat else None, console_mtime(machine)]
@@ -368,6 +374,7 @@ class Factory:
                          int(end_time - started))
         machine = self.store.mark_finished(machine, finished)
         self.machines[machine.uuid] = machine
+        self._seen_running.discard(machine.uuid)
         if finished.outcome != Outcome.FAILED.value:
             self.recorder.finished(machine.record.machinetype, finished.code, finished.outcome)
             if self.on_finished is not None:
@@ -383,26 +390,23 @@ class Factory:
 
     def _settle(self, config, now: float) -> None:
         """Account and clean every finished VM that still needs it (retried until done)."""
-        for uuid, machine in list(self.machines.items()):
-            if machine.finished is not None and machine.cleaned is None:
-                self._settle_machine(uuid, now)
+        self._settle_machines([u for u, m in self.machines.items()
+                               if m.finished is not None and (m.accounted is None or m.cleaned is None)], now)
 
-    def _settle_machine(self, uuid: str, now: float) -> None:
-        machine = self.machines[uuid]
-        if machine.accounted is None:
-            try:
-                accounted = self.accountant.account(machine, now)
-            except AccountingError as error:
-                if uuid not in self._unaccountable:
-                    log.error("%s: accounting failed, will retry: %s", machine.name, error)
-                    self._unaccountable.add(uuid)
-                accounted = None
-            if accounted is not None:
-                self._unaccountable.discard(uuid)
-                machine = self.store.mark_accounted(machine, accounted)
-                self.machines[uuid] = machine
-        if machine.cleaned is None:
-            self._clean(machine, now)
+    def _settle_machines(self, uuids: List[str], now: float) -> None:
+        unaccounted = [self.machines[u] for u in uuids if self.machines[u].accounted is None]
+        if unaccounted:
+            for machine, result in zip(unaccounted, self.accountant.account(unaccounted, now)):
+                if isinstance(result, AccountingError):
+                    if machine.uuid not in self._unaccountable:
+                        log.error("%s: accounting failed, will retry: %s", machine.name, result)
+                        self._unaccountable.add(machine.uuid)
+                    continue
+                self._unaccountable.discard(machine.uuid)
+                self.machines[machine.uuid] = self.store.mark_accounted(machine, result)
+        for uuid in uuids:
+            if self.machines[uuid].cleaned is None:
+                self._clean(self.machines[uuid], now)
 
     def _clean(self, machine: Machine, now: float) -> None:
         try:
@@ -520,9 +524,10 @@ class Factory:
         except (VacFactoryError, OSError) as error:
             self._creation_failed(record.name, create.machinetype, error)
             self._finish(machine, self.clock(), reason="create_failed")
-            self._settle_machine(machine.uuid, self.clock())
+            self._settle_machines([machine.uuid], self.clock())
             return None
         self.machines[record.uuid] = self.store.mark_started(machine, self.clock())
+        self._seen_running.add(record.uuid)
         self.status.clear_error()
         self.recorder.created(record.machinetype)
         log.info("%s: created %s with %d processors, uuid %s", record.name, record.machinetype,

@@ -315,3 +315,24 @@ def test_a_vm_that_ended_while_the_daemon_was_down_ends_at_its_last_sign_of_life
     assert done.finished.outcome == "neutral"
     again.hypervisor.close()
     again2.hypervisor.close()
+
+
+def test_an_accounting_failure_is_retried_until_the_record_is_written(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.clock.advance(600)
+    archive = os.path.join(h.state_dir, "apel-archive")
+    # an archive path that cannot be a directory (root ignores permission bits)
+    with open(archive, "w") as f:
+        f.write("not a directory\n")
+    h.power_off(vm, "200 Success")
+    h.factory.run_round()
+    failed = h.factory.machines[vm.uuid]
+    assert failed.finished is not None and failed.accounted is None
+    assert failed.cleaned is not None  # disks and exports go at once; the record is retried
+    os.unlink(archive)
+    h.factory.run_round()
+    done = h.factory.machines[vm.uuid]
+    assert done.accounted is not None and done.accounted.archive is not None
+    assert done.state == "done"

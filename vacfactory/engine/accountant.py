@@ -8,12 +8,13 @@ after a crash produces an identical record.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Optional, Sequence, Union
 
-from vacfactory.accounting.account import account_vm
+from vacfactory.accounting.account import account_vms
 from vacfactory.accounting.records import VMUsage
 from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.core.outcomes import Outcome
+from vacfactory.errors import AccountingError
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import Accounted
 
@@ -23,7 +24,23 @@ class Accountant:
         """``settings`` is called each time, so a reloaded configuration takes effect."""
         self.settings = settings
 
-    def account(self, machine: Machine, now: float) -> Accounted:
+    def account(self, machines: Sequence[Machine], now: float) -> List[Union[Accounted, AccountingError]]:
+        """Account finished VMs, in order; a VM whose record failed gets its error instead.
+
+        VMs that ended together (a drain, a restart) are written in parallel: the time goes
+        into fsync, which the file system commits together.
+        """
+        results: List[Union[Accounted, AccountingError, None]] = [self._skip(m, now) for m in machines]
+        due = [i for i, result in enumerate(results) if result is None]
+        written = account_vms([usage(machines[i]) for i in due], self.settings(), now)
+        for i, result in zip(due, written):
+            results[i] = result if isinstance(result, AccountingError) else Accounted(
+                time=now, archive=result.archive_path, queued=result.queue_name)
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _skip(machine: Machine, now: float) -> Optional[Accounted]:
+        """Why a VM gets no record (never started, fizzled), or None if it gets one."""
         finished = machine.finished
         assert finished is not None, "only finished VMs are accounted"
         if machine.started is None or finished.outcome == Outcome.FAILED.value:
@@ -32,8 +49,7 @@ class Accountant:
         if wall < machine.record.fizzle_seconds:
             return Accounted(time=now, skipped=f"ran {int(wall)} s, less than fizzle_seconds "
                                                f"({int(machine.record.fizzle_seconds)})")
-        result = account_vm(usage(machine), self.settings(), now)
-        return Accounted(time=now, archive=result.archive_path, queued=result.queue_name)
+        return None
 
 
 def usage(machine: Machine) -> VMUsage:
