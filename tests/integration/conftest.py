@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-_FALLBACK_GUEST_DIR = "/tmp/guestbuild/guest"
 
 
 @dataclass(frozen=True)
@@ -27,13 +26,13 @@ class TinyGuest:
 
 @pytest.fixture(scope="session")
 def tiny_guest() -> TinyGuest:
-    """The tiny guest from $VACFACTORY_GUEST_DIR if set (and only there), else
-    images/build/tiny-guest, else the temporary build in /tmp/guestbuild/guest."""
+    """The tiny guest from $VACFACTORY_GUEST_DIR if set, else images/build/tiny-guest
+    (built by `make setup`, which `make test` runs first)."""
     explicit = os.environ.get("VACFACTORY_GUEST_DIR")
     if explicit:
         candidates = [explicit]
     else:
-        candidates = [str(REPO / "images" / "build" / "tiny-guest"), _FALLBACK_GUEST_DIR]
+        candidates = [str(REPO / "images" / "build" / "tiny-guest")]
     for directory in candidates:
         kernel, initrd = os.path.join(directory, "vmlinux"), os.path.join(directory, "initrd.img")
         if os.path.isfile(kernel) and os.path.isfile(initrd):

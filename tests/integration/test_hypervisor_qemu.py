@@ -52,11 +52,10 @@ BRIDGE = "vfhvbr0"
 SUBNET_BASE = "10.254.77.0"
 NET_ADDRESS = "10.254.77.254"
 EXTRA_ADDRESS = "10.254.77.253"
-# vf_lifetime: the project guest (images/) sleeps that long in plain mode; the older
-# /tmp/guestbuild guest ignores it. Both print the "GUEST: ..." lines these tests look for.
+# vf_lifetime: the project guest (images/) sleeps that long in plain mode and prints the
+# "GUEST: ..." lines these tests look for.
 CMDLINE = "console=ttyS0 quiet panic=-1 vf_lifetime=1"
-# without "quiet" the kernel logs each virtio disk's size when virtio_blk loads, whichever
-# guest /init is in use
+# without "quiet" the kernel logs each virtio disk's size when virtio_blk loads
 VERBOSE_CMDLINE = "console=ttyS0 panic=-1 vf_lifetime=1"
 VDA_SECTORS = re.compile(r"\[vda\] (\d+) 512-byte logical blocks")
 BOOT_TIMEOUT = 90.0
@@ -528,9 +527,9 @@ def test_network_is_started_over_a_stale_bridge(hv, clean_network):
 class _RecordingHandler(http.server.BaseHTTPRequestHandler):
     """Answers like a metadata server and records who asked for what.
 
-    GET .../machinefeatures/total_cpu (the /tmp/guestbuild guest) gets "7"; everything else,
-    e.g. the project guest's GET /latest/user-data, gets a 404, which makes that guest stop
-    looking and power off after vf_lifetime.
+    GET .../machinefeatures/total_cpu gets "7"; everything else, e.g. the guest's
+    GET /latest/user-data, gets a 404, which makes it stop looking and power off after
+    vf_lifetime.
     """
 
     requests: List[tuple] = []
