@@ -31,6 +31,7 @@ from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, class
 from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
 from vacfactory.engine import naming, policies
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
+from vacfactory.faults import checkpoint
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
 from vacfactory.state.machines import Machine, MachineStore
@@ -314,7 +315,9 @@ class Factory:
                 log.warning("%s: killing: %s", machine.name, kill.value)
                 with self._events_lock:  # destroy reports no CPU time: keep this round's reading
                     self._final_cpu[uuid] = by_uuid[uuid].cpu_seconds
+                checkpoint("destroy.before")
                 self._destroy(uuid, machine.name)
+                checkpoint("destroy.after")
                 self._finish(self.machines[uuid], now, kill=kill)
                 report.killed.append(machine.name)
 
@@ -373,6 +376,7 @@ class Factory:
                 log.info("%s: minimum %s fizzle_seconds=%d ?", machine.name, machine.record.machinetype,
                          int(end_time - started))
         machine = self.store.mark_finished(machine, finished)
+        checkpoint("finish.recorded")
         self.machines[machine.uuid] = machine
         self._seen_running.discard(machine.uuid)
         if finished.outcome != Outcome.FAILED.value:
@@ -403,7 +407,9 @@ class Factory:
                         self._unaccountable.add(machine.uuid)
                     continue
                 self._unaccountable.discard(machine.uuid)
+                checkpoint("account.written")
                 self.machines[machine.uuid] = self.store.mark_accounted(machine, result)
+                checkpoint("account.marked")
         for uuid in uuids:
             if self.machines[uuid].cleaned is None:
                 self._clean(self.machines[uuid], now)
@@ -414,7 +420,9 @@ class Factory:
         except VacFactoryError as error:
             log.error("%s: withdrawing exports failed, will retry: %s", machine.name, error)
             return
+        checkpoint("clean.withdrawn")
         self.builder.remove_disks(machine)
+        checkpoint("clean.disks_removed")
         self.machines[machine.uuid] = self.store.mark_cleaned(machine, now)
 
     # -- drain --------------------------------------------------------------------------
@@ -515,12 +523,15 @@ class Factory:
         except (VacFactoryError, OSError, ValueError) as error:
             self._creation_failed(name, create.machinetype, error)
             return None
+        checkpoint("create.prepared")
         self.machines[record.uuid] = machine
         self.shutdown_times[record.uuid] = record.shutdown_time
         try:
             spec = self.builder.domain_spec(config, mt, machine)
             self.boundary.publish(machine)
+            checkpoint("create.published")
             self.hypervisor.create(spec)
+            checkpoint("create.domain_started")
         except (VacFactoryError, OSError) as error:
             self._creation_failed(record.name, create.machinetype, error)
             self._finish(machine, self.clock(), reason="create_failed")
