@@ -13,6 +13,7 @@ from vacfactory import __version__
 VERB_MODULES = (
     "vacfactory.cli.run",
     "vacfactory.cli.machines",
+    "vacfactory.cli.evidence",
     "vacfactory.cli.config_cmd",
     "vacfactory.cli.space",
     "vacfactory.cli.apel",

@@ -166,6 +166,13 @@ _FILE_NAME = Text(
     pattern_doc="must be a plain file name (A-Z a-z 0-9 _ . -, no '/')",
 )
 
+_HOSTPORT = Text(
+    name="host:port",
+    pattern=rf"(?:{HOSTNAME_PATTERN}:[0-9]{{1,5}})?",
+    pattern_doc="must be host:port (a host name or IPv4 address, and a port), or empty",
+    allow_empty=True,
+)
+
 S, M, P = SETTINGS, MACHINETYPE, VACUUM_PIPE
 
 OPTIONS: Tuple[Option, ...] = (
@@ -288,6 +295,44 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Most bytes a VM may write into joboutputs in total."),
     Option("joboutputs_max_files", S, _POSITIVE_INT, default=256, vac=False,
            doc="Most files a VM may create in joboutputs."),
+    # ---------------------------------------------------------------- [settings]: traceability
+    Option("syslog_server", S, _HOSTPORT, default="169.254.169.254:514", vac=False,
+           doc="Syslog server (UDP) VMs are told to log to: machinefeatures/syslog and "
+               "##user_data_syslog_server##, for rsyslog early in boot. When it is one of the "
+               "factory's addresses on the private network (169.254.169.254 or .253), the factory "
+               "receives the messages itself and files them per VM in <machine "
+               "dir>/syslog/messages (see `vacfactory machine`); any other host is only published. "
+               "Empty: no syslog key, no receiver."),
+    Option("syslog_forward", S, _HOSTPORT, vac=False,
+           doc="The site's central syslog (UDP host:port, preferably an IP address): every message "
+               "the factory receives within the rate limit is also sent there, as RFC 5424 with the "
+               "VM's hostname and address. Unset or empty: no forwarding."),
+    Option("syslog_days", S, Number(name="days"), default=7.0, vac=False,
+           doc="Delete a VM's syslog files once their last message is this many days old (files "
+               "rotate daily while the VM runs). A machine directory deleted earlier "
+               "(machines_dir_days) takes its syslog with it. <= 0: keep them as long as the "
+               "machine directory."),
+    Option("syslog_max_bytes_per_vm", S, Integer(name="bytes", min=4096), default=20971520, vac=False,
+           doc="Most bytes of syslog kept per VM; beyond it a last line says so and further "
+               "messages are dropped (and counted)."),
+    Option("syslog_rate_per_vm", S, Number(name="messages per second", min=0, min_exclusive=True),
+           default=50.0, vac=False,
+           doc="Messages per second accepted from one VM on average (a token bucket with "
+               "syslog_burst_per_vm); the excess is dropped and counted, so one flooding VM cannot "
+               "starve the others."),
+    Option("syslog_burst_per_vm", S, _POSITIVE_INT, default=500, vac=False,
+           doc="Messages one VM may send at once above syslog_rate_per_vm (a boot's worth)."),
+    Option("keep_on_abnormal_end", S, Boolean(), default=False, vac=False,
+           doc="Keep the disks of a VM that ended abnormally (killed for its heartbeat or "
+               "wallclock, found paused or crashed, or a shutdown_message code 500-799) in "
+               "<state_dir>/kept/<uuid>/, read-only, for keep_days, instead of deleting them. "
+               "The cached base image they need is kept as long."),
+    Option("keep_days", S, Number(name="days", min=0, min_exclusive=True), default=7.0, vac=False,
+           doc="How long kept disks (keep_on_abnormal_end) are kept."),
+    Option("keep_max_overlays", S, _POSITIVE_INT, default=8, vac=False,
+           doc="At most this many VMs' disks are kept at once; beyond it new ones are deleted as "
+               "usual (logged), so a burst of failures cannot fill the disk and older evidence "
+               "is never pushed out."),
     # ---------------------------------------------------------------- [settings]: accounting
     Option("gocdb_sitename", S, _NAME, doc="GOCDB site name: Site of APEL records."),
     Option("gocdb_cert_file", S, _PATH, doc="Certificate used to update GOCDB."),
@@ -533,6 +578,16 @@ def _rule_joboutputs(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_port(name: str) -> Callable[[DefaultContext], Optional[str]]:
+    def test(c: DefaultContext) -> Optional[str]:
+        value = c.values.get(name)
+        if value and not 1 <= int(value.rpartition(":")[2]) <= 65535:
+            return f"{value!r}: the port must be 1-65535"
+        return None
+
+    return test
+
+
 def _rule_processors(c: DefaultContext) -> Optional[str]:
     if c.values["max_processors"] < c.values["min_processors"]:
         return f"must be >= min_processors ({c.values['min_processors']})"
@@ -602,6 +657,10 @@ RULES: Tuple[Rule, ...] = (
          "apel_send = yes needs apel_broker_host."),
     Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),
          _rule_joboutputs, "joboutputs_max_file_bytes may not exceed joboutputs_max_total_bytes."),
+    Rule(S, "syslog_server", ("syslog_server",), _rule_port("syslog_server"),
+         "syslog_server's port must be 1-65535."),
+    Rule(S, "syslog_forward", ("syslog_forward",), _rule_port("syslog_forward"),
+         "syslog_forward's port must be 1-65535."),
     Rule(M, "max_processors", ("min_processors", "max_processors"), _rule_processors,
          "max_processors may not be less than min_processors."),
     Rule(M, "min_wallclock_seconds", ("min_wallclock_seconds", "max_wallclock_seconds"), _rule_wallclock,
