@@ -8,6 +8,7 @@ next start); SIGHUP makes the engine re-read the configuration at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,49 +18,61 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+from vacfactory.accounting.outgoing import backlog_of
+from vacfactory.accounting.sender import send_is_due, send_queued
 from vacfactory.accounting.settings import AccountingSettings
+from vacfactory.accounting.sync import sync_if_due
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
+from vacfactory.core import scheduler
+from vacfactory.core.views import MachinetypeState
+from vacfactory.engine import policies
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
+from vacfactory.engine.hostfacts_mjf import host_machinefeatures
 from vacfactory.engine.hoststatus import HostStatusReader
-from vacfactory.engine.snapshot import build_snapshot
+from vacfactory.engine.snapshot import build_snapshot, efficiency_last_day
+from vacfactory.engine.snapshot import machine_status
 from vacfactory.engine.spacewatch import SpaceWatcher
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
 from vacfactory.errors import HypervisorError, VacFactoryError
 from vacfactory.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
-from vacfactory.space.auth import load_space_key
-from vacfactory.space.responder import ResolvedPeers, Responder
-from vacfactory.space.snapshot import FactorySnapshot
-from vacfactory.state.lock import StateLock
-from vacfactory.state.machines import MachineStore
-from vacfactory.accounting.outgoing import backlog_of
-from vacfactory.accounting.sender import send_is_due, send_queued
-from vacfactory.accounting.sync import sync_if_due
-from vacfactory.core import scheduler
-from vacfactory.core.views import MachinetypeState
-from vacfactory.engine import policies
-from vacfactory.engine.snapshot import machine_status
 from vacfactory.imagecache import ImageCache
 from vacfactory.metrics import MetricsServer, MetricsSnapshot
 from vacfactory.pipefetch import refresh_pipes
+from vacfactory.space.auth import load_space_key
+from vacfactory.space.responder import ResolvedPeers, Responder
+from vacfactory.space.snapshot import FactorySnapshot
 from vacfactory.space.vacmon import VacMonSender, cycle_messages, finished_message
+from vacfactory.state import kept
+from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
+from vacfactory.state.machines import MachineStore
+from vacfactory.vmio import syslogd
 from vacfactory.vmio.httpserver import MetadataServer
 from vacfactory.vmio.joboutputs import JobOutputsLimits
+from vacfactory.vmio.syslogd import (
+    SyslogLimits,
+    SyslogReceiver,
+    parse_hostport,
+    receiver_address,
+    registry_resolver,
+)
 
 log = logging.getLogger(__name__)
 
 METADATA_ADDRESS = "169.254.169.254"
 MJF_ADDRESS = "169.254.169.253"
 NETWORK_REPAIR_SECONDS = 60.0
+RETENTION_SECONDS = 600.0
 JOBOUTPUTS_CHECK_SECONDS = 30.0
 PIPES_SECONDS = 60.0
 IMAGE_PRUNE_SECONDS = 3600.0
 VACMON_SECONDS = 60.0  # Vac sent its status once per 60 s cycle
 BACKLOG_SECONDS = 30.0
+SYSLOG_RESULTS = ("filed", "dropped_unknown", "dropped_rate", "dropped_size", "dropped_error")
 ACCOUNTING_SECONDS = 300.0  # how often the daily sync and the sender's interval are checked
 
 
@@ -113,7 +126,8 @@ class Daemon:
             os.path.join(settings.state_dir, "imagecache"), settings.pipe_ca_path,
             settings.image_fetch_timeout_seconds, settings.image_check_seconds,
         )
-        self.builder = VMBuilder(settings.state_dir, self.images)
+        self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
+            hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config))
         self.space = SpaceWatcher(lambda: self.factory.config)
         self.factory = Factory(
@@ -130,11 +144,14 @@ class Daemon:
         self.host_status = HostStatusReader(settings.state_dir)
         self.snapshot: Optional[FactorySnapshot] = None
         self.http: Optional[MetadataServer] = None
+        self.syslog: Optional[SyslogReceiver] = None
+        self._syslog_settings: Optional[tuple] = None
         self.responder: Optional[Responder] = None
         self.peers: Optional[ResolvedPeers] = None
         self.metrics: Optional[MetricsServer] = None
         self.metrics_snapshot: Optional[MetricsSnapshot] = None
         self._backlog_cache = None
+        self._efficiency_cache = None
         self.vacmon = VacMonSender(settings.vacmon_hostport) if settings.vacmon_hostport else None
         self._last_send: Optional[float] = None
         self.background = [
@@ -148,6 +165,8 @@ class Daemon:
             Periodic("joboutputs limits", JOBOUTPUTS_CHECK_SECONDS, self.enforce_joboutputs_limits),
             Periodic("metrics server", NETWORK_REPAIR_SECONDS, self.ensure_metrics),
             Periodic("image cache", IMAGE_PRUNE_SECONDS, self.prune_images),
+            Periodic("syslog receiver", NETWORK_REPAIR_SECONDS, self.ensure_syslog),
+            Periodic("retention", RETENTION_SECONDS, self.expire_evidence),
             Periodic("vacmon", VACMON_SECONDS, self.send_vacmon),
         ]
 
@@ -157,14 +176,28 @@ class Daemon:
         self.lock.acquire()
         self.factory.start()
         self.publish_snapshot()
-        self.run_periodic(force=True)
+        self.run_periodic(force=True)  # the responder answers from here on
         self.space.start()
+        self._wait_for_space(self.config.settings.udp_timeout_seconds + 2.0)
         for job in self.background:
             job.start()
         log.info("vacfactory started: factory %s, state %s, %d processors",
                  self.config.settings.factory_name, self.config.settings.state_dir,
                  self.config.settings.total_processors)
         notify_systemd("READY=1")
+
+    def _wait_for_space(self, timeout: float) -> None:
+        """Let the first query round end (one UDP deadline at most) before the first decision:
+        deciding without it would fill every free processor as if this factory were alone in
+        the space, and those VMs would skew the space's shares for their whole lifetime. A
+        stop signal ends the wait at once."""
+        deadline = time.monotonic() + timeout
+        while not self.space.wait_first_round(0.1):
+            if self.factory.stopping.is_set():
+                return
+            if time.monotonic() >= deadline:
+                log.warning("space: the first query round has not ended; deciding without it")
+                return
 
     def run(self, until: Optional[Callable[[], bool]] = None) -> None:
         """Run engine rounds (and the periodic jobs after each) until stopped."""
@@ -187,6 +220,8 @@ class Daemon:
             job.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.syslog is not None:
+            self.syslog.stop()
         if self.vacmon is not None:
             self.vacmon.close()
         self.space.stop()
@@ -254,6 +289,7 @@ class Daemon:
         self.snapshot = build_snapshot(
             factory.config, factory.machines, factory.own_states(now), factory.last_finishes,
             self.host_status.read(), now, report.time if report else 0.0, self.http is not None,
+            self._efficiency(now),
         )
 
     def publish_metrics(self) -> None:
@@ -273,11 +309,24 @@ class Daemon:
         }
         backlog = self._backlog(config, now)
         report = factory.last_report
-        self.metrics_snapshot = factory.recorder.snapshot(
+        snapshot = factory.recorder.snapshot(
             config.settings.factory_name, config.settings.total_processors, running, backoff,
             backlog.count, (now - backlog.oldest) if backlog.oldest else None,
             not (report and report.blind),
         )
+        syslog = self.syslog.stats if self.syslog is not None else None
+        self.metrics_snapshot = dataclasses.replace(
+            snapshot,
+            cpu_efficiency=tuple(sorted(self._efficiency(now).items())),
+            syslog=tuple((name, getattr(syslog, name)) for name in SYSLOG_RESULTS) if syslog else (),
+            kept_overlays=len(kept.list_kept(config.settings.state_dir)),
+        )
+
+    def _efficiency(self, now: float):
+        """Per-machinetype CPU efficiency over the last day, recomputed at most every minute."""
+        if self._efficiency_cache is None or now - self._efficiency_cache[0] >= 60:
+            self._efficiency_cache = (now, efficiency_last_day(self.factory.machines, now))
+        return self._efficiency_cache[1]
 
     def _backlog(self, config, now: float):
         """The APEL queue's size, counted at most every BACKLOG_SECONDS (it lists files)."""
@@ -315,10 +364,43 @@ class Daemon:
             log.info("APEL sender: %d sent, %d failed, %d still queued", result.sent, result.failed,
                      result.remaining)
 
+    def ensure_syslog(self) -> None:
+        """Receive the VMs' syslog when syslog_server is this factory; restart on changes."""
+        s = self.factory.config.settings
+        wanted = (receiver_address(s.syslog_server), s.syslog_forward, s.syslog_max_bytes_per_vm,
+                  s.syslog_rate_per_vm, s.syslog_burst_per_vm)
+        if self.syslog is not None and wanted == self._syslog_settings:
+            return
+        if self.syslog is not None:
+            self.syslog.stop()
+            self.syslog = None
+        if wanted[0] is None or not uses_network(self.factory.config):
+            return
+        receiver = SyslogReceiver(
+            [wanted[0]], registry_resolver(self.boundary.registry),
+            SyslogLimits(s.syslog_max_bytes_per_vm, s.syslog_rate_per_vm, s.syslog_burst_per_vm),
+            parse_hostport(s.syslog_forward) if s.syslog_forward else None,
+        )
+        try:
+            receiver.start()
+        except OSError as error:
+            log.error("syslog receiver cannot bind %s:%d yet: %s", wanted[0][0], wanted[0][1], error)
+            return
+        self.syslog, self._syslog_settings = receiver, wanted
+
+    def expire_evidence(self) -> None:
+        """Retention of VM syslog files and kept disks (machine directories: the engine)."""
+        s = self.factory.config.settings
+        now = time.time()
+        syslogd.expire([m.path for m in list(self.factory.machines.values())], s.syslog_days, now)
+        for path in kept.expire_kept(s.state_dir, now):
+            log.info("kept disks removed after keep_days: %s", path)
+
     def prune_images(self) -> None:
         """Delete cached image versions no live VM's overlay reads any more."""
         in_use = {m.record.root_image_path for m in self.factory.machines.values()
                   if m.cleaned is None and m.record.root_image_path}
+        in_use |= kept.kept_backing_files(self.factory.config.settings.state_dir)
         for path in self.images.prune(in_use):
             log.info("image cache: removed %s", path)
 
@@ -396,6 +478,15 @@ def network_spec(config) -> NetworkSpec:
         forward="nat",
         forward_dev=s.forward_dev,
     )
+
+
+def describe_hypervisor(hypervisor: LibvirtHypervisor, domain_type: str) -> str:
+    """The machinefeatures `hypervisor` value; empty if libvirtd cannot be asked right now."""
+    try:
+        return f"{hypervisor.describe()} {domain_type}"
+    except HypervisorError as error:
+        log.warning("cannot describe the hypervisor for machinefeatures: %s", error)
+        return ""
 
 
 def make_exporter(config):

@@ -24,14 +24,16 @@ import threading
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from vacfactory.core import enforce, mjf, scheduler, status as core_status
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
 from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
 from vacfactory.engine import naming, policies
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
+from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
+from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
 from vacfactory.state.machines import Machine, MachineStore
@@ -46,6 +48,9 @@ DEFAULT_MACHINES_DIR_DAYS = 3.0
 HEARTBEAT_WRITE_SECONDS = 10.0
 #: retention clean-up runs at most this often (it only walks the in-memory list)
 RETENTION_SECONDS = 60.0
+#: a difference this large between the wall clock's and the monotonic clock's progress from
+#: one round to the next is a step of the wall clock (NTP, `date -s`), not time passing
+CLOCK_STEP_SECONDS = 10.0
 
 
 def console_mtime(machine: Machine) -> Optional[float]:
@@ -95,6 +100,7 @@ class Factory:
         space_view: Optional[Callable[[object, SpaceView, float], SpaceView]] = None,
         rng: Optional[random.Random] = None,
         on_finished: Optional[Callable[[Machine], None]] = None,
+        monotonic: Optional[Callable[[], float]] = None,
     ) -> None:
         self.config_source = config_source
         self.hypervisor = hypervisor
@@ -116,11 +122,20 @@ class Factory:
         self.shutdown_times: Dict[str, float] = {}
         self.last_finishes: Dict[str, FinishedVM] = {}
         self.started_at = clock()
+        #: elapsed time, to tell a step of the wall clock from time passing: time.monotonic for
+        #: the real clock; an injected (test) clock brings its own partner, or none
+        self.monotonic = monotonic if monotonic is not None else (time.monotonic if clock is time.time else None)
+        self._last_tick: Optional[Tuple[float, float]] = None
+        #: heartbeats are judged from fizzle_seconds after this (the start, or a clock step)
+        self._judge_heartbeats_from = self.started_at
         self.last_report: Optional[RoundReport] = None
         self._blind_logged = False
         self._config_errors_logged: Optional[str] = None
         self._last_retention = 0.0
         self._unaccountable: Set[str] = set()
+        #: how VMs ended whose `finished` could not be written yet (a full disk): the same
+        #: record is written at the next try, so a retry neither moves the end nor the reason
+        self._unrecorded: Dict[str, Finished] = {}
         #: VMs this process has seen running (so a vanished one ended since the last round)
         self._seen_running: Set[str] = set()
         self._last_reason: Optional[str] = None
@@ -199,12 +214,17 @@ class Factory:
     def _round(self) -> RoundReport:
         now = self.clock()
         report = RoundReport(time=now)
+        self._notice_clock_step(now)
+        self._forget_events_of_ended_vms()
         self._poll_config()
         config = self.config
         try:
             domains = self.hypervisor.list_domains()
         except HypervisorError as error:
             report.blind = True
+            # What ends while we are blind ends unobserved: at its last sign of life, not when
+            # we see again (a VM that died with libvirtd must not be charged for the outage).
+            self._seen_running.clear()
             if not self._blind_logged:
                 log.error("hypervisor unreachable, creating nothing until it is back: %s", error)
                 self._blind_logged = True
@@ -226,6 +246,43 @@ class Factory:
         self._write_status(report)
         self.last_report = report
         return report
+
+    def _notice_clock_step(self, now: float) -> None:
+        """A step of the wall clock is not time passing: move running VMs' start times with it.
+
+        Their WallDuration then stays the time they really ran (no negative or clamped duration
+        after a step back, no extra hour charged after a step forward), and heartbeats are
+        judged afresh, as after a restart: a heartbeat written a minute ago is not an hour old
+        because the clock was stepped forward (that killed every VM with a heartbeat_file).
+        Shutdown times are absolute (the VM reads them from its MJF) and are not moved.
+        """
+        if self.monotonic is None:
+            return
+        tick = (now, self.monotonic())
+        last, self._last_tick = self._last_tick, tick
+        if last is None:
+            return
+        step = (tick[0] - last[0]) - (tick[1] - last[1])
+        if abs(step) < CLOCK_STEP_SECONDS:
+            return
+        log.warning("the clock stepped %s by %.0f s: moving the start times of running VMs with it and "
+                    "judging heartbeats afresh", "forward" if step > 0 else "back", abs(step))
+        self._judge_heartbeats_from = now
+        for uuid, machine in list(self.machines.items()):
+            if machine.live and machine.started is not None:
+                try:
+                    self.machines[uuid] = self.store.mark_started(machine, machine.started.time + step)
+                except OSError as error:
+                    log.error("%s: cannot move its start time: %s", machine.name, error)
+
+    def _forget_events_of_ended_vms(self) -> None:
+        """Drop event facts about VMs that are not live: the stop event of a VM we destroyed
+        arrives after it was finished, and other factories' VMs on the same libvirtd send
+        events too. Kept, they piled up for ever (one entry per kill, found by the soak)."""
+        with self._events_lock:
+            for table in (self._stop_times, self._final_cpu):
+                for uuid in [u for u in table if u not in self.machines or not self.machines[u].live]:
+                    del table[uuid]
 
     def _poll_config(self) -> None:
         result = self.config_source.poll()
@@ -258,14 +315,21 @@ class Factory:
             machine = self.machines[uuid]
             domain = by_uuid.get(uuid)
             if machine.started is None:
-                if domain is not None:
-                    log.info("%s: adopting a domain whose start was not recorded", machine.name)
-                    self.machines[uuid] = self.store.mark_started(machine, machine.record.created)
-                    report.adopted.append(machine.name)
-                else:
+                # this process started it but could not record that (a full disk): it ran
+                started_here = uuid in self._seen_running
+                if domain is None and not started_here:
                     log.info("%s: creation was interrupted; cleaning up", machine.name)
                     self._finish(machine, now, reason="create_failed")
-                continue
+                    continue
+                log.info("%s: adopting a domain whose start was not recorded", machine.name)
+                try:
+                    machine = self.machines[uuid] = self.store.mark_started(machine, machine.record.created)
+                except OSError as error:  # a full disk: adopted at a later round
+                    log.error("%s: cannot record its start, will retry: %s", machine.name, error)
+                    continue
+                report.adopted.append(machine.name)
+                if domain is not None:
+                    continue
             if domain is None:
                 self._finish(machine, now)
                 report.finished.append(machine.name)
@@ -274,7 +338,7 @@ class Factory:
             if domain.cpu_seconds and (
                 machine.heartbeat is None or now - machine.heartbeat.time >= HEARTBEAT_WRITE_SECONDS
             ):
-                self.machines[uuid] = self.store.write_heartbeat(machine, now, domain.cpu_seconds)
+                self._observed_alive(uuid, now, domain.cpu_seconds)
 
     # -- enforce ------------------------------------------------------------------------
 
@@ -309,7 +373,7 @@ class Factory:
                 settings.shutdown_time,
                 settings.grace_seconds,
                 now,
-                self.started_at,
+                self._judge_heartbeats_from,
             )
             if kill is not None:
                 log.warning("%s: killing: %s", machine.name, kill.value)
@@ -317,9 +381,25 @@ class Factory:
                     self._final_cpu[uuid] = by_uuid[uuid].cpu_seconds
                 checkpoint("destroy.before")
                 self._destroy(uuid, machine.name)
+                # The VM ran until the destroy returned (1-2 s for qemu, more on a busy host, and
+                # later kills of a round wait for the earlier ones): that is its end, not the
+                # round's start. Recorded as the last observation first, so a restart after a
+                # crash right here ends it then too, not at an older heartbeat.
+                stopped = max(self.clock(), now)
+                self._observed_alive(uuid, stopped, by_uuid[uuid].cpu_seconds)
                 checkpoint("destroy.after")
-                self._finish(self.machines[uuid], now, kill=kill)
+                self._finish(self.machines[uuid], stopped, kill=kill)
                 report.killed.append(machine.name)
+
+    def _observed_alive(self, uuid: str, time_: float, cpu_seconds: float) -> None:
+        """Write the factory's last observation of a VM; a full disk only costs precision."""
+        machine = self.machines[uuid]
+        if machine.heartbeat is not None:
+            cpu_seconds = max(cpu_seconds, machine.heartbeat.cpu_seconds)
+        try:
+            self.machines[uuid] = self.store.write_heartbeat(machine, time_, cpu_seconds)
+        except OSError as error:
+            log.error("%s: cannot record the last observation: %s", machine.name, error)
 
     def _destroy(self, uuid: str, name: str) -> None:
         try:
@@ -332,7 +412,27 @@ class Factory:
     def _finish(
         self, machine: Machine, now: float, kill: Optional[KillReason] = None, reason: Optional[str] = None
     ) -> None:
-        """Record how a VM ended; everything after (accounting, cleaning) reads this record."""
+        """Record how a VM ended; everything after (accounting, cleaning) reads this record.
+
+        If the record cannot be written (a full disk) the VM stays live in memory and this
+        same record is written at the next try (its domain is gone: the next round calls again).
+        """
+        finished = self._unrecorded.pop(machine.uuid, None)
+        if finished is None:
+            finished = self._ending(machine, now, kill, reason)
+        try:
+            machine = self.store.mark_finished(machine, finished)
+        except OSError as error:
+            self._unrecorded[machine.uuid] = finished
+            log.error("%s: cannot record how it ended, will retry: %s", machine.name, error)
+            return
+        checkpoint("finish.recorded")
+        self._finished(machine, finished)
+
+    def _ending(
+        self, machine: Machine, now: float, kill: Optional[KillReason], reason: Optional[str]
+    ) -> Finished:
+        """How and when a VM ended, from what the engine knows now."""
         with self._events_lock:
             stop_time = self._stop_times.pop(machine.uuid, None)
             final_cpu = self._final_cpu.pop(machine.uuid, None)
@@ -366,6 +466,7 @@ class Factory:
                 reason=kill.value if kill else ("shutdown_message" if message else "no_message"),
                 code=shown.code if shown else None,
                 text=shown.text if shown else "",
+                cpu_efficiency=vm_efficiency(float(cpu), end_time - started, machine.record.processors),
             )
             log.info(
                 "%s: finished after %ds: %s (%s)",
@@ -375,8 +476,10 @@ class Factory:
                 # Vac's hint for tuning fizzle_seconds
                 log.info("%s: minimum %s fizzle_seconds=%d ?", machine.name, machine.record.machinetype,
                          int(end_time - started))
-        machine = self.store.mark_finished(machine, finished)
-        checkpoint("finish.recorded")
+        return finished
+
+    def _finished(self, machine: Machine, finished: Finished) -> None:
+        """The in-memory side of a VM's end, once its `finished` record is on disk."""
         self.machines[machine.uuid] = machine
         self._seen_running.discard(machine.uuid)
         if finished.outcome != Outcome.FAILED.value:
@@ -408,11 +511,18 @@ class Factory:
                     continue
                 self._unaccountable.discard(machine.uuid)
                 checkpoint("account.written")
-                self.machines[machine.uuid] = self.store.mark_accounted(machine, result)
+                try:
+                    self.machines[machine.uuid] = self.store.mark_accounted(machine, result)
+                except OSError as error:  # a full disk: the record is rewritten in place later
+                    log.error("%s: cannot mark it accounted, will retry: %s", machine.name, error)
+                    continue
                 checkpoint("account.marked")
         for uuid in uuids:
             if self.machines[uuid].cleaned is None:
-                self._clean(self.machines[uuid], now)
+                try:
+                    self._clean(self.machines[uuid], now)
+                except OSError as error:  # a full disk: one VM's failure does not stop the round
+                    log.error("%s: cleaning failed, will retry: %s", self.machines[uuid].name, error)
 
     def _clean(self, machine: Machine, now: float) -> None:
         try:
@@ -421,9 +531,33 @@ class Factory:
             log.error("%s: withdrawing exports failed, will retry: %s", machine.name, error)
             return
         checkpoint("clean.withdrawn")
+        if not self._keep_evidence(machine, now):
+            return  # retried next round: evidence is never deleted by a failed move
         self.builder.remove_disks(machine)
         checkpoint("clean.disks_removed")
         self.machines[machine.uuid] = self.store.mark_cleaned(machine, now)
+
+    def _keep_evidence(self, machine: Machine, now: float) -> bool:
+        """With keep_on_abnormal_end, move an abnormally ended VM's disks aside (read-only)."""
+        s = self.config.settings
+        finished = machine.finished
+        if not s.keep_on_abnormal_end or finished is None or machine.started is None:
+            return True
+        why = kept.abnormal_end(finished.reason, finished.code)
+        if why is None:
+            return True
+        try:
+            record = kept.keep_overlay(
+                self.store.state_dir, machine.path, uuid=machine.uuid, name=machine.name,
+                machinetype=machine.record.machinetype, reason=why, now=now, days=s.keep_days,
+                backing_file=machine.record.root_image_path, max_kept=s.keep_max_overlays,
+            )
+        except StateError as error:
+            log.error("%s: keeping its disks failed, will retry: %s", machine.name, error)
+            return False
+        if record is not None:
+            log.info("%s: disks kept for %g days (%s)", machine.name, s.keep_days, why)
+        return True
 
     # -- drain --------------------------------------------------------------------------
 
@@ -535,9 +669,13 @@ class Factory:
         except (VacFactoryError, OSError) as error:
             self._creation_failed(record.name, create.machinetype, error)
             self._finish(machine, self.clock(), reason="create_failed")
-            self._settle_machines([machine.uuid], self.clock())
+            if self.machines[machine.uuid].finished is not None:  # else retried next round
+                self._settle_machines([machine.uuid], self.clock())
             return None
-        self.machines[record.uuid] = self.store.mark_started(machine, self.clock())
+        try:
+            self.machines[record.uuid] = self.store.mark_started(machine, self.clock())
+        except OSError as error:  # a full disk: the next round adopts the running domain
+            log.error("%s: cannot record its start, adopting it later: %s", record.name, error)
         self._seen_running.add(record.uuid)
         self.status.clear_error()
         self.recorder.created(record.machinetype)
@@ -548,7 +686,10 @@ class Factory:
     def _creation_failed(self, name: str, machinetype: str, error: Exception) -> None:
         message = f"{name}: creation of a {machinetype} VM failed: {error}"
         log.error("%s", message)
-        self.status.set_error(message)
+        try:
+            self.status.set_error(message)
+        except OSError as status_error:  # the disk that made creation fail may be full
+            log.error("cannot write factory-error: %s", status_error)
         self.recorder.creation_failed(machinetype)
 
     # -- retention and status -----------------------------------------------------------

@@ -12,7 +12,9 @@ Metric names (all ``vacfactory_``): ``running_vms``, ``running_processors`` (per
 ``creations_total``, ``creation_failures_total``, ``backoff``, ``backoff_remaining_seconds``
 (per machinetype), ``apel_queued_messages``, ``apel_oldest_message_age_seconds``,
 ``cycle_duration_seconds``, ``rounds_total``, ``start_time_seconds``,
-``hypervisor_reachable`` and ``info`` (factory name and version as labels).
+``hypervisor_reachable``, ``cpu_efficiency`` (per machinetype, last day),
+``syslog_messages_total`` (by result), ``kept_overlays`` and ``info`` (factory name and
+version as labels).
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class MetricsSnapshot:
     rounds: int = 0
     start_time: float = 0.0
     hypervisor_reachable: bool = True
+    #: machinetype -> CPU efficiency of its VMs that ended in the last day
+    cpu_efficiency: Tuple[Tuple[str, float], ...] = ()
+    #: syslog receiver counters: result (filed, dropped_unknown, ...) -> messages
+    syslog: Tuple[Tuple[str, int], ...] = ()
+    kept_overlays: int = 0
 
 
 # --------------------------------------------------------------------------- rendering
@@ -146,6 +153,13 @@ def render(snapshot: MetricsSnapshot) -> str:
              [({}, float(snapshot.start_time))])
     w.family("vacfactory_hypervisor_reachable", "gauge", "1 if the last round could list the hypervisor's VMs.",
              [({}, snapshot.hypervisor_reachable)])
+    w.family("vacfactory_cpu_efficiency", "gauge",
+             "CPU seconds / (wall seconds x processors) of the VMs that ended in the last day, per machinetype.",
+             [({"machinetype": name}, float(value)) for name, value in snapshot.cpu_efficiency])
+    w.family("vacfactory_syslog_messages", "counter", "Syslog messages from VMs since start, by what became of them.",
+             [({"result": result}, count) for result, count in snapshot.syslog])
+    w.family("vacfactory_kept_overlays", "gauge", "VMs whose disks are kept for examination (keep_on_abnormal_end).",
+             [({}, snapshot.kept_overlays)])
     return "\n".join(w.lines) + "\n"
 
 

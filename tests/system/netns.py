@@ -7,10 +7,17 @@ joined to the bridge by a veth pair (``eth0`` inside the host) with an address i
 killed (by their own pids) and every namespace is deleted by :meth:`NetnsLab.teardown`, which
 the :func:`netns_lab` fixture registers as a finalizer.
 
-Everything is named ``vfsp<tag>-...`` (veths ``vfsp<tag>h<N>``) with a random tag per lab, so
-concurrent runs do not collide and leftovers are easy to recognise. Needs root and ``ip``
-(iproute2); where network namespaces do not work the fixture FAILS with the reason - a system
-test must never pass by not running.
+Everything is named ``<prefix><tag>-...`` (veths ``<prefix><tag>h<N>``; the prefix is
+``vfsp`` unless a lab is given another) with a random tag per lab, so concurrent runs do not
+collide and leftovers are easy to recognise. Needs root and ``ip`` (iproute2); where network
+namespaces do not work the fixture FAILS with the reason - a system test must never pass by not
+running.
+
+Name resolution: :meth:`NetnsLab.hosts_file` gives every host of the lab its own
+``/etc/hosts``. ``ip netns exec NS`` bind-mounts each file of ``/etc/netns/NS/`` over the same
+file in ``/etc`` (in the private mount namespace of the command it runs), so factories find
+each other by name while the real ``/etc/hosts`` is never touched; teardown removes
+``/etc/netns/NS/``.
 
 Usage::
 
@@ -37,6 +44,10 @@ import pytest
 PREFIX = "vfsp"
 DEFAULT_SUBNET = "10.199.50"
 REPO = Path(__file__).resolve().parents[2]
+#: where ``ip netns exec`` looks for per-namespace replacements of files in /etc
+ETC_NETNS = Path("/etc/netns")
+#: interface names are at most 15 characters: prefix + 4 hex digits + "h" + host index
+MAX_PREFIX = 15 - 4 - 1 - 3
 
 
 class NetnsUnavailable(RuntimeError):
@@ -48,13 +59,13 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           timeout=30)
 
 
-def netns_problem() -> Optional[str]:
+def netns_problem(prefix: str = PREFIX) -> Optional[str]:
     """Why network namespaces cannot be used here, or None if they can."""
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is not installed"
     if os.geteuid() != 0:
         return "network namespaces need root"
-    probe = f"{PREFIX}{secrets.token_hex(2)}-probe"
+    probe = f"{prefix}{secrets.token_hex(2)}-probe"
     try:
         result = _ip("netns", "add", probe, check=False)
         if result.returncode != 0:
@@ -108,6 +119,25 @@ class Host:
         """Start ``python argv...`` in this host (e.g. ``["-m", "some.module", ...]``)."""
         return self.popen([sys.executable, *argv], **kwargs)
 
+    def write_etc(self, name: str, text: str) -> Path:
+        """Make ``/etc/<name>`` read ``text`` for commands run in this host from now on.
+
+        The file goes to ``/etc/netns/<netns>/<name>``, which ``ip netns exec`` bind-mounts
+        over ``/etc/<name>`` for the command it starts (processes already running keep what
+        they saw). The lab removes the directory at teardown.
+        """
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"not a file name in /etc: {name!r}")
+        directory = ETC_NETNS / self.netns
+        if not ETC_NETNS.exists():
+            self.lab._made_etc_netns = True
+        directory.mkdir(parents=True, exist_ok=True)
+        if directory not in self.lab._etc_dirs:
+            self.lab._etc_dirs.append(directory)
+        path = directory / name
+        path.write_text(text)
+        return path
+
 
 @dataclass
 class NetnsLab:
@@ -118,11 +148,27 @@ class NetnsLab:
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     hosts: List[Host] = field(default_factory=list)
     processes: List[subprocess.Popen] = field(default_factory=list)
+    #: first part of every namespace and interface name (labs of different suites differ)
+    prefix: str = PREFIX
     _namespaces: List[str] = field(default_factory=list)
+    _etc_dirs: List[Path] = field(default_factory=list)
+    _made_etc_netns: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prefix.isalnum() or len(self.prefix) > MAX_PREFIX:
+            raise ValueError(f"lab prefix must be 1-{MAX_PREFIX} letters or digits: {self.prefix!r}")
 
     @property
     def switch(self) -> str:
-        return f"{PREFIX}{self.tag}-sw"
+        return f"{self.prefix}{self.tag}-sw"
+
+    def hosts_file(self, names: Dict[str, str]) -> None:
+        """Give every host an ``/etc/hosts`` mapping ``names`` (host name -> address) plus
+        localhost, so processes started in the lab resolve each other without DNS."""
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+        lines += [f"{address} {name}" for name, address in names.items()]
+        for host in self.hosts:
+            host.write_etc("hosts", "\n".join(lines) + "\n")
 
     def env(self) -> Dict[str, str]:
         env = dict(os.environ)
@@ -152,8 +198,8 @@ class NetnsLab:
     def add_host(self) -> Host:
         """One more host on the bridge (addresses .1, .2, ... in creation order)."""
         index = len(self.hosts) + 1
-        netns = f"{PREFIX}{self.tag}-h{index}"
-        veth = f"{PREFIX}{self.tag}h{index}"
+        netns = f"{self.prefix}{self.tag}-h{index}"
+        veth = f"{self.prefix}{self.tag}h{index}"
         self._add_namespace(netns)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         _ip("link", "set", veth, "netns", self.switch)
@@ -180,7 +226,8 @@ class NetnsLab:
                                    f"{result.stderr[-300:]}")
 
     def teardown(self) -> None:
-        """Kill what the lab started and delete its namespaces (their veths go with them)."""
+        """Kill what the lab started, delete its namespaces (their veths go with them) and
+        the files it put in /etc/netns."""
         for process in self.processes:
             if process.poll() is None:
                 try:
@@ -195,6 +242,15 @@ class NetnsLab:
         for name in reversed(self._namespaces):
             _ip("netns", "del", name, check=False)
         self._namespaces.clear()
+        for directory in self._etc_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._etc_dirs.clear()
+        if self._made_etc_netns:
+            try:
+                ETC_NETNS.rmdir()  # this lab made it; only if no other lab has files there now
+            except OSError:
+                pass
+            self._made_etc_netns = False
 
     def __enter__(self) -> "NetnsLab":
         return self.setup()
@@ -226,11 +282,11 @@ for ip in sys.argv[2:]:
 """
 
 
-def leftover_namespaces(tag: str) -> List[str]:
+def leftover_namespaces(tag: str, prefix: str = PREFIX) -> List[str]:
     """Namespaces of one lab that still exist (for tests of the teardown itself)."""
     listing = _ip("netns", "list", check=False).stdout
     return [line.split()[0] for line in listing.splitlines()
-            if line.startswith(f"{PREFIX}{tag}-")]
+            if line.startswith(f"{prefix}{tag}-")]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def run(settings, *argv: str, now: float = NOW) -> int:
     args = parse(*argv)
     action = {"republish": cli.do_republish, "sync": cli.do_sync, "send": cli.do_send,
-              "status": cli.do_status}[args.apel_action]
+              "status": cli.do_status, "report": cli.do_report}[args.apel_action]
     return cli.run_action(action, args, settings, now)
 
 
@@ -105,3 +105,15 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
 def test_apel_without_an_action_prints_help(capsys):
     assert main(["apel"]) == 2
     assert "republish" in capsys.readouterr().err
+
+
+def test_report_summarises_the_month_per_machinetype(tmp_path, capsys):
+    settings = make_settings(str(tmp_path))
+    for i in range(1, 3):
+        account_vm(make_usage(i), settings, NOW)
+    capsys.readouterr()
+    assert run(settings, "report", "--month", "202401", "--json") == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["month"] == "202401" and report["total"]["vms"] == 2
+    assert run(settings, "report", "--month", "202401") == EXIT_OK
+    assert "records ending in 2024-01" in capsys.readouterr().out

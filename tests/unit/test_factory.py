@@ -336,3 +336,40 @@ def test_an_accounting_failure_is_retried_until_the_record_is_written(engine):
     done = h.factory.machines[vm.uuid]
     assert done.accounted is not None and done.accounted.archive is not None
     assert done.state == "done"
+
+
+def test_finished_records_carry_cpu_efficiency(engine):
+    h = engine(total=1)
+    h.factory.run_round()
+    (vm,) = h.live()
+    h.clock.advance(600)
+    h.power_off(vm, "200 Success")
+    h.factory.run_round()
+    # the test driver reports no CPU time: a VM that ran 600 s used 0 % of its processor
+    assert h.factory.machines[vm.uuid].finished.cpu_efficiency == 0.0
+
+
+def test_keep_on_abnormal_end_keeps_a_killed_vms_disks_read_only(engine, tmp_path):
+    import subprocess
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    mt = f"root_image = {base}\nheartbeat_file = heartbeat\nheartbeat_seconds = 120\n"
+    h = engine(total=2, machinetypes=(("alpha", 1, mt),), settings="keep_on_abnormal_end = yes\n")
+    h.factory.run_round()
+    first, second = h.live()
+    with open(os.path.join(second.joboutputs_dir, "heartbeat"), "w") as f:
+        f.write("alive\n")
+    os.utime(os.path.join(second.joboutputs_dir, "heartbeat"), (h.clock.now + 61, h.clock.now + 61))
+    h.clock.advance(61)
+    report = h.factory.run_round()
+    assert report.killed == [first.name]  # no heartbeat file at all
+    kept = os.path.join(h.state_dir, "kept", first.uuid)
+    overlay = os.path.join(kept, "root.qcow2")
+    assert os.path.isfile(overlay) and os.stat(overlay).st_mode & 0o777 == 0o400
+    assert os.listdir(first.disks_dir) == []
+    h.clock.advance(1)
+    h.power_off(second, "200 Success")  # a normal end: its disks are deleted as usual
+    h.factory.run_round()
+    assert not os.path.exists(os.path.join(h.state_dir, "kept", second.uuid))
+    assert os.listdir(second.disks_dir) == []

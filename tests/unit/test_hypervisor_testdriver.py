@@ -245,3 +245,16 @@ def test_list_domains_is_cheap_for_many_domains(hv):
     assert mine <= {d.uuid for d in listed}
     assert all(d.state is DomainState.RUNNING for d in listed if d.uuid in mine)
     assert elapsed < 1.0, f"list_domains of {len(listed)} domains took {elapsed:.3f} s"
+
+
+def test_describe_names_the_hypervisor_and_libvirt_versions():
+    from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+
+    hypervisor = LibvirtHypervisor("test:///default")
+    try:
+        text = hypervisor.describe()
+    finally:
+        hypervisor.close()
+    kind, version, word, lib = text.split()
+    assert word == "libvirt" and kind == "TEST"
+    assert all(part.isdigit() for part in version.split(".") + lib.split("."))

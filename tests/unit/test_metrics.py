@@ -55,7 +55,8 @@ def test_render_is_valid_prometheus_text_with_the_expected_families():
         "vacfactory_vm_outcomes", "vacfactory_creations", "vacfactory_creation_failures", "vacfactory_backoff",
         "vacfactory_backoff_remaining_seconds", "vacfactory_apel_queued_messages",
         "vacfactory_apel_oldest_message_age_seconds", "vacfactory_cycle_duration_seconds", "vacfactory_rounds",
-        "vacfactory_start_time_seconds", "vacfactory_hypervisor_reachable",
+        "vacfactory_start_time_seconds", "vacfactory_hypervisor_reachable", "vacfactory_cpu_efficiency",
+        "vacfactory_syslog_messages", "vacfactory_kept_overlays",
     }
     kind, samples = families["vacfactory_running_processors"]
     assert kind == "gauge"
@@ -187,3 +188,19 @@ def test_metrics_port_option_defaults_to_off():
     assert config.settings.metrics_port == 0
     config = load_config_string("[settings]\nvac_space = vac01.example.com\nmetrics_port = 9105\n", host)
     assert config.settings.metrics_port == 9105
+
+
+def test_efficiency_syslog_and_kept_overlays_are_rendered():
+    import dataclasses
+
+    from vacfactory.metrics import MetricsSnapshot, render
+
+    snapshot = dataclasses.replace(
+        MetricsSnapshot(factory="f1.example.org", total_processors=4),
+        cpu_efficiency=(("atlas", 0.875),), syslog=(("filed", 12), ("dropped_rate", 3)), kept_overlays=2,
+    )
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(render(snapshot)) for s in family.samples}
+    assert samples[("vacfactory_cpu_efficiency", (("machinetype", "atlas"),))] == 0.875
+    assert samples[("vacfactory_syslog_messages_total", (("result", "dropped_rate"),))] == 3
+    assert samples[("vacfactory_kept_overlays", ())] == 2

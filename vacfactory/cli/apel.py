@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from vacfactory.accounting import archive
 from vacfactory.accounting.outgoing import age_seconds, backlog_of
+from vacfactory.accounting.report import monthly_report, report_lines
 from vacfactory.accounting.republish import republish
 from vacfactory.accounting.sender import DEFAULT_TIMEOUT_SECONDS, send_queued
 from vacfactory.accounting.settings import AccountingSettings
@@ -34,7 +35,7 @@ Action = Callable[[argparse.Namespace, AccountingSettings, float], int]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("apel", help="APEL accounting: republish, sync, send, status")
+    parser = subparsers.add_parser("apel", help="APEL accounting: republish, sync, send, status, report")
     actions = parser.add_subparsers(dest="apel_action", metavar="ACTION")
 
     p = actions.add_parser("republish", help="queue archived records again")
@@ -58,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = actions.add_parser("status", help="archive count this month, queue backlog, oldest queued")
     add_json_argument(p)
     p.set_defaults(handler=_runner(do_status))
+
+    p = actions.add_parser("report", help="VMs, wall/CPU/HS06 hours and CPU efficiency per machinetype for a month")
+    p.add_argument("--month", type=_month, metavar="YYYYMM", help="default: this month (UTC)")
+    add_json_argument(p)
+    p.set_defaults(handler=_runner(do_report))
 
     parser.set_defaults(handler=lambda args: _usage(parser))
 
@@ -95,6 +101,16 @@ def _month(text: str) -> str:
     if not is_month(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a month YYYYMM")
     return text
+
+
+def do_report(args: argparse.Namespace, settings: AccountingSettings, now: float) -> int:
+    """The month's archive summarised per machinetype (exit 1 if records did not parse)."""
+    report = monthly_report(settings.archive_dir, args.month or month_of(now))
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print("\n".join(report_lines(report)))
+    return EXIT_FAILURE if report.invalid else EXIT_OK
 
 
 def do_republish(args: argparse.Namespace, settings: AccountingSettings, now: float) -> int:

@@ -224,8 +224,9 @@ def machinetype_line(reply: Reply, now: float) -> str:
     running HS06, when and how the latest VM of the type finished."""
     s = reply.status
     assert isinstance(s, MachinetypeStatus)
+    efficiency = f"{100 * s.cpu_efficiency_1d:3.0f}%" if s.cpu_efficiency_1d is not None else "   -"
     return (f"{_short(reply.factory):<15s} {_clean(s.machinetype)[:14]:<14s} "
-            f"{s.running_machines:2d} {s.running_hs06:5.1f} {_when(s.shutdown_time)} "
+            f"{s.running_machines:2d} {s.running_hs06:5.1f} {efficiency} {_when(s.shutdown_time)} "
             f'"{_clean(s.shutdown_message)}"')
 
 

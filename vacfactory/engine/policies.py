@@ -5,7 +5,7 @@ Kept in one place so the core never sees a Config and the option names stay in c
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import List, Mapping
 
 from vacfactory.core.mjf import MJFInput
 from vacfactory.core.views import FactoryPolicy, LocalVM, MachinetypePolicy
@@ -61,8 +61,9 @@ def local_vm(machine: Machine, shutdown_time: float) -> LocalVM:
     )
 
 
-def mjf_input(config, record, extra_machinefeatures: Optional[Iterable] = None) -> MJFInput:
-    """MJF values for a VM being created (core.mjf computes the keys)."""
+def mjf_input(config, record, extras: Mapping[str, str]) -> MJFInput:
+    """MJF values for a VM being created (core.mjf computes the keys); ``extras`` are the
+    non-standard machinefeatures (host facts, syslog, the site's machinefeatures_option_XXX)."""
     s = config.settings
     mt = config.machinetypes.get(record.machinetype)
     scratch_gb = None
@@ -70,9 +71,6 @@ def mjf_input(config, record, extra_machinefeatures: Optional[Iterable] = None) 
         scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor or 40) * record.processors
     elif mt is not None and (mt.disk_gb_per_processor or s.disk_gb_per_processor):
         scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor) * record.processors
-    extras = dict(s.machinefeatures_options)
-    if extra_machinefeatures:
-        extras.update(dict(extra_machinefeatures))
     return MJFInput(
         job_id=record.uuid,
         processors=record.processors,

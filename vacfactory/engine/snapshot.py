@@ -6,8 +6,9 @@ whole after each round (an atomic reference swap), so an answer is never half ol
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
+from vacfactory.core.efficiency import machinetype_efficiency
 from vacfactory.core.views import FinishedVM, MachinetypeState
 from vacfactory.engine import naming
 from vacfactory.engine.hoststatus import HostStatus
@@ -32,6 +33,7 @@ def build_snapshot(
     now: float,
     last_round: float,
     http_alive: bool,
+    efficiency: Optional[Mapping[str, float]] = None,
 ) -> FactorySnapshot:
     s = config.settings
     hs06_per_processor = s.hs06_per_processor or 1.0
@@ -44,7 +46,8 @@ def build_snapshot(
     live = [m for m in machines.values() if m.live]
     machinetypes = tuple(
         machinetype_status(name, config.machinetypes.get(name), own_states.get(name, MachinetypeState()),
-                           last_finishes.get(name), machines, s.mb_per_processor)
+                           last_finishes.get(name), machines, s.mb_per_processor,
+                           (efficiency or {}).get(name))
         for name in config.machinetypes
     )
     factory_status = FactoryStatus(
@@ -80,6 +83,18 @@ def build_snapshot(
         factory_status=factory_status,
         time=now,
     )
+
+
+def efficiency_last_day(machines: Mapping[str, Machine], now: float) -> Dict[str, float]:
+    """CPU efficiency per machinetype of the VMs that ended in the last 24 hours."""
+    rows = [
+        (m.record.machinetype, m.finished.cpu_seconds, m.finished.end_time - m.started.time,
+         m.record.processors, m.finished.end_time)
+        for m in machines.values()
+        if m.finished is not None and m.started is not None and m.finished.outcome != "failed"
+    ]
+    return {name: e.efficiency for name, e in machinetype_efficiency(rows, now - 86400).items()
+            if e.efficiency is not None}
 
 
 def machine_status(machine: Machine, now: float) -> MachineStatus:
@@ -119,6 +134,7 @@ def machinetype_status(
     last: Optional[FinishedVM],
     machines: Mapping[str, Machine],
     mb_per_processor: int,
+    cpu_efficiency: Optional[float] = None,
 ) -> MachinetypeStatus:
     message = None
     if last is not None and last.code is not None:
@@ -137,4 +153,5 @@ def machinetype_status(
         max_wallclock_seconds=mt.max_wallclock_seconds if mt is not None else None,
         max_processors=mt.max_processors if mt is not None else None,
         bytes_per_processor=mb_per_processor * 1048576,
+        cpu_efficiency_1d=cpu_efficiency,
     )

@@ -5,6 +5,10 @@ must refill a slot within about a second, so queries never run inside a decision
 thread asks the other factories every few seconds and keeps the latest answers; each round
 merges them with this factory's own *current* state (core.status.merge_states). Answers
 older than a few query intervals are dropped: a silent space is unknown, not empty.
+
+The one exception is start-up: the daemon waits (at most one UDP deadline) for the first
+query round before its first decision, so a factory (re)starting into a busy space does not
+fill every free processor as if it were alone (:meth:`SpaceWatcher.wait_first_round`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class SpaceWatcher:
         self._unknown: FrozenSet[str] = frozenset()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._first_round = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def others(self, config) -> list:
@@ -50,10 +55,20 @@ class SpaceWatcher:
         self._thread = threading.Thread(target=self._loop, name="vacfactory-space", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop asking. A query round in flight is not waited for beyond ``timeout``: it can
+        last a whole UDP deadline when a peer is dead, it holds nothing but its own socket,
+        and the thread is a daemon thread - so it must not hold up the daemon's exit."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=timeout)
+
+    def wait_first_round(self, timeout: float) -> bool:
+        """Wait until the first query round has ended (answered or not); False on timeout.
+
+        A round ends by its UDP deadline, so ``udp_timeout_seconds`` plus a little is enough.
+        """
+        return self._first_round.wait(timeout)
 
     def query_once(self) -> None:
         config = self.config()
@@ -93,6 +108,8 @@ class SpaceWatcher:
             started = time.monotonic()
             try:
                 self.query_once()
-            except OSError as error:
-                log.error("space query failed: %s", error)
+            except Exception:  # noqa: BLE001 - one bad round must not end space-awareness for good
+                log.exception("space query failed; retrying next round")
+            finally:
+                self._first_round.set()
             self._stopping.wait(max(QUERY_SECONDS - (time.monotonic() - started), 0.5))

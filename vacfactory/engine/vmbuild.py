@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from vacfactory import __version__
 from vacfactory.core import mjf, userdata
 from vacfactory.engine import policies
+from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
 from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
 from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
@@ -43,9 +44,12 @@ class BuildError(VacFactoryError):
 class VMBuilder:
     """Stateless apart from the image cache that root images by URL (or path) go through."""
 
-    def __init__(self, state_dir: str, images: Optional[ImageCache] = None) -> None:
+    def __init__(self, state_dir: str, images: Optional[ImageCache] = None,
+                 host_features: Optional[Mapping[str, str]] = None) -> None:
         self.state_dir = state_dir
         self.images = images
+        #: host facts published in every VM's machinefeatures (engine.hostfacts_mjf)
+        self.host_features = dict(host_features or {})
 
     # -- identity and features ----------------------------------------------------------
 
@@ -90,7 +94,10 @@ class VMBuilder:
         return self.resolve(mt, mt.root_image)
 
     def features(self, config, record: VMRecord) -> Tuple[Dict[str, str], Dict[str, str]]:
-        inputs = policies.mjf_input(config, record)
+        s = config.settings
+        extras = merge_extras(self.host_features, syslog_machinefeatures(s.syslog_server),
+                              s.machinefeatures_options)
+        inputs = policies.mjf_input(config, record, extras)
         return mjf.machinefeatures(inputs), mjf.jobfeatures(inputs)
 
     def user_data(self, config, mt, record: VMRecord) -> Optional[bytes]:
@@ -115,6 +122,7 @@ class VMBuilder:
             root_image_url=mt.root_image if is_url(mt.root_image) else None,
             user_data_url=mt.user_data if is_url(mt.user_data) else None,
             site=config.settings.gocdb_sitename,
+            extra=syslog_substitutions(config.settings.syslog_server),
         )
         return userdata.render_user_data(template, substitutions, options, files).encode("utf-8")
 
@@ -166,7 +174,7 @@ class VMBuilder:
             disk_list.append(self._config_drive(machine))
         interface = None
         if record.mac is not None:
-            interface = InterfaceSpec(network=s.network_name, mac=record.mac)
+            interface = InterfaceSpec(network=s.network_name, mac=record.mac, anti_spoofing=True)
         kernel = self.resolve(mt, mt.kernel_image) if mt.kernel_image else None
         initrd = self.resolve(mt, mt.initrd_image) if mt.initrd_image else None
         if kernel is None and not root_image:

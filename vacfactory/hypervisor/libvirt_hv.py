@@ -427,6 +427,15 @@ class LibvirtHypervisor:
         except Exception:  # noqa: BLE001 - an engine bug must not kill libvirt's event thread
             log.exception("%s: event callback failed for %s", domain_event.name, kind)
 
+    def describe(self) -> str:
+        """The hypervisor in one line for VMs' machinefeatures, e.g. "QEMU 7.2.0 libvirt 9.0.0"."""
+        conn = self._connection()
+        try:
+            kind, version, lib = conn.getType(), conn.getVersion(), conn.getLibVersion()
+        except libvirt.libvirtError as exc:
+            raise self._error(conn, exc, "describe failed") from exc
+        return f"{kind} {_version(version)} libvirt {_version(lib)}"
+
     def ping(self) -> bool:
         """True if libvirtd answers a round trip now (reconnecting if needed)."""
         try:
@@ -574,3 +583,8 @@ def spec_shape(spec: VMSpec) -> Tuple:
         None if spec.interface is None else spec.interface.anti_spoofing,
         tuple(f.readonly for f in spec.filesystems),
     )
+
+
+def _version(number: int) -> str:
+    """libvirt's version numbers: major * 1,000,000 + minor * 1,000 + release."""
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"

@@ -258,6 +258,7 @@ _MACHINETYPE_FIELDS = (
     _f("max_wallclock_seconds", _number, null=True),
     _f("max_processors", _count, null=True),
     _f("bytes_per_processor", _size, null=True),
+    _f("cpu_efficiency_1d", _number, null=True),
 )
 # A factory_status is accepted with any subset of these (Vac checks none of them); a null
 # (a figure Vac could not measure) keeps our default.
@@ -569,7 +570,8 @@ def machinetype_fields(snapshot: FactorySnapshot, status: MachinetypeStatus) -> 
         shutdown_time=_int_or_none(status.shutdown_time),
         shutdown_machine=status.shutdown_machine,
     )
-    for name in ("fqan", "max_wallclock_seconds", "max_processors", "bytes_per_processor"):
+    for name in ("fqan", "max_wallclock_seconds", "max_processors", "bytes_per_processor",
+                 "cpu_efficiency_1d"):
         value = getattr(status, name)
         if value is not None:
             message[name] = int(value) if name == "max_wallclock_seconds" else value

@@ -76,6 +76,9 @@ class MachinetypeStatus:
     max_wallclock_seconds: Optional[float] = None
     max_processors: Optional[int] = None
     bytes_per_processor: Optional[int] = None
+    #: vacfactory's additive field: CPU seconds / (wall x processors) of its VMs that ended
+    #: in the last day (None when none did); Vac peers ignore it
+    cpu_efficiency_1d: Optional[float] = None
 
 
 @dataclass(frozen=True)

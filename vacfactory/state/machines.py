@@ -140,6 +140,25 @@ class MachineStore:
             raise StateError("machine directory already exists", machine=record.name, path=final)
         shutil.rmtree(staging, ignore_errors=True)
         os.mkdir(staging, 0o755)
+        try:
+            self._fill_staging(staging, record, machinefeatures, jobfeatures, user_data)
+            os.rename(staging, final)
+        except BaseException:
+            # a full disk (or anything else): leave no half-made directory behind until the
+            # next daemon start; each failed creation would otherwise leak one
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_directory(self.machines_dir)
+        return Machine(record=record, path=final)
+
+    @staticmethod
+    def _fill_staging(
+        staging: str,
+        record: VMRecord,
+        machinefeatures: Mapping[str, str],
+        jobfeatures: Mapping[str, str],
+        user_data: Optional[bytes],
+    ) -> None:
         for sub in ("machinefeatures", "jobfeatures", "joboutputs", "disks"):
             os.mkdir(os.path.join(staging, sub), 0o755)
         # The staging directory is invisible until renamed, so its files need no temp file
@@ -153,9 +172,6 @@ class MachineStore:
             # user_data may hold a proxy or site secrets: only root reads it
             write_new_file(os.path.join(staging, "user_data"), user_data, mode=0o600)
         atomic_write_json(os.path.join(staging, "vm.json"), to_json(record))
-        os.rename(staging, final)
-        fsync_directory(self.machines_dir)
-        return Machine(record=record, path=final)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -170,6 +186,12 @@ class MachineStore:
         machines: Dict[str, Machine] = {}
         if recover:
             remove_stale_temporaries(self.machines_dir)
+            # A kill during a write of status.json, factory-heartbeat, factory-error or a
+            # finishes/ file leaves its temporary here too; nothing else would ever remove it.
+            # (Only a `vacfactory drain` writing runtime.conf in the very millisecond of a
+            # daemon start could lose its temporary to this; it then fails and is repeated.)
+            remove_stale_temporaries(self.finishes_dir)
+            remove_stale_temporaries(self.state_dir)
         for entry in sorted(os.listdir(self.machines_dir)):
             path = os.path.join(self.machines_dir, entry)
             if entry.startswith(NEW_PREFIX):

@@ -75,6 +75,7 @@ class Finished:
     reason: str               # 'shutdown_message', 'no_message', a KillReason value, 'create_failed', 'vanished'
     code: Optional[int] = None
     text: str = ""
+    cpu_efficiency: Optional[float] = None  # CPU seconds / (wall seconds x processors)
 
     @property
     def message(self) -> str:
