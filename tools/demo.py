@@ -2,8 +2,9 @@
 
 The factory runs in this process (the same Daemon `vacfactory run` uses), with its state in
 demo-state/ and its log in demo-state/vacfactory.log. After --seconds the demo drains the
-factory the way an admin would (shutdown_time = now in the runtime override file), waits
-until every VM has ended and been accounted, and prints what happened.
+factory the way an admin would (`vacfactory drain --at +10s`: shutdown_time in the runtime
+override file), so running pilots see the earlier shutdowntime_job in their MJF and stop with
+their own outcome, waits until every VM has ended and been accounted, and prints what happened.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from vacfactory.atomic import atomic_write_text  # noqa: E402
 from vacfactory.cli.machines import format_row, machine_rows  # noqa: E402
 from vacfactory.config.loader import ConfigSources  # noqa: E402
 from vacfactory.daemon import Daemon, configure_logging  # noqa: E402
 
 GUEST_DIR = os.path.join(REPO, "images", "build", "tiny-guest")
 PILOT = os.path.join(REPO, "contextualization", "demo-pilot.sh")
+#: the drain's shutdown_time is this far ahead: pilots (heartbeat every 5 s) stop by themselves
+#: before it plus grace_seconds (conf/demo.conf), when the factory would kill them
+DRAIN_SECONDS = 10
 
 
 def link_machinetype_files(daemon: Daemon) -> None:
@@ -38,6 +43,15 @@ def link_machinetype_files(daemon: Daemon) -> None:
             os.symlink(source, target)
 
 
+def backing_off(daemon: Daemon) -> dict:
+    """machinetype -> seconds of backoff left, from the engine's last metrics snapshot (built in
+    the engine thread after each round, so reading it here is safe)."""
+    snapshot = daemon.metrics_snapshot
+    if snapshot is None:
+        return {}
+    return {m.machinetype: m.backoff_remaining_seconds for m in snapshot.machinetypes if m.in_backoff}
+
+
 def table(daemon: Daemon, started: float, events: "collections.Counter[str]") -> str:
     factory = daemon.factory
     now = time.time()
@@ -46,6 +60,9 @@ def table(daemon: Daemon, started: float, events: "collections.Counter[str]") ->
     report = factory.last_report
     if report is not None and report.decision is not None:
         lines.append(f"last decision: {report.decision.reason}")
+    backoff = backing_off(daemon)
+    lines.append("backing off: " + (", ".join(f"{name} ({left:.0f} s left)" for name, left in sorted(backoff.items()))
+                                    if backoff else "-"))
     lines.append("")
     lines.extend(format_row(row, now) for row in rows)
     lines.append("")
@@ -53,7 +70,7 @@ def table(daemon: Daemon, started: float, events: "collections.Counter[str]") ->
     return "\n".join(lines)
 
 
-def summarize(daemon: Daemon, since: float) -> str:
+def summarize(daemon: Daemon, since: float, backoffs: "dict[str, float]", drained_at: int) -> str:
     machines = [m for m in daemon.factory.machines.values() if m.record.created >= since]
     outcomes = collections.Counter(m.finished.outcome for m in machines if m.finished)
     messages = collections.Counter(m.finished.message or m.finished.reason for m in machines if m.finished)
@@ -67,16 +84,33 @@ def summarize(daemon: Daemon, since: float) -> str:
         "  shutdown messages:",
     ]
     lines.extend(f"    {count:3d} x {message}" for message, count in messages.most_common())
+    backed_off = ", ".join(f"{name} (up to {left:.0f} s)" for name, left in sorted(backoffs.items()))
+    lines.append("  backed off: " + (backed_off or "nothing"))
+    if drained_at:
+        early = sum(1 for m in machines if m.finished and m.finished.reason == "shutdown_message"
+                    and "shutdowntime_job has passed: stopping early" in _console(m))
+        killed = sum(1 for m in machines if m.finished and m.finished.reason == "shutdown_time")
+        lines.append(f"  drain: shutdown_time {time.strftime('%H:%M:%S', time.localtime(drained_at))}; "
+                     f"{early} VMs saw it in their MJF and stopped early, {killed} were stopped by the factory")
     lines.append(f"  state: {daemon.config.settings.state_dir}  log: {daemon.config.settings.state_dir}/vacfactory.log")
     return "\n".join(lines)
 
 
-def drain(daemon: Daemon) -> None:
-    """What `vacfactory drain` does: shutdown_time = now in the runtime override file."""
+def _console(machine) -> str:
+    try:
+        with open(machine.console_log, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def drain(daemon: Daemon) -> int:
+    """What `vacfactory drain --at +10s` does: shutdown_time in the runtime override file."""
     path = os.path.join(daemon.config.settings.state_dir, "runtime.conf")
-    with open(path, "w") as f:
-        f.write(f"[settings]\nshutdown_time = {int(time.time())}\n")
+    when = int(time.time()) + DRAIN_SECONDS
+    atomic_write_text(path, f"[settings]\nshutdown_time = {when}\n")
     daemon.factory.wake.set()
+    return when
 
 
 def main() -> int:
@@ -105,9 +139,13 @@ def main() -> int:
     worker.start()
     interactive = sys.stdout.isatty()
     draining = False
+    drained_at = 0
+    backoffs: "dict[str, float]" = {}
     try:
         while worker.is_alive():
             time.sleep(2)
+            for name, left in backing_off(daemon).items():
+                backoffs[name] = max(backoffs.get(name, 0.0), left)
             events.clear()
             for m in list(daemon.factory.machines.values()):
                 if m.record.created >= started:
@@ -117,8 +155,9 @@ def main() -> int:
             text = table(daemon, started, events)
             print(("\033[H\033[2J" + text) if interactive else text + "\n", flush=True)
             if not draining and time.time() - started >= args.seconds:
-                print("time is up: draining the factory (shutdown_time = now)", flush=True)
-                drain(daemon)
+                drained_at = drain(daemon)
+                print(f"time is up: draining the factory (shutdown_time = now + {DRAIN_SECONDS} s, "
+                      "published in the running VMs' machine/job features)", flush=True)
                 draining = True
             if draining and not any(m.live or m.cleaned is None for m in daemon.factory.machines.values()):
                 break
@@ -131,7 +170,7 @@ def main() -> int:
         os.unlink(os.path.join(state_dir, "runtime.conf"))
     except FileNotFoundError:
         pass
-    print(summarize(daemon, started))
+    print(summarize(daemon, started, backoffs, drained_at))
     return 0
 
 

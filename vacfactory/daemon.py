@@ -276,7 +276,7 @@ class Daemon:
         )
         try:
             server.start()
-        except OSError as error:
+        except (OSError, VacFactoryError) as error:
             log.error("metadata server cannot bind %s/%s port %d yet: %s", MJF_ADDRESS, METADATA_ADDRESS, port, error)
             return
         self.http = server

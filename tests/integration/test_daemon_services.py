@@ -50,6 +50,7 @@ def daemon(tmp_path):
         total_processors = 3
         hs06_per_processor = 10
         udp_port = {udp_port}
+        nfs_exporter = none
         metrics_port = {metrics_port}
         vacmon_hostport = 127.0.0.1:{vacmon.getsockname()[1]}
 

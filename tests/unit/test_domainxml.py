@@ -280,3 +280,28 @@ def test_libvirt_validates_and_starts_the_xml(domain_type, kernel_boot):
     finally:
         hv.destroy(spec.uuid)
         hv.close()
+
+
+def test_anti_spoofing_pins_the_slot_address_in_the_filter():
+    import xml.etree.ElementTree as ET
+
+    from vacfactory.hypervisor.base import InterfaceSpec, VMSpec
+    from vacfactory.hypervisor.domainxml import domain_xml
+
+    spec = VMSpec(name="f1-03.example.org", uuid="5d0c1a3e-7f7b-4c55-9a0e-1f1b6ad7c2e4", vcpus=1,
+                  memory_mib=256, domain_type="qemu",
+                  interface=InterfaceSpec(network="vacfactory", mac="56:4d:a9:fe:a9:04", anti_spoofing=True,
+                                          ip="169.254.169.4"),
+                  kernel="/boot/vmlinux")
+    filterref = ET.fromstring(domain_xml(spec)).find("devices/interface/filterref")
+    assert filterref.get("filter") == "clean-traffic"
+    assert [(p.get("name"), p.get("value")) for p in filterref.findall("parameter")] == [("IP", "169.254.169.4")]
+
+
+def test_an_interface_address_must_be_ipv4():
+    import pytest
+
+    from vacfactory.hypervisor.base import InterfaceSpec
+
+    with pytest.raises(ValueError, match="bad IPv4"):
+        InterfaceSpec(network="vacfactory", mac="56:4d:a9:fe:a9:04", ip="169.254.169.4; reboot")

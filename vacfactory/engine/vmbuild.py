@@ -174,7 +174,11 @@ class VMBuilder:
             disk_list.append(self._config_drive(machine))
         interface = None
         if record.mac is not None:
-            interface = InterfaceSpec(network=s.network_name, mac=record.mac, anti_spoofing=True)
+            # nwfilter clean-traffic: the HTTP server and the NFS exports know a VM by its
+            # address, so a VM must not send from another slot's IP or MAC (it could otherwise
+            # read and write that VM's files: tests/integration/test_vm_boundary_qemu.py)
+            interface = InterfaceSpec(network=s.network_name, mac=record.mac, anti_spoofing=True,
+                                      ip=record.address)
         kernel = self.resolve(mt, mt.kernel_image) if mt.kernel_image else None
         initrd = self.resolve(mt, mt.initrd_image) if mt.initrd_image else None
         if kernel is None and not root_image:

@@ -12,6 +12,7 @@ an obscure libvirt error (or worse, as an option injected into a command line).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -117,10 +118,18 @@ class InterfaceSpec:
     network: str
     mac: str
     anti_spoofing: bool = False  # nwfilter clean-traffic
+    #: the VM's fixed address; with anti_spoofing the filter allows only it from the start
+    #: (otherwise libvirt learns it from the VM's first packet, which a hostile VM chooses)
+    ip: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not _NETWORK_NAME.match(self.network):
             raise ValueError(f"interface: bad network name {self.network!r}")
+        if self.ip is not None:
+            try:
+                ipaddress.IPv4Address(self.ip)
+            except ValueError:
+                raise ValueError(f"interface: bad IPv4 address {self.ip!r}") from None
         if not _MAC.match(self.mac):
             raise ValueError(f"interface: bad MAC address {self.mac!r}")
         if int(self.mac[:2], 16) & 1:

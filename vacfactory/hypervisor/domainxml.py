@@ -111,5 +111,7 @@ def _interface(iface: InterfaceSpec) -> ET.Element:
     ET.SubElement(el, "mac", address=iface.mac.lower())
     ET.SubElement(el, "model", type="virtio")
     if iface.anti_spoofing:
-        ET.SubElement(el, "filterref", filter="clean-traffic")
+        filterref = ET.SubElement(el, "filterref", filter="clean-traffic")
+        if iface.ip is not None:
+            ET.SubElement(filterref, "parameter", name="IP", value=iface.ip)
     return el
