@@ -15,9 +15,10 @@ setup:
 demo: setup
 	$(PY) tools/demo.py --config conf/demo.conf --seconds $(DEMO_SECONDS)
 
-# The whole suite: pure and libvirt test-driver unit tests, real VMs, network namespaces.
+# The whole suite: pure and libvirt test-driver unit tests, real VMs, network namespaces, and
+# the fault suite's short profile (VACFACTORY_FAULTS_PROFILE unset = short; `make faults` = full).
 test: setup
-	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration tests/system $(PYTEST_ARGS)
+	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration tests/system tests/faults $(PYTEST_ARGS)
 
 unit:
 	$(PYTEST) -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
@@ -32,8 +33,11 @@ system: setup
 bench: setup
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# Reliability under faults, full profile (>= 500 kill -9 trials, >= 10 with real VMs, a 2-minute
+# libvirtd outage, a full disk, clock jumps, a simulated day): prints the table of trials and outcomes.
+FAULTS_PROFILE ?= full
 faults: setup
-	$(PYTEST) -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
+	$(PY) tests/faults/run.py --profile $(FAULTS_PROFILE) $(PYTEST_ARGS)
 
 # Regenerate the configuration reference and the man pages (option table, argparse parser).
 docs:

@@ -418,13 +418,15 @@ class Factory:
         same record is written at the next try (its domain is gone: the next round calls again).
         """
         finished = self._unrecorded.pop(machine.uuid, None)
+        retry = finished is not None
         if finished is None:
             finished = self._ending(machine, now, kill, reason)
         try:
             machine = self.store.mark_finished(machine, finished)
         except OSError as error:
             self._unrecorded[machine.uuid] = finished
-            log.error("%s: cannot record how it ended, will retry: %s", machine.name, error)
+            log.log(logging.DEBUG if retry else logging.ERROR,
+                    "%s: cannot record how it ended, will retry: %s", machine.name, error)
             return
         checkpoint("finish.recorded")
         self._finished(machine, finished)

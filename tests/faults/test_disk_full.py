@@ -1,0 +1,214 @@
+"""Disk full on the state directory: a real ``vacfactory run`` whose state_dir is on a small
+filesystem mounted for the test (ext4 on a loop device; tmpfs too in the full profile) that
+a filler thread then keeps full (it takes every block the factory frees) while VMs run, end
+and are killed.
+
+While full: no state file is ever corrupt, the daemon keeps running, creating fails with a
+clear error (logged; nothing half-made is left), VMs are still ended on time. When space
+returns: the first round catches up, with every invariant holding: each VM ended at its
+real end, one APEL record each, archived and queued, nothing leaked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from typing import List, Optional
+
+import pytest
+
+from tests.faults import invariants, profile
+from tests.faults.daemons import (
+    FactoryUnderTest,
+    Machinetype,
+    freeze_after_first_round,
+    heartbeat_time,
+    make_fake_kernel,
+    machines,
+    make_root_image,
+    wait_for,
+)
+
+FULL_SECONDS = profile.pick(12.0, 40.0)
+FS_MB = 16
+TOTAL = 4
+
+
+class SmallFilesystem:
+    """A FS_MB filesystem mounted for the test and unmounted by ``remove()``: ext4 on a loop
+    device without reserved blocks (root gets no extra room; a new directory needs a block, so
+    mkdir fails too), or tmpfs (directories are free, so only writes fail)."""
+
+    def __init__(self, mountpoint: str, kind: str) -> None:
+        self.mountpoint = mountpoint
+        self.image = mountpoint + ".img"
+        self.kind = kind
+        os.makedirs(mountpoint)
+        if kind == "ext4":
+            with open(self.image, "wb") as f:
+                f.truncate(FS_MB << 20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", self.image], check=True, capture_output=True)
+            subprocess.run(["mount", "-o", "loop", self.image, mountpoint], check=True, capture_output=True)
+        else:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_MB}m", "tmpfs", mountpoint], check=True)
+        os.chmod(mountpoint, 0o755)
+
+    def remove(self) -> None:
+        for _ in range(20):
+            if subprocess.run(["umount", self.mountpoint], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        else:
+            subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass
+
+
+class Filler(threading.Thread):
+    """Keeps the filesystem full: takes every block the factory frees, until stopped."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="filler", daemon=True)
+        self.path = path
+        self.stopping = threading.Event()
+        self.full = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while not self.stopping.is_set():
+                wrote = False
+                for size in (1 << 20, 65536, 4096, 512):
+                    try:
+                        os.write(fd, b"\0" * size)
+                        wrote = True
+                        break
+                    except OSError as error:
+                        if error.errno != errno.ENOSPC:
+                            raise
+                if not wrote:
+                    self.full.set()
+                    self.stopping.wait(0.002)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+        os.unlink(self.path)
+
+
+# ext4: a new directory needs a block, so mkdir fails too; tmpfs: directories are free, only
+# writes fail (that found half-made machine directories). The short profile runs ext4 only.
+@pytest.mark.parametrize("kind", profile.pick(["ext4"], ["ext4", "tmpfs"]))
+def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, workdir, kind):
+    fs = SmallFilesystem(os.path.join(workdir, "fs"), kind)
+    kernel = make_fake_kernel(workdir)
+    image = make_root_image(workdir)
+    factory = FactoryUnderTest(
+        base=os.path.join(workdir, "diskfull"), uri=private_libvirtd.uri, domain_type="test",
+        total_processors=TOTAL, prefix="vffull", state_dir=os.path.join(fs.mountpoint, "state"),
+        machinetypes=[Machinetype("alpha", {
+            "target_share": "1", "machine_model": "vm-raw", "kernel_image": kernel, "root_image": image,
+            "disk_gb_per_processor": "1", "fizzle_seconds": "2", "max_wallclock_seconds": "6",
+            "backoff_seconds": "0", "machines_dir_days": "0.0001"})],
+    )
+    guests.register(factory.name, factory.state_dir, lifetime=lambda r: r.uniform(1.0, 9.0),
+                    message=lambda r: r.choice(["200 Success", None]))
+    problems: List[str] = []
+    recovery: Optional[float] = None
+    filler = Filler(os.path.join(fs.mountpoint, "filler"))
+    corrupt_checks = enospc = creation_errors = 0
+    try:
+        factory.spawn()
+        assert wait_for(lambda: sum(m.finished is not None for m in machines(factory)) >= 4, 60), \
+            "the factory never got going:\n" + factory.log_tail()
+        log_mark = len(factory.log_text())
+        t_full = time.time()
+        filler.start()
+        assert filler.full.wait(30), "could not fill the filesystem"
+        # two more processors (the main configuration is not on the full disk): the factory
+        # must try to create, fail with a clear error, and leave nothing half-made
+        factory.total_processors = TOTAL + 2
+        factory.write_config()
+        factory.process.send_signal(signal.SIGHUP)
+        while time.time() < t_full + FULL_SECONDS:
+            if factory.process.poll() is not None:
+                problems.append(f"the daemon died with the disk full:\n{factory.log_tail()}")
+                break
+            result = invariants.check(invariants.Context(
+                state_dir=factory.state_dir, factory_name=factory.name, total_processors=factory.total_processors,
+                domains=guests.hv.list_domains(), check_time=time.time(), settled=False))
+            corrupt_checks += 1
+            problems += [f"while full: {p}" for p in result.violations if "corrupt" in p]
+            time.sleep(0.5)
+        t_end_full = time.time()
+        full_log = factory.log_text()[log_mark:]
+        enospc = len(re.findall(r" ERROR .*No space left on device", full_log))
+        creation_errors = len(re.findall(r"creation of a alpha VM failed: .*No space left on device", full_log))
+        if not creation_errors:
+            problems.append("no creation failure naming the full disk was logged:\n" + full_log[-3000:])
+        started_while_full = [m.name for m in machines(factory) if m.started is not None
+                              and t_full + 1.0 < m.started.time < t_end_full]
+        if started_while_full:
+            problems.append(f"VMs created while the disk was full: {started_while_full}")
+        if "Traceback" in full_log:
+            problems.append("a traceback while the disk was full:\n" + full_log[-3000:])
+        overdue = [m.name for m in machines(factory) if m.live and m.started is not None
+                   and time.time() > m.record.shutdown_time + 3 and m.uuid in {d.uuid for d in guests.domains(factory.name)}]
+        if overdue:
+            problems.append(f"VMs kept running past their wallclock limit while the disk was full: {overdue}")
+
+        guests.hold.set()  # no guest ends during the catching-up round
+        t_free = time.time()
+        filler.stop()
+        frozen = freeze_after_first_round(factory, since=t_free + 0.01)
+        assert frozen is not None, "no round completed after space returned:\n" + factory.log_tail()
+        round_time, round_end = frozen
+        recovery = round_end - t_free
+        guests.settle(factory.name)
+        result = invariants.check(invariants.Context(
+            state_dir=factory.state_dir, factory_name=factory.name, total_processors=factory.total_processors,
+            domains=guests.hv.list_domains(), check_time=round_time,
+            retention_seconds=factory.retention_seconds(), retention_slack=61.0,
+            truth=guests.lives(factory.name), truth_complete=True, tolerance=1.0,
+            default_fizzle=factory.fizzle_seconds()))
+        problems += [f"after the first round with space: {p}" for p in result.violations]
+        factory.process.send_signal(signal.SIGCONT)
+        guests.hold.clear()
+        done = sum(m.finished is not None for m in machines(factory))
+        if not wait_for(lambda: sum(m.finished is not None for m in machines(factory)) >= done + 3, 60):
+            problems.append("no VM finished after space returned:\n" + factory.log_tail())
+        guests.hold.set()
+        factory.terminate()
+        guests.settle(factory.name)
+        final = invariants.check(invariants.Context(
+            state_dir=factory.state_dir, factory_name=factory.name, total_processors=factory.total_processors,
+            domains=guests.hv.list_domains(), check_time=heartbeat_time(factory.state_dir),
+            retention_seconds=factory.retention_seconds(), retention_slack=61.0,
+            truth=guests.lives(factory.name), truth_complete=True, tolerance=1.0,
+            default_fizzle=factory.fizzle_seconds()))
+        problems += [f"at the end: {p}" for p in final.violations]
+        if "Traceback" in factory.log_text():
+            problems.append("a traceback in the log")
+    finally:
+        guests.hold.clear()
+        if filler.is_alive():
+            filler.stop()
+        factory.cleanup(guests.hv, remove=False)
+        fs.remove()
+    profile.record(profile.Row(
+        fault=f"disk full on the state directory ({kind})", trials=1, failures=int(bool(problems)),
+        worst_recovery_seconds=recovery, worst_recovery_rounds=1 if recovery is not None and not problems else None,
+        notes=f"{FS_MB} MB, kept full {FULL_SECONDS:.0f} s: {corrupt_checks} corruption scans, "
+              f"{enospc} ENOSPC errors logged ({creation_errors} failed creations), nothing created, "
+              f"nothing corrupt",
+        problems=problems))
+    assert not problems, "\n".join(problems)
