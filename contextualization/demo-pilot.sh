@@ -12,6 +12,8 @@
 #    the start (no heartbeat from heartbeat_stop_after s on, if set: then it sleeps until it is
 #    killed); stop early once jobfeatures/shutdowntime_job has passed.
 # 4. joboutputs/shutdown_message = outcome, then power off.
+# Throughout, when machinefeatures/syslog names a server, busybox syslogd forwards the pilot's
+# `logger` lines there (the factory files them under the VM's machine directory).
 set -eu
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
@@ -197,6 +199,21 @@ cleanup_nfs() {
 
 # ---------------------------------------------------------------------------------------------
 
+start_syslog() {  # forward syslog to machinefeatures/syslog (HOST:PORT), if the factory gives one
+    _server=$(read_key "$MACHINEFEATURES" syslog 2>/dev/null | head -n 1 || true)
+    case "$_server" in
+        '' | *[!0-9A-Za-z.:_-]*) return 0 ;;
+    esac
+    syslogd -R "$_server" 2>/dev/null || return 0
+    for _ in 1 2 3 4 5 6 7 8 9 10; do [ -S /dev/log ] && break; sleep 0.2; done
+    SYSLOG=$_server
+    say "syslog forwarded to $_server"
+}
+
+log() {  # a line to the factory's syslog receiver (if any)
+    [ -z "${SYSLOG:-}" ] || logger -t demo-pilot "$*" 2>/dev/null || true
+}
+
 mjf_report() {
     : > "$WORK/mjf_report"
     for _kind in machinefeatures jobfeatures; do
@@ -281,8 +298,11 @@ case "$MJF" in
 esac
 export MACHINEFEATURES JOBFEATURES JOBOUTPUTS
 
+start_syslog
+log "starting: uuid=$UUID machinetype=$MACHINETYPE lifetime=${LIFETIME}s"
 mjf_report
 work
+log "ending: $OUTCOME"
 printf '%s\n' "$OUTCOME" > "$WORK/shutdown_message"
 if put_output shutdown_message "$WORK/shutdown_message"; then
     say "shutdown_message: $OUTCOME"

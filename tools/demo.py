@@ -79,7 +79,7 @@ def summarize(daemon: Daemon, since: float, backoffs: "dict[str, float]", draine
         "",
         "demo summary",
         f"  VMs created: {len(machines)}",
-        f"  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
+        "  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
         f"  APEL records archived: {accounted}",
         "  shutdown messages:",
     ]
@@ -92,8 +92,17 @@ def summarize(daemon: Daemon, since: float, backoffs: "dict[str, float]", draine
         killed = sum(1 for m in machines if m.finished and m.finished.reason == "shutdown_time")
         lines.append(f"  drain: shutdown_time {time.strftime('%H:%M:%S', time.localtime(drained_at))}; "
                      f"{early} VMs saw it in their MJF and stopped early, {killed} were stopped by the factory")
+    logged = sum(1 for m in machines if _has_syslog(m))
+    lines.append(f"  syslog: {logged} VMs sent syslog lines to the factory (`vacfactory machine UUID` shows them)")
     lines.append(f"  state: {daemon.config.settings.state_dir}  log: {daemon.config.settings.state_dir}/vacfactory.log")
     return "\n".join(lines)
+
+
+def _has_syslog(machine) -> bool:
+    try:
+        return os.path.getsize(os.path.join(machine.path, "syslog", "messages")) > 0
+    except OSError:
+        return False
 
 
 def _console(machine) -> str:

@@ -373,3 +373,34 @@ def test_keep_on_abnormal_end_keeps_a_killed_vms_disks_read_only(engine, tmp_pat
     h.factory.run_round()
     assert not os.path.exists(os.path.join(h.state_dir, "kept", second.uuid))
     assert os.listdir(second.disks_dir) == []
+
+
+def test_a_stop_event_wakes_the_engine_and_stamps_the_end_with_the_engine_clock(engine):
+    """Lifecycle events (the test driver sends STOPPED on destroy) wake the engine at once, and
+    the VM ends when the event came, not when the next round got round to it."""
+    h = engine(total=2)
+    h.hypervisor.set_event_callback(h.factory.on_event)
+    h.factory.run_round()
+    first = h.live()[0]
+    h.factory.wake.clear()
+    h.clock.advance(700)
+    stopped_at = h.clock()
+    h.power_off(first, "200 Success")
+    assert h.factory.wake.wait(10), "the stop event did not wake the engine"
+    h.clock.advance(45)  # the round runs later than the event
+    report = h.factory.run_round()
+    assert first.name in report.finished
+    finished = h.factory.machines[first.uuid].finished
+    assert finished.end_time == stopped_at
+    assert finished.code == 200 and len(h.domains()) == 2  # and its slot was refilled
+
+
+def test_only_events_that_free_or_block_a_slot_wake_the_engine(engine):
+    from vacfactory.hypervisor.base import DomainEvent
+
+    h = engine(total=1)
+    for kind, wakes in (("started", False), ("resumed", False), ("shutdown", False),
+                        ("stopped", True), ("crashed", True), ("suspended", True)):
+        h.factory.wake.clear()
+        h.factory.on_event(DomainEvent(uuid=str(uuidlib.uuid4()), name="x", kind=kind, time=h.clock()))
+        assert h.factory.wake.is_set() is wakes, kind
