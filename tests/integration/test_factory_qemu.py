@@ -2,47 +2,47 @@
 
 - a 2-processor factory runs at least 4 VMs to completion and replaces each one promptly
   (cycle_seconds is 60, so a prompt refill proves the libvirt event drives it);
-- after a drain nothing is left behind: no domain, no disk, no machine directory;
+- after a drain nothing is left behind: no domain, no disk (each VM has a qcow2 overlay on a
+  root_image), no machine directory;
 - kill -9 of the daemon while VMs run, then a restart: the same VMs, no duplicates, no zombies.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from typing import Callable, Dict
+from typing import Dict
 
 import pytest
 
 from vacfactory.engine import naming
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
+from tests.integration.realfactory import wait_for
 
 pytestmark = pytest.mark.integration
 
 VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 class DaemonUnderTest:
-    def __init__(self, tmp_path, tiny_guest, lifetime: int, total: int = 2, extra: str = "") -> None:
+    def __init__(self, workdir: str, tiny_guest, lifetime: int, total: int = 2, extra: str = "") -> None:
+        # a root_image for every VM (so each has a qcow2 overlay to clean up); qemu runs as
+        # libvirt-qemu, so workdir (with the disks) is searchable, unlike pytest's tmp_path
+        self.base_image = os.path.join(workdir, "base.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.base_image, "4M"], check=True)
+        os.chmod(self.base_image, 0o644)
         self.name = f"vfit{os.getpid()}x{int(time.time() * 1000) % 100000}.example.org"
-        self.state_dir = str(tmp_path / "state")
-        self.config = str(tmp_path / "vacfactory.conf")
-        self.log = str(tmp_path / "daemon.log")
+        self.state_dir = os.path.join(workdir, "state")
+        self.config = os.path.join(workdir, "vacfactory.conf")
+        self.log = os.path.join(workdir, "daemon.log")
         with open(self.config, "w") as f:
             f.write(textwrap.dedent(f"""\
                 [settings]
@@ -61,6 +61,7 @@ class DaemonUnderTest:
                 [machinetype plain]
                 target_share = 1
                 machine_model = vm-raw
+                root_image = {self.base_image}
                 kernel_image = {tiny_guest.kernel}
                 initrd_image = {tiny_guest.initrd}
                 kernel_cmdline = console=ttyS0 quiet panic=-1 vf_lifetime={lifetime}
@@ -106,17 +107,20 @@ class DaemonUnderTest:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path, tiny_guest):
+def daemon_factory(tiny_guest):
     made = []
+    workdir = tempfile.mkdtemp(prefix="vfit-")
+    os.chmod(workdir, 0o755)
 
     def make(**kwargs) -> DaemonUnderTest:
-        daemon = DaemonUnderTest(tmp_path, tiny_guest, **kwargs)
+        daemon = DaemonUnderTest(workdir, tiny_guest, **kwargs)
         made.append(daemon)
         return daemon
 
     yield make
     for daemon in made:
         daemon.cleanup()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def drain(daemon: DaemonUnderTest) -> None:
@@ -129,7 +133,16 @@ def test_two_processors_run_vms_to_completion_refill_promptly_and_drain_clean(da
     d = daemon_factory(lifetime=3)
     d.start()
     finished = lambda: [m for m in d.machines().values() if m.finished is not None]  # noqa: E731
-    wait_for(lambda: len(finished()) >= 5, 240, "5 VMs to finish")
+    overlays = set()  # VMs seen running with their root.qcow2 overlay
+
+    def five_finished() -> bool:
+        for m in d.machines().values():
+            if m.finished is None and os.path.exists(os.path.join(m.disks_dir, "root.qcow2")):
+                overlays.add(m.uuid)
+        return len(finished()) >= 5
+
+    wait_for(five_finished, 240, "5 VMs to finish", interval=0.25)
+    assert len(overlays) >= 3, "the VMs ran on qcow2 overlays of the root_image"
     assert len(d.domains()) <= 2
 
     machines = sorted(d.machines().values(), key=lambda m: m.record.created)
