@@ -28,10 +28,10 @@ from vacfactory.core import scheduler
 from vacfactory.core.views import MachinetypeState
 from vacfactory.engine import policies
 from vacfactory.engine.accountant import Accountant
-from vacfactory.engine.boundary import VMBoundary
+from vacfactory.engine.boundary import VMBoundary, vm_meta
 from vacfactory.engine.hostfacts_mjf import host_machinefeatures
 from vacfactory.engine.hoststatus import HostStatusReader
-from vacfactory.engine.snapshot import build_snapshot, efficiency_last_day
+from vacfactory.engine.snapshot import SnapshotPacer, build_snapshot, efficiency_last_day
 from vacfactory.engine.snapshot import machine_status
 from vacfactory.engine.spacewatch import SpaceWatcher
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
@@ -51,7 +51,7 @@ from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
 from vacfactory.vmio import syslogd
-from vacfactory.vmio.httpserver import MetadataServer
+from vacfactory.vmio.httpserver import MetadataServer, base_url
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.syslogd import (
     SyslogLimits,
@@ -68,7 +68,7 @@ MJF_ADDRESS = "169.254.169.253"
 NETWORK_REPAIR_SECONDS = 60.0
 RETENTION_SECONDS = 600.0
 JOBOUTPUTS_CHECK_SECONDS = 30.0
-PIPES_SECONDS = 60.0
+PIPES_SECONDS = 10.0  # only looks which pipes are due (cache_seconds >= 60); fetches those
 IMAGE_PRUNE_SECONDS = 3600.0
 VACMON_SECONDS = 60.0  # Vac sent its status once per 60 s cycle
 BACKLOG_SECONDS = 30.0
@@ -114,7 +114,9 @@ class Periodic:
 class Daemon:
     """Everything one factory runs. ``start()`` then ``run()``; ``stop()`` from any thread."""
 
-    def __init__(self, sources: ConfigSources, host_facts: Optional[HostFacts] = None) -> None:
+    def __init__(self, sources: ConfigSources, host_facts: Optional[HostFacts] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the wall clock of the engine and the accounting jobs (tests move it)."""
         self.host_facts = host_facts or HostFacts.probe()
         self.watcher = ConfigWatcher(sources, host_facts=self.host_facts)
         self.config = self.watcher.current
@@ -122,13 +124,16 @@ class Daemon:
         self.lock = StateLock(settings.state_dir)
         self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
         self.store = MachineStore(settings.state_dir)
+        # background: the engine never waits for an image download (the watchdog, the limits)
         self.images = ImageCache(
             os.path.join(settings.state_dir, "imagecache"), settings.pipe_ca_path,
             settings.image_fetch_timeout_seconds, settings.image_check_seconds,
+            background=True, on_ready=lambda: self.factory.wake.set(),
         )
         self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
             hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
-        self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config))
+        self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config),
+                                   meta_source=lambda: vm_meta(self.factory.config))
         self.space = SpaceWatcher(lambda: self.factory.config)
         self.factory = Factory(
             config_source=self.watcher,
@@ -140,13 +145,18 @@ class Daemon:
             host_processors=self.host_facts.cpu_count,
             space_view=self.space.view,
             on_finished=self.vm_finished,
+            on_created=self.vm_created,
+            clock=clock,
         )
         self.host_status = HostStatusReader(settings.state_dir)
         self.snapshot: Optional[FactorySnapshot] = None
+        self.snapshot_pacer = SnapshotPacer()
         self.http: Optional[MetadataServer] = None
         self.syslog: Optional[SyslogReceiver] = None
         self._syslog_settings: Optional[tuple] = None
         self.responder: Optional[Responder] = None
+        #: the configuration the responder was last set up from (a reload is applied at once)
+        self._responder_config = None
         self.peers: Optional[ResolvedPeers] = None
         self.metrics: Optional[MetricsServer] = None
         self.metrics_snapshot: Optional[MetricsSnapshot] = None
@@ -204,7 +214,10 @@ class Daemon:
         self.factory.run(until=until, after_round=self._after_round)
 
     def _after_round(self) -> None:
+        self.apply_image_settings()
         self.publish_snapshot()
+        if self.factory.config is not self._responder_config:
+            self.run_job("responder", self.ensure_responder)  # a reload: not in a minute
         self.publish_metrics()
         self.run_periodic()
         notify_systemd("WATCHDOG=1")
@@ -247,10 +260,14 @@ class Daemon:
         for job in self.periodic:
             if force or now - job.last >= job.interval:
                 job.last = now
-                try:
-                    job.action()
-                except (VacFactoryError, OSError) as error:
-                    log.error("%s: %s", job.name, error)
+                self.run_job(job.name, job.action)
+
+    @staticmethod
+    def run_job(name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (VacFactoryError, OSError) as error:
+            log.error("%s: %s", name, error)
 
     def ensure_network(self) -> None:
         """Create or repair the private VM network (fixed MAC -> IP per slot)."""
@@ -273,6 +290,8 @@ class Daemon:
             self.boundary.registry,
             bind=[(MJF_ADDRESS, port), (METADATA_ADDRESS, port)],
             limits=self.boundary.limits,
+            mjf_base_url=base_url(MJF_ADDRESS, port),
+            metadata_base_url=base_url(METADATA_ADDRESS, port),
         )
         try:
             server.start()
@@ -286,11 +305,16 @@ class Daemon:
         factory = self.factory
         now = factory.clock()
         report = factory.last_report
-        self.snapshot = build_snapshot(
+        self.snapshot = self.snapshot_pacer.build(lambda: build_snapshot(
             factory.config, factory.machines, factory.own_states(now), factory.last_finishes,
             self.host_status.read(), now, report.time if report else 0.0, self.http is not None,
             self._efficiency(now),
-        )
+        ))
+
+    def vm_created(self, machine: Machine) -> None:
+        """Mid-round: publish new VMs to the space as the pacer allows (engine.snapshot)."""
+        if self.snapshot_pacer.due():
+            self.publish_snapshot()
 
     def publish_metrics(self) -> None:
         """Build the /metrics snapshot in the engine thread (the HTTP thread only reads it)."""
@@ -323,10 +347,13 @@ class Daemon:
         )
 
     def _efficiency(self, now: float):
-        """Per-machinetype CPU efficiency over the last day, recomputed at most every minute."""
-        if self._efficiency_cache is None or now - self._efficiency_cache[0] >= 60:
-            self._efficiency_cache = (now, efficiency_last_day(self.factory.machines, now))
-        return self._efficiency_cache[1]
+        """Per-machinetype CPU efficiency over the last day: recomputed when a VM has finished
+        since the last time, else at most every minute (VMs age out of the day)."""
+        finished = sum(1 for machine in self.factory.machines.values() if machine.finished is not None)
+        cache = self._efficiency_cache
+        if cache is None or cache[1] != finished or now - cache[0] >= 60:
+            self._efficiency_cache = cache = (now, finished, efficiency_last_day(self.factory.machines, now))
+        return cache[2]
 
     def _backlog(self, config, now: float):
         """The APEL queue's size, counted at most every BACKLOG_SECONDS (it lists files)."""
@@ -335,8 +362,15 @@ class Daemon:
         return self._backlog_cache[1]
 
     def ensure_metrics(self) -> None:
+        """Serve /metrics on metrics_port; a reload that changes the port moves it (0: none)."""
         port = self.factory.config.settings.metrics_port
-        if not port or self.metrics is not None:
+        if self.metrics is not None and self.metrics.requested_port == port:
+            return
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+            log.info("metrics endpoint stopped (metrics_port changed)")
+        if not port:
             return
         server = MetricsServer(port, lambda: self.metrics_snapshot)
         try:
@@ -354,7 +388,7 @@ class Daemon:
     def accounting_jobs(self) -> None:
         """The daily APEL sync records, and the built-in sender when apel_send is on."""
         settings = AccountingSettings.from_config(self.factory.config)
-        now = time.time()
+        now = self.factory.clock()
         written = sync_if_due(settings, now)
         if written:
             log.info("APEL sync records queued: %d", len(written))
@@ -396,6 +430,13 @@ class Daemon:
         for path in kept.expire_kept(s.state_dir, now):
             log.info("kept disks removed after keep_days: %s", path)
 
+    def apply_image_settings(self) -> None:
+        """The image cache follows configuration reloads (its next download uses them)."""
+        s = self.factory.config.settings
+        self.images.ca_path = s.pipe_ca_path
+        self.images.timeout = s.image_fetch_timeout_seconds
+        self.images.check_seconds = s.image_check_seconds
+
     def prune_images(self) -> None:
         """Delete cached image versions no live VM's overlay reads any more."""
         in_use = {m.record.root_image_path for m in self.factory.machines.values()
@@ -405,6 +446,11 @@ class Daemon:
             log.info("image cache: removed %s", path)
 
     def send_vacmon(self) -> None:
+        wanted = tuple(self.factory.config.settings.vacmon_hostport)
+        if (self.vacmon.hostports if self.vacmon is not None else ()) != wanted:  # reloaded
+            if self.vacmon is not None:
+                self.vacmon.close()
+            self.vacmon = VacMonSender(wanted) if wanted else None
         if self.vacmon is not None and self.snapshot is not None:
             self.vacmon.send(cycle_messages(self.snapshot, time.time()))
 
@@ -415,8 +461,16 @@ class Daemon:
             self.vacmon.send([finished_message(self.snapshot, machine_status(machine, now), now)])
 
     def ensure_responder(self) -> None:
-        """Answer VacQuery on udp_port; only configured factories (and this host) get answers."""
-        s = self.factory.config.settings
+        """Answer VacQuery on udp_port; only configured factories (and this host) get answers.
+
+        Runs after every configuration reload and every minute (which also re-reads
+        space_key_file): a changed vac_space or space key applies from the next datagram, a
+        changed udp_port by binding the new port before the old one closes. If the new key
+        cannot be read or the new port cannot be bound, the responder keeps serving as it was.
+        """
+        config = self.factory.config
+        s = config.settings
+        self._responder_config = config
         if self.peers is None or set(self.peers.names) != set(self._peer_names(s)):
             if self.peers is not None:
                 self.peers.stop()
@@ -424,14 +478,22 @@ class Daemon:
             self.peers.start()
             if self.responder is not None:
                 self.responder.allowed_peers = self.peers
+        key = load_space_key(s.space_key, s.space_key_file)  # ConfigError: nothing changes
         if self.responder is not None:
+            self.responder.reconfigure(s.vac_space, key)
+            if self.responder.bind[1] != s.udp_port:
+                try:
+                    self.responder.rebind(("0.0.0.0", s.udp_port))
+                except OSError as error:
+                    log.error("VacQuery responder cannot move to UDP port %d yet (still on %d): %s",
+                              s.udp_port, self.responder.bind[1], error)
             return
         responder = Responder(
             ("0.0.0.0", s.udp_port),
             lambda: self.snapshot,
             s.vac_space,
             self.peers,
-            space_key=load_space_key(s.space_key, s.space_key_file),
+            space_key=key,
         )
         try:
             responder.start()
@@ -502,7 +564,10 @@ def make_exporter(config):
             bind_address=METADATA_ADDRESS,
         )
     if kind == "exportfs":
-        return exports.ExportfsExporter()
+        # the machines directory marks our kernel exports, so that after a restart reconcile()
+        # withdraws those of VMs that ended while the daemon was down
+        return exports.ExportfsExporter(
+            managed_prefix=os.path.join(config.settings.state_dir, "machines"))
     return exports.NullExporter()
 
 

@@ -38,7 +38,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import libvirt
 import pytest
@@ -128,7 +128,7 @@ def machinetype(name: str, share: int, options: str, kernel: str, initrd: str) -
 
 
 @pytest.fixture(scope="module")
-def trace_run(tiny_guest) -> TraceRun:
+def trace_run(tiny_guest) -> Iterator[TraceRun]:
     workdir = tempfile.mkdtemp(prefix="vftr-")
     os.chmod(workdir, 0o755)
     base = os.path.join(workdir, "base.qcow2")
@@ -203,18 +203,29 @@ def trace_run(tiny_guest) -> TraceRun:
             subprocess.run(["qemu-img", "convert", "-O", "raw", kept_root, raw], check=True)
             with open(raw, "rb") as fh:
                 disk_head = fh.read(512)
-        return TraceRun(factory=f, quiet=quiet, flood=flood, hung=hung, base_image=base,
-                        cpu=dict(poller.last), metrics=metrics, machinetypes_json=json.loads(asked.stdout),
-                        evidence=evidence, disk_head=disk_head)
-    finally:
+        run = TraceRun(factory=f, quiet=quiet, flood=flood, hung=hung, base_image=base,
+                       cpu=dict(poller.last), metrics=metrics, machinetypes_json=json.loads(asked.stdout),
+                       evidence=evidence, disk_head=disk_head)
+    except BaseException:
         poller.stop()
         f.cleanup()
-        if not os.environ.get("VFVB_KEEP"):
-            # kept overlays are read-only (0400 files in a 0500 directory): make them deletable
-            for root, dirs, _files in os.walk(workdir):
-                for d in dirs:
-                    os.chmod(os.path.join(root, d), 0o755)
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
+        raise
+    poller.stop()
+    f.cleanup()
+    # the tests read the machine directories: keep them until the module's tests are done
+    yield run
+    remove_workdir(workdir)
+
+
+def remove_workdir(workdir: str) -> None:
+    if os.environ.get("VFVB_KEEP"):
+        return
+    # kept overlays are read-only (0400 files in a 0500 directory): make them deletable
+    for root, dirs, _files in os.walk(workdir):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def syslog_lines(machine: Machine) -> List[str]:
