@@ -1,8 +1,10 @@
-"""The built-in sender without a broker: it never hangs and never loses a queued message.
-(The real-broker tests are in tests/integration/test_apel_broker.py.)"""
+"""The built-in sender without a real broker: it never hangs, never loses a queued message, and
+never reports success with messages left behind. (A minimal STOMP broker stands in where one
+must answer; the real-broker tests are in tests/integration/test_apel_broker.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -11,9 +13,25 @@ from dataclasses import replace
 
 import pytest
 
-from tests.unit.test_apel_support import NOW, broker_settings, make_pki, make_settings, make_usage, read_queue
+from tests.unit.test_apel_support import (
+    NOW,
+    StompStub,
+    broker_settings,
+    make_pki,
+    make_settings,
+    make_usage,
+    read_queue,
+)
 from vacfactory.accounting import account_vm, send_is_due, send_queued
-from vacfactory.accounting.sender import _ca_bundle
+from vacfactory.accounting.sender import SEND_RESERVE_SECONDS, _ca_bundle
+from vacfactory.cli import apel as cli
+from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK
+from vacfactory.accounting import AccountingSettings
+from vacfactory.accounting.settings import DEFAULT_CLOUD_DESTINATION
+from vacfactory.cli.main import build_parser
+from vacfactory.config.hostfacts import HostFacts
+from vacfactory.config.loader import ConfigSources, load_config
+from vacfactory.core.apel import parse_message
 from vacfactory.errors import AccountingError
 
 
@@ -134,3 +152,110 @@ def test_send_timer(tmp_path):
     assert send_is_due(on, None, NOW)
     assert not send_is_due(on, NOW - 599, NOW)
     assert send_is_due(on, NOW - 600, NOW)
+
+
+def local_jobs(bodies):
+    """LocalJobId of each message body (signed or not: the record is in the text)."""
+    found = []
+    for body in bodies:
+        start = body.index("APEL-individual-job-message")
+        text = body[start:body.index("%%", start) + 2]
+        found.append(parse_message(text).records[0]["LocalJobId"])
+    return found
+
+
+def test_timeout_with_messages_left_is_a_failure_and_loses_nothing(tmp_path, pki, capsys):
+    """A slow broker and a backlog the timeout cannot clear: ``apel send`` exits 1 (not 0), the
+    broker got exactly the messages removed from the queue (none left unconfirmed in flight),
+    and the next run sends the rest."""
+    delay = 0.25
+    with StompStub(receipt_delay=lambda i: delay) as broker:
+        settings = queued_settings(tmp_path, pki, broker.port, count=20)
+        queued = read_queue(settings.outgoing_dir)
+        args = build_parser().parse_args(["apel", "send", "--timeout", "3", "--json"])
+        started = time.monotonic()
+        code = cli.run_action(cli.do_send, args, settings, time.time())
+        elapsed = time.monotonic() - started
+        out = json.loads(capsys.readouterr().out)
+        assert code == EXIT_FAILURE, out
+        assert 0 < out["sent"] < 20 and out["remaining"] == 20 - out["sent"], out
+        assert out["failed"] == 0 and "timeout" in out["error"] and not out["unreachable"], out
+        assert elapsed < 3 + 1.0, elapsed
+        received = local_jobs(broker.bodies())
+        left = read_queue(settings.outgoing_dir)
+        assert len(received) == out["sent"], "a SEND was started that could not be confirmed in time"
+        assert sorted(received + local_jobs(left.values())) == sorted(local_jobs(queued.values()))
+        assert no_locks(settings.outgoing_dir)
+
+        result = send_queued(settings, 3)
+        assert result.timed_out and not result.ok and result.failed == 0 and result.remaining > 0
+
+    with StompStub() as fast:
+        settings = replace(settings, broker=replace(settings.broker, port=fast.port))
+        assert send_queued(settings, 10).ok
+        assert read_queue(settings.outgoing_dir) == {}
+        code = cli.run_action(cli.do_send, args, settings, time.time())
+        assert code == EXIT_OK  # nothing left: success
+    assert sorted(received + local_jobs(broker.bodies()[len(received):]) + local_jobs(fast.bodies())) == \
+        sorted(local_jobs(queued.values()))
+
+
+def test_no_send_is_started_without_time_for_its_receipt(tmp_path, pki):
+    """The first receipt comes just inside the deadline but inside the reserve: the sender stops
+    there (a timeout, exit 1) rather than start a SEND it could not wait for."""
+    timeout = 3.0
+    close_budget = timeout / 4
+    begin = {}
+    # hold the first receipt until the reserve is all that is left of the deadline (sleeps only
+    # ever overrun, and an overrun up to the reserve keeps the receipt before the deadline)
+    hold = timeout - close_budget - SEND_RESERVE_SECONDS + 0.05
+
+    def delay(i):
+        return max(0.0, begin["t"] + hold - time.monotonic()) if i == 0 else 0.0
+
+    with StompStub(receipt_delay=delay) as broker:
+        settings = queued_settings(tmp_path, pki, broker.port, count=3)
+        begin["t"] = time.monotonic()
+        result = send_queued(settings, timeout)
+        assert (result.sent, result.remaining, result.failed) == (1, 2, 0), result
+        assert result.timed_out and not result.ok and not result.unreachable
+        assert len(broker.bodies()) == 1
+        assert len(read_queue(settings.outgoing_dir)) == 2
+
+
+def settings_from_file(tmp_path, text: str) -> AccountingSettings:
+    path = tmp_path / "vacfactory.conf"
+    path.write_text(text)
+    config = load_config(ConfigSources.for_main_file(str(path)),
+                         host_facts=HostFacts(fqdn="factory07.example.com", cpu_count=8, mem_total_mb=65536))
+    return AccountingSettings.from_config(config)
+
+
+def test_cloud_records_go_to_apel_cloud_destination_from_the_configuration(tmp_path, pki):
+    """apel_cloud_destination is an option: a configuration setting it loads (it used to be
+    rejected as unknown), and the sender delivers cloud records there, job records to
+    apel_destination."""
+    with StompStub() as broker:
+        base = (
+            "[settings]\n"
+            "vac_space = vac01.example.com\n"
+            f"state_dir = {tmp_path / 'state'}\n"
+            "factory_name = factory07.example.com\n"
+            "gocdb_sitename = UKI-TEST\nhs06_per_processor = 10\n"
+            "apel_cloud_records = yes\n"
+            f"apel_broker_host = localhost\napel_broker_port = {broker.port}\napel_use_ssl = no\n"
+            f"apel_host_cert = {pki.host_cert}\napel_host_key = {pki.host_key}\napel_capath = {pki.ca_cert}\n"
+            "apel_destination = /queue/test.grid\n"
+        )
+        default = settings_from_file(tmp_path, base)
+        assert default.broker.cloud_destination == DEFAULT_CLOUD_DESTINATION == "/queue/global.accounting.cloud.CENTRAL"
+        settings = settings_from_file(tmp_path, base + "apel_cloud_destination = /queue/test.cloud\n")
+        assert settings.broker.cloud_destination == "/queue/test.cloud"
+        account_vm(make_usage(1, end_time=int(time.time()) - 60, start_time=int(time.time()) - 3600), settings,
+                   time.time())
+        result = send_queued(settings, 10)
+        assert result.ok and result.sent == 2, result
+        by_destination = {headers["destination"]: body for headers, body in broker.messages}
+        assert set(by_destination) == {"/queue/test.grid", "/queue/test.cloud"}
+        assert "APEL-cloud-message" in by_destination["/queue/test.cloud"]
+        assert "APEL-individual-job-message" in by_destination["/queue/test.grid"]

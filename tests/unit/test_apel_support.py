@@ -1,13 +1,17 @@
 """Shared builders for the APEL tests: settings over a temporary state directory, VM usages,
-a throw-away CA with host and server certificates, and a dirq reader. (No tests here.)"""
+a throw-away CA with host and server certificates, a dirq reader and a minimal STOMP broker.
+(No tests here.)"""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -61,16 +65,24 @@ def read_queue(path: str) -> Dict[str, str]:
     return bodies
 
 
-def archive_files(archive_dir: str, cloud: bool = False) -> List[str]:
-    """Job records (``YYYYMM/<identity>/<uuid>``) or cloud records (``cloud/YYYYMM/<uuid>``)."""
+def archive_files(archive_dir: str, cloud: bool = False, queued: Optional[bool] = None) -> List[str]:
+    """Job records (``YYYYMM/<identity>/<uuid>``, not queued: ``YYYYMM/not-queued/<identity>/<uuid>``)
+    or cloud records (``cloud/YYYYMM/<uuid>``, ``cloud/not-queued/YYYYMM/<uuid>``); ``queued``
+    None: both kinds."""
     found = []
     for root, _, files in os.walk(archive_dir):
         for name in files:
             path = os.path.join(root, name)
             parts = os.path.relpath(path, archive_dir).split(os.sep)
-            if name.startswith(".") or len(parts) != 3:
+            if name.startswith(".") or (parts[0] == "cloud") != cloud:
                 continue
-            if (parts[0] == "cloud") == cloud:
+            if len(parts) == 3:
+                kind = True
+            elif len(parts) == 4 and parts[1] == "not-queued":
+                kind = False
+            else:
+                continue
+            if queued is None or queued == kind:
                 found.append(path)
     return sorted(found)
 
@@ -170,3 +182,123 @@ def broker_settings(pki: Pki, host: str, port: int, use_ssl: bool, destination: 
     broker = BrokerSettings(host=host, port=port, destination=destination, use_ssl=use_ssl,
                             host_cert=pki.host_cert, host_key=pki.host_key, capath=pki.ca_cert)
     return replace(broker, **changes)  # type: ignore[arg-type]
+
+
+class StompStub:
+    """A minimal STOMP 1.1 broker on 127.0.0.1, for the unit tests (the real brokers are in
+    tests/integration/test_apel_broker.py): CONNECTED for STOMP/CONNECT, one RECEIPT per SEND
+    that asks for one, every SEND kept. ``receipt_delay`` (seconds, for the i-th SEND counted
+    from 0) holds a receipt back, as a slow or distant broker does. Real sockets and threads."""
+
+    def __init__(self, receipt_delay: Optional[Callable[[int], float]] = None) -> None:
+        self.receipt_delay = receipt_delay or (lambda i: 0.0)
+        self.messages: List[Tuple[Dict[str, str], str]] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def bodies(self) -> List[str]:
+        with self._lock:
+            return [body for _, body in self.messages]
+
+    def close(self) -> None:
+        self._closing.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._listener.close()
+
+    def __enter__(self) -> "StompStub":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            with self._lock:
+                self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        buffer = b""
+        with conn:
+            while not self._closing.is_set():
+                frame = _next_frame(buffer)
+                if frame is None:
+                    try:
+                        data = conn.recv(65536)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                    continue
+                (command, headers, body), buffer = frame
+                if not self._answer(conn, command, headers, body):
+                    return
+
+    def _answer(self, conn: socket.socket, command: str, headers: Dict[str, str], body: str) -> bool:
+        """Reply to one frame; False when the connection is to end."""
+        if command in ("STOMP", "CONNECT"):
+            conn.sendall(b"CONNECTED\nversion:1.1\nheart-beat:0,0\n\n\x00")
+        elif command == "SEND":
+            with self._lock:
+                index = len(self.messages)
+                self.messages.append((headers, body))
+            delay = self.receipt_delay(index)
+            if delay > 0 and self._closing.wait(delay):
+                return False
+            if "receipt" in headers:
+                conn.sendall(f"RECEIPT\nreceipt-id:{headers['receipt']}\n\n".encode() + b"\x00")
+        elif command == "DISCONNECT":
+            if "receipt" in headers:
+                conn.sendall(f"RECEIPT\nreceipt-id:{headers['receipt']}\n\n".encode() + b"\x00")
+            return False
+        return True
+
+
+def _next_frame(buffer: bytes) -> Optional[Tuple[Tuple[str, Dict[str, str], str], bytes]]:
+    """One complete frame from the front of ``buffer`` (heart-beat EOLs skipped), or None."""
+    buffer = buffer.lstrip(b"\r\n")
+    head_end = buffer.find(b"\n\n")
+    if head_end < 0:
+        return None
+    lines = buffer[:head_end].decode("utf-8").split("\n")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        key, _, value = line.rstrip("\r").partition(":")
+        headers.setdefault(key, value)
+    start = head_end + 2
+    if "content-length" in headers:
+        end = start + int(headers["content-length"])
+        if len(buffer) < end + 1:
+            return None
+    else:
+        end = buffer.find(b"\x00", start)
+        if end < 0:
+            return None
+    return (lines[0].rstrip("\r"), headers, buffer[start:end].decode("utf-8")), buffer[end + 1:]
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.02)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from dataclasses import replace
 
-from tests.unit.test_apel_support import NOW, make_settings, make_usage, read_queue
-from vacfactory.accounting import account_vm, sync_if_due, sync_month, sync_records
+import pytest
+
+from tests.unit.test_apel_support import NOW, archive_files, make_settings, make_usage, read_queue
+from vacfactory.accounting import account_vm, republish, sync_if_due, sync_month, sync_records
 from vacfactory.accounting import archive
 from vacfactory.core.apel import SYNC, parse_message, validate_message
 
@@ -69,8 +73,75 @@ def test_no_sync_records_are_queued_when_queueing_is_disabled(tmp_path):
     settings = make_settings(str(tmp_path), queue_enabled=False, queue_disabled_reason="gocdb_sitename is not set")
     account_vm(make_usage(1), settings, NOW)
     result = sync_month(settings, "202401", NOW)
-    assert result.queue_names == () and result.counts == ((settings.site, settings.submit_host, 1),)
+    # the record was archived, not queued: APEL has none of it, and the count says so
+    assert result.queue_names == () and result.counts == ((settings.site, settings.submit_host, 0),)
+    assert archive.count_month(settings.archive_dir, "202401") == {(settings.site, settings.submit_host): 1}
     assert sync_if_due(settings, NOW) == []
+
+
+def test_sync_counts_only_records_that_were_queued(tmp_path):
+    """Records archived while gocdb_sitename (placeholder Site) or a VM's hs06 was missing never
+    reached APEL: NumberOfJobs must not include them, or APEL would see a gap that is not one."""
+    unset = make_settings(str(tmp_path), site="tier2.hep.manchester.ac.uk", queue_enabled=False,
+                          queue_disabled_reason="gocdb_sitename is not set")
+    settings = make_settings(str(tmp_path))
+    account_vm(make_usage(1), unset, NOW)                              # before gocdb_sitename was set
+    account_vm(make_usage(2, hs06_per_processor=None), settings, NOW)  # a VM created without hs06
+    for i in (3, 4, 5):
+        account_vm(make_usage(i), settings, NOW)
+    assert len(archive_files(settings.archive_dir)) == 5
+    assert len(archive_files(settings.archive_dir, queued=False)) == 2
+
+    result = sync_month(settings, "202401", NOW)
+    assert result.counts == ((settings.site, settings.submit_host, 3),)  # no placeholder-Site row either
+    bodies = read_queue(settings.outgoing_dir)
+    jobs = [parse_message(b).records[0]["LocalJobId"] for b in bodies.values()
+            if parse_message(b).kind != SYNC]
+    syncs = [parse_message(bodies[name]).records[0] for name in result.queue_names]
+    assert [int(r["NumberOfJobs"]) for r in syncs] == [len(jobs)] == [3]
+    # everything archived is still listed (status, report), each record says whether it was queued
+    assert archive.count_month(settings.archive_dir, "202401") == {
+        (settings.site, settings.submit_host): 4, (unset.site, unset.submit_host): 1}
+    records = list(archive.iter_job_records(settings.archive_dir))
+    assert sorted((r.uuid[-1], r.queued) for r in records) == [
+        ("1", False), ("2", False), ("3", True), ("4", True), ("5", True)]
+    assert {r.uuid for r in archive.iter_job_records(settings.archive_dir, queued_only=True)} == set(jobs)
+
+
+def test_republish_leaves_out_records_that_were_never_queued(tmp_path):
+    settings = make_settings(str(tmp_path), cloud_records=True)
+    account_vm(make_usage(1, hs06_per_processor=None), settings, NOW)
+    account_vm(make_usage(2), settings, NOW)
+    for path in (settings.outgoing_dir, settings.cloud_queue_dir):
+        shutil.rmtree(path)
+    result = republish(settings, None, NOW)
+    assert (result.queued, result.cloud_queued, result.invalid) == (1, 1, 0)
+    (body,) = read_queue(settings.outgoing_dir).values()
+    assert parse_message(body).records[0]["LocalJobId"] == make_usage(2).uuid
+    assert len(archive_files(settings.archive_dir, cloud=True, queued=False)) == 1
+
+
+@pytest.mark.parametrize("first_queued", [False, True])
+def test_a_retry_that_changes_whether_the_record_is_queued_keeps_one_archive_copy(tmp_path, first_queued):
+    """Killed after archiving; the configuration changed before the retry (gocdb_sitename set or
+    removed): the archive ends with the record once, where the retry put it, and sync agrees."""
+    enabled = make_settings(str(tmp_path), cloud_records=True)
+    disabled = replace(enabled, queue_enabled=False, queue_disabled_reason="hs06_per_processor is not set")
+    first, second = (enabled, disabled) if first_queued else (disabled, enabled)
+
+    def killed_after_archiving(step):
+        if step == "enqueue":
+            raise RuntimeError("kill -9")
+
+    with pytest.raises(RuntimeError):
+        account_vm(make_usage(1), first, NOW, faults=killed_after_archiving)
+    assert len(archive_files(enabled.archive_dir, queued=first_queued)) == 1
+    result = account_vm(make_usage(1), second, NOW)
+    assert archive_files(enabled.archive_dir) == archive_files(enabled.archive_dir, queued=not first_queued) == [
+        result.archive_path]
+    assert archive_files(enabled.archive_dir, cloud=True) == [result.cloud_archive_path]
+    expected = 0 if first_queued else 1
+    assert sync_month(enabled, "202401", NOW).counts == ((enabled.site, enabled.submit_host, expected),)
 
 
 def test_daily_sync_runs_once_a_day_and_catches_up_after_an_outage(tmp_path):

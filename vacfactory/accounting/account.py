@@ -8,6 +8,10 @@ Order of writes, and why a kill at any point followed by a retry is safe:
 4. ``cloud-enqueue``  the cloud record into its own queue
 then the engine writes ``accounted`` in the machine directory.
 
+Whether the record is queued (Vac's rule, see ``_why_not_queued``) is decided before step 1
+and is part of the archive path (``not-queued/`` when it is not), so the sync counts, which
+only list the archive, count exactly the records APEL was sent.
+
 A retry (the VM is still not accounted) does everything again: the archive files are
 rewritten in place, so there is exactly one archive record; the queue may get a second
 element with an identical body, which APEL's REPLACE key (Site, LocalJobId, EndTime)
@@ -81,16 +85,18 @@ def account_vm(
         log.error("%s: APEL record invalid, VM kept for retry: %s", usage.uuid, error)
         raise
 
+    reason = _why_not_queued(usage, settings)
+    queued = reason is None
     step("archive")
     path = archive.write_job_record(
-        settings.archive_dir, identity.site, identity.submit_host, usage.uuid, usage.end_time, text
+        settings.archive_dir, identity.site, identity.submit_host, usage.uuid, usage.end_time, text, queued
     )
     cloud_path = None
     step("cloud-archive")
     if cloud_text is not None:
-        cloud_path = archive.write_cloud_record(settings.archive_dir, usage.uuid, usage.end_time, cloud_text)
+        cloud_path = archive.write_cloud_record(settings.archive_dir, usage.uuid, usage.end_time, cloud_text,
+                                                queued)
 
-    reason = _why_not_queued(usage, settings)
     name = cloud_name = None
     step("enqueue")
     if reason is None:

@@ -2,9 +2,11 @@
 
 Why: a site must show what its factories delivered and that VMs use the hardware as well as
 batch jobs do. The archive holds every job record this factory wrote, so the report comes from
-exactly what was (or will be) sent to APEL: per machinetype (the record's ``Queue``), the VMs,
-wall hours, CPU hours, processor-weighted wall hours, benchmark-weighted hours and the CPU
-efficiency of the month whose records end in it (``EndTime``, UTC, as APEL counts months).
+exactly those records, including any archived but never queued for APEL (``not-queued/``:
+no gocdb_sitename or hs06_per_processor when they were written): per machinetype (the
+record's ``Queue``), the VMs, wall hours, CPU hours, processor-weighted wall hours,
+benchmark-weighted hours and the CPU efficiency of the month whose records end in it
+(``EndTime``, UTC, as APEL counts months).
 
 - wall hours      = sum(WallDuration) / 3600
 - CPU hours       = sum(CpuDuration) / 3600

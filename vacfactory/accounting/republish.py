@@ -3,7 +3,9 @@
 The archive is the source of truth: each record is queued again exactly as it was archived
 (not re-rendered from today's configuration). Resending is harmless: APEL replaces rows on
 (Site, LocalJobId, EndTime). Records that no longer parse or pass validation are reported
-and skipped, never sent.
+and skipped, never sent. Records archived but never queued (``not-queued/``: no
+gocdb_sitename or hs06_per_processor when they were written) are not republished: they carry
+a placeholder Site or a made-up benchmark, and the sync counts leave them out.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ def republish(settings: AccountingSettings, since: Optional[datetime.date], now:
     start = calendar.timegm(since.timetuple()) if since else None
     since_month = month_of(start) if start is not None else None
     queued = _requeue(
-        archive.iter_job_records(settings.archive_dir, since_month), JOB, start, now,
+        archive.iter_job_records(settings.archive_dir, since_month, queued_only=True), JOB, start, now,
         OutgoingQueue(settings.outgoing_dir),
     )
     cloud_queued = (0, 0)
     if settings.cloud_records:
         cloud_queued = _requeue(
-            archive.iter_cloud_records(settings.archive_dir, since_month), CLOUD, start, now,
+            archive.iter_cloud_records(settings.archive_dir, since_month, queued_only=True), CLOUD, start, now,
             OutgoingQueue(settings.cloud_queue_dir),
         )
     result = RepublishResult(queued=queued[0], cloud_queued=cloud_queued[0], invalid=queued[1] + cloud_queued[1])

@@ -9,7 +9,9 @@ It copies ssmsend's algorithm (apel/ssm ``Ssm2.send_all``) and fixes its hang (a
   with ``empa-id`` and ``receipt`` = the element name, wait for *that* RECEIPT, and only then
   remove it from the queue;
 - every wait is bounded by one overall deadline; on any failure stop, unlock the element and
-  leave it and everything after it queued for the next run.
+  leave it and everything after it queued for the next run. Running out of time with messages
+  still queued is a failure too (``SendResult.timed_out``; ``apel send`` exits 1), never a
+  silent success: a backlog the timeout cannot clear must show.
 
 A receipt that is lost after the broker took the message means the message is sent again
 next time: APEL's REPLACE key makes that harmless. A message is never removed before its
@@ -46,6 +48,9 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 #: time kept back from the deadline to close the connection cleanly
 CLOSE_BUDGET_SECONDS = 2.0
+#: no SEND is started with less time than this left: its receipt could not be waited for,
+#: so the broker might take it and we would send it again next run
+SEND_RESERVE_SECONDS = 0.5
 #: we ask the broker for a heart-beat this often (ms): a dead broker is noticed within 1.5x
 #: that even over TLS, where stomp.py does not notice the end of the stream itself
 HEARTBEAT_MS = 2000
@@ -64,6 +69,8 @@ class SendResult:
     error: Optional[str] = None
     #: the broker could not be reached or the connection was lost (CLI exit 69)
     unreachable: bool = False
+    #: the deadline came with messages still queued (an error, CLI exit 1)
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
@@ -72,6 +79,15 @@ class SendResult:
 
 class _Unreachable(AccountingError):
     """No connection to the broker, or it was lost."""
+
+
+class _TimedOut(AccountingError):
+    """The overall deadline came before everything queued was confirmed."""
+
+    def __init__(self, message: str, *, between_messages: bool = False) -> None:
+        super().__init__(message)
+        #: True: no message was in flight (none failed), the rest was simply not started
+        self.between_messages = between_messages
 
 
 class _Listener(stomp.ConnectionListener):
@@ -184,7 +200,7 @@ class _Link:
             raise AccountingError(f"{self.where}: broker refused {name}: {listener.errors[-1]}")
         if listener.disconnected:
             raise _Unreachable(f"{self.where}: connection lost before the receipt for {name}")
-        raise AccountingError(f"{self.where}: no receipt for {name} before the deadline")
+        raise _TimedOut(f"{self.where}: no receipt for {name} before the deadline")
 
     def close(self, budget: float) -> None:
         """DISCONNECT politely, then make sure the socket and stomp.py's thread are gone."""
@@ -302,13 +318,15 @@ def send_queued(
     sent, invalid, failure = _send_all(link, signer, queues, deadline)
     link.close(close_budget)
     remaining = sum(queue.count() for queue, _ in queues)
+    in_flight = failure is not None and not (isinstance(failure, _TimedOut) and failure.between_messages)
     result = SendResult(
         sent=sent,
-        failed=1 if failure else 0,
+        failed=1 if in_flight else 0,
         remaining=remaining,
         invalid=invalid,
         error=str(failure) if failure else None,
         unreachable=isinstance(failure, _Unreachable),
+        timed_out=isinstance(failure, _TimedOut),
     )
     level = logging.INFO if result.ok else logging.ERROR
     log.log(level, "APEL send to %s: %d sent, %d failed, %d invalid, %d left queued%s", link.where, sent,
@@ -326,13 +344,17 @@ def _queues(settings: AccountingSettings) -> List[Tuple[OutgoingQueue, str]]:
 def _send_all(
     link: _Link, signer: Signer, queues: List[Tuple[OutgoingQueue, str]], deadline: float
 ) -> Tuple[int, int, Optional[AccountingError]]:
-    """Send element after element; stop at the first failure or at the deadline."""
+    """Send element after element; stop at the first failure or at the deadline.
+
+    Stopping at the deadline with elements left is a failure (:class:`_TimedOut`).
+    """
     sent = invalid = 0
     for queue, destination in queues:
         for name in queue.names():
-            if time.monotonic() >= deadline:
-                log.warning("APEL send: deadline reached, the rest stays queued")
-                return sent, invalid, None
+            if deadline - time.monotonic() < SEND_RESERVE_SECONDS:
+                return sent, invalid, _TimedOut(
+                    f"{link.where}: timeout reached after {sent} sent; the rest stays queued",
+                    between_messages=True)
             if not queue.lock(name):
                 continue  # another sender has it
             try:

@@ -24,7 +24,8 @@ from vacfactory.errors import AccountingError, RecordInvalid
 log = logging.getLogger(__name__)
 
 DEFAULT_DESTINATION = "gLite-APEL"
-DEFAULT_CLOUD_DESTINATION = "eu-egi-cloud-accounting"
+#: the apel_cloud_destination default (a STOMP queue, like the option apel_destination)
+DEFAULT_CLOUD_DESTINATION = "/queue/global.accounting.cloud.CENTRAL"
 DEFAULT_CAPATH = "/etc/grid-security/certificates"
 DEFAULT_SEND_INTERVAL_SECONDS = 3600.0
 

@@ -2,7 +2,8 @@
 
 The APEL server compares these counts with the records it holds and flags gaps. Counts come
 from the archive, by the UTC month of EndTime (how APEL derives EndMonth), not by the day a
-file was written as Vac does. A month with no records still gets a sync record with
+file was written as Vac does, and only records that were queued for APEL: those archived
+under ``not-queued/`` (no gocdb_sitename or hs06_per_processor at the time) never reached it. A month with no records still gets a sync record with
 ``NumberOfJobs: 0`` for this factory's own Site and SubmitHost (Vac crashes there).
 
 The daemon calls :func:`sync_if_due` every cycle; it does the work once a day and remembers
@@ -51,7 +52,7 @@ def sync_month(settings: AccountingSettings, month: str, now: float) -> SyncResu
         year, mon = parse_month(month)
     except ValueError as error:
         raise AccountingError(str(error)) from None
-    counts: Dict[Tuple[str, str], int] = archive.count_month(settings.archive_dir, month)
+    counts: Dict[Tuple[str, str], int] = archive.count_month(settings.archive_dir, month, queued_only=True)
     counts.setdefault((settings.site, settings.submit_host), 0)
     rows = tuple(sorted((site, host, n) for (site, host), n in counts.items()))
     if not settings.queue_enabled:
@@ -76,7 +77,8 @@ def sync_months(settings: AccountingSettings, months: Sequence[str], now: float)
 
 
 def sync_if_due(settings: AccountingSettings, now: float) -> List[str]:
-    """Once a day: sync every month since the last sync (at least yesterday's and today's).
+    """Once a day: sync every month since the last sync (at least yesterday's and today's),
+    the last MAX_CATCH_UP_MONTHS of them at most.
 
     Returns the queue names written, [] when not due (or queueing is disabled).
     """
