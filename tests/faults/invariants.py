@@ -302,9 +302,13 @@ def archive_records(state_dir: str, v: Optional[List[str]] = None) -> Dict[str, 
     for month in sorted(os.listdir(root)) if os.path.isdir(root) else ():
         if not _MONTH.match(month):
             continue
-        for identity in sorted(os.listdir(os.path.join(root, month))):
-            directory = os.path.join(root, month, identity)
-            if identity.startswith(".") or not os.path.isdir(directory):
+        identities = [os.path.join(root, month, i) for i in sorted(os.listdir(os.path.join(root, month)))]
+        unsent = os.path.join(root, month, "not-queued")  # records archived but never queued
+        if os.path.isdir(unsent):
+            identities = [d for d in identities if d != unsent]
+            identities += [os.path.join(unsent, i) for i in sorted(os.listdir(unsent))]
+        for directory in identities:
+            if os.path.basename(directory).startswith(".") or not os.path.isdir(directory):
                 continue
             for name in os.listdir(directory):
                 if name.startswith("."):

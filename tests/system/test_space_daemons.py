@@ -61,7 +61,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from tests.system.netns import Host, NetnsLab, NetnsUnavailable, netns_problem
-from vacfactory.engine.spacewatch import QUERY_SECONDS
+from vacfactory.engine.spacewatch import QUERY_SECONDS, stale_after
 
 pytestmark = pytest.mark.system
 
@@ -374,14 +374,16 @@ def figures(values: Sequence[float]) -> str:
     return f"mean {statistics.mean(values):.2f}, min {min(values)}, max {max(values)}"
 
 
-def unknown_reports(daemon: Daemon) -> List[Tuple[float, frozenset]]:
+def unknown_reports(daemon: Daemon, pattern: str = r"space: no answer from (.*) \(counted as unknown\)"
+                    ) -> List[Tuple[float, frozenset]]:
     """(time, factories) of each "space: no answer from ..." the daemon logged.
 
     The space watcher logs the set of silent factories whenever it changes, so the last line
-    is the set it currently counts as unknown."""
+    is the set it currently counts as unknown. (``pattern``: another such line, e.g. the
+    factories whose last answer is still counted.)"""
     found = []
     for line in daemon.log_lines():
-        match = re.search(r"space: no answer from (.*) \(counted as unknown\)", line)
+        match = re.search(pattern, line)
         when = log_time(line)
         if match and when is not None:
             found.append((when, frozenset(match.group(1).split(", "))))
@@ -504,13 +506,17 @@ def test_a_killed_factory_costs_the_others_no_round_and_is_dropped_from_their_vi
         space: Space) -> None:
     """kill -9 c. a and b go on deciding every cycle (a round never waits for the UDP
     deadline: the space is queried by another thread), refill every VM the wallclock kill
-    ends, report c unknown within one query interval plus one deadline, and b - now sharing
-    only with a's 10 x - turns all its processors to y within one VM lifetime after that."""
+    ends, notice c's silence within one query interval plus one deadline but keep counting
+    its last answer (one lost datagram must not make a factory's VMs vanish), report c
+    unknown once that answer is older than the staleness window, and b - now sharing only
+    with a's 10 x - turns all its processors to y within one VM lifetime after that."""
     space.steady()  # the shares were measured with c alive
     b = space.daemons["b"]
     killed_at = time.time()
     space.daemons["c"].kill()
-    noticed_by = killed_at + QUERY_SECONDS + UDP_TIMEOUT + 2.0
+    silence_noticed_by = killed_at + QUERY_SECONDS + UDP_TIMEOUT + 2.0
+    window = stale_after(UDP_TIMEOUT)
+    noticed_by = killed_at + window + QUERY_SECONDS + UDP_TIMEOUT + 2.0
     end = noticed_by + WALLCLOCK + 3.0
     space.wait_until(end)
     passes = space.between(killed_at, end)
@@ -529,11 +535,20 @@ def test_a_killed_factory_costs_the_others_no_round_and_is_dropped_from_their_vi
         running = [p[label].running for p in passes if label in p]
         assert min(running) >= PROCESSORS - 1, f"{label} did not refill: {figures(running)}"
         assert len(created) >= (end - killed_at) / WALLCLOCK * PROCESSORS / 2, created
+        held = [r for r in unknown_reports(
+            daemon, r"space: no answer this round from (.*); counting") if r[0] >= killed_at]
+        assert held and held[0][1] == {fqdn("c")}, f"{label} did not hold c's answer: {held}"
+        assert held[0][0] <= silence_noticed_by, \
+            f"{label} noticed c's silence {held[0][0] - killed_at:.1f} s after the kill"
         reports = [r for r in unknown_reports(daemon) if r[0] >= killed_at]
         assert reports, f"{label} never reported c unknown"
         when, names = reports[0]
-        print(f"{label} reported c unknown {when - killed_at:.1f} s after the kill")
+        print(f"{label} held c's last answer from {held[0][0] - killed_at:.1f} s and reported c "
+              f"unknown {when - killed_at:.1f} s after the kill (window {window:g} s)")
         assert names == {fqdn("c"), fqdn("d")}, names
+        # c's last answer came at most one round (QUERY_SECONDS + UDP_TIMEOUT) before the kill
+        assert when >= killed_at + window - QUERY_SECONDS - UDP_TIMEOUT, \
+            f"{label} dropped c's answer {when - killed_at:.1f} s after the kill, before the window"
         assert when <= noticed_by, f"{label} noticed c {when - killed_at:.1f} s after the kill"
 
     final = [p["b"] for p in passes[-4:]]

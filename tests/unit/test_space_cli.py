@@ -150,6 +150,28 @@ def test_machines_with_factory_names_asks_over_the_network(tmp_path, capsys, fac
     assert len(lines) == 2 and "Running" in lines[0] and "Shut down" in lines[1]
 
 
+def test_machines_network_form_takes_the_space_from_the_command_line(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2")
+    text = open(config).read().replace(f"vac_space = {SPACE}", "vac_space = other.example.org")
+    open(config, "w").write(text)
+    # the configured space is not theirs: nobody answers ...
+    assert main(["--config", config, "machines", "-t", "0.3", "127.0.0.3"]) == 69
+    capsys.readouterr()
+    # ... until -s names it
+    assert main(["--config", config, "machines", "-s", SPACE, "127.0.0.3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_machines_without_factory_names_is_local_and_refuses_network_options(tmp_path, capsys):
+    config = write_config(tmp_path, 995, "127.0.0.2")
+    assert main(["--config", config, "machines", "-s", SPACE]) == 2
+    err = capsys.readouterr().err
+    assert "name the FACTORY" in err and "local state" in err
+    with pytest.raises(SystemExit):
+        main(["machines", "--help"])
+    assert "local state" in capsys.readouterr().out
+
+
 def test_a_space_key_in_the_configuration_signs_queries(tmp_path, capsys):
     key_file = tmp_path / "space.key"
     key_file.write_text("s3cret\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import statistics
 import subprocess
@@ -360,3 +361,55 @@ def test_resolved_peers_allow_loopback_by_default_and_refresh_in_background():
         assert "10.0.0.9" in peers() and "10.0.0.1" not in peers()
     finally:
         peers.stop()
+
+
+# -- rejects in the log ------------------------------------------------------------------------
+
+
+def test_rejects_are_logged_at_once_after_a_quiet_spell_then_summed_per_interval():
+    from vacfactory.space.responder import RejectLog
+
+    rejects = RejectLog(interval=10.0)
+    rejects.add("malformed", "10.0.0.7", "10.0.0.7: not JSON", 100.0)
+    [(level, line)] = rejects.due(100.0)
+    assert level == logging.WARNING
+    assert line == ("responder: 1 datagram rejected as malformed (no reply), from 10.0.0.7 x1; "
+                    "e.g. 10.0.0.7: not JSON")
+    for i in range(2000):
+        rejects.add("malformed", "10.0.0.7" if i % 200 else "10.0.0.9", "bad\x00json", 101.0 + i / 1000)
+    assert rejects.due(105.0) == []  # within the interval: summed, not logged
+    [(level, line)] = rejects.due(110.0)
+    assert line.startswith("responder: 2000 datagrams rejected as malformed (no reply) over 9.0 s, "
+                           "from 10.0.0.7 x1990, 10.0.0.9 x10; e.g. 10.0.0.9: bad?json")
+    assert rejects.due(200.0) == []  # nothing pending
+
+
+def test_reject_lines_name_a_bounded_number_of_peers_and_routine_reasons_are_info():
+    from vacfactory.space.responder import RejectLog
+
+    rejects = RejectLog(interval=10.0)
+    for i in range(50):
+        rejects.add("unknown_peer", f"192.0.2.{i}", "not a configured factory", 1.0)
+    rejects.add("rate_limited", "10.0.0.1", "machines_query", 1.0)
+    lines = dict((line.split(" as ")[1].split()[0], (level, line)) for level, line in rejects.due(1.0))
+    level, line = lines["unknown_peer"]
+    assert level == logging.WARNING and "other peers x42" in line and line.count(" x1") == 8
+    assert lines["rate_limited"][0] == logging.INFO
+
+
+def test_a_live_responder_logs_a_flood_of_junk_in_a_few_summed_lines(peer, caplog):
+    caplog.set_level(logging.INFO, logger="vacfactory.space.responder")
+    r = started(reject_log_seconds=0.3)
+    try:
+        for i in range(300):
+            peer.send(b"junk %d" % i, r.address)
+        deadline = time.monotonic() + 5
+        while r.stats.dropped["malformed"] < 300 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # one more interval: the rest is summed and logged
+    finally:
+        r.stop()
+    lines = [rec.getMessage() for rec in caplog.records if "rejected as malformed" in rec.getMessage()]
+    counts = [int(line.split()[1]) for line in lines]
+    assert sum(counts) == 300 and len(lines) <= 5, lines
+    assert all("from 127.0.0.1 x" in line for line in lines)

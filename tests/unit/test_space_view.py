@@ -12,7 +12,7 @@ from vacfactory.core.views import FactoryPolicy, MachinetypePolicy, MachinetypeS
 from vacfactory.space.client import FactoryReplies, SpaceReplies
 from vacfactory.space.protocol import QueryType, Reply, ReplyType
 from vacfactory.space.snapshot import MachinetypeStatus
-from vacfactory.space.view import machinetype_state, space_view
+from vacfactory.space.view import SpaceMemory, machinetype_state, space_view
 
 NOW = 1_700_000_000.0
 SPACE = "vac01.example.ac.uk"
@@ -22,7 +22,8 @@ def reply(factory: str, status: MachinetypeStatus, count: int = 1) -> Reply:
     return Reply(ReplyType.MACHINETYPE, factory, SPACE, "c", count, status)
 
 
-def replies(answers: dict, unknown=(), query_type=QueryType.MACHINETYPES) -> SpaceReplies:
+def replies(answers: dict, unknown=(), query_type=QueryType.MACHINETYPES, incomplete=()
+            ) -> SpaceReplies:
     answered = {
         name: FactoryReplies(name, "10.0.0.1",
                              tuple(reply(name, s, len(statuses)) for s in statuses),
@@ -30,7 +31,7 @@ def replies(answers: dict, unknown=(), query_type=QueryType.MACHINETYPES) -> Spa
         for name, statuses in answers.items()
     }
     return SpaceReplies(query_type, SPACE, tuple(answers) + tuple(unknown), answered,
-                        tuple(unknown), (), 0.1)
+                        tuple(unknown), tuple(incomplete), 0.1)
 
 
 def status(name: str, hs06: float = 0.0, processors: int = 0, before_fizzle: int = 0,
@@ -126,3 +127,81 @@ def test_ties_are_broken_randomly():
     firsts = {decide(POLICY, [mt("a", 1), mt("b", 1)], [], view, 0.0, NOW,
                      random.Random(seed)).creates[0].machinetype for seed in range(20)}
     assert firsts == {"a", "b"}
+
+
+# -- a factory that misses a round: its last answer, then unknown -----------------------------
+
+WINDOW = 15.0
+
+
+def test_a_factory_that_misses_one_round_is_counted_with_its_last_answer_not_as_empty():
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f1": [status("atlas", 30.0, 3)], "f2": [status("atlas", 50.0, 5)]}),
+                  True, NOW)
+    state = memory.update(replies({"f1": [status("atlas", 40.0, 4)]}, unknown=("f2",)),
+                          True, NOW + 5)
+    assert state.view["atlas"] == MachinetypeState(90.0, 9, 9, 0, None)  # 40 now + f2's 50
+    assert state.held == {"f2": 5.0} and state.unknown == frozenset()
+    assert state.answered == {"f1"}
+
+
+def test_beyond_the_window_a_silent_factory_is_unknown_and_adds_nothing():
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f1": [status("atlas", 30.0, 3)], "f2": [status("atlas", 50.0, 5)]}),
+                  True, NOW)
+    at_edge = memory.update(replies({"f1": [status("atlas", 30.0, 3)]}, unknown=("f2",)),
+                            True, NOW + WINDOW)
+    assert at_edge.held == {"f2": WINDOW}
+    beyond = memory.update(replies({"f1": [status("atlas", 30.0, 3)]}, unknown=("f2",)),
+                           True, NOW + WINDOW + 0.1)
+    assert beyond.unknown == {"f2"} and beyond.held == {}
+    assert beyond.view["atlas"] == MachinetypeState(30.0, 3, 3, 0, None)
+    assert memory.age("f2", NOW + WINDOW + 0.1) == pytest.approx(WINDOW + 0.1)
+
+
+def test_a_factory_never_heard_from_is_unknown_at_once_and_its_answer_counts_when_it_comes():
+    memory = SpaceMemory(WINDOW)
+    state = memory.update(replies({}, unknown=("f1",)), True, NOW)
+    assert state.unknown == {"f1"} and state.view == {}
+    state = memory.update(replies({"f1": [status("lhcb", 10.0, 1)]}), True, NOW + 5)
+    assert state.unknown == frozenset() and state.view["lhcb"].running_hs06 == 10.0
+
+
+def test_an_abort_remembered_from_a_silent_factory_still_backs_the_machinetype_off():
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f1": [status("atlas", message="300 No more work", when=NOW - 60)]}),
+                  True, NOW)
+    state = memory.update(replies({}, unknown=("f1",)), True, NOW + 5)
+    assert state.view["atlas"].last_abort_time == NOW - 60
+
+
+def test_an_incomplete_answer_keeps_the_machinetypes_it_did_not_repeat():
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f1": [status("atlas", 30.0, 3), status("lhcb", 20.0, 2)]}), True, NOW)
+    state = memory.update(replies({"f1": [status("atlas", 40.0, 4)]}, incomplete=("f1",)),
+                          True, NOW + 5)
+    assert state.view["atlas"].running_hs06 == 40.0  # the new figure
+    assert state.view["lhcb"].running_hs06 == 20.0  # the one the answer lacked, kept
+    complete = memory.update(replies({"f1": [status("atlas", 40.0, 4)]}), True, NOW + 10)
+    assert "lhcb" not in complete.view  # a complete answer says lhcb is gone there
+
+
+def test_factories_no_longer_asked_are_forgotten():
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f1": [status("atlas", 30.0, 3)]}), True, NOW)
+    memory.update(replies({"f2": [status("atlas", 10.0, 1)]}), True, NOW + 1)
+    state = memory.update(replies({}, unknown=("f1",)), True, NOW + 2)  # asked again
+    assert state.unknown == {"f1"}, "f1 was dropped from the configuration in between"
+
+
+def test_a_held_answer_changes_what_the_scheduler_starts():
+    """f2 ran 5 atlas: while its answer is held, lhcb (equally shared) is the starved one;
+    once f2 is unknown, the space looks empty of atlas and atlas is started again."""
+    memory = SpaceMemory(WINDOW)
+    memory.update(replies({"f2": [status("atlas", 50.0, 5), status("lhcb", 0.0)]}), True, NOW)
+    types = [mt("atlas", 1), mt("lhcb", 1)]
+    held = memory.update(replies({}, unknown=("f2",)), True, NOW + 5).view
+    assert {c.machinetype for c in decide(POLICY, types, [], held, 0.0, NOW + 5,
+                                          random.Random(1)).creates} == {"lhcb"}
+    gone = memory.update(replies({}, unknown=("f2",)), True, NOW + WINDOW + 1).view
+    assert gone == {}

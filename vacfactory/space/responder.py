@@ -34,12 +34,24 @@ Rules, in the order they are applied (cheapest first, so junk costs least):
    ~14 slots per round, and re-asks as soon as a partial answer pauses. A query whose first
    reply alone exceeds the budget gets nothing.
 
-Every dropped datagram gets no reply and is counted by reason in :attr:`Responder.stats`.
+Every dropped datagram gets no reply and is counted by reason in :attr:`Responder.stats`. The
+log names them too, without letting a flood flood the log: per reason, the first reject after a
+quiet spell is logged at once, later ones are summed into one line per :data:`REJECT_LOG_SECONDS`
+(count, the peers that sent them, one example), e.g.::
+
+    responder: 2000 datagrams rejected as malformed (no reply) over 9.8 s, from
+    10.0.0.7 x1990, 10.0.0.9 x10; e.g. 10.0.0.7: not JSON: Expecting value: line 1 column 1
+
+A configuration reload reaches a running responder without a restart: :meth:`Responder.reconfigure`
+swaps the space and the space key between two datagrams, and :meth:`Responder.rebind` moves it
+to another port (the new socket serves before the old one closes).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import socket
 import threading
 import time
@@ -86,6 +98,13 @@ DROP_REASONS = (
 )
 
 _CURSORS = 1024
+#: rejected datagrams are summed into at most one log line per reason per this many seconds
+REJECT_LOG_SECONDS = 10.0
+#: reasons that are normal operation (a busy peer, a starting engine): logged at INFO, the rest
+#: (junk, strangers, wrong keys and spaces, replays) at WARNING
+_ROUTINE_REASONS = frozenset({"rate_limited", "amplification", "no_snapshot", "send_error"})
+_PEERS_NAMED = 8
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 @dataclass(frozen=True)
@@ -143,12 +162,13 @@ class Responder:
         machines_rate_per_peer: float = DEFAULT_MACHINES_RATE,
         machines_burst: float = DEFAULT_MACHINES_BURST,
         replay_window: float = auth.DEFAULT_WINDOW,
+        reject_log_seconds: float = REJECT_LOG_SECONDS,
     ) -> None:
         self.bind = bind
         self.snapshot_provider = snapshot_provider
-        self.space = space
+        #: (space, space key): replaced whole by reconfigure(), read once per datagram
+        self._settings: Tuple[str, Optional[bytes]] = (space, space_key)
         self.allowed_peers = allowed_peers
-        self.space_key = space_key
         self.max_reply_ratio = max_reply_ratio
         self._buckets = _TokenBuckets(machines_rate_per_peer, machines_burst)
         self._replay = auth.ReplayGuard(replay_window)
@@ -158,9 +178,39 @@ class Responder:
         self._received = self._answered = self._sent = 0
         self._bytes_in = self._bytes_out = 0
         self._lock = threading.Lock()
+        #: one datagram at a time through the replay guard, buckets and cursors (during a
+        #: rebind the old and the new serving thread overlap for a moment)
+        self._decide_lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
+        self.rejects = RejectLog(reject_log_seconds)
+
+    @property
+    def space(self) -> str:
+        return self._settings[0]
+
+    @property
+    def space_key(self) -> Optional[bytes]:
+        return self._settings[1]
+
+    def reconfigure(self, space: str, space_key: Optional[bytes]) -> bool:
+        """Answer for ``space`` with ``space_key`` from the next datagram on (a configuration
+        reload). Returns whether anything changed."""
+        if (space, space_key) == self._settings:
+            return False
+        old_space, old_key = self._settings
+        self._settings = (space, space_key)  # one reference swap: never half old, half new
+        with self._lock:
+            self._cursors.clear()
+        changes = []
+        if space != old_space:
+            changes.append(f"space {old_space} -> {space}")
+        if space_key != old_key:
+            changes.append("space key " + ("removed" if space_key is None else
+                                          "set" if old_key is None else "changed"))
+        logger.info("responder reconfigured: %s", ", ".join(changes))
+        return True
 
     # -- the decision, without I/O ----------------------------------------------------------
 
@@ -170,24 +220,25 @@ class Responder:
             self._received += 1
             self._bytes_in += len(datagram)
         try:
-            replies = self._decide(datagram, peer, now)
+            with self._decide_lock:
+                replies = self._decide(datagram, peer, now)
         except _Drop as drop:
-            self._drop(drop.reason)
-            logger.debug("%s: dropped (%s): %s", peer, drop.reason, drop.detail)
+            self._drop(drop.reason, peer, drop.detail)
             return []
         with self._lock:
             self._answered += 1
         return replies
 
     def _decide(self, datagram: bytes, peer: str, now: float) -> List[bytes]:
+        space, space_key = self._settings
         if len(datagram) > MAX_QUERY_BYTES:
-            raise _Drop("oversize", f"{len(datagram)} bytes")
+            raise _Drop("oversize", f"{len(datagram)} bytes (at most {MAX_QUERY_BYTES})")
         if peer not in self.allowed_peers():
             raise _Drop("unknown_peer", "not a configured factory")
         body, signature = datagram, None
-        if self.space_key is not None:
+        if space_key is not None:
             try:
-                body, signature = auth.verify(datagram, self.space_key, peer=peer)
+                body, signature = auth.verify(datagram, space_key, peer=peer)
             except ProtocolError as error:
                 raise _Drop("unsigned" if "unsigned" in str(error) else "bad_signature",
                             str(error)) from None
@@ -197,8 +248,8 @@ class Responder:
             raise _Drop("malformed", str(error)) from None
         if not isinstance(query, Query):
             raise _Drop("not_query", query.reply_type.value)
-        if query.space != self.space:
-            raise _Drop("wrong_space", query.space)
+        if query.space != space:
+            raise _Drop("wrong_space", f"asks for space {query.space}")
         if signature is not None:
             try:
                 self._replay.check(signature, query.time_sent, now, peer=peer)
@@ -208,10 +259,10 @@ class Responder:
         if query.query_type is QueryType.MACHINES and not self._buckets.take(peer, now):
             raise _Drop("rate_limited", "machines_query")
         snapshot = self.snapshot_provider()
-        if snapshot is None or snapshot.space != self.space:
-            raise _Drop("no_snapshot", "the engine has not published a snapshot yet")
+        if snapshot is None or snapshot.space != space:
+            raise _Drop("no_snapshot", "the engine has not published a snapshot (of this space) yet")
         templates = self._templates(query.query_type, snapshot)
-        return self._within_budget(templates, query, peer, len(datagram), now)
+        return self._within_budget(templates, query, peer, len(datagram), now, space_key)
 
     def _templates(self, query_type: QueryType, snapshot: FactorySnapshot
                    ) -> Tuple[Template, ...]:
@@ -223,11 +274,11 @@ class Responder:
         return templates
 
     def _within_budget(self, templates: Tuple[Template, ...], query: Query, peer: str,
-                       request_bytes: int, now: float) -> List[bytes]:
+                       request_bytes: int, now: float, space_key: Optional[bytes]) -> List[bytes]:
         """The replies that fit ``max_reply_ratio x request_bytes``, continuing per cookie."""
         replies = [t.fill(query.cookie, now) for t in templates]
-        if self.space_key is not None:
-            replies = [auth.sign(r, self.space_key) for r in replies]
+        if space_key is not None:
+            replies = [auth.sign(r, space_key) for r in replies]
         budget = self.max_reply_ratio * request_bytes
         if sum(len(r) for r in replies) <= budget:
             return replies
@@ -250,9 +301,11 @@ class Responder:
             self._cursors.popitem(last=False)
         return chosen
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, peer: str, detail: str) -> None:
         with self._lock:
             self._counts[reason] += 1
+        logger.debug("%s: dropped (%s): %s", peer, reason, detail)
+        self.rejects.add(reason, peer, detail, time.monotonic())
 
     @property
     def stats(self) -> ResponderStats:
@@ -272,7 +325,30 @@ class Responder:
 
     def start(self) -> None:
         """Bind (errors such as EADDRINUSE raise OSError here) and serve in a daemon thread."""
-        host, port = self.bind
+        self._serve_on(self._open(self.bind))
+        logger.info("responder listening on %s:%d for space %s%s", *self.address, self.space,
+                    " (signed)" if self.space_key else "")
+
+    def rebind(self, bind: Tuple[str, int]) -> None:
+        """Serve on ``bind`` instead (a changed udp_port). The new socket is bound and served
+        before the old one closes, so the service never stops; if the bind fails (OSError),
+        the responder goes on serving where it was."""
+        sock = self._open(bind)
+        old = (self._sock, self._thread, self._stopping)
+        self.bind = bind
+        self._serve_on(sock)
+        self._retire(*old)
+        logger.info("responder moved to %s:%d", *self.address)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (waits for the thread, at most a second)."""
+        self._retire(self._sock, self._thread, self._stopping)
+        self._sock = self._thread = None
+        self.flush_rejects(force=True)
+
+    @staticmethod
+    def _open(bind: Tuple[str, int]) -> socket.socket:
+        host, port = bind
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -281,35 +357,39 @@ class Responder:
         except OSError:
             sock.close()
             raise
-        sock.settimeout(0.2)  # how quickly stop() is noticed
-        self._sock = sock
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._serve, name="vacfactory-responder",
-                                        daemon=True)
-        self._thread.start()
-        logger.info("responder listening on %s:%d for space %s%s", *self.address, self.space,
-                    " (signed)" if self.space_key else "")
+        sock.settimeout(0.2)  # how quickly stop() is noticed, and pending rejects logged
+        return sock
 
-    def stop(self) -> None:
-        """Stop serving and close the socket (waits for the thread, at most a second)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)
-            self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _serve_on(self, sock: socket.socket) -> None:
+        stopping = threading.Event()
+        thread = threading.Thread(target=self._serve, args=(sock, stopping),
+                                  name="vacfactory-responder", daemon=True)
+        self._sock, self._stopping, self._thread = sock, stopping, thread
+        thread.start()
 
-    def _serve(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while not self._stopping.is_set():
+    @staticmethod
+    def _retire(sock: Optional[socket.socket], thread: Optional[threading.Thread],
+                stopping: threading.Event) -> None:
+        stopping.set()
+        if thread is not None:
+            thread.join(timeout=1.0)
+        if sock is not None:
+            sock.close()
+
+    def flush_rejects(self, force: bool = False) -> None:
+        """Log the rejects summed since the last report of their reason, if one is due."""
+        for level, line in self.rejects.due(time.monotonic(), force):
+            logger.log(level, "%s", line)
+
+    def _serve(self, sock: socket.socket, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            self.flush_rejects()
             try:
                 datagram, source = sock.recvfrom(65535)
             except socket.timeout:
                 continue
             except OSError as error:
-                if self._stopping.is_set():
+                if stopping.is_set():
                     break
                 logger.warning("responder receive failed: %s", error)
                 time.sleep(0.01)
@@ -317,9 +397,9 @@ class Responder:
             peer = normalise_address(str(source[0]))
             try:
                 replies = self.handle(datagram, peer, time.time())
-            except Exception:  # noqa: BLE001 - a bug must cost one answer, not the responder
+            except Exception as error:  # noqa: BLE001 - a bug must cost one answer, not the responder
                 logger.exception("%s: responder failed on a datagram", peer)
-                self._drop("internal_error")
+                self._drop("internal_error", peer, f"{type(error).__name__}: {error}")
                 continue
             for reply in replies:
                 self._sendto(sock, reply, source)
@@ -329,12 +409,67 @@ class Responder:
         try:
             sock.sendto(datagram, address)
         except OSError as error:
-            logger.debug("%s: reply not sent: %s", address[0], error)
-            self._drop("send_error")
+            self._drop("send_error", str(address[0]), f"reply not sent: {error}")
             return
         with self._lock:
             self._sent += 1
             self._bytes_out += len(datagram)
+
+
+class RejectLog:
+    """Rejected datagrams, summed per reason into log lines (see the module doc).
+
+    :meth:`add` counts one reject; :meth:`due` returns the lines to log now: a reason not
+    reported within ``interval`` seconds is reported at once, otherwise its rejects wait until
+    ``interval`` has passed since its last report. Memory is bounded: per reason, at most
+    :data:`_PEERS_NAMED` peers are counted by name (others only in the total).
+    """
+
+    def __init__(self, interval: float = REJECT_LOG_SECONDS) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        #: reason -> [count, first reject time, {peer: count}, example (peer, detail)]
+        self._pending: Dict[str, list] = {}
+        self._reported: Dict[str, float] = {}
+
+    def add(self, reason: str, peer: str, detail: str, now: float) -> None:
+        with self._lock:
+            entry = self._pending.get(reason)
+            if entry is None:
+                if detail.startswith(peer + ": "):  # (ProtocolError names the peer too)
+                    detail = detail[len(peer) + 2:]
+                entry = self._pending[reason] = [0, now, {}, (peer, detail)]
+            entry[0] += 1
+            peers = entry[2]
+            if peer in peers or len(peers) < _PEERS_NAMED:
+                peers[peer] = peers.get(peer, 0) + 1
+
+    def due(self, now: float, force: bool = False) -> List[Tuple[int, str]]:
+        """(log level, line) for every reason whose report is due (all pending if ``force``)."""
+        lines = []
+        with self._lock:
+            for reason in list(self._pending):
+                if not force and now - self._reported.get(reason, -math.inf) < self.interval:
+                    continue
+                count, first, peers, (peer, detail) = self._pending.pop(reason)
+                self._reported[reason] = now
+                lines.append((logging.INFO if reason in _ROUTINE_REASONS else logging.WARNING,
+                              _reject_line(reason, count, now - first, peers, peer, detail)))
+        return lines
+
+
+def _reject_line(reason: str, count: int, seconds: float, peers: Dict[str, int], peer: str,
+                 detail: str) -> str:
+    named = sorted(peers.items(), key=lambda item: -item[1])
+    sources = ", ".join(f"{address} x{n}" for address, n in named)
+    others = count - sum(peers.values())
+    if others:
+        sources += f", other peers x{others}"
+    over = f" over {seconds:.1f} s" if count > 1 else ""
+    example = _UNPRINTABLE.sub("?", detail)[:160]
+    noun = "datagram" if count == 1 else "datagrams"
+    return (f"responder: {count} {noun} rejected as {reason} (no reply){over}, from {sources}; "
+            f"e.g. {peer}: {example}")
 
 
 class _Drop(Exception):
