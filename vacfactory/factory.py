@@ -33,6 +33,7 @@ from vacfactory.engine import naming, policies
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
+from vacfactory.imagecache import ImageNotReady
 from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
@@ -73,6 +74,8 @@ class RoundReport:
     zombies: List[str] = field(default_factory=list)
     created: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
+    #: machinetypes not startable this round (their image is still downloading): no failure
+    waiting: List[str] = field(default_factory=list)
     decision: Optional[Decision] = None
 
 
@@ -100,6 +103,7 @@ class Factory:
         space_view: Optional[Callable[[object, SpaceView, float], SpaceView]] = None,
         rng: Optional[random.Random] = None,
         on_finished: Optional[Callable[[Machine], None]] = None,
+        on_created: Optional[Callable[[Machine], None]] = None,
         monotonic: Optional[Callable[[], float]] = None,
     ) -> None:
         self.config_source = config_source
@@ -115,6 +119,9 @@ class Factory:
         self.space_view = space_view
         self.rng = rng or random.Random()
         self.on_finished = on_finished
+        #: called after each VM this engine starts, mid-round (the daemon republishes its
+        #: VacQuery snapshot, so a long round's VMs are not invisible to the space until it ends)
+        self.on_created = on_created
         self.recorder = MetricsRecorder(clock())
 
         self.config = config_source.current
@@ -139,6 +146,8 @@ class Factory:
         #: VMs this process has seen running (so a vanished one ended since the last round)
         self._seen_running: Set[str] = set()
         self._last_reason: Optional[str] = None
+        #: machinetype -> why it waits for its image (logged once per change, not every round)
+        self._waiting: Dict[str, str] = {}
 
         # written by the hypervisor's event thread, read by the engine thread
         self._events_lock = threading.Lock()
@@ -205,11 +214,27 @@ class Factory:
             self.recorder.round_done(time.monotonic() - began)
 
     def flush(self) -> None:
-        """At shutdown: account and clean what has finished, so nothing waits for the restart."""
+        """At shutdown: finish the VMs that ended since the last round (a stop event that came
+        with the signal found no round to handle it), then account and clean what has finished,
+        so nothing waits for the restart. Running VMs are left alone."""
         try:
-            self._settle(self.config, self.clock())
+            now = self.clock()
+            self._finish_vanished(now)
+            self._settle(self.config, now)
         except (VacFactoryError, OSError) as error:
             log.error("final accounting failed (it is retried at the next start): %s", error)
+
+    def _finish_vanished(self, now: float) -> None:
+        """Finish every started VM whose domain is gone (nothing if libvirt cannot be asked)."""
+        try:
+            present = {d.uuid for d in self.hypervisor.list_domains()}
+        except HypervisorError as error:
+            log.warning("cannot list the domains at shutdown; VMs that ended are finished at the next "
+                        "start: %s", error)
+            return
+        for uuid, machine in list(self.machines.items()):
+            if machine.live and machine.started is not None and uuid not in present:
+                self._finish(machine, now)
 
     def _round(self) -> RoundReport:
         now = self.clock()
@@ -624,7 +649,17 @@ class Factory:
         for create in decision.creates:
             if create.machinetype in failed_types:
                 continue
-            name = self._create(config, create)
+            try:
+                name = self._create(config, create)
+            except ImageNotReady as waiting:  # not startable this round; not a failed creation
+                failed_types.add(create.machinetype)
+                report.waiting.append(create.machinetype)
+                if create.machinetype not in self._waiting:  # the image cache logs its failures
+                    log.info("machinetype %s: not startable yet: %s", create.machinetype, waiting)
+                self._waiting[create.machinetype] = str(waiting)
+                continue
+            if name is not None and self._waiting.pop(create.machinetype, None) is not None:
+                log.info("machinetype %s: its image is ready", create.machinetype)
             if name is None:
                 failed_types.add(create.machinetype)
                 report.failed.append(create.machinetype)
@@ -656,6 +691,8 @@ class Factory:
             machinefeatures, jobfeatures = self.builder.features(config, record)
             user_data = self.builder.user_data(config, mt, record)
             machine = self.store.prepare(record, machinefeatures, jobfeatures, user_data)
+        except ImageNotReady:
+            raise  # nothing prepared yet: _create_all skips the machinetype this round
         except (VacFactoryError, OSError, ValueError) as error:
             self._creation_failed(name, create.machinetype, error)
             return None
@@ -683,6 +720,8 @@ class Factory:
         self.recorder.created(record.machinetype)
         log.info("%s: created %s with %d processors, uuid %s", record.name, record.machinetype,
                  record.processors, record.uuid)
+        if self.on_created is not None:
+            self.on_created(self.machines[record.uuid])
         return record.name
 
     def _creation_failed(self, name: str, machinetype: str, error: Exception) -> None:
@@ -732,6 +771,7 @@ class Factory:
             "decision": report.decision.reason if report.decision else None,
             "created": report.created,
             "failed": report.failed,
+            "waiting_for_images": report.waiting,
         }
         try:
             self.status.write_status(status)

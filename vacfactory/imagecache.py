@@ -18,6 +18,15 @@ a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
   using the cached copy (with a warning; Vac raised even with a good copy at hand), and
   raises :class:`~vacfactory.errors.ImageError` only when there is no usable copy.
 
+With ``background=True`` (the daemon) :meth:`ImageCache.get` never touches the network, because
+the engine calls it and a download may take up to image_fetch_timeout_seconds (a day at most)
+while the engine must keep enforcing limits and pinging the systemd watchdog. It returns the
+current cached copy at once and, when the check is due, revalidates in a background thread (the
+VM being created uses the copy at hand; later ones get the new version). Without a usable copy
+it starts the download in a background thread and raises :class:`ImageNotReady`: the engine
+skips that machinetype this round, and ``on_ready`` (the engine's wake-up) is called once the
+image is in place. After a failed attempt the next one waits ``retry_seconds``.
+
 The sidecar ``<key>.json`` (written atomically) records the URL, the current version's file
 name, size and sha256, the validators and when the server was last asked. Images are made
 read-only (0444): qemu opens them read-only through the overlays.
@@ -40,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import requests
 
 from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
-from vacfactory.errors import ImageError
+from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.pipefetch import USER_AGENT, iter_body, verify_setting
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,16 @@ IMAGE_MODE = 0o444
 _CHUNK = 1 << 20
 _VERSION = re.compile(r"\A([0-9a-f]{24})-([0-9]+)\.img\Z")
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+#: after a failed background download or revalidation, wait this long before the next one
+RETRY_SECONDS = 60.0
+
+
+class ImageNotReady(VacFactoryError):
+    """No verified copy of an image yet; it is being fetched in the background.
+
+    Not an ImageError: the machinetype is not startable this round, which is not a failed
+    creation (no factory-error, no failure counted) and resolves itself.
+    """
 
 
 def is_url(location: str) -> bool:
@@ -90,34 +109,69 @@ class _Failure(Exception):
     """A refresh failed; the cached copy may still serve."""
 
 
+@dataclass(frozen=True)
+class _Result:
+    """What one (blocking) refresh gave: the path to use, and what went wrong if anything."""
+
+    path: Optional[str]
+    failure: Optional[str] = None
+    changed: bool = False
+
+
 class ImageCache:
-    """The image cache in ``directory`` (thread-safe; one download at a time)."""
+    """The image cache in ``directory`` (thread-safe; one download per URL at a time).
+
+    ``_lock`` guards only quick work on the cache directory (sidecars, installing a version,
+    pruning); downloads run outside it, so an engine thread asking for a cached copy never
+    waits for the network.
+    """
 
     def __init__(self, directory: str, ca_path: Optional[str] = None, timeout: float = 120.0,
                  check_seconds: float = 0.0, clock: Callable[[], float] = time.time,
-                 session: Optional[requests.Session] = None) -> None:
+                 session: Optional[requests.Session] = None, background: bool = False,
+                 retry_seconds: float = RETRY_SECONDS, on_ready: Optional[Callable[[], None]] = None) -> None:
         self.directory = directory
         self.ca_path = ca_path
         self.timeout = timeout
         self.check_seconds = check_seconds
         self.clock = clock
         self.session = session
+        self.background = background
+        self.retry_seconds = retry_seconds
+        #: called (from a download thread) when a background fetch put a new version in place
+        self.on_ready = on_ready
         self._lock = threading.Lock()
+        self._url_locks: Dict[str, threading.Lock] = {}
+        #: URL -> the thread fetching it in the background
+        self._fetching: Dict[str, threading.Thread] = {}
+        #: URL -> (time.monotonic() of the failed attempt, why) for background retries
+        self._failures: Dict[str, Tuple[float, str]] = {}
+        #: downloads writing temporary files right now (prune leaves temporaries alone then)
+        self._active = 0
         #: (path, size, mtime_ns, inode) -> sha256 of local images already hashed
         self._digests: Dict[Tuple[str, int, int, int], str] = {}
 
     # -- public -------------------------------------------------------------------------
 
     def get(self, location: str, sha256: Optional[str] = None) -> str:
-        """Local path of a verified copy of ``location`` (a path or an http(s) URL)."""
+        """Local path of a verified copy of ``location`` (a path or an http(s) URL).
+
+        In background mode a URL is never fetched here: see the module docstring.
+        """
         if sha256 is not None:
             sha256 = sha256.lower()
             if not _SHA256.match(sha256):
                 raise ImageError(f"{location}: {sha256!r} is not a sha256 digest")
-        with self._lock:
-            if not is_url(location):
+        if not is_url(location):
+            with self._lock:
                 return self._local(location, sha256)
-            return self._remote(location, sha256)
+        if self.background:
+            return self._cached_or_fetch_later(location, sha256)
+        with self._url_lock(location):
+            result = self._remote(location, sha256)
+        if result.path is None:
+            raise ImageError(f"{location}: {result.failure} (and no usable cached copy)")
+        return result.path
 
     def prune(self, in_use: Set[str]) -> List[str]:
         """Delete every cached file that is neither a URL's current version nor in ``in_use``
@@ -144,13 +198,89 @@ class ImageCache:
                         continue
                     removed.append(path)
                     log.info("%s: old image version removed", path)
-            remove_stale_temporaries(self.directory)  # nothing downloads while we hold the lock
+            if self._active == 0:  # else a download is writing its temporary file right now
+                remove_stale_temporaries(self.directory)
         return removed
 
     def current(self, url: str) -> Optional[str]:
         """The path of the current cached version of ``url``, if any (no network)."""
         entry = self._read_entry(url)
         return self._path(entry.file) if entry is not None and self._valid(entry) else None
+
+    def fetching(self) -> List[str]:
+        """The URLs being fetched in the background right now."""
+        with self._lock:
+            return sorted(self._fetching)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no background fetch runs (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._fetching.values())
+            if not threads:
+                return True
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    return not self._fetching
+
+    # -- background mode ----------------------------------------------------------------
+
+    def _cached_or_fetch_later(self, url: str, sha256: Optional[str]) -> str:
+        """The usable cached copy (revalidated in the background when due), else ImageNotReady."""
+        now = self.clock()
+        with self._lock:
+            entry = self._read_entry(url)
+            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+            if usable is not None and now - usable.checked < self.check_seconds:
+                return self._path(usable.file)
+            started = self._fetch_later(url, sha256)
+            failure = self._failures.get(url)
+            running = url in self._fetching
+        if usable is not None:
+            if started:
+                log.debug("%s: revalidating in the background; using %s meanwhile", url, self._path(usable.file))
+            return self._path(usable.file)
+        if running:
+            raise ImageNotReady(f"{url}: no usable cached copy yet; downloading it in the background")
+        why = failure[1] if failure is not None else "not fetched yet"
+        raise ImageNotReady(f"{url}: no usable cached copy ({why}); the download is retried in the background")
+
+    def _fetch_later(self, url: str, sha256: Optional[str]) -> bool:
+        """Start a background fetch of ``url`` unless one runs or the last failed recently.
+        Called with ``_lock`` held."""
+        if url in self._fetching:
+            return False
+        failed = self._failures.get(url)
+        if failed is not None and time.monotonic() - failed[0] < self.retry_seconds:
+            return False
+        thread = threading.Thread(target=self._fetch_in_background, args=(url, sha256),
+                                  name=f"vacfactory-image-{url_key(url)[:8]}", daemon=True)
+        self._fetching[url] = thread
+        thread.start()
+        return True
+
+    def _fetch_in_background(self, url: str, sha256: Optional[str]) -> None:
+        result = _Result(None, "the download did not finish")
+        try:
+            with self._url_lock(url):
+                result = self._remote(url, sha256)
+        except (VacFactoryError, OSError) as error:  # e.g. the sidecar cannot be written
+            result = _Result(None, str(error))
+        finally:
+            with self._lock:
+                del self._fetching[url]
+                if result.failure is None:
+                    self._failures.pop(url, None)
+                else:
+                    self._failures[url] = (time.monotonic(), result.failure)
+        if result.path is None:
+            log.error("%s: %s; no usable cached copy: its machinetypes wait, retried in %g s",
+                      url, result.failure, self.retry_seconds)
+        if result.changed and self.on_ready is not None:
+            self.on_ready()
 
     # -- local paths --------------------------------------------------------------------
 
@@ -172,6 +302,10 @@ class ImageCache:
         return path
 
     # -- URLs ---------------------------------------------------------------------------
+
+    def _url_lock(self, url: str) -> threading.Lock:
+        with self._lock:
+            return self._url_locks.setdefault(url, threading.Lock())
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -202,40 +336,54 @@ class ImageCache:
         except OSError:
             return False
 
-    def _remote(self, url: str, sha256: Optional[str]) -> str:
+    def _remote(self, url: str, sha256: Optional[str]) -> _Result:
+        """Refresh ``url`` if due (blocking; the caller holds the URL's lock)."""
         now = self.clock()
-        entry = self._read_entry(url)
-        usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+        with self._lock:
+            entry = self._read_entry(url)
+            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
         if usable is not None and now - usable.checked < self.check_seconds:
-            return self._path(usable.file)
+            return _Result(self._path(usable.file))  # a concurrent caller has just refreshed it
+        with self._lock:
+            self._active += 1
         try:
-            download = self._download(url, usable, sha256)
-        except _Failure as failure:
-            if usable is not None:
-                log.warning("%s: cannot refresh the image (%s): using the cached copy %s", url, failure,
-                            self._path(usable.file))
-                return self._path(usable.file)
-            raise ImageError(f"{url}: {failure} (and no usable cached copy)") from None
-        if download is None:  # 304 Not Modified
-            assert usable is not None
-            self._write_entry(_replace(usable, checked=now))
-            return self._path(usable.file)
-        return self._install(url, download, entry, now)
+            try:
+                download = self._download(url, usable, sha256)
+            except _Failure as failure:
+                if usable is not None:
+                    log.warning("%s: cannot refresh the image (%s): using the cached copy %s", url, failure,
+                                self._path(usable.file))
+                    return _Result(self._path(usable.file), str(failure))
+                return _Result(None, str(failure))
+            if download is None:  # 304 Not Modified
+                assert usable is not None
+                with self._lock:
+                    self._write_entry(_replace(usable, checked=now))
+                return _Result(self._path(usable.file))
+            path = self._install(url, download, entry, now)
+        finally:
+            with self._lock:
+                self._active -= 1
+        return _Result(path, changed=usable is None or path != self._path(usable.file))
 
     def _install(self, url: str, download: _Download, previous: Optional[_Entry], now: float) -> str:
-        """Put a verified download in place under a new version name (or reuse an identical one)."""
-        if previous is not None and self._valid(previous) and previous.sha256 == download.sha256:
-            os.unlink(download.path)
-            name = previous.file
-            log.info("%s: unchanged content, keeping %s", url, self._path(name))
-        else:
-            name = f"{url_key(url)}-{self._next_version(url)}.img"
-            os.chmod(download.path, IMAGE_MODE)
-            os.rename(download.path, self._path(name))  # a new name: never over a file in use
-            fsync_directory(self.directory)
-            log.info("%s: cached as %s (%d bytes, sha256 %s)", url, self._path(name), download.size, download.sha256)
-        self._write_entry(_Entry(url=url, file=name, size=download.size, sha256=download.sha256,
-                                 etag=download.etag, last_modified=download.last_modified, checked=now))
+        """Put a verified download in place under a new version name (or reuse an identical one).
+
+        Under ``_lock``: prune must never see the new file before the sidecar names it."""
+        with self._lock:
+            if previous is not None and self._valid(previous) and previous.sha256 == download.sha256:
+                os.unlink(download.path)
+                name = previous.file
+                log.info("%s: unchanged content, keeping %s", url, self._path(name))
+            else:
+                name = f"{url_key(url)}-{self._next_version(url)}.img"
+                os.chmod(download.path, IMAGE_MODE)
+                os.rename(download.path, self._path(name))  # a new name: never over a file in use
+                fsync_directory(self.directory)
+                log.info("%s: cached as %s (%d bytes, sha256 %s)", url, self._path(name), download.size,
+                         download.sha256)
+            self._write_entry(_Entry(url=url, file=name, size=download.size, sha256=download.sha256,
+                                     etag=download.etag, last_modified=download.last_modified, checked=now))
         return self._path(name)
 
     def _next_version(self, url: str) -> int:

@@ -10,7 +10,8 @@ what               how                                                     worst
 heartbeat          ``factory-heartbeat`` missing or older than max_age     CRITICAL
 daemon             nobody holds ``daemon.lock`` (the daemon is not up)     CRITICAL
 creation           ``factory-error`` exists (its first line is shown)      CRITICAL
-libvirt            the configured URI does not answer                      CRITICAL
+libvirt            the configured URI does not answer (read-only, within   CRITICAL
+                   ``--libvirt-timeout``: a hung libvirtd cannot hang it)
 disk               free space of state_dir below the thresholds            WARNING/CRITICAL
 accounting         oldest message in ``apel-outgoing`` older than limit    WARNING
 =================  ======================================================  ===========
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from vacfactory.errors import VacFactoryError
 
 from vacfactory.accounting.outgoing import backlog_of
 from vacfactory.state.lock import StateLock
@@ -35,6 +39,8 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 PREFIX = "VACFACTORY"
 DEFAULT_MAX_AGE = 600.0
+#: how long the libvirt round trip may take: well inside check_nrpe's default 10 s timeout
+DEFAULT_LIBVIRT_TIMEOUT = 5.0
 _MAX_MESSAGE = 200
 
 
@@ -105,10 +111,33 @@ def _disk_free_mb(path: str) -> int:
     return shutil.disk_usage(path).free // (1024 * 1024)
 
 
-def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], bool],
+def answer_within(action: Callable[[], Any], timeout: float) -> Optional[str]:
+    """Run ``action`` in a daemon thread: None if it returned within ``timeout`` seconds, else
+    why not (its VacFactoryError or OSError, or the timeout). A connection to a hung libvirtd
+    blocks inside libvirt for ever and cannot be interrupted, so the thread is abandoned: the
+    plugin prints its line and exits within its own timeout anyway."""
+    outcome: Dict[str, str] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+        except (VacFactoryError, OSError) as error:
+            outcome["error"] = str(error)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="vacfactory-check-probe", daemon=True).start()
+    if not done.wait(timeout):
+        return f"no answer within {timeout:g} s (libvirtd hung or overloaded?)"
+    return outcome.get("error")
+
+
+def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], Union[bool, str, None]],
               disk_free_mb: Callable[[str], int] = _disk_free_mb) -> CheckResult:
-    """Look at everything and build the status line. ``libvirt_ping`` opens the configured URI
-    (the CLI passes the hypervisor adapter's ping); ``disk_free_mb`` is replaceable in tests."""
+    """Look at everything and build the status line. ``libvirt_ping`` asks the configured URI
+    (the CLI passes a deadline-bounded read-only round trip) and answers True or None when it
+    is reachable, else False or why not; ``disk_free_mb`` is replaceable in tests."""
     problems: List[Tuple[int, str]] = []
     perfdata: List[str] = []
     state_dir = settings.state_dir
@@ -137,8 +166,14 @@ def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], bo
     if error:
         problems.append((CRITICAL, f"creation error: {error.splitlines()[0]}"))
 
-    if not libvirt_ping():
+    answer = libvirt_ping()
+    if answer is False:
         problems.append((CRITICAL, f"libvirt {settings.libvirt_uri} unreachable"))
+    elif answer is not True and answer is not None:
+        why = str(answer)
+        if why.startswith(f"{settings.libvirt_uri}: "):  # HypervisorError names the URI too
+            why = why[len(settings.libvirt_uri) + 2:]
+        problems.append((CRITICAL, f"libvirt {settings.libvirt_uri} unreachable: {why}"))
 
     try:
         free = disk_free_mb(state_dir if os.path.isdir(state_dir) else os.path.dirname(state_dir) or "/")

@@ -9,9 +9,13 @@ import pytest
 
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, check_config, load_config
+from vacfactory.core import apel, mjf
 from vacfactory.errors import ConfigError, ConfigErrors
 
 HOST = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384)
+
+#: every machinefeatures key vacfactory writes itself (an extra of that name would replace it)
+MACHINE_KEYS = mjf.MACHINEFEATURES_KEYS + mjf.LEGACY_MACHINEFEATURES_KEYS
 
 # Lines 1-4 of every case; the case's own text starts at line 5.
 HEAD = """\
@@ -122,6 +126,19 @@ CASES = [
      "{main}:7: [vacuum_pipe example] max_processors: 'many' is not an integer"),
     ("[settings] with a name", "[settings extra]\ndraining = yes\n",
      "{main}:5: [settings extra] [settings] takes no name"),
+    ("accounting_fqan without a leading slash", MT + "accounting_fqan = lhcb/Role=NULL/Capability=NULL\n",
+     "{main}:8: [machinetype lhcb] accounting_fqan: 'lhcb/Role=NULL/Capability=NULL' does not start with '/': "
+     "APEL refuses such a record"),
+    ("accounting_fqan that is not ASCII", MT + "accounting_fqan = /lhcb/R\u00f4le=NULL\n",
+     "{main}:8: [machinetype lhcb] accounting_fqan: '/lhcb/R\u00f4le=NULL' is not printable ASCII"),
+    ("machinefeatures_option naming a standard key", "machinefeatures_option_total_cpu = 64\n",
+     "{main}:5: [settings] machinefeatures_option_total_cpu: 'total_cpu' is a standard or legacy "
+     "machinefeatures key, which vacfactory writes itself: choose another name"),
+    ("machinefeatures_option naming a legacy key", "machinefeatures_option_jobslots = 2\n",
+     "{main}:5: [settings] machinefeatures_option_jobslots: 'jobslots' is a standard or legacy"),
+    ("NFS MJF without an NFS exporter", "nfs_exporter = none\n" + MT + "mjf_transport = nfs\n",
+     "{main}:9: [machinetype lhcb] mjf_transport: nfs needs NFS exports, but nfs_exporter = none in [settings]: "
+     "set nfs_exporter = ganesha or exportfs, or use mjf_transport = http"),
 ]
 
 
@@ -255,3 +272,60 @@ def test_family_names_are_checked_after_lowercasing(tmp_path, name):
     config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
     family = "user_data_options" if name.startswith("user") else "machinefeatures_options"
     assert dict(getattr(config.settings, family)) == {name.split("_option_")[1]: "value"}
+
+
+@pytest.mark.parametrize("key", MACHINE_KEYS)
+def test_every_machinefeatures_key_vacfactory_writes_is_refused_as_an_extra(tmp_path, key):
+    main = str(tmp_path / "vacfactory.conf")
+    messages = _errors(tmp_path, f"machinefeatures_option_{key} = 1\n")
+    assert messages == [f"{main}:5: [settings] machinefeatures_option_{key}: {key!r} is a standard or legacy "
+                        "machinefeatures key, which vacfactory writes itself: choose another name"]
+
+
+def test_machinefeatures_extras_the_configuration_accepts_are_accepted_by_mjf(tmp_path):
+    # the configuration refuses exactly what core.mjf would refuse at VM creation
+    main = _write(str(tmp_path / "vacfactory.conf"), HEAD.format(state=tmp_path)
+                  + "machinefeatures_option_db12 = 12.5\nmachinefeatures_option_hypervisor = hidden\n")
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    inputs = mjf.MJFInput(job_id="x", processors=1, jobstart=0, shutdown_time=1, mb_per_processor=1,
+                          hs06_per_processor=None, extra_machinefeatures=config.settings.machinefeatures_options)
+    assert mjf.machinefeatures(inputs)["db12"] == "12.5"
+    with pytest.raises(ValueError, match="would override a standard key"):
+        mjf.MJFInput(job_id="x", processors=1, jobstart=0, shutdown_time=1, mb_per_processor=1,
+                     hs06_per_processor=None, extra_machinefeatures={"total_cpu": "1"})
+
+
+def test_an_accounting_fqan_the_configuration_accepts_makes_a_valid_apel_record(tmp_path):
+    main = _write(str(tmp_path / "vacfactory.conf"), HEAD.format(state=tmp_path) + MT
+                  + "accounting_fqan = /lhcb/Role=NULL/Capability=NULL\n")
+    mt = load_config(ConfigSources.for_main_file(main), host_facts=HOST).machinetypes["lhcb"]
+    usage = apel.VMUsage(uuid="u1", machinetype="lhcb", hostname="wn01-00.example.com", processors=1,
+                         start_time=1000, end_time=5000, cpu_seconds=3000, memory_mb=2048,
+                         hs06_per_processor=10.0, accounting_fqan=mt.accounting_fqan)
+    identity = apel.RecordIdentity(site="SITE", space="vac01.example.com", factory="wn01.example.com")
+    text = apel.job_message(usage, identity, now=5000)
+    assert "FQAN: /lhcb/Role=NULL/Capability=NULL\n" in text
+
+
+def test_nfs_exporter_none_in_the_override_is_refused_at_the_nfs_machinetype(tmp_path):
+    state = tmp_path / "state"
+    _write(str(state / "runtime.conf"), "[settings]\nnfs_exporter = none\n")
+    main = _write(str(tmp_path / "vacfactory.conf"), HEAD.format(state=state) + MT + "mjf_transport = nfs\n")
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert [str(e).split(": nfs needs")[0] for e in caught.value.errors] == \
+        [f"{main}:8: [machinetype lhcb] mjf_transport"]
+
+
+@pytest.mark.parametrize("settings,machinetype", [
+    ("nfs_exporter = ganesha\n", "root_image = x.iso\nmjf_transport = nfs\n"),
+    ("nfs_exporter = exportfs\n", "root_image = x.iso\nmjf_transport = nfs\n"),
+    ("nfs_exporter = none\n", "root_image = x.iso\nmjf_transport = http\n"),
+    # never started, so it never needs an export
+    ("nfs_exporter = none\n", "machine_model = docker\nroot_image = docker://lhcb/worker\nmjf_transport = nfs\n"),
+], ids=["ganesha", "exportfs", "http", "docker"])
+def test_nfs_mjf_loads_whenever_exports_can_be_made_or_are_not_needed(tmp_path, settings, machinetype):
+    main = _write(str(tmp_path / "vacfactory.conf"), HEAD.format(state=tmp_path) + settings
+                  + "[machinetype lhcb]\n" + machinetype)
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert config.machinetypes["lhcb"].mjf_transport == machinetype.rsplit("= ", 1)[1].strip()

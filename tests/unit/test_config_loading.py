@@ -160,9 +160,10 @@ def test_vac_conf_layout_loads_unchanged_with_deprecation_warnings(tmp_path):
     warned = "\n".join(config.warnings)
     for line, text in [(5, "[settings] cpu_total: deprecated: use total_processors"),
                        (12, "[settings] total_machines: ignored: use total_processors"),
-                       (16, "[settings] version_logger: 'true' is deprecated here: use 1"),
+                       (16, "[settings] version_logger: accepted for compatibility with Vac and ignored"),
+                       (17, "[settings] fix_networking: accepted for compatibility with Vac and ignored"),
                        (23, "[machinetype lhcb] vm_model: deprecated: use machine_model"),
-                       (25, "[machinetype lhcb] cernvm_signing_dn: deprecated: use image_signing_dn"),
+                       (25, "[machinetype lhcb] cernvm_signing_dn: accepted for compatibility with Vac and ignored"),
                        (35, "[machinetype lhcb] log_machineoutputs: ignored: use machines_dir_days"),
                        (37, "[vmtype atlas] deprecated section kind: use [machinetype atlas]"),
                        (41, "[machinetype atlas] rootpublickey: ignored: use root_public_key in [settings]")]:
@@ -416,3 +417,63 @@ def test_relative_state_dir_is_relative_to_the_file_that_sets_it(tmp_path):
     config = load_config(ConfigSources.for_main_file(str(conf / "demo.conf")),
                          host_facts=HostFacts(fqdn="h.example.org", cpu_count=2, mem_total_mb=4096))
     assert config.settings.state_dir == str(tmp_path / "state")
+
+
+IGNORED_SETTINGS = {
+    "volume_group": ("vac_volume_group", "VM disks are always qcow2 files in <state_dir>/machines/<uuid>/disks/"),
+    "singularity_user": ("vacsing", "vacfactory starts no containers"),
+    "fix_networking": ("false", "the private VM network is always checked every minute and repaired"),
+    "gocdb_cert_file": ("/etc/grid-security/hostcert.pem", "vacfactory never updates GOCDB"),
+    "gocdb_key_file": ("/etc/grid-security/hostkey.pem", "vacfactory never updates GOCDB"),
+    "version_logger": ("true", "vacfactory sends nothing to Vac's version logger"),
+}
+IGNORED_MACHINETYPE = {
+    "cvmfs_repositories": ("lhcb.cern.ch grid.cern.ch",
+                           "vacfactory starts VMs only, which mount CernVM-FS themselves"),
+    "cernvm_signing_dn": ("/DC=ch/DC=cern/OU=computers/CN=cvm-sign01.cern.ch",
+                          "root images are not signature-checked; pin an image with root_image_sha256"),
+}
+
+
+def test_options_vac_had_that_vacfactory_ignores_load_with_one_warning_each(tmp_path):
+    settings = "".join(f"{name} = {value}\n" for name, (value, _) in IGNORED_SETTINGS.items())
+    machinetype = "".join(f"{name} = {value}\n" for name, (value, _) in IGNORED_MACHINETYPE.items())
+    main = write(tmp_path / "vacfactory.conf",
+                 minimal(tmp_path, settings + "[machinetype lhcb]\nroot_image = /images/lhcb.iso\n" + machinetype))
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    expected = []
+    line = 4
+    for title, table_part in (("settings", IGNORED_SETTINGS), ("machinetype lhcb", IGNORED_MACHINETYPE)):
+        for name, (_, instead) in table_part.items():
+            expected.append(f"{main}:{line}: [{title}] {name}: accepted for compatibility with Vac and ignored: "
+                            f"{instead}")
+            line += 1
+        line += 2  # the [machinetype lhcb] header and its root_image
+    # one warning per option: no second "deprecated" one for an alias (cernvm_signing_dn) or a
+    # legacy value (version_logger = true)
+    assert len(config.warnings) == len(expected)
+    for warning, start in zip(config.warnings, expected):
+        assert warning.startswith(start), (warning, start)
+    # still parsed, so `config show` shows what the file says
+    assert (config.settings.volume_group, config.settings.version_logger) == ("vac_volume_group", 1)
+    assert config.machinetypes["lhcb"].cvmfs_repositories == ("lhcb.cern.ch", "grid.cern.ch")
+
+
+def test_every_ignored_option_is_documented_as_ignored():
+    ignored = [row for row in table.OPTIONS if row.ignored]
+    assert {row.name for row in ignored} == set(IGNORED_SETTINGS) | {"cvmfs_repositories", "image_signing_dn"}
+    for row in ignored:
+        assert "Accepted for compatibility with Vac and ignored (with a warning when set): " \
+            in table.option_doc(row), row.name
+
+
+def test_unset_ignored_options_give_no_warning(tmp_path):
+    config = load_config_string(minimal(tmp_path, "[machinetype lhcb]\nroot_image = /images/lhcb.iso\n"), HOST)
+    assert config.warnings == ()
+
+
+def test_vac_domain_type_xen_loads_as_kvm_with_a_warning(tmp_path):
+    main = write(tmp_path / "vacfactory.conf", minimal(tmp_path, "domain_type = xen\n"))
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    assert config.settings.domain_type == "kvm"
+    assert config.warnings == (f"{main}:4: [settings] domain_type: 'xen' is deprecated here: use kvm",)

@@ -412,7 +412,7 @@ def test_meta_data_json_carries_mjf_urls_and_token_forms(env: Env, path: str) ->
     doc = json.loads(body)
     token = env.a.endpoint.token
     assert doc["uuid"] == "vm-a" and doc["hostname"] == doc["name"] == "vm-a.example.org"
-    assert doc["public_keys"] == {"0": "ssh-ed25519 AAAAkeyA a@example"}
+    assert doc["public_keys"] == {"vacfactory": "ssh-ed25519 AAAAkeyA a@example"}
     meta = doc["meta"]
     assert meta["machinefeatures"] == "http://169.254.169.253/machinefeatures"
     assert meta["jobfeatures"] == "http://169.254.169.253/jobfeatures"

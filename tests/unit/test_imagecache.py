@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from vacfactory.errors import ImageError
-from vacfactory.imagecache import ImageCache, url_key
+from vacfactory.imagecache import ImageCache, ImageNotReady, url_key
 
 
 # --------------------------------------------------------------------------- the test server
@@ -401,3 +401,170 @@ def test_concurrent_gets_download_once(http_server, cache_dir):
         t.join()
     assert len(set(results)) == 1 and len(results) == 4
     assert len(http_server.requests_to("/root.img")) == 1
+
+
+# --------------------------------------------------------------------------- background mode
+
+
+def test_background_get_never_waits_for_a_slow_download(http_server, cache_dir):
+    url = http_server.url("/slow.img")
+    body = IMAGE_V1[:8192]
+    http_server.routes["/slow.img"] = Route(body, etag='"s"', chunk_delay=0.5)  # 8 pieces: about 4 s
+    ready = threading.Event()
+    cache = ImageCache(cache_dir, timeout=30, check_seconds=300, background=True, on_ready=ready.set)
+    started = time.monotonic()
+    with pytest.raises(ImageNotReady, match="downloading it in the background"):
+        cache.get(url)
+    with pytest.raises(ImageNotReady):
+        cache.get(url)  # the second caller neither waits nor starts a second download
+    assert time.monotonic() - started < 1.0
+    assert cache.fetching() == [url]
+    assert ready.wait(30)
+    path = cache.get(url)
+    with open(path, "rb") as f:
+        assert f.read() == body
+    assert len(http_server.requests_to("/slow.img")) == 1
+    assert cache.fetching() == []
+
+
+def test_background_revalidation_serves_the_cached_copy_meanwhile(http_server, cache_dir):
+    url = http_server.url("/root.img")
+    http_server.routes["/root.img"] = Route(IMAGE_V1, etag='"v1"')
+    ready = threading.Event()
+    cache = ImageCache(cache_dir, timeout=30, check_seconds=0, background=True, on_ready=ready.set)
+    with pytest.raises(ImageNotReady):
+        cache.get(url)
+    assert ready.wait(10)
+    ready.clear()
+    old = cache.get(url)  # due for a check (check_seconds 0): revalidated in the background
+    assert cache.wait_idle(10)
+    assert not ready.is_set()  # a 304 changes nothing: nobody is woken
+    assert http_server.requests_to("/root.img")[-1].headers["If-None-Match"] == '"v1"'
+    http_server.routes["/root.img"] = Route(IMAGE_V2, etag='"v2"', chunk_delay=0.01)
+    started = time.monotonic()
+    assert cache.get(url) == old  # the new version is on its way; this VM uses the old one
+    assert time.monotonic() - started < 1.0
+    assert ready.wait(30)
+    new = cache.get(url)
+    assert new != old and new.endswith("-2.img")
+    with open(old, "rb") as f:
+        assert f.read() == IMAGE_V1  # never replaced under a VM that uses it
+
+
+def test_background_failure_is_retried_only_after_retry_seconds(http_server, cache_dir, caplog):
+    url = http_server.url("/missing.img")
+    cache = ImageCache(cache_dir, timeout=10, background=True, retry_seconds=3600)
+    with caplog.at_level(logging.ERROR, logger="vacfactory.imagecache"):
+        with pytest.raises(ImageNotReady):
+            cache.get(url)
+        assert cache.wait_idle(10)
+    assert any("HTTP 404" in r.getMessage() and "no usable cached copy" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ImageNotReady, match="HTTP 404.*retried in the background"):
+        cache.get(url)
+    assert cache.fetching() == [] and len(http_server.requests_to("/missing.img")) == 1
+    cache.retry_seconds = 0
+    http_server.routes["/missing.img"] = Route(IMAGE_V1)
+    with pytest.raises(ImageNotReady):
+        cache.get(url)
+    assert cache.wait_idle(10)
+    assert cache.get(url) == cache.current(url)
+
+
+def test_background_outage_keeps_the_cached_copy_and_spaces_the_retries(http_server, cache_dir):
+    url = http_server.url("/root.img")
+    http_server.routes["/root.img"] = Route(IMAGE_V1, etag='"v1"')
+    cache = ImageCache(cache_dir, timeout=5, check_seconds=0, background=True, retry_seconds=3600)
+    with pytest.raises(ImageNotReady):
+        cache.get(url)
+    assert cache.wait_idle(10)
+    path = cache.get(url)
+    assert cache.wait_idle(10)
+    http_server.routes["/root.img"] = Route(status=503)
+    for _ in range(3):
+        assert cache.get(url) == path
+        assert cache.wait_idle(10)
+    # download, 304, one failed revalidation, then no more until retry_seconds have passed
+    assert len(http_server.requests_to("/root.img")) == 3
+
+
+def test_prune_leaves_a_running_download_alone(http_server, cache_dir):
+    url = http_server.url("/slow.img")
+    body = IMAGE_V2[:6144]
+    http_server.routes["/slow.img"] = Route(body, chunk_delay=0.3)
+    cache = ImageCache(cache_dir, timeout=30, background=True)
+    with pytest.raises(ImageNotReady):
+        cache.get(url)
+    deadline = time.monotonic() + 10
+    while not (os.path.isdir(cache_dir) and [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")]):
+        assert time.monotonic() < deadline, "the download never started writing"
+        time.sleep(0.05)
+    assert cache.prune(set()) == []
+    assert [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")]  # still being written
+    assert cache.wait_idle(30)
+    with open(cache.get(url), "rb") as f:
+        assert f.read() == body
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_path, caplog):
+    """The engine asks the cache in its own thread: a slow image server must not hold a round
+    (no watchdog ping, no limits enforced) for the length of the download."""
+    from tests.unit.engine_harness import HOST, Clock, kernel_file, machinetype_text, settings_text
+    from vacfactory.accounting.settings import AccountingSettings
+    from vacfactory.config.loader import ConfigSources, ConfigWatcher
+    from vacfactory.engine.accountant import Accountant
+    from vacfactory.engine.boundary import VMBoundary
+    from vacfactory.engine.vmbuild import VMBuilder
+    from vacfactory.factory import Factory
+    from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+    from vacfactory.state.machines import MachineStore
+    from vacfactory.state.status import StatusFiles
+
+    url = http_server.url("/vfops-root.img")
+    body = IMAGE_V1[:10240]
+    http_server.routes["/vfops-root.img"] = Route(body, etag='"r1"', chunk_delay=1.0)  # 10 pieces: 10 s
+    name = f"vfimg{os.getpid()}.example.org"
+    state_dir = str(tmp_path / "state")
+    config_path = tmp_path / "vacfactory.conf"
+    config_path.write_text(settings_text(name, state_dir, 1, "image_fetch_timeout_seconds = 60\n")
+                           + machinetype_text("imaged", kernel_file(str(tmp_path)), 1, f"root_image = {url}\n"))
+    watcher = ConfigWatcher(ConfigSources.for_main_file(str(config_path)), host_facts=HOST)
+    hypervisor = LibvirtHypervisor("test:///default")
+    images = ImageCache(os.path.join(state_dir, "imagecache"), timeout=60, check_seconds=300, background=True)
+    holder = {}
+    factory = Factory(
+        config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+        builder=VMBuilder(state_dir, images), boundary=VMBoundary(),
+        accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config)),
+        host_processors=64, clock=Clock(), load_average=lambda: 0.0,
+    )
+    holder["factory"] = factory
+    images.on_ready = factory.wake.set
+    factory.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="vacfactory.factory"):
+            for _ in range(3):
+                began = time.monotonic()
+                report = factory.run_round()
+                assert time.monotonic() - began < 2.0, "a round waited for the image download"
+                assert report.created == [] and report.failed == [] and report.waiting == ["imaged"]
+                time.sleep(0.5)
+        waits = [r for r in caplog.records if "not startable yet" in r.getMessage()]
+        assert len(waits) == 1 and "imaged" in waits[0].getMessage()
+        assert StatusFiles(state_dir).error() is None  # not a creation failure
+        assert StatusFiles(state_dir).status()["waiting_for_images"] == ["imaged"]
+        assert factory.recorder.snapshot(name, 1, {"imaged": (0, 0)}, {}).machinetypes[0].creation_failures == 0
+        assert factory.wake.wait(30), "the finished download never woke the engine"
+        report = factory.run_round()
+        assert len(report.created) == 1 and report.waiting == []
+        (machine,) = [m for m in factory.machines.values() if m.live]
+        assert machine.record.root_image_path == images.current(url)
+        with open(machine.record.root_image_path, "rb") as f:
+            assert f.read() == body
+        assert len(http_server.requests_to("/vfops-root.img")) == 1
+    finally:
+        for machine in factory.machines.values():
+            hypervisor.destroy(machine.uuid)
+        hypervisor.close()

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -109,6 +110,31 @@ def test_creation_error_is_critical_with_its_first_line_and_no_pipe_characters(h
 def test_unreachable_libvirt_is_critical(healthy):
     result = check(healthy, ping=False)
     assert result.code == CRITICAL and "libvirt test:///default unreachable" in result.line
+
+
+def test_why_libvirt_is_unreachable_is_shown_once_without_the_repeated_uri(healthy):
+    result = check(healthy, ping="test:///default: cannot connect read-only: permission denied")
+    assert result.code == CRITICAL
+    assert "libvirt test:///default unreachable: cannot connect read-only: permission denied" in result.line
+    assert check(healthy, ping=None).code == OK
+
+
+def test_answer_within_gives_the_result_the_error_or_the_deadline():
+    from vacfactory.errors import HypervisorError
+
+    assert monitoring.answer_within(lambda: 42, 5) is None
+
+    def refuse():
+        raise HypervisorError("cannot connect read-only: no", uri="qemu:///system")
+
+    assert monitoring.answer_within(refuse, 5) == "qemu:///system: cannot connect read-only: no"
+    hung = threading.Event()
+    started = time.monotonic()
+    try:
+        assert monitoring.answer_within(hung.wait, 0.5) == "no answer within 0.5 s (libvirtd hung or overloaded?)"
+        assert time.monotonic() - started < 2
+    finally:
+        hung.set()  # let the abandoned thread end
 
 
 @pytest.mark.parametrize("free,code,word", [(50_000, OK, None), (999, WARNING, "WARNING"), (99, CRITICAL, "CRITICAL")])

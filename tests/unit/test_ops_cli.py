@@ -205,6 +205,53 @@ libvirt_uri = test:///{tmp_path}/vfops-no-such-driver-file.xml
     assert "unreachable" in capsys.readouterr().out
 
 
+def test_check_opens_the_test_driver_and_finds_libvirt_reachable(conf, capsys):
+    import json
+
+    main(["--config", conf, "check", "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert "daemon not running" in document["line"]  # it did run every check
+    assert not [p for p in document["problems"] if "libvirt" in p["message"]]
+
+
+def test_check_with_a_hung_libvirtd_answers_within_its_deadline(tmp_path):
+    """A socket that accepts connections and never answers is a hung libvirtd: the plugin must
+    still print its one line (CRITICAL) and exit well inside the NRPE timeout."""
+    import socket
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "vfops-hung.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)  # the kernel completes connections; nobody ever reads or answers
+    hung = write(tmp_path / "vfops-hung.conf", f"""\
+[settings]
+vac_space = vac01.example.com
+factory_name = wn01.example.com
+state_dir = {tmp_path / 'vfops-state'}
+domain_type = test
+libvirt_uri = qemu+unix:///system?socket={path}
+""")
+    command = [os.path.join(os.path.dirname(sys.executable), "vacfactory"), "--config", hung, "check",
+               "--libvirt-timeout", "1.5"]
+    try:
+        started = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert result.returncode == 2
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith("VACFACTORY CRITICAL - ")
+    assert f"libvirt qemu+unix:///system?socket={path} unreachable: no answer within 1.5 s" in result.stdout
+    assert elapsed < 8, f"the check took {elapsed:.1f} s"
+
+
+def test_check_refuses_a_non_positive_libvirt_timeout(conf, capsys):
+    assert main(["--config", conf, "check", "--libvirt-timeout", "0"]) == 3
+    assert "--libvirt-timeout must be positive" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- squid-conf
 
 

@@ -1,7 +1,9 @@
 """``vacfactory machines``: one line per slot, like Vac's ``vac machines``.
 
 Without arguments it reads this factory's state directory (works whether or not the daemon
-runs). With FACTORY names it asks those factories over the network (VacQuery), like Vac.
+runs), so it shows only this factory. Vac's ``vac machines`` asks every factory of the space
+instead: that is ``vacfactory machines FACTORY...`` here (VacQuery, with ``-t``/``-s`` as in
+``machinetypes``; ``.`` is this factory).
 """
 
 from __future__ import annotations
@@ -11,22 +13,38 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK, add_json_argument, load_config, print_json
+from vacfactory.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json_argument,
+    load_config,
+    print_json,
+)
 from vacfactory.errors import StateError
 from vacfactory.state.machines import Machine, MachineStore, latest_by_slot
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("machines", help="list this factory's VMs slot by slot (or ask other factories)")
+    parser = subparsers.add_parser(
+        "machines", help="list this factory's VMs slot by slot from its local state; with FACTORY "
+                         "names, ask those factories over VacQuery (Vac's `vac machines` asks all)")
     parser.add_argument("factories", nargs="*", metavar="FACTORY",
-                        help="ask these factories over the network instead of reading local state")
+                        help="ask these factories over the network (VacQuery) instead of reading "
+                             "this factory's local state; `.` is this factory")
     parser.add_argument("--all", action="store_true", help="list every machine directory kept, not one per slot")
     parser.add_argument("-t", "--timeout", type=float, help="network query deadline in seconds")
+    parser.add_argument("-s", "--space", help="space name for the network query (default vac_space)")
     add_json_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.factories and (args.space or args.timeout):
+        print("vacfactory machines: -s/--space and -t/--timeout are for the network form: name "
+              "the FACTORY(s) to ask (without names it reads this factory's local state)",
+              file=sys.stderr)
+        return EXIT_USAGE
     config = load_config(args)
     if args.factories:
         from vacfactory.cli import space

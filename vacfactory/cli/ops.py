@@ -7,7 +7,7 @@
   ``shutdown_time``: running VMs see the new ``shutdowntime`` in their machine/job features
   and are stopped by then, and only VMs that fit before it are started.
 - ``check`` is a Nagios/NRPE plugin (see :mod:`vacfactory.monitoring`): one line, exit
-  0/1/2/3.
+  0/1/2/3. It opens libvirt read-only and gives it ``--libvirt-timeout`` seconds.
 - ``squid-conf IN OUT`` is Vac's: a copy of IN plus ``acl localnet src IP/32`` for every
   factory of the space and ``cache_peer IP sibling 3128 3130 default`` for every other one;
   OUT is replaced (atomically) only when it changes, so its mtime tells whether squid needs a
@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check", help="Nagios/NRPE check of the daemon: one status line, exit 0/1/2/3 (OK/WARNING/CRITICAL/UNKNOWN)")
     check.add_argument("--max-age", type=float, default=600.0, metavar="S",
                        help="CRITICAL if the factory heartbeat is older than S seconds (default %(default)g)")
+    check.add_argument("--libvirt-timeout", type=float, default=5.0, metavar="S",
+                       help="CRITICAL if libvirt (opened read-only) does not answer within S seconds "
+                            "(default %(default)g; keep it below the NRPE timeout)")
     add_json_argument(check)
     check.set_defaults(handler=run_check)
 
@@ -230,17 +233,16 @@ def _report_effect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- check
 
 
-def _ping_libvirt(uri: str) -> bool:
-    """Open the configured URI through the hypervisor adapter (only it imports libvirt)."""
+def _ping_libvirt(uri: str, timeout: float) -> Optional[str]:
+    """None if ``uri`` answers a read-only round trip within ``timeout`` seconds, else why not
+    (through the hypervisor adapter: only it imports libvirt)."""
+    from vacfactory.monitoring import answer_within
+
     try:
-        from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
-    except ImportError:
-        return False
-    hypervisor = LibvirtHypervisor(uri)
-    try:
-        return hypervisor.ping()
-    finally:
-        hypervisor.close()
+        from vacfactory.hypervisor.libvirt_hv import ping_read_only
+    except ImportError as error:
+        return f"the libvirt Python binding cannot be imported: {error}"
+    return answer_within(lambda: ping_read_only(uri), timeout)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -255,7 +257,11 @@ def run_check(args: argparse.Namespace) -> int:
         result = monitoring.unknown(f"configuration does not load: {str(error).splitlines()[0]}")
     else:
         settings = monitoring.CheckSettings.from_config(config, max_age=args.max_age)
-        result = monitoring.run_check(settings, time.time(), lambda: _ping_libvirt(settings.libvirt_uri))
+        if not args.libvirt_timeout > 0:
+            print("vacfactory check: --libvirt-timeout must be positive", file=sys.stderr)
+            return monitoring.UNKNOWN
+        result = monitoring.run_check(settings, time.time(),
+                                      lambda: _ping_libvirt(settings.libvirt_uri, args.libvirt_timeout))
     if args.json:
         print_json({"code": result.code, "state": result.state, "line": result.line,
                     "problems": [{"state": monitoring.STATE_NAMES[c], "message": m} for c, m in result.problems],

@@ -144,7 +144,7 @@ def _markdown_section(section: str) -> List[str]:
     for option in table.options_of(section):
         out += [f"### `{option.name}`", ""]
         out.append("; ".join(f"{k}: {_md_inline(v)}" for k, v in _meta(option)))
-        out += ["", _md_inline(option.doc), ""]
+        out += ["", _md_inline(table.option_doc(option)), ""]
         for choice, text in _choice_docs(option):
             out.append(f"- `{choice}`: {_md_inline(text)}")
         if _choice_docs(option):
@@ -211,7 +211,7 @@ def man() -> str:
         for option in table.options_of(section):
             out += [".TP", f".B {_roff(option.name)}"]
             out.append(_roff("; ".join(f"{k}: {v}" for k, v in _meta(option)) + "."))
-            out += [".br", _roff(option.doc)]
+            out += [".br", _roff(table.option_doc(option))]
             for choice, text in _choice_docs(option):
                 out += [".br", _roff(f"{choice}: {text}")]
         for family in table.families_of(section):

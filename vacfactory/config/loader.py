@@ -362,7 +362,8 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
         canonical = optname
     elif optname in table.aliases_of(section.kind):
         canonical = table.aliases_of(section.kind)[optname]
-        problems.warn(f"deprecated: use {canonical}", where, title, optname)
+        if not accepted[canonical].ignored:  # an ignored option gets one warning, below
+            problems.warn(f"deprecated: use {canonical}", where, title, optname)
     else:
         for family in table.families_of(section.kind):
             if optname.startswith(family.prefix):
@@ -370,6 +371,9 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
                 if not re.fullmatch(family.suffix_pattern, suffix):
                     problems.error(f"the name after {family.prefix} must match {family.suffix_pattern}",
                                    where, title, optname)
+                    return
+                if suffix in family.reserved:
+                    problems.error(f"{suffix!r} {family.reserved_why}: choose another name", where, title, optname)
                     return
                 canonical = optname
                 break
@@ -384,6 +388,8 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
     if override and row is not None and row.not_in_override:
         problems.error("cannot be set in the runtime override file", where, title, optname)
         return
+    if row is not None and row.ignored:
+        problems.warn(f"{table.IGNORED_PREFIX}: {row.ignored}", where, title, optname)
     previous = section.entries.get(canonical)
     if previous is not None and previous.given != optname and previous.where.source == where.source:
         problems.error(f"also given as {previous.given} at line {previous.where.line}", where, title, optname)
@@ -409,8 +415,9 @@ def _parse_entry(row: Any, entry: _Entry, title: str, problems: _Problems) -> An
     lowered = entry.raw.strip().lower()
     for text, value in getattr(row, "legacy_values", ()):
         if lowered == text:
-            problems.warn(f"{entry.raw!r} is deprecated here: use {row.type.format(value)}",
-                          entry.where, title, entry.given)
+            if not getattr(row, "ignored", ""):  # an ignored option was warned about already
+                problems.warn(f"{entry.raw!r} is deprecated here: use {row.type.format(value)}",
+                              entry.where, title, entry.given)
             return value
     value = row.type.parse(entry.raw)
     if getattr(row.type, "relative_to_config", False) and not value.startswith("/") and entry.where.source:

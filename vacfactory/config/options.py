@@ -32,6 +32,7 @@ from vacfactory.config.parsers import (
     ValueType,
     Words,
 )
+from vacfactory.core import apel, mjf
 
 SETTINGS = "settings"
 MACHINETYPE = "machinetype"
@@ -96,6 +97,20 @@ class Option:
     relative_to_files: bool = False
     #: may not be set by the runtime override file
     not_in_override: bool = False
+    #: non-empty: a Vac option vacfactory accepts and ignores, with a warning when it is set;
+    #: the text says what vacfactory does instead
+    ignored: str = ""
+
+
+#: How docs and warnings introduce an option with ``Option.ignored``.
+IGNORED_PREFIX = "accepted for compatibility with Vac and ignored"
+
+
+def option_doc(option: Option) -> str:
+    """The documentation of a row: its doc, then, for an ignored option, what happens instead."""
+    if not option.ignored:
+        return option.doc
+    return f"{option.doc} {IGNORED_PREFIX[0].upper()}{IGNORED_PREFIX[1:]} (with a warning when set): {option.ignored}."
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,9 @@ class OptionFamily:
     vac: bool = True
     suffix_pattern: str = "[a-z0-9_]+"
     relative_to_files: bool = False
+    #: suffixes that are an error, and why (``'XXX' <reserved_why>``)
+    reserved: Tuple[str, ...] = ()
+    reserved_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,9 +227,10 @@ OPTIONS: Tuple[Option, ...] = (
         ("kvm", "hardware virtualisation (production)"),
         ("qemu", "software emulation (TCG), where KVM is unusable"),
         ("test", "libvirt's test driver (unit tests); lifts the total_processors limit"))),
-           default="kvm",
-           doc="libvirt domain type. Vac 03.01 listed domain_type as deprecated and ignored it; "
-               "vacfactory uses it again."),
+           default="kvm", legacy_values=(("xen", "kvm"),),
+           doc="libvirt domain type. Vac 03.01 listed domain_type as deprecated and ignored it "
+               "(it always ran KVM); vacfactory uses it again. A Vac configuration's xen loads as "
+               "kvm, with a warning."),
     Option("libvirt_uri", S, Text(), default="qemu:///system", vac=False,
            doc="libvirt connection URI."),
     Option("cpu_mode", S, Choice(choices=("host-passthrough", "host-model", "none")),
@@ -228,8 +247,9 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Memory (MiB) given to a VM per processor it has."),
     Option("hs06_per_processor", S, Number(min=0, min_exclusive=True), aliases=("hs06_per_cpu",),
            doc="Benchmark power of one processor (HS06, or HEPscore23 with accounting_benchmark). "
-               "Unset: 1.0 is used for shares, and no hs06 MJF file and no APEL record is written "
-               "(as in Vac)."),
+               "Unset: 1.0 is used for shares and no hs06 MJF files are written; APEL records are "
+               "still archived (with ServiceLevel 1.0) but never queued for sending nor counted in "
+               "sync records (as in Vac). A VM keeps the value it was created with."),
     Option("processors_per_superslot", S, _POSITIVE_INT, default=1,
            aliases=("vcpu_per_machine", "cpu_per_machine"),
            doc="Size of a superslot: VMs started together share one end time."),
@@ -238,16 +258,22 @@ OPTIONS: Tuple[Option, ...] = (
            doc="No VM is started while the load average exceeds this times the running (or total) "
                "processors."),
     Option("disk_gb_per_processor", S, _NONNEG_INT, aliases=("scratch_gb", "disk_gb_per_cpu"),
-           doc="Disk (GB, 10^9 bytes) per processor for each VM's scratch or root disk. Unset or 0: "
-               "Vac's sizes (logical volumes share the volume group; files get 40 GB per processor)."),
+           doc="Disk (GB, 10^9 bytes) per processor for each VM's scratch or root disk (a qcow2 "
+               "file). Unset or 0: cernvm3/cernvm4 root disks get 40 GB per processor (Vac's size "
+               "for file-backed disks) and vm-raw VMs get no scratch disk."),
     Option("volume_group", S, Text(name="volume group", pattern=r"[A-Za-z0-9+_.-]+",
                                    pattern_doc="must be an LVM volume group name"),
-           doc="LVM volume group for VM disks. Unset: vac_volume_group if it exists, else files."),
+           doc="LVM volume group Vac put VM disks in (unset: vac_volume_group if it existed).",
+           ignored="VM disks are always qcow2 files in <state_dir>/machines/<uuid>/disks/ (sized by "
+                   "disk_gb_per_processor)"),
     Option("root_public_key", S, _PATH, default="/root/.ssh/id_rsa.pub",
-           doc="SSH public key offered to VMs (user_data and metadata)."),
+           doc="File with one OpenSSH public key line offered to VMs as root's key in their metadata "
+               "(meta_data.json public_keys and EC2 public-keys/0/openssh-key). A missing file at the "
+               "default path offers no key; a missing or malformed file set explicitly fails VM creation "
+               "with an error naming this option."),
     Option("singularity_user", S, Text(name="user name"),
-           doc="Unprivileged user that ran Singularity containers in Vac. vacfactory starts no "
-               "containers; accepted so Vac configurations load."),
+           doc="Unprivileged user that ran Singularity containers in Vac.",
+           ignored="vacfactory starts no containers"),
     # ---------------------------------------------------------------- [settings]: the engine
     Option("state_dir", S, Path(relative_to_config=True), default="/var/lib/vacfactory", vac=False,
            not_in_override=True,
@@ -273,7 +299,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("grace_seconds", S, _SECONDS, default=0, vac=False,
            doc="MJF grace_secs: a VM still running at its shutdown time is killed this much later."),
     Option("fix_networking", S, Boolean(), default=True,
-           doc="Repair a libvirt network that has the wrong addresses by recreating it."),
+           doc="Vac: repair a libvirt network that has the wrong addresses by recreating it "
+               "(false disabled it).",
+           ignored="the private VM network is always checked every minute and repaired (recreated "
+                   "if it differs, its DHCP table updated in place while VMs use it)"),
     # ---------------------------------------------------------------- [settings]: network, I/O
     Option("network_name", S, Text(pattern=r"[A-Za-z0-9_.-]+",
                                    pattern_doc="may contain only A-Z a-z 0-9 _ . -"),
@@ -283,7 +312,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("forward_dev", S, _INTERFACE, doc="Host interface the NAT network forwards through "
                                              "(libvirt's <forward dev=...>). Unset: any."),
     Option("http_port", S, Integer(name="port", min=1, max=65535), default=80, vac=False,
-           doc="Port of the MJF/joboutputs and metadata HTTP server on 169.254.169.253/254."),
+           doc="Port of the MJF/joboutputs and metadata HTTP server on 169.254.169.253/254; every URL "
+               "given to a VM carries it when it is not 80. Read when the daemon starts: a change needs "
+               "a restart."),
     Option("nfs_exporter", S, Choice(choices=("none", "ganesha", "exportfs"), choice_docs=(
         ("none", "no NFS: VMs use HTTP (mjf_transport = http)"),
         ("ganesha", "userspace nfs-ganesha"),
@@ -335,8 +366,11 @@ OPTIONS: Tuple[Option, ...] = (
                "is never pushed out."),
     # ---------------------------------------------------------------- [settings]: accounting
     Option("gocdb_sitename", S, _NAME, doc="GOCDB site name: Site of APEL records."),
-    Option("gocdb_cert_file", S, _PATH, doc="Certificate used to update GOCDB."),
-    Option("gocdb_key_file", S, _PATH, doc="Key used to update GOCDB."),
+    Option("gocdb_cert_file", S, _PATH, doc="Certificate Vac used to update GOCDB with the space census.",
+           ignored="vacfactory never updates GOCDB (gocdb_sitename still names the Site of APEL "
+                   "records)"),
+    Option("gocdb_key_file", S, _PATH, doc="Key of gocdb_cert_file.",
+           ignored="vacfactory never updates GOCDB"),
     Option("accounting_benchmark", S, Choice(choices=("HEPSPEC", "HEPscore23")), default="HEPSPEC",
            vac=False, doc="ServiceLevelType of APEL records (the benchmark hs06_per_processor is in)."),
     Option("apel_infrastructure_description", S, Text(max_length=100), default="APEL-VACFACTORY",
@@ -355,6 +389,12 @@ OPTIONS: Tuple[Option, ...] = (
            doc="STOMP broker port."),
     Option("apel_destination", S, Text(), default="/queue/global.accounting.cpu.central", vac=False,
            doc="STOMP destination of APEL records."),
+    Option("apel_cloud_destination", S, Text(), default="/queue/global.accounting.cloud.CENTRAL", vac=False,
+           doc="STOMP destination of APEL cloud records (apel_cloud_records), for the built-in sender. "
+               "The default is chosen by analogy with the grid queue of apel_destination, not taken "
+               "from APEL's documentation: confirm it with your broker's operators. EGI's production "
+               "service takes cloud records over ARGO AMS (topic eu-egi-cloud-accounting) from the "
+               "real ssmsend."),
     Option("apel_use_ssl", S, Boolean(), default=True, vac=False, doc="Connect to the broker with TLS."),
     Option("apel_host_cert", S, _PATH, default="/etc/grid-security/hostcert.pem", vac=False,
            doc="Certificate that signs APEL messages and authenticates to the broker."),
@@ -366,8 +406,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="How often queued APEL records are sent."),
     # ---------------------------------------------------------------- [settings]: monitoring
     Option("version_logger", S, _NONNEG_INT, default=1, legacy_values=(("true", 1), ("false", 0)),
-           doc="Messages per day to Vac's version logger; 0 disables. The legacy true/false are "
-               "accepted with a warning."),
+           doc="Messages per day Vac sent to its version logger (0 disabled it; true/false were "
+               "legacy spellings of 1/0).",
+           ignored="vacfactory sends nothing to Vac's version logger; factory status goes to the "
+                   "VacMon collectors of vacmon_hostport"),
     Option("vacmon_hostport", S, Words(item=Text(pattern=r"[a-z0-9.-]+:[0-9]+",
                                                  pattern_doc="must be host.domain:port"), lower=True),
            default=(), doc="VacMon collectors that receive factory and machinetype status messages."),
@@ -446,7 +488,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Directories bound into docker containers as temporary space."),
     Option("cvmfs_repositories", M, Words(item=Text(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
                                                     pattern_doc="must be a repository name")),
-           default=(), doc="CernVM-FS repositories the machinetype needs (kept mounted on the host)."),
+           default=(), doc="CernVM-FS repositories the machinetype needs; Vac kept them mounted on the "
+                            "host for its containers.",
+           ignored="vacfactory starts VMs only, which mount CernVM-FS themselves; the host's /cvmfs "
+                   "is not touched"),
     Option("disk_gb_per_processor", M, _NONNEG_INT,
            doc="Overrides the [settings] value for this machinetype, but only downwards: a larger "
                "value is ignored with a warning (Vac's rule)."),
@@ -468,15 +513,20 @@ OPTIONS: Tuple[Option, ...] = (
            doc="File in joboutputs the VM must create within fizzle_seconds and keep fresh."),
     Option("heartbeat_seconds", M, _SECONDS, default=0,
            doc="Kill the VM if heartbeat_file is older than this; 0: only check that it exists."),
-    Option("accounting_fqan", M, _NAME, doc="FQAN put in APEL records (e.g. /lhcb/Role=NULL/Capability=NULL)."),
+    Option("accounting_fqan", M, _NAME,
+           doc="FQAN put in APEL records (e.g. /lhcb/Role=NULL/Capability=NULL). It is checked "
+               "with the APEL record rules when the configuration is loaded (it must start with "
+               "'/'), because it is stored in each VM when the VM is created: a bad one would make "
+               "every VM of the machinetype unaccountable."),
     Option("machinegroup", M, _NAME,
            default=Computed("accounting_fqan, else the machinetype name", _default_machinegroup),
            doc="Group used for space-wide share accounting. Undocumented in Vac."),
     Option("machines_dir_days", M, Number(name="days"), default=3.0, aliases=("machineoutputs_days",),
            doc="Keep finished machine directories this many days; <= 0 keeps them for ever."),
     Option("image_signing_dn", M, RegexText(), aliases=("cernvm_signing_dn",),
-           doc="Regular expression the DN of the root_image signer must match (CernVM images). "
-               "Vac stored it under a name it then never read."),
+           doc="Regular expression the DN of the root_image signer had to match (CernVM images). "
+               "Vac stored it under a name it then never read.",
+           ignored="root images are not signature-checked; pin an image with root_image_sha256"),
     Option("user_data_proxy", M, Boolean(), default=False,
            doc="Make a limited X.509 proxy from <machinetype_path>/x509cert.pem and x509key.pem "
                "and substitute it for ##user_data_option_x509_proxy##."),
@@ -484,7 +534,7 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Make the proxy in the legacy (pre-RFC 3820) format."),
     Option("mjf_transport", M, Choice(choices=("http", "nfs")), default="http", vac=False,
            doc="How the VM reaches machinefeatures/jobfeatures/joboutputs: HTTP on 169.254.169.253, "
-               "or NFS (needs nfs_exporter)."),
+               "or NFS (needs nfs_exporter = ganesha or exportfs: with none it is an error)."),
     Option("config_drive", M, Boolean(), default=False, vac=False,
            doc="Also attach an OpenStack-style config drive (ISO) holding user_data and metadata."),
     # ================================================================ [vacuum_pipe PREFIX]
@@ -493,6 +543,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("target_share", P, Number(min=0), default=0.0,
            doc="Total share of the pipe, divided among its machinetypes by their own target_share."),
 )
+
+#: what vacfactory writes into machinefeatures itself (a site's extra may not replace it)
+_MJF_KEYS = mjf.MACHINEFEATURES_KEYS + mjf.LEGACY_MACHINEFEATURES_KEYS
 
 FAMILIES: Tuple[OptionFamily, ...] = (
     OptionFamily("user_data_option_", (SETTINGS, MACHINETYPE, VACUUM_PIPE), Text(multiline=True, allow_empty=True),
@@ -506,7 +559,10 @@ FAMILIES: Tuple[OptionFamily, ...] = (
                      "default for every machinetype; a machinetype's own value wins."),
     OptionFamily("machinefeatures_option_", (SETTINGS,), Text(allow_empty=True),
                  attribute="machinefeatures_options",
-                 doc="Extra machinefeatures key XXX with this value (one line). Undocumented in Vac."),
+                 reserved=_MJF_KEYS,
+                 reserved_why="is a standard or legacy machinefeatures key, which vacfactory writes itself",
+                 doc="Extra machinefeatures key XXX with this value (one line). XXX may not be a "
+                     f"standard or legacy key ({', '.join(_MJF_KEYS)}): that is an error. Undocumented in Vac."),
 )
 
 IGNORED: Tuple[IgnoredOption, ...] = (
@@ -629,6 +685,31 @@ def _rule_not_startable(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_fqan(c: DefaultContext) -> Optional[str]:
+    fqan = c.values.get("accounting_fqan")
+    if fqan is None:
+        return None
+    # APEL's own rules, applied to a record that is valid apart from the FQAN: the cloud record
+    # needs the fewest other fields, and the job record has the same FQAN rules
+    record = {"FQAN": fqan, "VMUUID": "0", "SiteName": "site"}
+    try:
+        apel.validate_fields(apel.CLOUD, record, now=0.0)
+    except apel.FieldInvalid as error:
+        if error.field != "FQAN":
+            raise  # the probe record itself is wrong: a bug here, not in the configuration
+        return (f"{error.reason}: APEL refuses such a record, so no VM of this machinetype could "
+                "be accounted (an FQAN looks like /vo/Role=NULL/Capability=NULL)")
+    return None
+
+
+def _rule_nfs_transport(c: DefaultContext) -> Optional[str]:
+    if (c.values["mjf_transport"] == "nfs" and machinetype_startable(c.values)
+            and c.settings.get("nfs_exporter") == "none"):
+        return ("nfs needs NFS exports, but nfs_exporter = none in [settings]: set nfs_exporter = "
+                "ganesha or exportfs, or use mjf_transport = http")
+    return None
+
+
 def _rule_disk_downwards(c: DefaultContext) -> Optional[str]:
     mine = c.values.get("disk_gb_per_processor")
     site = c.settings.get("disk_gb_per_processor")
@@ -671,6 +752,10 @@ RULES: Tuple[Rule, ...] = (
          "A startable machinetype needs root_image or kernel_image."),
     Rule(M, "kernel_image", ("kernel_image", "initrd_image", "kernel_cmdline"), _rule_kernel_parts,
          "initrd_image and kernel_cmdline need kernel_image."),
+    Rule(M, "accounting_fqan", ("accounting_fqan",), _rule_fqan,
+         "accounting_fqan must pass APEL's rules for an FQAN (start with '/', printable ASCII)."),
+    Rule(M, "mjf_transport", ("mjf_transport", "machine_model"), _rule_nfs_transport,
+         "mjf_transport = nfs needs nfs_exporter = ganesha or exportfs in [settings]."),
     Rule(M, "machine_model", ("machine_model",), _rule_not_startable,
          "docker and singularity machinetypes load with a warning and are never started.",
          severity="warning"),

@@ -4,15 +4,22 @@ Publishing registers the VM with the HTTP MJF/metadata server (by address and to
 for ``mjf_transport = nfs``, exports its machinefeatures/jobfeatures (read-only) and
 joboutputs (read-write) to the VM's address only. Everything read back from joboutputs goes
 through vmio.joboutputs, which treats every byte as hostile.
+
+``vm_meta`` is what every VM is offered besides its own identity (the ``root_public_key``,
+the availability zone); the HTTP server and the config drive (engine.vmbuild) both take it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-from typing import Iterable, List, Optional
+import re
+import struct
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 from vacfactory.core.outcomes import ShutdownMessage
-from vacfactory.errors import ExportError
+from vacfactory.errors import ConfigError, ExportError, VacFactoryError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportSpec, Exporter, NullExporter
@@ -23,22 +30,33 @@ log = logging.getLogger(__name__)
 
 
 class VMBoundary:
+    """``meta_source`` gives the :func:`vm_meta` of the current configuration (the daemon
+    passes one reading the engine's config; without it VMs are offered no extra metadata)."""
+
     def __init__(
         self,
         registry: Optional[VMRegistry] = None,
         exporter: Optional[Exporter] = None,
         limits: JobOutputsLimits = JobOutputsLimits(),
+        meta_source: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
         self.registry = registry if registry is not None else VMRegistry()
         self.exporter = exporter if exporter is not None else NullExporter()
         self.limits = limits
+        self.meta_source = meta_source
 
     def start(self, config, live: Iterable[Machine]) -> None:
         """After a restart: re-register live VMs and make the exports match them exactly."""
+        try:
+            meta = self.meta_source()
+        except VacFactoryError as error:
+            # running VMs keep their MJF; only the key is not offered to them
+            log.error("%s; live VMs are re-registered without it", error)
+            meta = {}
         expected = {}
         for machine in live:
             if machine.record.address:
-                self.registry.add(endpoint(machine))
+                self.registry.add(endpoint(machine, meta))
             expected[machine.uuid] = export_specs(machine)
         try:
             self.exporter.reconcile(expected)
@@ -49,7 +67,7 @@ class VMBoundary:
     def publish(self, machine: Machine) -> None:
         # a VM without an address (libvirt's test driver: no network) cannot reach the server
         if machine.record.address:
-            self.registry.add(endpoint(machine))
+            self.registry.add(endpoint(machine, self.meta_source()))
         specs = export_specs(machine)
         if specs:
             self.exporter.set_exports(machine.uuid, specs)
@@ -72,7 +90,7 @@ class VMBoundary:
         joboutputs.enforce_limits(machine.joboutputs_dir, self.limits, protect=protect)
 
 
-def endpoint(machine: Machine) -> VMEndpoint:
+def endpoint(machine: Machine, meta: Optional[Mapping[str, str]] = None) -> VMEndpoint:
     record = machine.record
     return VMEndpoint(
         uuid=record.uuid,
@@ -84,7 +102,7 @@ def endpoint(machine: Machine) -> VMEndpoint:
         joboutputs_dir=machine.joboutputs_dir,
         user_data_path=machine.user_data_path,
         machinetype=record.machinetype,
-        meta={},
+        meta=meta or {},
     )
 
 
@@ -100,3 +118,79 @@ def export_specs(machine: Machine) -> List[ExportSpec]:
         ExportSpec(uuid=record.uuid, client=record.address, path=machine.joboutputs_dir,
                    pseudo=f"/{record.uuid}/joboutputs", readonly=False),
     ]
+
+
+# -- what every VM is offered -------------------------------------------------------------
+
+#: OpenSSH public key types (``ssh-keygen -t``), as the first field of a ``.pub`` line
+_KEY_TYPE = re.compile(r"ssh-(rsa|dss|ed25519)|ecdsa-sha2-nistp(256|384|521)"
+                       r"|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com")
+_MAX_KEY_FILE = 16384
+
+
+def vm_meta(config) -> Dict[str, str]:
+    """The metadata every VM is offered (:attr:`VMEndpoint.meta`): the availability zone
+    (the factory's name, as Vac did) and ``public_key`` from ``root_public_key``, if any."""
+    s = config.settings
+    meta = {"availability_zone": s.factory_name}
+    origin = config.origins.get("settings", {}).get("root_public_key", "default")
+    key = read_public_key(s.root_public_key, origin) if s.root_public_key else None
+    if key:
+        meta["public_key"] = key
+    return meta
+
+
+def read_public_key(path: str, origin: str = "default") -> Optional[str]:
+    """The OpenSSH public key line in ``path`` (what ``ssh-keygen`` writes to ``*.pub``).
+
+    None when the file is absent and the path is the default (most hosts have no root key);
+    otherwise a file that cannot be read or does not hold exactly one public key line is a
+    ConfigError naming ``root_public_key`` and where it was set (``origin``: "file:line").
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_KEY_FILE + 1)
+    except FileNotFoundError:
+        if origin == "default":
+            return None
+        raise _key_error(origin, f"{path}: no such file") from None
+    except OSError as error:
+        raise _key_error(origin, f"{path}: cannot read: {error.strerror}") from None
+    if len(data) > _MAX_KEY_FILE:
+        raise _key_error(origin, f"{path}: over {_MAX_KEY_FILE} bytes: not a public key file")
+    why = _public_key_problem(data)
+    if why:
+        raise _key_error(origin, f"{path}: not an OpenSSH public key line ({why})")
+    return data.decode("ascii").strip()
+
+
+def _public_key_problem(data: bytes) -> str:
+    """Why ``data`` is not one ``TYPE BASE64 [COMMENT]`` line; "" if it is one."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return "not ASCII"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        return f"{len(lines)} non-empty lines, expected 1"
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in lines[0]):
+        return "control characters"
+    fields = lines[0].split(None, 2)
+    if len(fields) < 2 or not _KEY_TYPE.fullmatch(fields[0]):
+        return "it must start with a key type such as ssh-ed25519 or ssh-rsa"
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (binascii.Error, ValueError):
+        return "the key is not base64"
+    # the key blob starts with its own type name (RFC 4253 6.6)
+    if len(blob) < 4 or blob[4:4 + struct.unpack(">I", blob[:4])[0]] != fields[0].encode():
+        return f"the key data is not a {fields[0]} key"
+    return ""
+
+
+def _key_error(origin: str, message: str) -> ConfigError:
+    source, _, line = origin.rpartition(":")
+    if source and line.isdigit():
+        return ConfigError(message, source=source, line=int(line), section="settings",
+                           option="root_public_key")
+    return ConfigError(message + f" ({origin})", section="settings", option="root_public_key")

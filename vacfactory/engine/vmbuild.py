@@ -3,7 +3,10 @@
 - ``new_record``: the VM's identity (name, slot, address, token, sizes, times).
 - ``features``: its machine/job features (core.mjf computes them).
 - ``user_data``: the rendered contextualization (core.userdata), with an optional proxy.
-- ``domain_spec``: disks made in the machine directory and the hypervisor.VMSpec.
+- ``domain_spec``: disks made in the machine directory (with the optional config drive, whose
+  meta_data.json is the one the HTTP server serves) and the hypervisor.VMSpec.
+
+Every URL a VM is given uses ``http_port`` (omitted when it is 80).
 
 Machine models (Vac's): ``vm-raw`` boots a qcow2 overlay on ``root_image``; ``cernvm3``/
 ``cernvm4`` boot the ``root_image`` ISO from CD with an empty disk as ``root_device``; any VM
@@ -22,6 +25,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from vacfactory import __version__
 from vacfactory.core import mjf, userdata
 from vacfactory.engine import policies
+from vacfactory.engine.boundary import vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
 from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
@@ -30,11 +34,11 @@ from vacfactory.hypervisor.network import slot_ip, slot_mac
 from vacfactory.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
+from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CERNVM_DISK_GB = 40
-MJF_URL = "http://169.254.169.253"
 
 
 class BuildError(VacFactoryError):
@@ -109,6 +113,7 @@ class VMBuilder:
         options = dict(mt.user_data_options)
         if mt.user_data_proxy:
             options["x509_proxy"] = self._proxy(mt, record)
+        mjf_url = mjf_base_url(config)
         substitutions = userdata.standard_substitutions(
             space=record.space,
             machinetype=record.machinetype,
@@ -116,9 +121,9 @@ class VMBuilder:
             manager_version=f"vacfactory {__version__}",
             manager_hostname=record.factory,
             uuid=record.uuid,
-            machinefeatures_url=f"{MJF_URL}/machinefeatures",
-            jobfeatures_url=f"{MJF_URL}/jobfeatures",
-            joboutputs_url=f"{MJF_URL}/joboutputs",
+            machinefeatures_url=f"{mjf_url}/machinefeatures",
+            jobfeatures_url=f"{mjf_url}/jobfeatures",
+            joboutputs_url=f"{mjf_url}/joboutputs",
             root_image_url=mt.root_image if is_url(mt.root_image) else None,
             user_data_url=mt.user_data if is_url(mt.user_data) else None,
             site=config.settings.gocdb_sitename,
@@ -141,7 +146,11 @@ class VMBuilder:
             raise BuildError(f"machinetype {mt.name}: user_data_proxy needs x509cert.pem and x509key.pem "
                              f"in {directory}: {error}") from None
         not_after = datetime.fromtimestamp(record.shutdown_time, tz=timezone.utc)
-        return proxy.make_limited_proxy(cert, key, not_after, mt.name, legacy=bool(mt.legacy_proxy)).decode("ascii")
+        try:
+            made = proxy.make_limited_proxy(cert, key, not_after, mt.name, legacy=bool(mt.legacy_proxy))
+        except proxy.ProxyError as error:
+            raise BuildError(f"machinetype {mt.name}: user_data_proxy ({directory}): {error}") from None
+        return made.decode("ascii")
 
     # -- the domain ---------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class VMBuilder:
                 disk_list.append(DiskSpec(path=scratch, target_dev=mt.scratch_device,
                                           bus=bus_for(mt.scratch_device)))
         if mt.config_drive:
-            disk_list.append(self._config_drive(machine))
+            disk_list.append(self._config_drive(config, machine))
         interface = None
         if record.mac is not None:
             # nwfilter clean-traffic: the HTTP server and the NFS exports know a VM by its
@@ -199,7 +208,8 @@ class VMBuilder:
             boot=boot,
         )
 
-    def _config_drive(self, machine: Machine) -> DiskSpec:
+    def _config_drive(self, config, machine: Machine) -> DiskSpec:
+        """The config-2 ISO: the VM's user_data and the meta_data.json the HTTP server serves."""
         from vacfactory.vmio import configdrive
 
         try:
@@ -208,9 +218,7 @@ class VMBuilder:
         except FileNotFoundError:
             user_data = b""
         path = os.path.join(machine.disks_dir, "config.iso")
-        record = machine.record
-        configdrive.build_config_drive(path, user_data, {"uuid": record.uuid, "hostname": record.name,
-                                                         "name": record.name})
+        configdrive.build_config_drive(path, user_data, meta_data(config, machine.record))
         return DiskSpec(path=path, target_dev="hdd", fmt="raw", device="cdrom", readonly=True, bus="ide")
 
     def remove_disks(self, machine: Machine) -> None:
@@ -251,6 +259,19 @@ def bus_for(device: str) -> str:
 
 def is_url(value: Optional[str]) -> bool:
     return bool(value) and value.startswith(("http://", "https://"))
+
+
+def mjf_base_url(config) -> str:
+    """``http://169.254.169.253`` (with ``:http_port`` unless it is 80), as VMs reach it."""
+    return base_url(MJF_ADDRESS, config.settings.http_port)
+
+
+def meta_data(config, record: VMRecord) -> Dict[str, object]:
+    """The VM's OpenStack meta_data.json, built as the HTTP server builds it."""
+    return meta_data_document(
+        uuid=record.uuid, name=record.name, token=record.token, machinetype=record.machinetype,
+        meta=vm_meta(config), mjf_base_url=mjf_base_url(config),
+        metadata_base_url=base_url(METADATA_ADDRESS, config.settings.http_port))
 
 
 def uses_network(config) -> bool:

@@ -588,3 +588,26 @@ def spec_shape(spec: VMSpec) -> Tuple:
 def _version(number: int) -> str:
     """libvirt's version numbers: major * 1,000,000 + minor * 1,000 + release."""
     return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def ping_read_only(uri: str) -> str:
+    """Open ``uri`` read-only, make one round trip, close; return libvirt's version.
+
+    What a monitoring check needs: a read-only connection is all an unprivileged NRPE user
+    may get (libvirtd's read-only socket), and it can change nothing. It blocks as long as
+    libvirtd does (a hung daemon: for ever), so the caller bounds it. Raises HypervisorError.
+    """
+    libvirt.registerErrorHandler(_libvirt_error_handler, None)  # not libvirt's stderr lines
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot connect read-only: {_message(exc)}", uri=uri) from exc
+    try:
+        return _version(conn.getLibVersion())
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"no answer: {_message(exc)}", uri=uri) from exc
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError as exc:
+            log.debug("%s: closing: %s", uri, _message(exc))

@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from vacfactory.errors import ExportError
 from vacfactory.vmio import joboutputs as jo
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-vacfactory-token"
 SERVER_NAME = "vacfactory"
+
+#: the factory's addresses on the VM network: MJF and joboutputs; metadata (and NFS)
+MJF_ADDRESS = "169.254.169.253"
+METADATA_ADDRESS = "169.254.169.254"
+#: the key name of the root public key (OpenStack ``public_keys``, EC2 ``public-keys/0=NAME``)
+PUBLIC_KEY_NAME = "vacfactory"
 
 MAX_REQUEST_LINE = 8192
 MAX_HEAD = 16384
@@ -294,6 +300,48 @@ def listing_html(keys: Sequence[str]) -> bytes:
     return f"<html><body><ul>{items}</ul></body></html>\n".encode("ascii")
 
 
+def base_url(address: str, port: int) -> str:
+    """``http://ADDRESS`` with ``:PORT`` unless it is 80: the base of every URL a VM is given."""
+    return f"http://{address}" if port == 80 else f"http://{address}:{port}"
+
+
+def meta_data_document(*, uuid: str, name: str, token: str, machinetype: str,
+                       meta: Mapping[str, str], mjf_base_url: str, metadata_base_url: str
+                       ) -> Dict[str, object]:
+    """The OpenStack meta_data.json object of one VM: served over HTTP and written on its
+    config drive (vmbuild), so both carry the same URLs, token forms and public key.
+
+    ``meta`` is :attr:`VMEndpoint.meta`: ``public_key`` and ``availability_zone`` go to
+    their own fields, every other entry into the ``meta`` object.
+    """
+    mjf = mjf_base_url.rstrip("/")
+    token_base = f"{mjf}/vm/{token}"
+    extra: Dict[str, str] = {
+        k: str(v) for k, v in meta.items() if k not in ("public_key", "availability_zone")
+    }
+    extra.update({
+        "machinefeatures": f"{mjf}/machinefeatures",
+        "jobfeatures": f"{mjf}/jobfeatures",
+        "joboutputs": f"{mjf}/joboutputs",
+        "machinefeatures_token_url": f"{token_base}/machinefeatures",
+        "jobfeatures_token_url": f"{token_base}/jobfeatures",
+        "joboutputs_token_url": f"{token_base}/joboutputs",
+        "metadata_token_url": f"{metadata_base_url.rstrip('/')}/vm/{token}",
+        "vacfactory_token": token,
+        "machinetype": machinetype,
+    })
+    public_key = meta.get("public_key")
+    return {
+        "uuid": uuid,
+        "hostname": name,
+        "name": name,
+        "launch_index": 0,
+        "availability_zone": meta.get("availability_zone", "vacfactory"),
+        "public_keys": {PUBLIC_KEY_NAME: public_key} if public_key else {},
+        "meta": extra,
+    }
+
+
 class Router:
     """Maps (peer address, request) to a Reply or an UploadTarget. Reads files, writes none."""
 
@@ -413,7 +461,7 @@ class Router:
             return Reply(200, values[key].encode("utf-8"))
         if public_key:
             if key in ("public-keys", "public-keys/"):
-                return Reply(200, b"0=vacfactory\n")
+                return Reply(200, f"0={PUBLIC_KEY_NAME}\n".encode("ascii"))
             if key in ("public-keys/0", "public-keys/0/"):
                 return Reply(200, b"openssh-key\n")
             if key == "public-keys/0/openssh-key":
@@ -421,33 +469,12 @@ class Router:
         return _error(404)
 
     def meta_data(self, vm: VMEndpoint) -> Dict[str, object]:
-        """The OpenStack meta_data.json object for ``vm`` (also used for the config drive)."""
-        mjf = self.mjf_base_url
-        token_base = f"{mjf}/vm/{vm.token}"
-        meta: Dict[str, str] = {
-            k: str(v) for k, v in vm.meta.items() if k not in ("public_key", "availability_zone")
-        }
-        meta.update({
-            "machinefeatures": f"{mjf}/machinefeatures",
-            "jobfeatures": f"{mjf}/jobfeatures",
-            "joboutputs": f"{mjf}/joboutputs",
-            "machinefeatures_token_url": f"{token_base}/machinefeatures",
-            "jobfeatures_token_url": f"{token_base}/jobfeatures",
-            "joboutputs_token_url": f"{token_base}/joboutputs",
-            "metadata_token_url": f"{self.metadata_base_url}/vm/{vm.token}",
-            "vacfactory_token": vm.token,
-            "machinetype": vm.machinetype,
-        })
-        document: Dict[str, object] = {
-            "uuid": vm.uuid,
-            "hostname": vm.name,
-            "name": vm.name,
-            "launch_index": 0,
-            "availability_zone": vm.meta.get("availability_zone", "vacfactory"),
-            "public_keys": {"0": vm.meta["public_key"]} if vm.meta.get("public_key") else {},
-            "meta": meta,
-        }
-        return document
+        """The OpenStack meta_data.json object for ``vm`` (the config drive carries the same,
+        see :func:`meta_data_document`)."""
+        return meta_data_document(uuid=vm.uuid, name=vm.name, token=vm.token,
+                                  machinetype=vm.machinetype, meta=vm.meta,
+                                  mjf_base_url=self.mjf_base_url,
+                                  metadata_base_url=self.metadata_base_url)
 
     def _meta_json(self, vm: VMEndpoint) -> Reply:
         body = json.dumps(self.meta_data(vm), sort_keys=True, indent=1).encode("utf-8")
@@ -563,7 +590,8 @@ class MetadataServer:
 
     ``start()`` binds (errors raise here, in the caller) and runs the loop in a daemon thread;
     ``stop()`` ends it and closes every socket. ``bound_addresses`` gives the real (host, port)
-    pairs, useful with port 0.
+    pairs, useful with port 0. ``mjf_base_url``/``metadata_base_url`` are what meta_data.json
+    tells VMs: :func:`base_url` of the two addresses and the port VMs reach (``http_port``).
     """
 
     def __init__(
@@ -571,8 +599,8 @@ class MetadataServer:
         registry: VMRegistry,
         bind: Sequence[Tuple[str, int]],
         limits: JobOutputsLimits = JobOutputsLimits(),
-        mjf_base_url: str = "http://169.254.169.253",
-        metadata_base_url: str = "http://169.254.169.254",
+        mjf_base_url: str = f"http://{MJF_ADDRESS}",
+        metadata_base_url: str = f"http://{METADATA_ADDRESS}",
         *,
         max_connections: int = 512,
         max_connections_per_address: int = 64,

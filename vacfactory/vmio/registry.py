@@ -5,8 +5,8 @@ server resolves every request through this registry, so a VM can only ever reach
 directories named in its own :class:`VMEndpoint`.
 
 A token is 128 random bits or more (hex). It lets a VM behind NAT (or any address we did not
-assign) identify itself; it is only ever handed to the VM itself (in its meta_data.json and its
-user_data), never listed.
+assign) identify itself; it is only ever handed to the VM itself, in its meta_data.json (over
+HTTP and on its config drive), never listed and never put in user_data.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def valid_token(token: object) -> bool:
 class VMEndpoint:
     """Everything the HTTP server may serve to, or accept from, one VM.
 
-    ``meta`` holds extra metadata: ``public_key`` (an OpenSSH public key for
-    ``public-keys/0/openssh-key``), ``availability_zone`` (Vac used the factory's FQDN), and
-    any other string values, which are copied into the ``meta`` object of meta_data.json.
+    ``meta`` holds extra metadata: ``public_key`` (an OpenSSH public key line, offered as
+    meta_data.json ``public_keys`` and EC2 ``public-keys/0/openssh-key``),
+    ``availability_zone`` (Vac used the factory's FQDN), and any other string values, which
+    are copied into the ``meta`` object of meta_data.json.
     """
 
     uuid: str
