@@ -4,9 +4,11 @@
 # over; every empty option falls back to its default.  Busybox ash compatible; no wget -T (the
 # Debian busybox-static build lacks it), every network step is bounded with `timeout`.
 #
-# 1. MJF: option mjf=http (default): wget from the machinefeatures/jobfeatures URLs (URLs in
+# 1. MJF: option mjf=http: wget from the machinefeatures/jobfeatures URLs (URLs in
 #    /tmp/meta_data.json "meta", token URLs first, are preferred), joboutputs by HTTP POST;
-#    mjf=nfs: NFSv4.1 mounts of <server>:/<uuid>/{machinefeatures,jobfeatures,joboutputs}.
+#    mjf=nfs: NFSv4.1 mounts of the exports /tmp/meta_data.json "meta" names (nfs_server,
+#    *_nfs_path), else of <server>:/<uuid>/{machinefeatures,jobfeatures,joboutputs}.
+#    Unset: nfs if meta_data.json names NFS exports (mjf_transport = nfs), else http.
 # 2. joboutputs/mjf_report: machinefeatures/KEY=VALUE and jobfeatures/KEY=VALUE for every key.
 # 3. Work for lifetime s, writing joboutputs/<heartbeat_file> every heartbeat_interval s from
 #    the start (no heartbeat from heartbeat_stop_after s on, if set: then it sleeps until it is
@@ -98,6 +100,22 @@ is_name() {  # a single safe path component
     esac
 }
 
+is_export_path() {  # an absolute path of safe characters, no .. component
+    case "$1" in
+        /*) ;;
+        *) return 1 ;;
+    esac
+    case "$1/" in
+        *[!A-Za-z0-9._/+=@-]* | */../*) return 1 ;;
+    esac
+}
+
+is_host() {  # an IPv4 address or host name
+    case "$1" in
+        '' | -* | *[!A-Za-z0-9.:-]*) return 1 ;;
+    esac
+}
+
 # json_string KEY FILE: the first "KEY": "string" in FILE (flat enough for meta_data.json)
 json_string() {
     [ -s "$2" ] || return 0
@@ -168,25 +186,45 @@ setup_http() {
     fi
 }
 
+# meta_nfs: the factory's word on where this VM's exports are (meta_data.json "meta":
+# nfs_server, machinefeatures_nfs_path, jobfeatures_nfs_path, joboutputs_nfs_path); sets
+# _server _mf _jf _jo, fails unless all three paths are there and sane
+meta_nfs() {
+    _server=$(json_string nfs_server "$META")
+    _mf=$(json_string machinefeatures_nfs_path "$META")
+    _jf=$(json_string jobfeatures_nfs_path "$META")
+    _jo=$(json_string joboutputs_nfs_path "$META")
+    is_export_path "$_mf" && is_export_path "$_jf" && is_export_path "$_jo"
+}
+
 setup_nfs() {
-    NFS_SERVER=$(value "$OPT_NFS_SERVER" 169.254.169.254)
-    if [ -z "$UUID" ]; then
-        UUID=$(json_string uuid "$META")
+    if meta_nfs; then
+        _from=$META
+    else
+        # no paths from the factory (an older one, or a stand-in): nfs-ganesha's /<uuid>/...
+        if [ -z "$UUID" ]; then
+            UUID=$(json_string uuid "$META")
+        fi
+        if ! is_name "$UUID"; then
+            say "no usable uuid for the NFS exports"
+            return 1
+        fi
+        _server="" _mf=/$UUID/machinefeatures _jf=/$UUID/jobfeatures _jo=/$UUID/joboutputs
+        _from="the default /<uuid>/ paths"
     fi
-    if ! is_name "$UUID"; then
-        say "no usable uuid for the NFS exports"
-        return 1
-    fi
-    if ! { nfs_mount "/$UUID/machinefeatures" "$MNT/machinefeatures" ro &&
-           nfs_mount "/$UUID/jobfeatures" "$MNT/jobfeatures" ro &&
-           nfs_mount "/$UUID/joboutputs" "$MNT/joboutputs" rw; }; then
-        say "NFS mounts from $NFS_SERVER:/$UUID failed"
+    is_host "$_server" || _server=169.254.169.254
+    # the option, when set, wins over the factory's nfs_server
+    NFS_SERVER=$(value "$OPT_NFS_SERVER" "$_server")
+    if ! { nfs_mount "$_mf" "$MNT/machinefeatures" ro &&
+           nfs_mount "$_jf" "$MNT/jobfeatures" ro &&
+           nfs_mount "$_jo" "$MNT/joboutputs" rw; }; then
+        say "NFS mounts from $NFS_SERVER failed ($NFS_SERVER:$_mf, $NFS_SERVER:$_jf, $NFS_SERVER:$_jo)"
         return 1
     fi
     MACHINEFEATURES=$MNT/machinefeatures
     JOBFEATURES=$MNT/jobfeatures
     JOBOUTPUTS=$MNT/joboutputs
-    say "mounted $NFS_SERVER:/$UUID/{machinefeatures,jobfeatures,joboutputs} on $MNT"
+    say "mounted $NFS_SERVER:$_mf, $NFS_SERVER:$_jf and $NFS_SERVER:$_jo on $MNT (paths from $_from)"
 }
 
 cleanup_nfs() {
@@ -278,7 +316,8 @@ power_off() {
 
 UUID=$(value "$UUID" "")
 MACHINETYPE=$(value "$MACHINETYPE" "")
-MJF=$(value "$OPT_MJF" http)
+if meta_nfs; then MJF_DEFAULT=nfs; else MJF_DEFAULT=http; fi
+MJF=$(value "$OPT_MJF" "$MJF_DEFAULT")
 HEARTBEAT_FILE=$(value "$OPT_HEARTBEAT_FILE" heartbeat)
 is_name "$HEARTBEAT_FILE" || HEARTBEAT_FILE=heartbeat
 HEARTBEAT_INTERVAL=$(uint "$OPT_HEARTBEAT_INTERVAL" 5)

@@ -1,4 +1,5 @@
-"""Root images by path or http(s) URL: downloaded once, verified, shared read-only by all VMs.
+"""Root images (and user_data templates) by path or http(s) URL: downloaded once, verified,
+shared read-only by all VMs.
 
 ``ImageCache(directory, ca_path, timeout).get(location, sha256)`` returns the local path of a
 verified image. For a local path it only verifies (existence, and the sha256 if given). For
@@ -9,8 +10,9 @@ a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
   only the file's mtime), at most every ``check_seconds``; a 304 reuses the cache;
 - streams a 200 into a temporary file in the same directory (hashing as it goes), refuses it
   if the body is shorter or longer than Content-Length, if its sha256 differs from the one
-  configured, or if the whole download takes longer than ``timeout`` seconds, then fsyncs it
-  and renames it to a NEW versioned name ``<key>-<n>.img``. VMs use images through qcow2
+  configured, if it is larger than the caller's ``max_bytes`` (engine.vmbuild passes one for
+  user_data templates), or if the whole download takes longer than ``timeout`` seconds, then
+  fsyncs it and renames it to a NEW versioned name ``<key>-<n>.img``. VMs use images through qcow2
   overlays whose backing file is that path, so an image in use is never replaced or
   truncated under a running VM; :meth:`ImageCache.prune` deletes old versions once no live
   VM uses them;
@@ -25,7 +27,9 @@ current cached copy at once and, when the check is due, revalidates in a backgro
 VM being created uses the copy at hand; later ones get the new version). Without a usable copy
 it starts the download in a background thread and raises :class:`ImageNotReady`: the engine
 skips that machinetype this round, and ``on_ready`` (the engine's wake-up) is called once the
-image is in place. After a failed attempt the next one waits ``retry_seconds``.
+image is in place. After a failed attempt the next one waits ``retry_seconds``. A body over
+``max_bytes`` with no usable copy is an :class:`~vacfactory.errors.ImageError` instead: waiting
+does not fix a wrong file, so the creation fails and says why.
 
 The sidecar ``<key>.json`` (written atomically) records the URL, the current version's file
 name, size and sha256, the validators and when the server was last asked. Images are made
@@ -109,6 +113,10 @@ class _Failure(Exception):
     """A refresh failed; the cached copy may still serve."""
 
 
+class _TooLarge(_Failure):
+    """The body is larger than the caller's ``max_bytes``: not an outage, a wrong file."""
+
+
 @dataclass(frozen=True)
 class _Result:
     """What one (blocking) refresh gave: the path to use, and what went wrong if anything."""
@@ -116,6 +124,8 @@ class _Result:
     path: Optional[str]
     failure: Optional[str] = None
     changed: bool = False
+    #: the failure is a body over ``max_bytes`` (an error to report, not a wait)
+    too_large: bool = False
 
 
 class ImageCache:
@@ -144,8 +154,8 @@ class ImageCache:
         self._url_locks: Dict[str, threading.Lock] = {}
         #: URL -> the thread fetching it in the background
         self._fetching: Dict[str, threading.Thread] = {}
-        #: URL -> (time.monotonic() of the failed attempt, why) for background retries
-        self._failures: Dict[str, Tuple[float, str]] = {}
+        #: URL -> (time.monotonic() of the failed attempt, why, body over max_bytes) for retries
+        self._failures: Dict[str, Tuple[float, str, bool]] = {}
         #: downloads writing temporary files right now (prune leaves temporaries alone then)
         self._active = 0
         #: (path, size, mtime_ns, inode) -> sha256 of local images already hashed
@@ -153,10 +163,13 @@ class ImageCache:
 
     # -- public -------------------------------------------------------------------------
 
-    def get(self, location: str, sha256: Optional[str] = None) -> str:
+    def get(self, location: str, sha256: Optional[str] = None, max_bytes: Optional[int] = None) -> str:
         """Local path of a verified copy of ``location`` (a path or an http(s) URL).
 
         In background mode a URL is never fetched here: see the module docstring.
+        ``max_bytes`` (small files such as user_data templates) refuses a larger download;
+        with no usable copy that is an :class:`ImageError`, not :class:`ImageNotReady`,
+        because waiting does not fix a wrong file.
         """
         if sha256 is not None:
             sha256 = sha256.lower()
@@ -166,9 +179,9 @@ class ImageCache:
             with self._lock:
                 return self._local(location, sha256)
         if self.background:
-            return self._cached_or_fetch_later(location, sha256)
+            return self._cached_or_fetch_later(location, sha256, max_bytes)
         with self._url_lock(location):
-            result = self._remote(location, sha256)
+            result = self._remote(location, sha256, max_bytes)
         if result.path is None:
             raise ImageError(f"{location}: {result.failure} (and no usable cached copy)")
         return result.path
@@ -228,7 +241,7 @@ class ImageCache:
 
     # -- background mode ----------------------------------------------------------------
 
-    def _cached_or_fetch_later(self, url: str, sha256: Optional[str]) -> str:
+    def _cached_or_fetch_later(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> str:
         """The usable cached copy (revalidated in the background when due), else ImageNotReady."""
         now = self.clock()
         with self._lock:
@@ -236,7 +249,7 @@ class ImageCache:
             usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
             if usable is not None and now - usable.checked < self.check_seconds:
                 return self._path(usable.file)
-            started = self._fetch_later(url, sha256)
+            started = self._fetch_later(url, sha256, max_bytes)
             failure = self._failures.get(url)
             running = url in self._fetching
         if usable is not None:
@@ -245,10 +258,12 @@ class ImageCache:
             return self._path(usable.file)
         if running:
             raise ImageNotReady(f"{url}: no usable cached copy yet; downloading it in the background")
+        if failure is not None and failure[2]:
+            raise ImageError(f"{url}: {failure[1]} (and no usable cached copy)")
         why = failure[1] if failure is not None else "not fetched yet"
         raise ImageNotReady(f"{url}: no usable cached copy ({why}); the download is retried in the background")
 
-    def _fetch_later(self, url: str, sha256: Optional[str]) -> bool:
+    def _fetch_later(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> bool:
         """Start a background fetch of ``url`` unless one runs or the last failed recently.
         Called with ``_lock`` held."""
         if url in self._fetching:
@@ -256,17 +271,17 @@ class ImageCache:
         failed = self._failures.get(url)
         if failed is not None and time.monotonic() - failed[0] < self.retry_seconds:
             return False
-        thread = threading.Thread(target=self._fetch_in_background, args=(url, sha256),
+        thread = threading.Thread(target=self._fetch_in_background, args=(url, sha256, max_bytes),
                                   name=f"vacfactory-image-{url_key(url)[:8]}", daemon=True)
         self._fetching[url] = thread
         thread.start()
         return True
 
-    def _fetch_in_background(self, url: str, sha256: Optional[str]) -> None:
+    def _fetch_in_background(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> None:
         result = _Result(None, "the download did not finish")
         try:
             with self._url_lock(url):
-                result = self._remote(url, sha256)
+                result = self._remote(url, sha256, max_bytes)
         except (VacFactoryError, OSError) as error:  # e.g. the sidecar cannot be written
             result = _Result(None, str(error))
         finally:
@@ -275,10 +290,10 @@ class ImageCache:
                 if result.failure is None:
                     self._failures.pop(url, None)
                 else:
-                    self._failures[url] = (time.monotonic(), result.failure)
+                    self._failures[url] = (time.monotonic(), result.failure, result.too_large)
         if result.path is None:
-            log.error("%s: %s; no usable cached copy: its machinetypes wait, retried in %g s",
-                      url, result.failure, self.retry_seconds)
+            log.error("%s: %s; no usable cached copy: its machinetypes %s, retried in %g s", url, result.failure,
+                      "cannot start" if result.too_large else "wait", self.retry_seconds)
         if result.changed and self.on_ready is not None:
             self.on_ready()
 
@@ -336,7 +351,7 @@ class ImageCache:
         except OSError:
             return False
 
-    def _remote(self, url: str, sha256: Optional[str]) -> _Result:
+    def _remote(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> _Result:
         """Refresh ``url`` if due (blocking; the caller holds the URL's lock)."""
         now = self.clock()
         with self._lock:
@@ -348,13 +363,14 @@ class ImageCache:
             self._active += 1
         try:
             try:
-                download = self._download(url, usable, sha256)
+                download = self._download(url, usable, sha256, max_bytes)
             except _Failure as failure:
+                too_large = isinstance(failure, _TooLarge)
                 if usable is not None:
                     log.warning("%s: cannot refresh the image (%s): using the cached copy %s", url, failure,
                                 self._path(usable.file))
-                    return _Result(self._path(usable.file), str(failure))
-                return _Result(None, str(failure))
+                    return _Result(self._path(usable.file), str(failure), too_large=too_large)
+                return _Result(None, str(failure), too_large=too_large)
             if download is None:  # 304 Not Modified
                 assert usable is not None
                 with self._lock:
@@ -398,7 +414,8 @@ class ImageCache:
     def _write_entry(self, entry: _Entry) -> None:
         atomic_write_json(self._entry_path(entry.url), entry.as_json())
 
-    def _download(self, url: str, cached: Optional[_Entry], sha256: Optional[str]) -> Optional[_Download]:
+    def _download(self, url: str, cached: Optional[_Entry], sha256: Optional[str],
+                  max_bytes: Optional[int] = None) -> Optional[_Download]:
         """GET ``url`` (conditionally if ``cached``) into a temp file; None on 304."""
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -416,15 +433,17 @@ class ImageCache:
                     return None
                 if response.status_code != 200:
                     raise _Failure(f"HTTP {response.status_code} {response.reason or ''}".strip())
-                return self._receive(url, response, deadline, sha256)
+                return self._receive(url, response, deadline, sha256, max_bytes)
         except requests.RequestException as error:
             raise _Failure(f"{type(error).__name__}: {str(error)[:200]}") from None
         except OSError as error:  # disk full, unwritable cache: the cached copy may still serve
             raise _Failure(f"cannot write into {self.directory}: {error.strerror or error}") from None
 
     def _receive(self, url: str, response: requests.Response, deadline: float,
-                 sha256: Optional[str]) -> _Download:
+                 sha256: Optional[str], max_bytes: Optional[int] = None) -> _Download:
         expected = _content_length(response)
+        if expected is not None and max_bytes is not None and expected > max_bytes:
+            raise _TooLarge(_too_large(max_bytes, f"Content-Length is {expected}"))
         if expected is not None:
             free = shutil.disk_usage(self.directory).free
             if expected > free:
@@ -438,6 +457,8 @@ class ImageCache:
                     f.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise _TooLarge(_too_large(max_bytes, f"received {size} bytes so far"))
                     if time.monotonic() > deadline:
                         raise _Failure(f"download took more than {self.timeout:g} s")
                 f.flush()
@@ -464,6 +485,10 @@ def _content_length(response: requests.Response) -> Optional[int]:
     if text is None or not text.strip().isdigit():
         return None
     return int(text.strip())
+
+
+def _too_large(max_bytes: int, detail: str) -> str:
+    return f"larger than the {max_bytes}-byte limit for this file ({detail})"
 
 
 def _replace(entry: _Entry, **changes: Any) -> _Entry:

@@ -15,14 +15,20 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_vmbuild import Site
+from vacfactory.engine.boundary import VMBoundary, nfs_meta, vm_meta
+from vacfactory.engine.vmbuild import VMBuilder, meta_data
+from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.records import VMRecord
 from vacfactory.vmio import httpserver as hs
+from vacfactory.vmio.exports import CommandResult, ExportfsExporter, GaneshaExporter, NullExporter
 from vacfactory.vmio.httpserver import MetadataServer, Timeouts, parse_head
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry, new_token
@@ -803,3 +809,135 @@ def test_a_stream_of_blank_lines_does_not_keep_a_connection_alive() -> None:
         assert closed
     finally:
         stop_env(env)
+
+
+# --------------------------------------------------------------------------------------------
+# NFS VMs are told where their exports are (engine.boundary.nfs_meta)
+
+
+class _Exportfs:
+    """Stands in for the exportfs binary (this host has no kernel nfsd): records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: List[List[str]] = []
+
+    def __call__(self, argv) -> CommandResult:
+        self.calls.append(list(argv))
+        return CommandResult(0, "", "")
+
+
+def _nfs_exporter(kind: str, directory: str):
+    """The real exporter class of ``kind`` (ganesha's configuration without its process)."""
+
+    class QuietGanesha(GaneshaExporter):
+        def _start(self) -> None:
+            return None
+
+        def _reload(self, pid: int) -> None:
+            return None
+
+    if kind == "exportfs":
+        return ExportfsExporter(runner=_Exportfs(), prepare_rw=False)
+    if kind == "ganesha":
+        return QuietGanesha(os.path.join(directory, "ganesha.conf"), os.path.join(directory, "ganesha.pid"),
+                            os.path.join(directory, "ganesha.log"), prepare_rw=False)
+    return NullExporter()
+
+
+@dataclass
+class _NfsVM:
+    machine: Machine
+    boundary: VMBoundary
+    config: object
+
+
+def _published_vm(tmp_path, kind: str, transport: str = "nfs") -> _NfsVM:
+    """A VM of a machinetype with ``mjf_transport``, published through VMBoundary with the
+    ``kind`` exporter, as the engine does; it plays the VM from A_ADDR."""
+    site = Site(str(tmp_path))
+    config = site.configure(f"nfs_exporter = {kind}\n", f"mjf_transport = {transport}\n")
+    builder = VMBuilder(site.state_dir)
+    record = replace(site.record(config, builder), address=A_ADDR)
+    machine = MachineStore(site.state_dir).prepare(record, *builder.features(config, record))
+    boundary = VMBoundary(exporter=_nfs_exporter(kind, str(tmp_path / "ganesha")),
+                          meta_source=lambda: vm_meta(config))
+    boundary.publish(machine)
+    return _NfsVM(machine, boundary, config)
+
+
+def _served_meta_data(registry: VMRegistry) -> Dict[str, object]:
+    server = MetadataServer(registry, [("127.0.0.1", 0)])
+    with server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.bound_addresses[0][1], timeout=10,
+                                          source_address=(A_ADDR, 0))
+        try:
+            conn.request("GET", "/openstack/latest/meta_data.json")
+            response = conn.getresponse()
+            assert response.status == 200
+            return json.loads(response.read())
+        finally:
+            conn.close()
+
+
+NFS_KEYS = ("nfs_server", "machinefeatures_nfs_path", "jobfeatures_nfs_path", "joboutputs_nfs_path")
+
+
+def test_meta_data_json_gives_an_nfs_vm_the_real_paths_the_kernel_server_exports(tmp_path) -> None:
+    vm = _published_vm(tmp_path, "exportfs")
+    meta = _served_meta_data(vm.boundary.registry)["meta"]
+    machine = vm.machine
+    assert {k: meta[k] for k in NFS_KEYS} == {
+        "nfs_server": hs.METADATA_ADDRESS,
+        "machinefeatures_nfs_path": machine.machinefeatures_dir,
+        "jobfeatures_nfs_path": machine.jobfeatures_dir,
+        "joboutputs_nfs_path": machine.joboutputs_dir,
+    }
+    # exactly what exportfs was told to export to this VM
+    exported = sorted(call[-1] for call in vm.boundary.exporter.runner.calls if call[1] == "-o")
+    assert exported == sorted(f"{A_ADDR}:{meta[k]}" for k in NFS_KEYS[1:])
+
+
+def test_meta_data_json_gives_an_nfs_vm_the_pseudo_paths_ganesha_exports(tmp_path) -> None:
+    vm = _published_vm(tmp_path, "ganesha")
+    meta = _served_meta_data(vm.boundary.registry)["meta"]
+    uuid = vm.machine.uuid
+    assert {k: meta[k] for k in NFS_KEYS} == {
+        "nfs_server": hs.METADATA_ADDRESS,
+        "machinefeatures_nfs_path": f"/{uuid}/machinefeatures",
+        "jobfeatures_nfs_path": f"/{uuid}/jobfeatures",
+        "joboutputs_nfs_path": f"/{uuid}/joboutputs",
+    }
+    # exactly the pseudo paths in ganesha's configuration, for this VM's address
+    exports = vm.boundary.exporter.exports[uuid]
+    assert sorted(s.pseudo for s, _ in exports) == sorted(meta[k] for k in NFS_KEYS[1:])
+    assert {s.client for s, _ in exports} == {A_ADDR}
+    assert vm.boundary.exporter.bind_address == meta["nfs_server"]
+
+
+@pytest.mark.parametrize("kind,transport", [("ganesha", "http"), ("exportfs", "http")])
+def test_an_http_vm_is_given_no_nfs_keys(tmp_path, kind: str, transport: str) -> None:
+    vm = _published_vm(tmp_path, kind, transport)
+    meta = _served_meta_data(vm.boundary.registry)["meta"]
+    assert not set(NFS_KEYS) & set(meta)
+    assert meta["machinefeatures"] == "http://169.254.169.253/machinefeatures"
+
+
+def test_no_nfs_keys_when_nothing_is_exported() -> None:
+    record = VMRecord(uuid="11111111-aaaa-4bbb-8ccc-000000000001", name="vm.example.org", slot=0,
+                      factory="f.example.org", space="s.example.org", machinetype="demo",
+                      machine_model="vm-raw", processors=1, memory_mb=100, created=0.0,
+                      shutdown_time=3600.0, mjf_transport="nfs", address=A_ADDR, token=new_token())
+    machine = Machine(record=record, path="/var/lib/vacfactory/machines/" + record.uuid)
+    assert nfs_meta(machine, "none") == {}
+    assert set(nfs_meta(machine, "exportfs")) == set(NFS_KEYS)
+
+
+def test_the_config_drive_and_a_restarted_engine_give_the_same_nfs_keys(tmp_path) -> None:
+    vm = _published_vm(tmp_path, "exportfs")
+    served = _served_meta_data(vm.boundary.registry)
+    # the config drive's meta_data.json (engine.vmbuild, from nfs_exporter in the configuration)
+    assert meta_data(vm.config, vm.machine.record, vm.machine) == served
+    # after a restart the engine re-registers live VMs (VMBoundary.start) with the same keys
+    again = VMBoundary(exporter=_nfs_exporter("exportfs", ""), meta_source=lambda: vm_meta(vm.config))
+    again.start(vm.config, [vm.machine])
+    assert _served_meta_data(again.registry) == served

@@ -7,6 +7,9 @@ through vmio.joboutputs, which treats every byte as hostile.
 
 ``vm_meta`` is what every VM is offered besides its own identity (the ``root_public_key``,
 the availability zone); the HTTP server and the config drive (engine.vmbuild) both take it.
+``nfs_meta`` adds, for an NFS VM, where to mount its exports: nfs-ganesha serves them under
+pseudo paths (``/<uuid>/machinefeatures``), the kernel server (``exportfs``) under their real
+paths in the state directory, so a VM cannot guess them.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import binascii
 import logging
 import re
 import struct
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from vacfactory.core.outcomes import ShutdownMessage
 from vacfactory.errors import ConfigError, ExportError, VacFactoryError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
-from vacfactory.vmio.exports import ExportSpec, Exporter, NullExporter
+from vacfactory.vmio.exports import ExportfsExporter, ExportSpec, Exporter, GaneshaExporter, NullExporter
+from vacfactory.vmio.httpserver import METADATA_ADDRESS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry
 
@@ -56,7 +60,7 @@ class VMBoundary:
         expected = {}
         for machine in live:
             if machine.record.address:
-                self.registry.add(endpoint(machine, meta))
+                self.registry.add(endpoint(machine, self._meta(machine, meta)))
             expected[machine.uuid] = export_specs(machine)
         try:
             self.exporter.reconcile(expected)
@@ -67,10 +71,19 @@ class VMBoundary:
     def publish(self, machine: Machine) -> None:
         # a VM without an address (libvirt's test driver: no network) cannot reach the server
         if machine.record.address:
-            self.registry.add(endpoint(machine, self.meta_source()))
+            self.registry.add(endpoint(machine, self._meta(machine, self.meta_source())))
         specs = export_specs(machine)
         if specs:
             self.exporter.set_exports(machine.uuid, specs)
+
+    @property
+    def nfs_exporter(self) -> str:
+        """The ``nfs_exporter`` value of the exporter in use (what decides the mount paths)."""
+        return exporter_kind(self.exporter)
+
+    def _meta(self, machine: Machine, meta: Mapping[str, str]) -> Dict[str, str]:
+        """What ``machine`` is offered: ``meta`` plus, for an NFS VM, where its exports are."""
+        return {**meta, **nfs_meta(machine, self.nfs_exporter)}
 
     def withdraw(self, machine: Machine) -> None:
         self.registry.remove(machine.uuid)
@@ -107,17 +120,49 @@ def endpoint(machine: Machine, meta: Optional[Mapping[str, str]] = None) -> VMEn
 
 
 def export_specs(machine: Machine) -> List[ExportSpec]:
+    return [spec for _, spec in _named_exports(machine)]
+
+
+def _named_exports(machine: Machine) -> List[Tuple[str, ExportSpec]]:
+    """(directory name, export) of an NFS VM with an address; [] for any other VM."""
     record = machine.record
     if record.mjf_transport != "nfs" or not record.address:
         return []
     return [
-        ExportSpec(uuid=record.uuid, client=record.address, path=machine.machinefeatures_dir,
-                   pseudo=f"/{record.uuid}/machinefeatures", readonly=True),
-        ExportSpec(uuid=record.uuid, client=record.address, path=machine.jobfeatures_dir,
-                   pseudo=f"/{record.uuid}/jobfeatures", readonly=True),
-        ExportSpec(uuid=record.uuid, client=record.address, path=machine.joboutputs_dir,
-                   pseudo=f"/{record.uuid}/joboutputs", readonly=False),
+        (name, ExportSpec(uuid=record.uuid, client=record.address, path=path, pseudo=f"/{record.uuid}/{name}",
+                          readonly=readonly))
+        for name, path, readonly in (("machinefeatures", machine.machinefeatures_dir, True),
+                                     ("jobfeatures", machine.jobfeatures_dir, True),
+                                     ("joboutputs", machine.joboutputs_dir, False))
     ]
+
+
+#: the address VMs mount their exports from (nfs-ganesha binds it; the kernel server listens on
+#: every address, the VM network's included)
+NFS_SERVER = METADATA_ADDRESS
+
+
+def exporter_kind(exporter: Exporter) -> str:
+    """The ``nfs_exporter`` setting ``exporter`` implements: ganesha, exportfs or none."""
+    if isinstance(exporter, GaneshaExporter):
+        return "ganesha"
+    if isinstance(exporter, ExportfsExporter):
+        return "exportfs"
+    return "none"
+
+
+def nfs_meta(machine: Machine, nfs_exporter: str) -> Dict[str, str]:
+    """Where an NFS VM mounts its exports, for its meta_data.json ``meta``: ``nfs_server`` and
+    ``machinefeatures_nfs_path``, ``jobfeatures_nfs_path``, ``joboutputs_nfs_path`` (ganesha's
+    pseudo paths, or the real directories for exportfs). {} for HTTP VMs, VMs without an
+    address, and ``nfs_exporter = none`` (nothing is exported)."""
+    exports = _named_exports(machine)
+    if not exports or nfs_exporter not in ("ganesha", "exportfs"):
+        return {}
+    meta = {"nfs_server": NFS_SERVER}
+    for name, spec in exports:
+        meta[f"{name}_nfs_path"] = spec.pseudo if nfs_exporter == "ganesha" else spec.path
+    return meta
 
 
 # -- what every VM is offered -------------------------------------------------------------

@@ -3,6 +3,13 @@
 - ``new_record``: the VM's identity (name, slot, address, token, sizes, times).
 - ``features``: its machine/job features (core.mjf computes them).
 - ``user_data``: the rendered contextualization (core.userdata), with an optional proxy.
+  A template given as an http(s) URL (usual with Vac and vacuum pipes) comes from the image
+  cache, like a root image by URL: the daemon's cache never makes the engine wait for the
+  network (see vacfactory.imagecache). The copy at hand is used while a due revalidation (a
+  conditional GET at most every ``image_check_seconds``) runs in the background; a server that
+  is down leaves the cached copy in use; with no copy yet the machinetype is not startable this
+  round (``ImageNotReady``), which is not a failed creation. ``##user_data_url##`` is the URL.
+  A template or ``user_data_file_XXX`` over ``MAX_TEMPLATE_BYTES`` is a BuildError.
 - ``domain_spec``: disks made in the machine directory (with the optional config drive, whose
   meta_data.json is the one the HTTP server serves) and the hypervisor.VMSpec.
 
@@ -25,7 +32,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from vacfactory import __version__
 from vacfactory.core import mjf, userdata
 from vacfactory.engine import policies
-from vacfactory.engine.boundary import vm_meta
+from vacfactory.engine.boundary import nfs_meta, vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
 from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
@@ -39,6 +46,8 @@ from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, base_url, 
 log = logging.getLogger(__name__)
 
 DEFAULT_CERNVM_DISK_GB = 40
+#: largest user_data template or user_data_file_XXX (each); larger is an error, never truncated
+MAX_TEMPLATE_BYTES = 4 << 20
 
 
 class BuildError(VacFactoryError):
@@ -108,7 +117,7 @@ class VMBuilder:
         """Render the machinetype's user_data template, or None if it has none."""
         if not mt.user_data:
             return None
-        template = self._read_text(mt, mt.user_data, "user_data")
+        template = self._template(mt)
         files = {name: self._read_text(mt, path, f"user_data_file_{name}") for name, path in mt.user_data_files.items()}
         options = dict(mt.user_data_options)
         if mt.user_data_proxy:
@@ -218,7 +227,7 @@ class VMBuilder:
         except FileNotFoundError:
             user_data = b""
         path = os.path.join(machine.disks_dir, "config.iso")
-        configdrive.build_config_drive(path, user_data, meta_data(config, machine.record))
+        configdrive.build_config_drive(path, user_data, meta_data(config, machine.record, machine))
         return DiskSpec(path=path, target_dev="hdd", fmt="raw", device="cdrom", readonly=True, bus="ide")
 
     def remove_disks(self, machine: Machine) -> None:
@@ -243,13 +252,37 @@ class VMBuilder:
             raise BuildError(f"machinetype {mt.name}: {path}: no such file")
         return path
 
+    def _template(self, mt) -> str:
+        """The user_data template's text: a file, or the cached copy of a URL.
+
+        Raises ImageNotReady (not a BuildError) while a URL has no cached copy yet."""
+        if not is_url(mt.user_data):
+            return self._read_text(mt, mt.user_data, "user_data")
+        if self.images is None:
+            raise BuildError(f"machinetype {mt.name}: user_data {mt.user_data}: "
+                             "fetching by URL needs the image cache")
+        try:
+            path = self.images.get(mt.user_data, max_bytes=MAX_TEMPLATE_BYTES)
+        except ImageError as error:
+            raise BuildError(f"machinetype {mt.name}: user_data {error}") from None
+        return self._read_file(mt, path, f"user_data {mt.user_data} (cached as {path})")
+
     def _read_text(self, mt, path: str, what: str) -> str:
         resolved = self.resolve(mt, path)
+        return self._read_file(mt, resolved, f"{what} {resolved}")
+
+    @staticmethod
+    def _read_file(mt, path: str, what: str) -> str:
+        """At most MAX_TEMPLATE_BYTES of text; a larger file is a BuildError naming ``what``."""
         try:
-            with open(resolved, "rb") as f:
-                return f.read(4 << 20).decode("utf-8", errors="replace")
+            with open(path, "rb") as f:
+                data = f.read(MAX_TEMPLATE_BYTES + 1)
         except OSError as error:
-            raise BuildError(f"machinetype {mt.name}: {what} {resolved}: {error}") from None
+            raise BuildError(f"machinetype {mt.name}: {what}: {error.strerror or error}") from None
+        if len(data) > MAX_TEMPLATE_BYTES:
+            raise BuildError(f"machinetype {mt.name}: {what}: larger than the {MAX_TEMPLATE_BYTES}-byte "
+                             f"limit ({MAX_TEMPLATE_BYTES >> 20} MiB) for user_data templates and files")
+        return data.decode("utf-8", errors="replace")
 
 
 def bus_for(device: str) -> str:
@@ -266,11 +299,15 @@ def mjf_base_url(config) -> str:
     return base_url(MJF_ADDRESS, config.settings.http_port)
 
 
-def meta_data(config, record: VMRecord) -> Dict[str, object]:
-    """The VM's OpenStack meta_data.json, built as the HTTP server builds it."""
+def meta_data(config, record: VMRecord, machine: Optional[Machine] = None) -> Dict[str, object]:
+    """The VM's OpenStack meta_data.json, built as the HTTP server builds it (with ``machine``,
+    an NFS VM's mount paths too, for the configured nfs_exporter: engine.boundary.nfs_meta)."""
+    meta = vm_meta(config)
+    if machine is not None:
+        meta.update(nfs_meta(machine, config.settings.nfs_exporter))
     return meta_data_document(
         uuid=record.uuid, name=record.name, token=record.token, machinetype=record.machinetype,
-        meta=vm_meta(config), mjf_base_url=mjf_base_url(config),
+        meta=meta, mjf_base_url=mjf_base_url(config),
         metadata_base_url=base_url(METADATA_ADDRESS, config.settings.http_port))
 
 

@@ -312,7 +312,10 @@ def meta_data_document(*, uuid: str, name: str, token: str, machinetype: str,
     config drive (vmbuild), so both carry the same URLs, token forms and public key.
 
     ``meta`` is :attr:`VMEndpoint.meta`: ``public_key`` and ``availability_zone`` go to
-    their own fields, every other entry into the ``meta`` object.
+    their own fields, every other entry into the ``meta`` object. For a VM whose MJF travel
+    over NFS the engine puts where to mount them there (``nfs_server``,
+    ``machinefeatures_nfs_path``, ``jobfeatures_nfs_path``, ``joboutputs_nfs_path``:
+    engine.boundary.nfs_meta), since only the factory knows which exporter serves which path.
     """
     mjf = mjf_base_url.rstrip("/")
     token_base = f"{mjf}/vm/{token}"
