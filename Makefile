@@ -29,10 +29,16 @@ integration: setup
 system: setup
 	$(PYTEST) -q -p no:cacheprovider tests/system $(PYTEST_ARGS)
 
-# Performance figures, printed with their goals. A missed goal fails the build: every bench but
-# bench_factory.py (which only prints) exits 1 then, and the first failure stops `make bench`.
+# Performance figures, printed with their goals. Every bench runs and prints its figures even if
+# another missed its goal; a bench exits non-zero on a missed goal, and `make bench` then fails
+# at the end naming the benches that failed.
 bench: setup
-	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@failed=""; \
+	for b in tests/bench/bench_*.py; do \
+		echo "== $$b"; \
+		$(PY) $$b || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: missed goals or failed:$$failed" >&2; exit 1; fi
 
 # Reliability under faults, full profile (>= 500 kill -9 trials, >= 10 with real VMs, a 2-minute
 # libvirtd outage, a full disk, clock jumps, a simulated day): prints the table of trials and outcomes.

@@ -1,4 +1,4 @@
-"""Factory-core figures for `make bench` (printed with their goals; nothing is asserted).
+"""Factory-core figures for `make bench`, printed with their goals; exits 1 if one is missed.
 
 1. fill: an empty 64-processor factory on libvirt's test driver, 1-processor VMs: time until
    all 64 are created (one decision round). Goal < 2 s (Vac: over an hour).
@@ -38,7 +38,7 @@ VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
 GUEST = os.path.join(REPO, "images", "build", "tiny-guest")
 
 
-def bench_fill() -> None:
+def bench_fill() -> bool:
     with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
         name = f"vfbfill{os.getpid()}.example.org"
         text = settings_text(name, os.path.join(tmp, "state"), 64, "") + machinetype_text("bench", kernel_file(tmp))
@@ -54,9 +54,10 @@ def bench_fill() -> None:
             harness.teardown()
     print(f"fill: {created} VMs created on 64 free processors in {elapsed:.2f} s ({cpu:.2f} s CPU) "
           f"(goal < 2 s; Vac's one VM per 60 s cycle needs over an hour)")
+    return created == 64 and elapsed < 2.0
 
 
-def bench_steady_round(rounds: int = 30) -> None:
+def bench_steady_round(rounds: int = 30) -> bool:
     with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
         name = f"vfbround{os.getpid()}.example.org"
         kernel = kernel_file(tmp)
@@ -87,6 +88,7 @@ def bench_steady_round(rounds: int = 30) -> None:
     median = statistics.median(samples) * 1000
     print(f"steady round: 128 running VMs, 10 machinetypes: median {median:.1f} ms CPU, "
           f"max {max(samples) * 1000:.1f} ms over {rounds} rounds (goal < 20 ms)")
+    return median < 20.0
 
 
 def write_daemon_config(tmp: str, name: str, uri: str, domain_type: str, total: int, cmdline: str,
@@ -119,15 +121,15 @@ def write_daemon_config(tmp: str, name: str, uri: str, domain_type: str, total: 
     return path
 
 
-def bench_refill(refills: int) -> None:
+def bench_refill(refills: int) -> bool:
     import libvirt
 
     from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 
     kernel, initrd = os.path.join(GUEST, "vmlinux"), os.path.join(GUEST, "initrd.img")
     if not os.path.exists(kernel):
-        print(f"refill: skipped, no guest in {GUEST} (run make setup)")
-        return
+        print(f"refill: no guest in {GUEST} (run make setup)")
+        return False
     name = f"vfbrefill{os.getpid()}.example.org"
     pattern = naming.domain_pattern(name)
     stops, starts = [], []
@@ -176,10 +178,11 @@ def bench_refill(refills: int) -> None:
     hypervisor.close()
     if not gaps:
         print("refill: no refills observed (see the daemon log)")
-        return
+        return False
     print(f"refill: guest powered off -> next domain started: median {statistics.median(gaps):.2f} s, "
           f"max {max(gaps):.2f} s over {len(gaps)} refills (goal: median < 1 s; "
           f"a bare createXML here: {bare:.2f} s; Vac: up to 60 s plus its cycle)")
+    return statistics.median(gaps) < 1.0
 
 
 def bare_create(kernel: str, initrd: str) -> float:
@@ -200,7 +203,7 @@ def bare_create(kernel: str, initrd: str) -> float:
     return elapsed
 
 
-def bench_idle(seconds: float) -> None:
+def bench_idle(seconds: float) -> bool:
     with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
         name = f"vfbidle{os.getpid()}.example.org"
         config = write_daemon_config(tmp, name, "test:///default", "test", 8, "quiet", kernel_file(tmp), "", 10)
@@ -220,6 +223,7 @@ def bench_idle(seconds: float) -> None:
             daemon.wait(timeout=30)
     print(f"idle daemon (8 running VMs, test driver): {100 * used / seconds:.2f} % of one core, "
           f"RSS {rss:.0f} MB over {seconds:.0f} s (goals < 1 %, < 100 MB)")
+    return 100 * used / seconds < 1.0 and rss < 100
 
 
 def cpu_seconds(pid: int) -> float:
@@ -242,12 +246,11 @@ def main() -> int:
     parser.add_argument("--refills", type=int, default=8)
     parser.add_argument("--idle-seconds", type=float, default=30)
     args = parser.parse_args()
-    bench_fill()
-    bench_steady_round()
+    met = [bench_fill(), bench_steady_round()]
     if not args.skip_refill:
-        bench_refill(args.refills)
-    bench_idle(args.idle_seconds)
-    return 0
+        met.append(bench_refill(args.refills))
+    met.append(bench_idle(args.idle_seconds))
+    return 0 if all(met) else 1
 
 
 if __name__ == "__main__":

@@ -514,6 +514,124 @@ def test_dhcp_hosts_change_in_place_while_a_vm_is_attached(hv, clean_network, vm
     assert hv.destroy(idle.uuid)
 
 
+def binding(port: str) -> Optional[str]:
+    result = subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-dumpxml", port],
+                            capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def ebtables_rules(port: str) -> List[str]:
+    out = subprocess.run(["ebtables", "-t", "nat", "-L"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if port in line]
+
+
+def idle_on_port(slot: int, port: str) -> VMSpec:
+    """No kernel, no disk: the VM just stays, holding its slot port."""
+    return VMSpec(name=f"vfhv-port-{uuid.uuid4().hex[:6]}", uuid=str(uuid.uuid4()), vcpus=1,
+                  memory_mib=64, domain_type="qemu",
+                  interface=InterfaceSpec(NET_NAME, slot_mac(slot, SUBNET_BASE), anti_spoofing=True,
+                                          ip=slot_ip(slot, SUBNET_BASE), port=port))
+
+
+@pytest.mark.integration
+def test_a_slot_port_is_bound_once_and_every_later_vm_on_the_slot_reuses_it(hv, clean_network, caplog, request,
+                                                                           record_property):
+    """The slot's tap and its clean-traffic binding outlive each VM: made at the first VM of
+    the slot, checked (not remade) at the next, remade when the binding vanished or names
+    another address; the filter's rules are in force whenever a VM holds the port."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vacfactory.hypervisor.libvirt_hv")
+    slot, port = 7, "vfslot207"
+    subprocess.run(["ip", "link", "delete", port], capture_output=True)
+    request.addfinalizer(lambda: subprocess.run(["ip", "link", "delete", port], capture_output=True))
+    subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-delete", port], capture_output=True)
+    spec = network_spec(slots=8)
+    hv.ensure_network(spec)
+
+    def run_one() -> float:
+        vm = idle_on_port(slot, port)
+        seconds = start(hv, vm)
+        assert port in bridge_ports(), "the slot port is not on the network's bridge"
+        xml = binding(port)
+        assert xml is not None and slot_mac(slot, SUBNET_BASE) in xml and slot_ip(slot, SUBNET_BASE) in xml
+        # the filter's rules are in the bridge firewall: spoofed MAC and IP are dropped
+        rules = ebtables_rules(port)
+        assert any("-i " + port in rule for rule in rules), rules
+        assert hv.destroy(vm.uuid)
+        hv.created.remove(vm.uuid)  # type: ignore[attr-defined]
+        return seconds
+
+    def bindings_made() -> int:
+        return sum(1 for r in caplog.records if f"bound to {port}" in r.getMessage())
+
+    first = run_one()
+    assert bindings_made() == 1
+    second = run_one()
+    assert bindings_made() == 1, "the second VM of the slot bound the filter again"
+    timing(record_property, "slot_port_first_create", first)
+    timing(record_property, "slot_port_reused_create", second)
+    # the binding outlives the VM, with its rules (keyed by the port's name)
+    assert binding(port) is not None and ebtables_rules(port)
+
+    # somebody deleted the binding: the next VM of the slot has it made again first
+    subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-delete", port], check=True,
+                   capture_output=True)
+    run_one()
+    assert bindings_made() == 2
+
+    # a binding for another address (another configuration of the slot) is replaced
+    subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-delete", port], check=True,
+                   capture_output=True)
+    stale = f"""<filterbinding><owner><name>{port}</name><uuid>{uuid.uuid4()}</uuid></owner>
+        <portdev name='{port}'/><mac address='{slot_mac(slot, SUBNET_BASE)}'/>
+        <filterref filter='clean-traffic'><parameter name='IP' value='10.254.77.99'/></filterref>
+        </filterbinding>"""
+    with tempfile.NamedTemporaryFile("w", suffix=".xml") as f:
+        f.write(stale)
+        f.flush()
+        subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-create", f.name], check=True,
+                       capture_output=True)
+    run_one()
+    assert bindings_made() == 3
+    assert "10.254.77.99" not in (binding(port) or "")
+
+    # a device of the port's name that is not a tap is never used
+    subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-delete", port], capture_output=True)
+    subprocess.run(["ip", "link", "delete", port], check=True)
+    subprocess.run(["ip", "link", "add", port, "type", "bridge"], check=True)
+    try:
+        with pytest.raises(HypervisorError, match="not a tap"):
+            hv.create(idle_on_port(slot, port))
+    finally:
+        subprocess.run(["ip", "link", "delete", port], capture_output=True)
+
+
+@pytest.mark.integration
+def test_dhcp_hosts_change_in_place_while_a_vm_holds_a_slot_port(hv, clean_network, request):
+    """A VM on a slot port is not on libvirt's list of network ports: the factory must still
+    see it attached (no redefinition that would cut it off), and a restarted network gets the
+    held port back on its new bridge."""
+    port = "vfslot206"
+    subprocess.run(["ip", "link", "delete", port], capture_output=True)
+    request.addfinalizer(lambda: subprocess.run(["ip", "link", "delete", port], capture_output=True))
+    hv.ensure_network(network_spec(slots=8))
+    net_uuid = virsh("net-uuid", NET_NAME).strip()
+    vm = idle_on_port(6, port)
+    start(hv, vm)
+    hv.ensure_network(network_spec(slots=9))
+    assert virsh("net-uuid", NET_NAME).strip() == net_uuid, "the network was redefined under a VM"
+    assert port in bridge_ports()
+    # the network is restarted behind our back: its new bridge gets the held port back
+    virsh("net-destroy", NET_NAME)
+    virsh("net-start", NET_NAME)
+    assert port not in bridge_ports()
+    hv.ensure_network(network_spec(slots=9))
+    assert port in bridge_ports()
+    info = hv.domain_info(vm.uuid)
+    assert info is not None and info.state is DomainState.RUNNING
+
+
 @pytest.mark.integration
 def test_network_is_started_over_a_stale_bridge(hv, clean_network):
     """A crash can leave the bridge behind without the network: Vac's fixNetworkingCommands."""

@@ -305,3 +305,37 @@ def test_an_interface_address_must_be_ipv4():
 
     with pytest.raises(ValueError, match="bad IPv4"):
         InterfaceSpec(network="vacfactory", mac="56:4d:a9:fe:a9:04", ip="169.254.169.4; reboot")
+
+
+def test_a_slot_port_nic_is_the_slots_own_tap_with_no_per_domain_filter():
+    """The filter is bound to the slot's tap once (libvirt_hv._ensure_port); the domain only
+    names the tap, which libvirt must open as it is (managed='no')."""
+    from vacfactory.hypervisor.base import InterfaceSpec, VMSpec
+    from vacfactory.hypervisor.domainxml import domain_xml
+
+    spec = VMSpec(name="f1-03.example.org", uuid="5d0c1a3e-7f7b-4c55-9a0e-1f1b6ad7c2e4", vcpus=1,
+                  memory_mib=256, domain_type="qemu",
+                  interface=InterfaceSpec(network="vacfactory", mac="56:4d:a9:fe:a9:04", anti_spoofing=True,
+                                          ip="169.254.169.4", port="vfslot003"),
+                  kernel="/boot/vmlinux")
+    iface = ET.fromstring(domain_xml(spec)).find("devices/interface")
+    assert iface.get("type") == "ethernet"
+    assert iface.find("target").attrib == {"dev": "vfslot003", "managed": "no"}
+    assert iface.find("mac").get("address") == "56:4d:a9:fe:a9:04"
+    assert iface.find("model").get("type") == "virtio"
+    assert iface.find("filterref") is None and iface.find("source") is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"port": "vnet0"}, "bad slot port name"),
+    ({"port": "vfslot1"}, "bad slot port name"),
+    ({"port": "vfslot001", "anti_spoofing": False}, "needs anti_spoofing and ip"),
+    ({"port": "vfslot001", "ip": None}, "needs anti_spoofing and ip"),
+])
+def test_a_slot_port_is_never_an_unfiltered_or_foreign_device(changes, message):
+    from vacfactory.hypervisor.base import InterfaceSpec
+
+    values = dict(network="vacfactory", mac="56:4d:a9:fe:a9:02", anti_spoofing=True, ip="169.254.169.2")
+    values.update(changes)
+    with pytest.raises(ValueError, match=message):
+        InterfaceSpec(**values)

@@ -203,3 +203,33 @@ def test_every_slot_has_a_distinct_unicast_mac_and_ip():
 def test_network_spec_rejects(changes):
     with pytest.raises(ValueError):
         spec(**changes)
+
+
+def test_slot_ports_are_named_by_slot_and_fit_an_interface_name():
+    from vacfactory.hypervisor.network import slot_port
+
+    assert slot_port(0) == "vfslot000" and slot_port(MAX_SLOT) == f"vfslot{MAX_SLOT:03d}"
+    assert len(slot_port(MAX_SLOT)) <= 15
+    for bad in (-1, MAX_SLOT + 1, True, "3"):
+        with pytest.raises(ValueError):
+            slot_port(bad)
+
+
+def test_a_slot_binding_pins_clean_traffic_to_the_slots_mac_and_ip():
+    from vacfactory.hypervisor.network import SLOT_FILTER, binding_facts, binding_xml
+
+    xml = binding_xml("vfslot004", slot_mac(4), slot_ip(4))
+    root = ET.fromstring(xml)
+    assert root.find("portdev").get("name") == "vfslot004"
+    assert root.find("owner/name").text == "vfslot004"
+    assert binding_facts(xml) == ("vfslot004", slot_mac(4), SLOT_FILTER, frozenset([slot_ip(4)]))
+    # the owner UUID is stable, so a re-made binding of the slot is the same owner
+    assert ET.fromstring(binding_xml("vfslot004", slot_mac(4), slot_ip(4))).find("owner/uuid").text == \
+        root.find("owner/uuid").text
+    # what a foreign or stale binding looks like differs from what the slot needs
+    other = xml.replace(slot_ip(4), "169.254.169.99")
+    assert binding_facts(other) != binding_facts(xml)
+    for bad in (("vnet3", slot_mac(4), slot_ip(4)), ("vfslot004", "56:4D:A9:FE:A9:05", slot_ip(4)),
+                ("vfslot004", slot_mac(4), "not-an-ip")):
+        with pytest.raises(ValueError):
+            binding_xml(*bad)

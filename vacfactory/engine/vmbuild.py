@@ -37,7 +37,7 @@ from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures
 from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
 from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
-from vacfactory.hypervisor.network import slot_ip, slot_mac
+from vacfactory.hypervisor.network import slot_ip, slot_mac, slot_port
 from vacfactory.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
@@ -196,7 +196,7 @@ class VMBuilder:
             # address, so a VM must not send from another slot's IP or MAC (it could otherwise
             # read and write that VM's files: tests/integration/test_vm_boundary_qemu.py)
             interface = InterfaceSpec(network=s.network_name, mac=record.mac, anti_spoofing=True,
-                                      ip=record.address)
+                                      ip=record.address, port=slot_port(record.slot))
         kernel = self.resolve(mt, mt.kernel_image) if mt.kernel_image else None
         initrd = self.resolve(mt, mt.initrd_image) if mt.initrd_image else None
         if kernel is None and not root_image:

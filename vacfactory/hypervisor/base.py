@@ -56,6 +56,7 @@ _TARGET_DEV = re.compile(r"\A(vd|sd|hd)[a-z]{1,2}\Z")
 _TAG = re.compile(r"\A[A-Za-z0-9_.-]{1,31}\Z")
 _MAC = re.compile(r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 _NETWORK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_PORT_NAME = re.compile(r"\Avfslot[0-9]{3}\Z")  # network.slot_port
 
 
 def check_path(what: str, path: str) -> str:
@@ -121,10 +122,20 @@ class InterfaceSpec:
     #: the VM's fixed address; with anti_spoofing the filter allows only it from the start
     #: (otherwise libvirt learns it from the VM's first packet, which a hostile VM chooses)
     ip: Optional[str] = None
+    #: the slot's persistent host tap ("vfslot007"): when set, the NIC is that tap on the
+    #: network's bridge and the clean-traffic filter is bound to it once, not at every start
+    #: (see network.ensure_tap); None: libvirt makes a tap on ``network`` per domain
+    port: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not _NETWORK_NAME.match(self.network):
             raise ValueError(f"interface: bad network name {self.network!r}")
+        if self.port is not None:
+            if not _PORT_NAME.match(self.port):
+                raise ValueError(f"interface: bad slot port name {self.port!r}")
+            if not self.anti_spoofing or self.ip is None:
+                # a slot port is only ever used with its filter: never an unfiltered NIC
+                raise ValueError(f"interface {self.port}: a slot port needs anti_spoofing and ip")
         if self.ip is not None:
             try:
                 ipaddress.IPv4Address(self.ip)

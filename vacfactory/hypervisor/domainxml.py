@@ -106,6 +106,14 @@ def _filesystem(fs: FilesystemSpec) -> ET.Element:
 
 
 def _interface(iface: InterfaceSpec) -> ET.Element:
+    if iface.port is not None:
+        # the slot's own tap, already on the bridge with its filter bound (libvirt_hv
+        # ensures both before the domain starts): libvirt only opens it
+        el = ET.Element("interface", type="ethernet")
+        ET.SubElement(el, "target", dev=iface.port, managed="no")
+        ET.SubElement(el, "mac", address=iface.mac.lower())
+        ET.SubElement(el, "model", type="virtio")
+        return el
     el = ET.Element("interface", type="network")
     ET.SubElement(el, "source", network=iface.network)
     ET.SubElement(el, "mac", address=iface.mac.lower())
