@@ -245,3 +245,60 @@ def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daem
                                      "stop it first"
     assert read_pid(pidfile) == second and pid_alive(second)
     stop(second)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_run_with_an_invalid_configuration_exits_78_naming_file_line_and_option(tmp_path):
+    conf = write_conf(tmp_path, extra="udp_timeout_seconds = forever")
+    line = next(n for n, text in enumerate(open(conf).read().splitlines(), 1) if "forever" in text)
+    result = subprocess.run([VACFACTORY, "--config", conf, "run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr
+    assert f"{conf}:{line}:" in result.stderr and "[settings] udp_timeout_seconds" in result.stderr
+    assert "'forever'" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "vfcli-state")  # nothing was started
+
+
+def test_run_creates_vms_on_the_test_driver_and_stops_cleanly_on_sigterm(tmp_path):
+    conf = write_conf(tmp_path)
+    state_dir = str(tmp_path / "vfcli-state")
+    started = time.time()
+    stderr = open(tmp_path / "vfcli-run.err", "w+")  # a file, not a pipe: DEBUG logs would fill a pipe
+    proc = subprocess.Popen([VACFACTORY, "--config", conf, "run", "--log-level", "DEBUG"],
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        status = StatusFiles(state_dir)
+        wait_for(lambda: (status.status() or {}).get("running_machines") == 4, "4 running VMs in status.json",
+                 timeout=60.0)  # the first round waits for the first space query; a loaded host is slow
+        assert (status.last_beat() or 0) >= started
+        assert StateLock(state_dir).holder() == proc.pid
+
+        second = subprocess.run([VACFACTORY, "--config", conf, "run", "--seconds", "5"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1  # one engine per state directory
+        assert f"another vacfactory daemon (pid {proc.pid})" in second.stderr
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.seek(0)
+        err = stderr.read()
+        stderr.close()
+    assert proc.returncode == 0, err
+    assert "vacfactory started" in err and "vacfactory stopped; running VMs were left running" in err
+    assert "Traceback" not in err
+    assert StateLock(state_dir).holder() is None
+    machines_dir = os.path.join(state_dir, "machines")
+    leftovers = [name for name in os.listdir(machines_dir) if name.startswith(".")]
+    leftovers += [name for name in os.listdir(state_dir) if name.startswith(".tmp-")]
+    assert leftovers == []  # no interrupted preparation, no temporary
+    machines = MachineStore(state_dir, create=False).load_all()
+    assert sorted(m.record.slot for m in machines.values()) == [0, 1, 2, 3]
+    assert {m.state for m in machines.values()} == {"running"}  # left alone, adopted on the next start
+    for machine in machines.values():
+        assert started <= machine.started.time <= time.time()
+        assert not [name for name in os.listdir(machine.path) if name.startswith(".tmp-")]

@@ -477,3 +477,55 @@ def test_vac_domain_type_xen_loads_as_kvm_with_a_warning(tmp_path):
     config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
     assert config.settings.domain_type == "kvm"
     assert config.warnings == (f"{main}:4: [settings] domain_type: 'xen' is deprecated here: use kvm",)
+
+
+def test_deprecated_scratch_gb_sets_disk_gb_per_processor_with_a_warning(tmp_path):
+    config = load_config_string(minimal(tmp_path, "scratch_gb = 25\n[machinetype a]\nroot_image = a.img\n"),
+                                HOST, source="f.conf")
+    assert config.settings.disk_gb_per_processor == 25
+    assert config.warnings == ("f.conf:4: [settings] scratch_gb: deprecated: use disk_gb_per_processor",)
+    assert not hasattr(config.settings, "scratch_gb")
+
+
+def test_scratch_gb_and_disk_gb_per_processor_together_are_an_error_naming_both(tmp_path):
+    from vacfactory.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_config_string(minimal(tmp_path, "scratch_gb = 25\ndisk_gb_per_processor = 30\n"), HOST, source="f.conf")
+    assert "f.conf:5: [settings] disk_gb_per_processor: also given as scratch_gb at line 4" in str(error.value)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_bundled_demo_conf_loads_with_its_state_dir_relative_to_the_file():
+    main = os.path.join(REPO, "conf", "demo.conf")
+    config = load_config(ConfigSources.for_main_file(main), host_facts=HOST)
+    s = config.settings
+    state_dir = os.path.join(REPO, "demo-state")
+    assert s.state_dir == state_dir  # "../demo-state" from conf/, wherever the checkout is
+    assert (s.factory_name, s.domain_type, s.total_processors, s.mb_per_processor) == \
+        ("factory1.demo.vacfactory.invalid", "qemu", 2, 256)
+    assert list(config.machinetypes) == ["demo-ok", "demo-nowork"]
+    ok = config.machinetypes["demo-ok"]
+    assert ok.kernel_image == os.path.join(state_dir, "machinetypes", "demo-ok", "files", "vmlinux")
+    assert dict(ok.user_data_options)["outcome"] == "200 Success"
+    assert config.warnings == ()
+    assert config.sources[0].path == main
+
+
+def test_the_bundled_example_site_conf_loads_without_errors():
+    main = os.path.join(REPO, "conf", "example-site.conf")
+    host = HostFacts(fqdn="vac01-wn02.example.ac.uk", cpu_count=64, mem_total_mb=262144)
+    config = load_config(ConfigSources.for_main_file(main), host_facts=host)
+    s = config.settings
+    assert (s.factory_name, s.total_processors) == ("vac01-wn02.example.ac.uk", 64)  # computed per host
+    assert (s.vac_space, s.disk_gb_per_processor, s.processors_per_superslot) == ("vac01.example.ac.uk", 40, 8)
+    assert s.factories[-1] == "."
+    assert list(config.machinetypes) == ["lhcb", "atlas"]
+    assert config.machinetypes["lhcb"].machine_model == "cernvm3"
+    assert config.machinetypes["atlas"].root_image == \
+        os.path.join(s.state_dir, "machinetypes", "atlas", "files", "atlas-vm.qcow2")
+    assert list(config.vacuum_pipes) == ["gridpp"]
+    # the only warning possible on a host that never fetched the pipe
+    assert all("pipe gridpp" in w and "not fetched yet" in w for w in config.warnings)

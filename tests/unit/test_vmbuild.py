@@ -14,7 +14,9 @@ import http.client
 import io
 import json
 import os
+import subprocess
 import textwrap
+import xml.etree.ElementTree as ET
 from typing import Dict, List, Tuple
 
 import pycdlib
@@ -27,7 +29,9 @@ from cryptography.x509.oid import NameOID
 from tests.unit.engine_harness import HOST, kernel_file
 from vacfactory.config.loader import ConfigSources, load_config
 from vacfactory.engine.boundary import VMBoundary, vm_meta
+from vacfactory.engine.hostfacts_mjf import host_machinefeatures
 from vacfactory.engine.vmbuild import BuildError, VMBuilder
+from vacfactory.hypervisor.domainxml import domain_xml
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
@@ -63,7 +67,9 @@ class Site:
             f.write(data)
         return path
 
-    def configure(self, settings: str = "", machinetype: str = ""):
+    def configure(self, settings: str = "", machinetype: str = "", model: str = "vm-raw", kernel: bool = True):
+        """Load a configuration; ``kernel=False`` leaves out kernel_image (the VM boots its disks)."""
+        kernel_line = f"kernel_image = {self.kernel}\n" if kernel else ""
         text = textwrap.dedent(f"""\
             [settings]
             vac_space = space.example.org
@@ -77,17 +83,17 @@ class Site:
             """) + textwrap.dedent(settings) + textwrap.dedent(f"""
             [machinetype {self.name}]
             target_share = 1
-            machine_model = vm-raw
-            kernel_image = {self.kernel}
+            machine_model = {model}
             max_wallclock_seconds = 3600
-            """) + textwrap.dedent(machinetype)
+            """) + kernel_line + textwrap.dedent(machinetype)
         with open(self.config_path, "w") as f:
             f.write(text)
         return load_config(ConfigSources.for_main_file(self.config_path), HOST)
 
-    def record(self, config, builder: VMBuilder, uuid: str = "0b5c6f9e-1111-4222-8333-444455556666"):
+    def record(self, config, builder: VMBuilder, uuid: str = "0b5c6f9e-1111-4222-8333-444455556666",
+               processors: int = 1):
         return builder.new_record(config, config.machinetypes[self.name], uuid=uuid, slot=0,
-                                  name=f"vb-00.{self.factory_name.split('.', 1)[1]}", processors=1,
+                                  name=f"vb-00.{self.factory_name.split('.', 1)[1]}", processors=processors,
                                   created=float(SHUTDOWN - 3600), shutdown_time=float(SHUTDOWN))
 
     def user_data(self, config) -> str:
@@ -325,3 +331,141 @@ def test_no_config_drive_unless_asked(site: Site) -> None:
     spec = builder.domain_spec(config, config.machinetypes[site.name], machine)
     assert not [d for d in spec.disks if d.device == "cdrom"]
     assert not os.path.exists(os.path.join(machine.disks_dir, "config.iso"))
+
+
+# --------------------------------------------------------------------------------------------
+# disks, memory and host facts
+
+
+def virtual_size(path: str) -> int:
+    """The guest-visible size of a disk image, as qemu-img reports it."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)["virtual-size"]
+
+
+def build(site: Site, config, processors: int, builder: VMBuilder = None):
+    """Record, features, machine directory and domain spec of one VM, as the engine makes them."""
+    builder = builder or VMBuilder(site.state_dir)
+    record = site.record(config, builder, processors=processors)
+    machine = MachineStore(site.state_dir).prepare(record, *builder.features(config, record), None)
+    return machine, builder.domain_spec(config, config.machinetypes[site.name], machine)
+
+
+def accepted_by_libvirt(spec) -> bool:
+    hypervisor = LibvirtHypervisor("test:///default")
+    try:
+        hypervisor.create(spec)
+        return any(d.uuid == spec.uuid for d in hypervisor.list_domains())
+    finally:
+        hypervisor.destroy(spec.uuid)
+        hypervisor.close()
+
+
+def test_vm_raw_gets_an_overlay_root_and_a_scratch_disk_of_disk_gb_per_processor_on_scratch_device(
+        site: Site) -> None:
+    base = os.path.join(site.mt_dir, "files", "base.img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "16M"], check=True)
+    config = site.configure("disk_gb_per_processor = 3\n",
+                            "root_image = base.img\nroot_device = vda\nscratch_device = hdb\n", kernel=False)
+    machine, spec = build(site, config, processors=2)
+
+    root, scratch = spec.disks
+    assert (root.path, root.target_dev, root.bus, root.device) == \
+        (os.path.join(machine.disks_dir, "root.qcow2"), "vda", "virtio", "disk")
+    assert virtual_size(root.path) == 16 << 20  # an overlay on the root image
+    assert (scratch.path, scratch.target_dev, scratch.bus, scratch.fmt) == \
+        (os.path.join(machine.disks_dir, "scratch.qcow2"), "hdb", "ide", "qcow2")
+    assert virtual_size(scratch.path) == 3 * 2 * 10**9
+    assert spec.boot == "hd" and spec.kernel is None
+    assert accepted_by_libvirt(spec)
+
+
+def test_vm_raw_without_disk_gb_per_processor_gets_no_scratch_disk(site: Site) -> None:
+    base = os.path.join(site.mt_dir, "files", "base.img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "16M"], check=True)
+    config = site.configure(machinetype="root_image = base.img\n", kernel=False)
+    machine, spec = build(site, config, processors=2)
+    assert [d.target_dev for d in spec.disks] == ["vda"]
+    assert sorted(os.listdir(machine.disks_dir)) == ["root.qcow2"]
+
+
+@pytest.mark.parametrize("model,disk_settings,gb_per_processor", [
+    ("cernvm3", "", 40),  # unset: Vac's 40 GB per processor
+    ("cernvm4", "disk_gb_per_processor = 5\n", 5),
+])
+def test_cernvm_boots_the_root_image_iso_from_cdrom_with_an_empty_root_disk_on_root_device(
+        site: Site, model: str, disk_settings: str, gb_per_processor: int) -> None:
+    iso = site.write("cernvm.iso", b"\0" * 4096)
+    config = site.configure(disk_settings, "root_image = cernvm.iso\nroot_device = hda\n", model=model,
+                            kernel=False)
+    machine, spec = build(site, config, processors=2)
+
+    cdrom, root = spec.disks
+    assert (cdrom.path, cdrom.device, cdrom.fmt, cdrom.readonly, cdrom.target_dev, cdrom.bus) == \
+        (iso, "cdrom", "raw", True, "hdc", "ide")
+    assert (root.path, root.device, root.fmt, root.target_dev, root.bus) == \
+        (os.path.join(machine.disks_dir, "root.qcow2"), "disk", "qcow2", "hda", "ide")
+    assert virtual_size(root.path) == gb_per_processor * 2 * 10**9
+    assert spec.boot == "cdrom" and spec.kernel is None
+    os_el = ET.fromstring(domain_xml(spec)).find("os")
+    assert os_el.find("boot").get("dev") == "cdrom"
+    assert accepted_by_libvirt(spec)
+    # what the VM is told it has: its root disk is its scratch space
+    with open(os.path.join(machine.jobfeatures_dir, "scratch_limit_bytes")) as f:
+        assert f.read() == str(gb_per_processor * 2 * 10**9)
+
+
+@pytest.mark.parametrize("processors", [1, 2])
+def test_memory_is_mb_per_processor_times_processors(site: Site, processors: int) -> None:
+    config = site.configure()  # mb_per_processor = 100 (the default is 2048)
+    machine, spec = build(site, config, processors=processors)
+    assert machine.record.memory_mb == spec.memory_mib == 100 * processors
+    assert spec.vcpus == processors
+    memory = ET.fromstring(domain_xml(spec)).find("memory")
+    assert (memory.get("unit"), memory.text) == ("MiB", str(100 * processors))
+    with open(os.path.join(machine.jobfeatures_dir, "max_rss_bytes")) as f:
+        assert f.read() == str(100 * processors * 1048576)
+
+
+HOST_CPUINFO = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                "model name\t: AMD EPYC 7763 64-Core Processor\nstepping\t: 1\n\n")
+
+
+def made_up_host_features(root: str) -> Dict[str, str]:
+    proc = os.path.join(root, "proc")
+    os.makedirs(os.path.join(proc, "sys", "kernel"))
+    with open(os.path.join(proc, "cpuinfo"), "w") as f:
+        f.write(HOST_CPUINFO)
+    with open(os.path.join(proc, "sys", "kernel", "osrelease"), "w") as f:
+        f.write("6.1.0-99-amd64\n")
+    return host_machinefeatures(proc, "QEMU 7.2.0 libvirt 9.0.0 test", os_release=os.path.join(root, "none"),
+                                arch="x86_64")
+
+
+def test_host_facts_given_to_the_builder_are_in_every_vms_machinefeatures(site: Site) -> None:
+    facts = made_up_host_features(site.root)
+    assert facts["cpu_model"] == "AMD EPYC 7763 64-Core Processor"  # the made-up host, not this one
+    config = site.configure()
+    machine, _ = build(site, config, processors=1, builder=VMBuilder(site.state_dir, host_features=facts))
+    published = {}
+    for key in os.listdir(machine.machinefeatures_dir):
+        with open(os.path.join(machine.machinefeatures_dir, key)) as f:
+            published[key] = f.read()
+    assert published["cpu_model"] == "AMD EPYC 7763 64-Core Processor"
+    assert published["kernel_version"] == "6.1.0-99-amd64"
+    assert published["hypervisor"] == "QEMU 7.2.0 libvirt 9.0.0 test"
+    assert published["cpu_vendor"] == "AuthenticAMD" and published["cpu_arch"] == "x86_64"
+    assert {key: published[key] for key in facts} == facts  # every fact, unchanged
+    assert published["total_cpu"] == "1"  # beside the standard keys, not instead of them
+
+
+def test_a_site_option_replaces_or_hides_a_host_fact(site: Site) -> None:
+    facts = made_up_host_features(site.root)
+    config = site.configure("machinefeatures_option_kernel_version =\n"
+                            "machinefeatures_option_cpu_model = hidden by the site\n")
+    builder = VMBuilder(site.state_dir, host_features=facts)
+    machinefeatures, _ = builder.features(config, site.record(config, builder))
+    assert machinefeatures["kernel_version"] == ""
+    assert machinefeatures["cpu_model"] == "hidden by the site"
+    assert machinefeatures["hypervisor"] == facts["hypervisor"]
