@@ -13,7 +13,8 @@ creation           ``factory-error`` exists (its first line is shown)      CRITI
 libvirt            the configured URI does not answer (read-only, within   CRITICAL
                    ``--libvirt-timeout``: a hung libvirtd cannot hang it)
 disk               free space of state_dir below the thresholds            WARNING/CRITICAL
-accounting         oldest message in ``apel-outgoing`` older than limit    WARNING
+accounting         oldest message in ``apel-outgoing`` or                  WARNING
+                   ``apel-cloud-outgoing`` older than limit
 =================  ======================================================  ===========
 
 Output: exactly one line, ``VACFACTORY <STATE> - <problems> (<summary>) | <perfdata>`` or
@@ -42,6 +43,9 @@ DEFAULT_MAX_AGE = 600.0
 #: how long the libvirt round trip may take: well inside check_nrpe's default 10 s timeout
 DEFAULT_LIBVIRT_TIMEOUT = 5.0
 _MAX_MESSAGE = 200
+#: the dirq queues ssmsend (or `vacfactory apel send`) empties: job records, and the cloud
+#: records of apel_cloud_records (accounting.settings names both the same way)
+APEL_QUEUES = (("apel-outgoing", "job"), ("apel-cloud-outgoing", "cloud"))
 
 
 @dataclass(frozen=True)
@@ -186,20 +190,33 @@ def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], Un
         elif free < settings.disk_warning_mb:
             problems.append((WARNING, f"only {free} MiB free in {state_dir}"))
 
-    try:
-        backlog = backlog_of(os.path.join(state_dir, "apel-outgoing"))
-    except OSError as exc:
-        problems.append((UNKNOWN, f"cannot read apel-outgoing: {exc.strerror or exc}"))
-    else:
-        oldest = max(0.0, now - backlog.oldest) if backlog.oldest is not None else 0.0
-        perfdata.append(_perf("apel_queued", backlog.count, "", "", "", 0))
-        perfdata.append(_perf("apel_oldest_age", f"{oldest:.0f}", "s", f"{settings.apel_age_warning_seconds:.0f}", "", 0))
-        if backlog.count and oldest > settings.apel_age_warning_seconds:
-            problems.append((WARNING, f"{backlog.count} APEL messages waiting, the oldest for {_duration(oldest)}"))
-
+    _accounting(settings, now, problems, perfdata)
     summary, counts = _summary(status.status(), settings.total_processors)
     perfdata = counts + perfdata
     return _result(problems, summary, perfdata)
+
+
+def _accounting(settings: CheckSettings, now: float, problems: List[Tuple[int, str]], perfdata: List[str]) -> None:
+    """The backlog of both outgoing queues: a cloud queue nobody sends warns like a job queue."""
+    counts: Dict[str, int] = {}
+    stamps: List[int] = []
+    for name, kind in APEL_QUEUES:
+        try:
+            backlog = backlog_of(os.path.join(settings.state_dir, name))
+        except OSError as exc:
+            problems.append((UNKNOWN, f"cannot read {name}: {exc.strerror or exc}"))
+            return
+        counts[kind] = backlog.count
+        if backlog.oldest is not None:
+            stamps.append(backlog.oldest)
+    total = sum(counts.values())
+    oldest = max(0.0, now - min(stamps)) if stamps else 0.0
+    perfdata.append(_perf("apel_queued", total, "", "", "", 0))
+    perfdata.append(_perf("apel_cloud_queued", counts["cloud"], "", "", "", 0))
+    perfdata.append(_perf("apel_oldest_age", f"{oldest:.0f}", "s", f"{settings.apel_age_warning_seconds:.0f}", "", 0))
+    if total and oldest > settings.apel_age_warning_seconds:
+        cloud = f" ({counts['cloud']} of them cloud records)" if counts["cloud"] else ""
+        problems.append((WARNING, f"{total} APEL messages waiting{cloud}, the oldest for {_duration(oldest)}"))
 
 
 def _summary(status: Optional[dict], total: Optional[int]) -> Tuple[str, List[str]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ USER_AGENT = f"vacfactory/{__version__}"
 #: after a failed fetch, wait at least this long (or cache_seconds, if shorter) before retrying
 RETRY_SECONDS = 300.0
 _CHUNK = 64 * 1024
+#: how long past the timeout ``fetch`` waits for the request's own deadline checks to answer
+_DEADLINE_GRACE = 0.5
 
 
 class FetchError(Exception):
@@ -104,10 +107,35 @@ def fetch(url: str, settings: FetchSettings, etag: Optional[str] = None, last_mo
           session: Optional[requests.Session] = None) -> Fetched:
     """GET ``url`` within ``settings.timeout`` seconds in total and ``max_bytes`` of body.
 
-    ``file://`` URLs (allowed for vacuum_pipe_url) are read from the local disk.
+    ``file://`` URLs (allowed for vacuum_pipe_url) are read from the local disk. The request
+    runs in a helper thread that is abandoned at the deadline: requests' timeout bounds each
+    socket read, not the whole, so a server trickling its headers a byte at a time (or a
+    stalled name lookup or TLS handshake) would otherwise hold the caller for as long as it
+    likes. An abandoned helper ends when the server gives up; its result is dropped.
     """
     if url.lower().startswith("file://"):
         return _fetch_file(url, settings.max_bytes)
+    outcome: List[Union[Fetched, Exception]] = []
+
+    def work() -> None:
+        try:
+            outcome.append(_get(url, settings, etag, last_modified, session))
+        except Exception as error:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome.append(error)
+
+    helper = threading.Thread(target=work, name="pipe fetch", daemon=True)
+    helper.start()
+    helper.join(settings.timeout + _DEADLINE_GRACE)
+    if not outcome:
+        raise FetchError(f"took more than {settings.timeout:g} s")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _get(url: str, settings: FetchSettings, etag: Optional[str], last_modified: Optional[str],
+         session: Optional[requests.Session]) -> Fetched:
+    """The HTTP(S) GET itself (in ``fetch``'s helper thread)."""
     headers = {"User-Agent": USER_AGENT}
     if etag:
         headers["If-None-Match"] = etag

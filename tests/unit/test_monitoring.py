@@ -160,6 +160,44 @@ def test_an_old_accounting_backlog_warns(healthy):
     assert "apel_queued=2;;;0" in result.perfdata
 
 
+def queued_at(queue_dir: str, stamp: int) -> None:
+    """An element as dirq's QueueSimple names it, enqueued at ``stamp`` (epoch seconds)."""
+    bucket = os.path.join(queue_dir, "%08x" % (stamp - stamp % 60))
+    os.makedirs(bucket, exist_ok=True)
+    with open(os.path.join(bucket, "%08x%05x%01x" % (stamp, 0, 7)), "w") as f:
+        f.write("APEL-cloud-message: v0.4\n%%\n")
+
+
+def test_an_old_cloud_record_backlog_warns_too(healthy):
+    """apel_cloud_records queues into apel-cloud-outgoing, which a second ssmsend (or the
+    built-in sender) must empty: a forgotten cloud sender warns like a stuck job queue."""
+    now = time.time()
+    StatusFiles(healthy).beat(now)
+    OutgoingQueue(os.path.join(healthy, "apel-outgoing")).add("APEL-individual-job-message: v0.3\n%%\n")
+    assert check(healthy, now=now).code == OK  # a fresh job record alone is fine
+
+    queued_at(os.path.join(healthy, "apel-cloud-outgoing"), int(now) - 3 * 86400)
+    result = check(healthy, now=now)
+    assert result.code == WARNING
+    assert "2 APEL messages waiting (1 of them cloud records), the oldest for 3.0 days" in result.line
+    assert "apel_queued=2;;;0" in result.perfdata and "apel_cloud_queued=1;;;0" in result.perfdata
+    assert any(re.fullmatch(r"apel_oldest_age=2592\d\ds;86400;;0", p) for p in result.perfdata), result.perfdata
+
+
+def test_without_cloud_records_the_cloud_backlog_is_zero_and_named_nowhere(healthy):
+    result = check(healthy)
+    assert result.code == OK and "apel_cloud_queued=0;;;0" in result.perfdata
+    assert not os.path.exists(os.path.join(healthy, "apel-cloud-outgoing"))  # the check creates nothing
+
+
+def test_an_unreadable_cloud_queue_is_unknown(healthy):
+    with open(os.path.join(healthy, "apel-cloud-outgoing"), "w") as f:
+        f.write("not a directory")
+    result = check(healthy)
+    assert result.code == UNKNOWN
+    assert "cannot read apel-cloud-outgoing" in result.line
+
+
 def test_critical_outranks_warning_and_unknown_in_code_and_order(healthy):
     StatusFiles(healthy).set_error("boom")
     result = monitoring._result([(WARNING, "w"), (UNKNOWN, "u"), (CRITICAL, "c")], "s", [])

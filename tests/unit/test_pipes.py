@@ -6,7 +6,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
+import socket
 import ssl
+import subprocess
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +21,7 @@ from vacfactory.config import options as table
 from vacfactory.config import pipes
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher, load_config, pipe_cache_path, pipe_meta_path
-from vacfactory.pipefetch import RETRY_SECONDS, FetchSettings, refresh_pipe, refresh_pipes
+from vacfactory.pipefetch import RETRY_SECONDS, FetchSettings, read_meta, refresh_pipe, refresh_pipes
 from tests.unit.test_imagecache import Route, ScriptedServer
 
 HOST = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384)
@@ -458,6 +463,123 @@ def test_https_is_verified_against_the_configured_ca(tmp_path):
         assert os.path.exists(pipe_cache_path(state, "vo"))
     finally:
         server.stop()
+
+
+def test_https_is_verified_against_a_hashed_ca_directory(tmp_path):
+    """pipe_ca_path may be a directory in the c_rehash / `openssl rehash` layout, like
+    /etc/grid-security/certificates: <subject hash>.0 links to the CA certificates."""
+    cert, key = _self_signed(tmp_path)
+    other_ca, _ = _self_signed(tmp_path / "vfops-other")
+    trusted_dir, untrusted_dir = tmp_path / "vfops-cadir", tmp_path / "vfops-otherdir"
+    for directory, ca in ((trusted_dir, cert), (untrusted_dir, other_ca)):
+        directory.mkdir()
+        shutil.copy(ca, directory / "ca.pem")
+        subprocess.run(["openssl", "rehash", str(directory)], check=True)
+        assert any(name.endswith(".0") for name in os.listdir(directory))  # the hashed layout
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ScriptedServer(ssl_context=context)
+    try:
+        server.routes["/vo.pipe"] = Route(doc(TEST))
+        state = str(tmp_path / "vfops-state")
+        problems = refresh_pipe(state, "vo", server.url("/vo.pipe"), 1.0, 1000.0,
+                                FetchSettings(ca_path=str(untrusted_dir), timeout=10))
+        assert "TLS verification failed" in problems[0]
+        assert refresh_pipe(state, "vo", server.url("/vo.pipe"), 1.0, 1000.0,
+                            FetchSettings(ca_path=str(trusted_dir), timeout=10), force=True) == []
+        assert json.loads(open(pipe_cache_path(state, "vo"), "rb").read()) == json.loads(doc(TEST))
+    finally:
+        server.stop()
+
+
+class SlowServer:
+    """HTTP/1.1 on 127.0.0.1, written by hand: the first request gets ``body``, later ones
+    are answered as ``mode`` says: "stall" (accept, read the request, never answer),
+    "trickle-headers" or "trickle-body" (one byte every ``pause`` s, each well inside a read
+    timeout, for ``limit`` s at most so that a broken client cannot hang the test run)."""
+
+    def __init__(self, body: bytes, pause: float = 0.2, limit: float = 20.0) -> None:
+        self.body, self.pause, self.limit = body, pause, limit
+        self.mode = "answer"
+        self.stopping = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn, self.mode), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, mode: str) -> None:
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            if mode == "answer":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(self.body), self.body))
+                return
+            if mode == "stall":
+                self.stopping.wait(self.limit)
+                return
+            if mode == "trickle-body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
+            ends = time.monotonic() + self.limit
+            while time.monotonic() < ends and not self.stopping.wait(self.pause):
+                try:
+                    conn.sendall(b" " if mode == "trickle-body" else b"a")
+                except OSError:  # the client gave up
+                    return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["stall", "trickle-headers", "trickle-body"])
+def test_a_stalled_or_trickling_server_fails_within_the_timeout_and_the_cache_stays(tmp_path, mode):
+    server = SlowServer(doc(TEST, cache_seconds=60))
+    try:
+        conf = site_conf(tmp_path, url=server.url("/vo.pipe"))
+        state = str(tmp_path / "vfops-state")
+        settings_1s = FetchSettings(timeout=1.0)
+        assert refresh_pipe(state, "vo", server.url("/vo.pipe"), 3.0, 1000.0, settings_1s) == []
+        cached = open(pipe_cache_path(state, "vo"), "rb").read()
+        server.mode = mode
+        began = time.monotonic()
+        problems = refresh_pipe(state, "vo", server.url("/vo.pipe"), 3.0, 1100.0, settings_1s)
+        took = time.monotonic() - began
+    finally:
+        server.stop()
+    assert took < 4.0, f"{mode}: the fetch took {took:.1f} s with a 1 s timeout"
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"pipe vo ({server.url('/vo.pipe')}): cannot fetch: ")
+    assert "timeout" in problems[0] or "took more than 1 s" in problems[0], problems[0]
+    assert "keeping the cached copy from 1970-01-01 00:16:40 UTC" in problems[0]
+    assert open(pipe_cache_path(state, "vo"), "rb").read() == cached
+    assert list(load(conf).machinetypes) == ["vo-test"]
+    assert read_meta(state, "vo")["attempted"] == 1100.0  # the next try waits RETRY_SECONDS
 
 
 def test_hostile_option_names_stay_on_one_line():
