@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from vacfactory.accounting.outgoing import backlog_of
 from vacfactory.accounting.sender import send_is_due, send_queued
@@ -46,6 +46,7 @@ from vacfactory.space.auth import load_space_key
 from vacfactory.space.responder import ResolvedPeers, Responder
 from vacfactory.space.snapshot import FactorySnapshot
 from vacfactory.space.vacmon import VacMonSender, cycle_messages, finished_message
+from vacfactory.space.view import SpaceMemory, SpaceState
 from vacfactory.state import kept
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
@@ -101,6 +102,17 @@ class BackgroundJob:
             self._stopping.wait(self.interval)
 
 
+class RecordingSpaceMemory(SpaceMemory):
+    """The space watcher's memory, also keeping its last round's result: which factories
+    answered, were held from an earlier answer, or were unknown (for /metrics)."""
+
+    last: Optional[SpaceState] = None
+
+    def update(self, replies, abort_on_700: bool, now: float) -> SpaceState:
+        self.last = super().update(replies, abort_on_700, now)
+        return self.last
+
+
 @dataclass
 class Periodic:
     """A job the daemon runs after engine rounds, at most every ``interval`` seconds."""
@@ -135,6 +147,7 @@ class Daemon:
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config),
                                    meta_source=lambda: vm_meta(self.factory.config))
         self.space = SpaceWatcher(lambda: self.factory.config)
+        self.space.memory = RecordingSpaceMemory(self.space.memory.max_age)
         self.factory = Factory(
             config_source=self.watcher,
             hypervisor=self.hypervisor,
@@ -339,12 +352,34 @@ class Daemon:
             not (report and report.blind),
         )
         syslog = self.syslog.stats if self.syslog is not None else None
+        answered, held, unknown = self.space_factories()
         self.metrics_snapshot = dataclasses.replace(
             snapshot,
             cpu_efficiency=tuple(sorted(self._efficiency(now).items())),
             syslog=tuple((name, getattr(syslog, name)) for name in SYSLOG_RESULTS) if syslog else (),
             kept_overlays=len(kept.list_kept(config.settings.state_dir)),
+            space_answered=answered, space_held=held, space_unknown=unknown,
         )
+
+    def space_factories(self) -> Tuple[int, int, int]:
+        """The other factories of the space: how many answered the last query round, how many
+        are counted from an earlier answer (held), how many are unknown. An answer older than
+        the watcher's staleness window counts for nothing, however the last round went (a
+        stuck query thread), and a factory not yet asked (a reload) is unknown."""
+        memory = self.space.memory
+        last = memory.last if isinstance(memory, RecordingSpaceMemory) else None
+        now = self.space.clock()
+        answered = held = unknown = 0
+        for name in self.space.others(self.factory.config):
+            if last is None or memory.age(name, now) > memory.max_age:
+                unknown += 1
+            elif name in last.answered:
+                answered += 1
+            elif name in last.held:
+                held += 1
+            else:
+                unknown += 1
+        return answered, held, unknown
 
     def _efficiency(self, now: float):
         """Per-machinetype CPU efficiency over the last day: recomputed when a VM has finished
@@ -581,7 +616,12 @@ def joboutputs_limits(config) -> JobOutputsLimits:
 
 
 def notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one.
+
+    A path or '@name' (the abstract namespace), as in sd_notify(3). The send never blocks:
+    with systemd's queue full (systemd busy or wedged) a blocking send would stall the engine
+    and even its stop on SIGTERM, so the notification is dropped instead.
+    """
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
@@ -589,10 +629,11 @@ def notify_systemd(state: str) -> None:
         path = "\0" + path[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
             sock.connect(path)
-            sock.sendall(state.encode())
-    except OSError as error:
-        log.debug("systemd notify failed: %s", error)
+            sock.send(state.encode())
+    except OSError as error:  # BlockingIOError: systemd's queue is full
+        log.debug("systemd notify %s failed: %s", state, error)
 
 
 def configure_logging(level: str = "INFO", log_file: Optional[str] = None) -> None:

@@ -13,8 +13,9 @@ Metric names (all ``vacfactory_``): ``running_vms``, ``running_processors`` (per
 (per machinetype), ``apel_queued_messages``, ``apel_oldest_message_age_seconds``,
 ``cycle_duration_seconds``, ``rounds_total``, ``start_time_seconds``,
 ``hypervisor_reachable``, ``cpu_efficiency`` (per machinetype, last day),
-``syslog_messages_total`` (by result), ``kept_overlays`` and ``info`` (factory name and
-version as labels).
+``syslog_messages_total`` (by result), ``kept_overlays``, ``space_factories`` (the other
+factories of the space by state: ``answered`` the last query round, ``held`` - counted from an
+earlier answer - or ``unknown``) and ``info`` (factory name and version as labels).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class MetricsSnapshot:
     #: syslog receiver counters: result (filed, dropped_unknown, ...) -> messages
     syslog: Tuple[Tuple[str, int], ...] = ()
     kept_overlays: int = 0
+    #: the other factories of the space: answered the last query round; silent then but
+    #: counted from an earlier answer; unknown (no answer young enough: they add nothing)
+    space_answered: int = 0
+    space_held: int = 0
+    space_unknown: int = 0
+
+
+#: the states of ``vacfactory_space_factories``, in the order they are rendered
+SPACE_STATES = ("answered", "held", "unknown")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -160,6 +170,11 @@ def render(snapshot: MetricsSnapshot) -> str:
              [({"result": result}, count) for result, count in snapshot.syslog])
     w.family("vacfactory_kept_overlays", "gauge", "VMs whose disks are kept for examination (keep_on_abnormal_end).",
              [({}, snapshot.kept_overlays)])
+    w.family("vacfactory_space_factories", "gauge",
+             "Other factories of the space: answered the last query round, held (silent, counted from "
+             "an earlier answer) or unknown (no recent answer: they add nothing to the shares).",
+             [({"state": state}, count) for state, count in zip(
+                 SPACE_STATES, (snapshot.space_answered, snapshot.space_held, snapshot.space_unknown))])
     return "\n".join(w.lines) + "\n"
 
 

@@ -1,16 +1,22 @@
-"""/metrics: the text format as prometheus_client's own parser reads it, over a real socket."""
+"""/metrics: the text format as prometheus_client's own parser reads it, over a real socket;
+and the daemon's count of the space's factories by state, against responders on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
+import os
 import socket
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.unit.engine_harness import HOST, Clock, kernel_file, machinetype_text
 from vacfactory import __version__
 from vacfactory.config.hostfacts import HostFacts
-from vacfactory.config.loader import load_config_string
+from vacfactory.config.loader import ConfigSources, load_config_string
+from vacfactory.daemon import Daemon
+from vacfactory.engine.spacewatch import stale_after
 from vacfactory.metrics import (
     MachinetypeMetrics,
     MetricsRecorder,
@@ -19,6 +25,8 @@ from vacfactory.metrics import (
     OutcomeCount,
     render,
 )
+from vacfactory.space.responder import Responder
+from vacfactory.space.snapshot import FactorySnapshot, MachinetypeStatus
 
 SNAPSHOT = MetricsSnapshot(
     factory="wn01.example.com",
@@ -56,7 +64,7 @@ def test_render_is_valid_prometheus_text_with_the_expected_families():
         "vacfactory_backoff_remaining_seconds", "vacfactory_apel_queued_messages",
         "vacfactory_apel_oldest_message_age_seconds", "vacfactory_cycle_duration_seconds", "vacfactory_rounds",
         "vacfactory_start_time_seconds", "vacfactory_hypervisor_reachable", "vacfactory_cpu_efficiency",
-        "vacfactory_syslog_messages", "vacfactory_kept_overlays",
+        "vacfactory_syslog_messages", "vacfactory_kept_overlays", "vacfactory_space_factories",
     }
     kind, samples = families["vacfactory_running_processors"]
     assert kind == "gauge"
@@ -204,3 +212,119 @@ def test_efficiency_syslog_and_kept_overlays_are_rendered():
     assert samples[("vacfactory_cpu_efficiency", (("machinetype", "atlas"),))] == 0.875
     assert samples[("vacfactory_syslog_messages_total", (("result", "dropped_rate"),))] == 3
     assert samples[("vacfactory_kept_overlays", ())] == 2
+
+
+# -- the space's factories by state ----------------------------------------------------------
+
+
+def space_samples(snapshot: MetricsSnapshot) -> dict:
+    """{state: value} of vacfactory_space_factories, read back by prometheus_client's parser."""
+    kind, samples = parse(render(snapshot))["vacfactory_space_factories"]
+    assert kind == "gauge"
+    return {dict(labels)["state"]: value for (_name, labels), value in samples.items()}
+
+
+def test_space_factories_are_rendered_by_state():
+    snapshot = dataclasses.replace(SNAPSHOT, space_answered=7, space_held=2, space_unknown=1)
+    assert space_samples(snapshot) == {"answered": 7.0, "held": 2.0, "unknown": 1.0}
+    # a factory alone in its space still shows the family, all zeros
+    assert space_samples(MetricsSnapshot(factory="f", total_processors=1)) == {
+        "answered": 0.0, "held": 0.0, "unknown": 0.0}
+
+
+SPACE = "metrics.example.org"
+PEERS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def space_daemon(tmp_path):
+    """A Daemon (libvirt's test driver; not started: the test runs its space rounds by hand)
+    configured with three peer factories on loopback, of which the test starts responders."""
+    port = free_udp_port()
+    path = os.path.join(tmp_path, "vacfactory.conf")
+    with open(path, "w") as f:
+        f.write(
+            "[settings]\n"
+            f"vac_space = {SPACE}\n"
+            f"factory_name = d{os.getpid()}metrics.example.org\n"
+            f"factories = . {' '.join(PEERS)}\n"
+            f"state_dir = {tmp_path / 'state'}\n"
+            "libvirt_uri = test:///default\n"
+            "domain_type = test\n"
+            "total_processors = 2\n"
+            "mb_per_processor = 100\n"
+            f"udp_port = {port}\n"
+            "udp_timeout_seconds = 0.5\n"
+            + machinetype_text("atlas", kernel_file(str(tmp_path))))
+    daemon = Daemon(ConfigSources.for_main_file(path), host_facts=HOST, clock=Clock())
+    daemon.space.clock = clock = Clock()
+    responders = {}
+
+    def start(address: str) -> None:
+        snapshot = FactorySnapshot(space=SPACE, factory=address,
+                                   machinetypes=(MachinetypeStatus("atlas", running_hs06=10.0),))
+        responders[address] = Responder((address, port), lambda: snapshot, SPACE,
+                                        lambda: {"127.0.0.1", *PEERS})
+        responders[address].start()
+
+    def stop(address: str) -> None:
+        responders.pop(address).stop()
+
+    yield daemon, clock, start, stop
+    for responder in responders.values():
+        responder.stop()
+    daemon.hypervisor.close()
+
+
+def published_space(daemon: Daemon) -> dict:
+    daemon.publish_metrics()
+    return space_samples(daemon.metrics_snapshot)
+
+
+def test_daemon_metrics_count_the_space_factories_answered_held_and_unknown(space_daemon):
+    daemon, clock, start, stop = space_daemon
+    # before any query round nothing is known of the others (this factory is not counted)
+    assert published_space(daemon) == {"answered": 0, "held": 0, "unknown": 3}
+
+    start("127.0.0.2")
+    start("127.0.0.3")
+    daemon.space.query_once()
+    assert daemon.space.unknown == {"127.0.0.4"}
+    assert published_space(daemon) == {"answered": 2, "held": 0, "unknown": 1}
+
+    # .3 falls silent: one round later its last answer still counts (held) ...
+    stop("127.0.0.3")
+    clock.now += 5
+    daemon.space.query_once()
+    assert published_space(daemon) == {"answered": 1, "held": 1, "unknown": 1}
+
+    # ... and beyond the staleness window it is unknown
+    clock.now += stale_after(0.5)
+    daemon.space.query_once()
+    assert published_space(daemon) == {"answered": 1, "held": 0, "unknown": 2}
+
+    # back again: answered
+    start("127.0.0.3")
+    clock.now += 5
+    daemon.space.query_once()
+    assert published_space(daemon) == {"answered": 2, "held": 0, "unknown": 1}
+
+
+def test_daemon_metrics_count_every_factory_unknown_when_no_round_ends(space_daemon):
+    """A stuck query thread: the last round's answers age out of the view, and so out of
+    'answered' - the gauge says what the shares are computed from, not what once was."""
+    daemon, clock, start, stop = space_daemon
+    for peer in PEERS:
+        start(peer)
+    daemon.space.query_once()
+    assert published_space(daemon) == {"answered": 3, "held": 0, "unknown": 0}
+    clock.now += stale_after(0.5) - 1
+    assert published_space(daemon) == {"answered": 3, "held": 0, "unknown": 0}
+    clock.now += 2
+    assert published_space(daemon) == {"answered": 0, "held": 0, "unknown": 3}

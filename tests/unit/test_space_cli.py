@@ -1,4 +1,4 @@
-"""cli/space.py: ``vacfactory machinetypes|factories|machines FACTORY|simulate``, end to end
+"""cli/space.py: ``vacfactory machinetypes|factories|machines -a|FACTORY|simulate``, end to end
 against responders on loopback, plus Vac's line formats."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from vacfactory.space.snapshot import (
     MachineStatus,
     MachinetypeStatus,
 )
+from vacfactory.state.machines import MachineStore
 
 SPACE = "vac01.example.ac.uk"
 NOW = 1_700_000_000.0
@@ -71,6 +72,27 @@ def test_machinetype_and_factory_lines():
     factory = cli_space.factory_line(one_reply(QueryType.FACTORY), NOW)
     assert factory.split()[:7] == ["f1", "2/8", "1/8", "1.25", "1000", "2000", "300/"]
     assert factory.endswith(f' "{DAEMON_VERSION}"')
+
+
+def machinetype_reply(efficiency):
+    """A machinetype_status reply, through the wire format, with this last-day efficiency."""
+    base = snapshot("f1.example.ac.uk")
+    status = MachinetypeStatus(machinetype="atlas", running_hs06=20.0, running_machines=1,
+                               running_processors=2, cpu_efficiency_1d=efficiency)
+    one = FactorySnapshot(space=SPACE, factory=base.factory, machinetypes=(status,),
+                          factory_status=base.factory_status)
+    return decode(replies_for(Query(QueryType.MACHINETYPES, SPACE, "c"), one, NOW)[0], peer="p")
+
+
+def test_machinetype_line_shows_the_efficiency_as_a_percentage_or_a_dash():
+    assert cli_space.machinetype_line(machinetype_reply(0.875), NOW).split()[4] == "88%"
+    assert cli_space.machinetype_line(machinetype_reply(0.0), NOW).split()[4] == "0%"
+    assert cli_space.machinetype_line(machinetype_reply(1.0), NOW).split()[4] == "100%"
+    unknown = cli_space.machinetype_line(machinetype_reply(None), NOW)
+    assert unknown.split()[4] == "-"
+    # the column keeps its width, so the columns after it line up with and without a value
+    known = cli_space.machinetype_line(machinetype_reply(0.5), NOW)
+    assert len(known) == len(unknown)
 
 
 def test_peer_supplied_text_cannot_reach_the_terminal_raw():
@@ -150,6 +172,81 @@ def test_machines_with_factory_names_asks_over_the_network(tmp_path, capsys, fac
     assert len(lines) == 2 and "Running" in lines[0] and "Shut down" in lines[1]
 
 
+def test_machines_ask_space_asks_every_configured_factory(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    assert main(["--config", config, "machines", "-a"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # one line per slot of each factory (Vac's lines name the machine, not the factory)
+    assert ["Running" in line for line in lines] == [True, False, True, False]
+    assert ["Shut down" in line for line in lines] == [False, True, False, True]
+    assert main(["--config", config, "machines", "--ask-space", "--json"]) == 0
+    replies = json.loads(capsys.readouterr().out)
+    assert [r["factory"] for r in replies] == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+
+
+def test_machines_ask_space_names_the_factories_that_did_not_answer(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.9")
+    assert main(["--config", config, "machines", "-a", "-t", "0.5"]) == 1
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 2
+    assert "127.0.0.9" in out.err and "127.0.0.2" not in out.err
+    assert main(["--config", config, "machines", "-a", "-t", "0.5", "--json"]) == 1
+    assert {r["factory"] for r in json.loads(capsys.readouterr().out)} == {"127.0.0.2"}
+
+
+def test_machines_ask_space_takes_the_space_from_the_command_line(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    text = open(config).read().replace(f"vac_space = {SPACE}", "vac_space = other.example.org")
+    open(config, "w").write(text)
+    assert main(["--config", config, "machines", "-a", "-t", "0.3"]) == 69
+    capsys.readouterr()
+    assert main(["--config", config, "machines", "-a", "-s", SPACE]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_machines_factory_json_is_an_array_of_the_raw_machine_status_replies(
+        tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2")
+    assert main(["--config", config, "machines", "127.0.0.3", "--json"]) == 0
+    replies = json.loads(capsys.readouterr().out)
+    assert isinstance(replies, list) and len(replies) == 2
+    assert all(isinstance(r, dict) for r in replies)
+    assert {r["message_type"] for r in replies} == {"machine_status"}
+    assert {r["factory"] for r in replies} == {"127.0.0.3"}
+    assert {r["space"] for r in replies} == {SPACE}
+    assert {r["vacquery_version"] for r in replies} == {"VacQuery 01.03"}
+    assert {r["num_machines"] for r in replies} == {2}
+    running, down = replies
+    assert (running["machine"], running["state"], running["machinetype"]) == (
+        "127.0.0.3-00", "Running", "atlas")
+    assert (running["uuid"], running["num_processors"], running["cpu_seconds"], running["hs06"]) == (
+        "u1", 2, 7200, 20.0)
+    assert (running["started_time"], running["heartbeat_time"]) == (NOW - 7200, NOW)
+    assert (down["machine"], down["state"]) == ("127.0.0.3-01", "Shut down")
+    assert down["shutdown_message"] == "300 No more work available from task queue"
+
+
+def test_machines_without_a_or_names_stays_local_while_the_space_answers(tmp_path, capsys,
+                                                                          factories):
+    state = tmp_path / "state"
+    MachineStore(str(state))  # an empty state directory, as a factory that has run leaves it
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3",
+                          extra=f"state_dir = {state}\ntotal_processors = 2\n")
+    assert main(["--config", config, "machines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["slot 00         ----------     Shut down", "slot 01         ----------     Shut down"]
+    assert main(["--config", config, "machines", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"slot": 0, "state": "Shut down", "name": None}, {"slot": 1, "state": "Shut down", "name": None}]
+
+
+def test_machines_all_is_local_only(tmp_path, capsys):
+    config = write_config(tmp_path, 995, "127.0.0.2")
+    assert main(["--config", config, "machines", "-a", "--all"]) == 2
+    assert "--all" in capsys.readouterr().err
+    assert main(["--config", config, "machines", "--all", "127.0.0.2"]) == 2
+
+
 def test_machines_network_form_takes_the_space_from_the_command_line(tmp_path, capsys, factories):
     config = write_config(tmp_path, factories["port"], "127.0.0.2")
     text = open(config).read().replace(f"vac_space = {SPACE}", "vac_space = other.example.org")
@@ -166,7 +263,7 @@ def test_machines_without_factory_names_is_local_and_refuses_network_options(tmp
     config = write_config(tmp_path, 995, "127.0.0.2")
     assert main(["--config", config, "machines", "-s", SPACE]) == 2
     err = capsys.readouterr().err
-    assert "name the FACTORY" in err and "local state" in err
+    assert "name the FACTORY" in err and "use -a" in err and "local state" in err
     with pytest.raises(SystemExit):
         main(["machines", "--help"])
     assert "local state" in capsys.readouterr().out

@@ -1,9 +1,10 @@
 """``vacfactory machines``: one line per slot, like Vac's ``vac machines``.
 
 Without arguments it reads this factory's state directory (works whether or not the daemon
-runs), so it shows only this factory. Vac's ``vac machines`` asks every factory of the space
-instead: that is ``vacfactory machines FACTORY...`` here (VacQuery, with ``-t``/``-s`` as in
-``machinetypes``; ``.`` is this factory).
+runs, and without the network), so it shows only this factory. Vac's ``vac machines`` asks
+every factory of the space instead: that is ``vacfactory machines -a`` here (VacQuery to every
+factory in ``factories``, as ``machinetypes`` and ``factories`` do), or ``vacfactory machines
+FACTORY...`` for the named ones (``.`` is this factory); ``-t``/``-s`` as in ``machinetypes``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from vacfactory.state.machines import Machine, MachineStore, latest_by_slot
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "machines", help="list this factory's VMs slot by slot from its local state; with FACTORY "
-                         "names, ask those factories over VacQuery (Vac's `vac machines` asks all)")
+        "machines", help="list this factory's VMs slot by slot from its local state; with -a, "
+                         "ask every factory of the space over VacQuery (like Vac's `vac machines`), "
+                         "with FACTORY names only those")
     parser.add_argument("factories", nargs="*", metavar="FACTORY",
                         help="ask these factories over the network (VacQuery) instead of reading "
                              "this factory's local state; `.` is this factory")
+    parser.add_argument("-a", "--ask-space", action="store_true",
+                        help="ask every factory in `factories` over the network (VacQuery), "
+                             "as `machinetypes` and `factories` do")
     parser.add_argument("--all", action="store_true", help="list every machine directory kept, not one per slot")
     parser.add_argument("-t", "--timeout", type=float, help="network query deadline in seconds")
     parser.add_argument("-s", "--space", help="space name for the network query (default vac_space)")
@@ -40,13 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.factories and (args.space or args.timeout):
-        print("vacfactory machines: -s/--space and -t/--timeout are for the network form: name "
-              "the FACTORY(s) to ask (without names it reads this factory's local state)",
+    network = bool(args.factories) or args.ask_space
+    if not network and (args.space or args.timeout):
+        print("vacfactory machines: -s/--space and -t/--timeout are for the network form: use -a "
+              "or name the FACTORY(s) to ask (without them it reads this factory's local state)",
               file=sys.stderr)
         return EXIT_USAGE
+    if network and args.all:
+        print("vacfactory machines: --all lists this factory's machine directories (local state); "
+              "the network form shows one line per slot of each factory asked", file=sys.stderr)
+        return EXIT_USAGE
     config = load_config(args)
-    if args.factories:
+    if network:
         from vacfactory.cli import space
 
         return space.network_machines(args, config)

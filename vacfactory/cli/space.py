@@ -2,7 +2,8 @@
 
 Like Vac's ``vac`` command: ask all factories of the space (or the ones named) and print one
 line per reply, or with ``--json`` the raw reply objects as a JSON array. ``vacfactory
-machines FACTORY...`` (in ``cli/machines.py``) calls :func:`network_machines`.
+machines -a`` and ``vacfactory machines FACTORY...`` (in ``cli/machines.py``) call
+:func:`network_machines`.
 
 Exit codes: 0 when every factory asked answered completely; 1 when some did not (they are
 named on stderr - unknown, not empty); 69 when none answered; 78 for a bad configuration.
@@ -159,7 +160,8 @@ def report_missing(result: SpaceReplies) -> int:
 
 
 def network_machines(args: argparse.Namespace, config: Any) -> int:
-    """``vacfactory machines FACTORY...``: Vac's ``vac machines`` over the network."""
+    """``vacfactory machines -a|FACTORY...``: Vac's ``vac machines`` over the network (every
+    factory in ``factories`` unless some are named)."""
     return _run(args, config, QueryType.MACHINES, machine_line)
 
 
