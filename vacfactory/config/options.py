@@ -280,9 +280,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Directory of all state: machines, finishes, accounting, caches, and the runtime "
                "override file runtime.conf (which may not set state_dir itself). A relative path "
                "is relative to the directory of the file that sets it."),
-    Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=3600), default=10.0, vac=False,
+    Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=120), default=10.0, vac=False,
            doc="Longest time between two decision rounds; libvirt events wake the engine sooner "
-               "(Vac: one round, then a 60 s sleep)."),
+               "(Vac: one round, then a 60 s sleep). At most 120: every round tells systemd's "
+               "watchdog the daemon is alive (WatchdogSec=300 in conf/vacfactory.service)."),
     Option("max_starting_processors", S, _POSITIVE_INT, default=64, vac=False,
            doc="At most this many processors may belong to VMs still starting (younger than "
                "starting_seconds), so a fresh factory ramps up without overloading the host."),
@@ -441,9 +442,9 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Longest time one root_image download may take in total (Vac: 120 s per read). On "
                "failure the cached copy stays in use."),
     Option("image_check_seconds", S, Number(name="seconds", min=0), default=300.0, vac=False,
-           doc="A cached http(s) root_image is checked with its server (a conditional GET with "
-               "If-None-Match/If-Modified-Since) at most this often. 0: before every VM "
-               "creation, as Vac did."),
+           doc="A cached http(s) root_image or user_data template is checked with its server (a "
+               "conditional GET with If-None-Match/If-Modified-Since) at most this often, in the "
+               "background. 0: at every VM creation (Vac fetched both every time)."),
     # ================================================================ [machinetype NAME]
     Option("target_share", M, Number(min=0), default=0.0,
            doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it."),
@@ -474,7 +475,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Kernel command line for kernel_image: one line of printable characters."),
     Option("user_data", M, Location(schemes=("http", "https")), relative_to_files=True,
            doc="user_data template: an absolute path, a path relative to <machinetype_path>/files/, "
-               "or an http(s) URL. ##user_data_...## patterns in it are substituted."),
+               "or an http(s) URL. ##user_data_...## patterns in it are substituted. A URL is "
+               "fetched into the image cache in the background (checked like a root_image, every "
+               "image_check_seconds); until the first copy arrives the machinetype is not started. "
+               "At most 4 MiB."),
     Option("machinetype_path", M, _PATH,
            default=Computed("<state_dir>/machinetypes/<name>", _default_machinetype_path),
            doc="Directory of this machinetype's files (files/, x509cert.pem, x509key.pem). "
