@@ -13,10 +13,13 @@ Crash safety comes from the state directory: everything the engine knows is on d
 it acts on it, and at start-up the engine rebuilds its view from disk plus the hypervisor.
 While the hypervisor cannot be reached the engine is *blind*: it finishes nothing and creates
 nothing until it can see again (a libvirtd restart must not look like every VM ending).
+While the state directory is (nearly) full, creation is *paused* (every other step goes on,
+so VMs are still killed on time and accounted once space returns).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -52,6 +55,33 @@ RETENTION_SECONDS = 60.0
 #: a difference this large between the wall clock's and the monotonic clock's progress from
 #: one round to the next is a step of the wall clock (NTP, `date -s`), not time passing
 CLOCK_STEP_SECONDS = 10.0
+#: creation pauses while the state directory has less free space than this: a new VM needs
+#: room for its machine directory and disk overlays, and every VM that ends for its records
+#: (without this floor a full disk made every round fail a creation, found by the fault suite)
+MIN_FREE_STATE_MIB = 64
+#: a creation that ran out of space although the floor was met (no inodes left, a quota)
+#: pauses creation until the free space grows by the floor again or this long has passed
+ENOSPC_PAUSE_SECONDS = 300.0
+
+
+def free_bytes(path: str) -> int:
+    """Space available in the filesystem holding ``path`` (to unprivileged writers)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Did ``error`` (or what caused it) fail for want of space? qemu-img reports it in text."""
+    seen: Set[int] = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "Disk quota exceeded" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def console_mtime(machine: Machine) -> Optional[float]:
@@ -76,6 +106,8 @@ class RoundReport:
     failed: List[str] = field(default_factory=list)
     #: machinetypes not startable this round (their image is still downloading): no failure
     waiting: List[str] = field(default_factory=list)
+    #: why creation is paused (the state directory is full), None if it is not
+    paused: Optional[str] = None
     decision: Optional[Decision] = None
 
 
@@ -105,6 +137,7 @@ class Factory:
         on_finished: Optional[Callable[[Machine], None]] = None,
         on_created: Optional[Callable[[Machine], None]] = None,
         monotonic: Optional[Callable[[], float]] = None,
+        free_space: Callable[[str], int] = free_bytes,
     ) -> None:
         self.config_source = config_source
         self.hypervisor = hypervisor
@@ -133,12 +166,19 @@ class Factory:
         #: the real clock; an injected (test) clock brings its own partner, or none
         self.monotonic = monotonic if monotonic is not None else (time.monotonic if clock is time.time else None)
         self._last_tick: Optional[Tuple[float, float]] = None
+        #: measures intervals (retention): a step of the wall clock must not stop them
+        self._elapsed: Callable[[], float] = self.monotonic or clock
         #: heartbeats are judged from fizzle_seconds after this (the start, or a clock step)
         self._judge_heartbeats_from = self.started_at
         self.last_report: Optional[RoundReport] = None
         self._blind_logged = False
         self._config_errors_logged: Optional[str] = None
-        self._last_retention = 0.0
+        self._last_retention: Optional[float] = None  # self._elapsed() of the last retention
+        #: bytes free in a filesystem (the state directory's), for the creation pause
+        self.free_space = free_space
+        #: (self._elapsed(), bytes free) when a creation last ran out of space
+        self._out_of_space: Optional[Tuple[float, Optional[int]]] = None
+        self._paused_kind: Optional[str] = None  # "floor" or "enospc": logged once per change
         self._unaccountable: Set[str] = set()
         #: how VMs ended whose `finished` could not be written yet (a full disk): the same
         #: record is written at the next try, so a retry neither moves the end nor the reason
@@ -266,7 +306,9 @@ class Factory:
         self._apply_drain(config)
         report.decision = self._decide(config, now)
         self._log_reason(report.decision)
-        self._create_all(config, report.decision, report)
+        report.paused = self._creation_paused()
+        if report.paused is None:
+            self._create_all(config, report.decision, report)
         self._retention(config, now)
         self._write_status(report)
         self.last_report = report
@@ -644,6 +686,44 @@ class Factory:
             log.info("decision: %s", decision.reason)
             self._last_reason = key
 
+    def _creation_paused(self) -> Optional[str]:
+        """Why creation must wait for space in the state directory now, or None.
+
+        Paused below MIN_FREE_STATE_MIB free, and after a creation ran out of space until the
+        free space has grown by that much (or ENOSPC_PAUSE_SECONDS passed, for causes statvfs
+        cannot show). Logged once per change, not every round.
+        """
+        state_dir = self.store.state_dir
+        floor = MIN_FREE_STATE_MIB << 20
+        try:
+            free: Optional[int] = self.free_space(state_dir)
+        except OSError as error:  # cannot tell: creating shows soon enough
+            log.warning("cannot read the free space of %s: %s", state_dir, error)
+            free = None
+        kind, why = None, None
+        if free is not None and free < floor:
+            kind = "floor"
+            why = (f"creation paused: state dir {state_dir} has {free >> 20} MiB free, "
+                   f"needs {MIN_FREE_STATE_MIB}")
+        elif self._out_of_space is not None:
+            since, free_then = self._out_of_space
+            grown = free is not None and free_then is not None and free >= free_then + floor
+            if grown or self._elapsed() - since >= ENOSPC_PAUSE_SECONDS:
+                self._out_of_space = None
+            else:
+                kind = "enospc"
+                why = (f"creation paused: a creation ran out of space in state dir {state_dir} "
+                       f"({(free_then or 0) >> 20} MiB free then); waiting for {MIN_FREE_STATE_MIB} "
+                       f"MiB more or {ENOSPC_PAUSE_SECONDS:.0f} s")
+        if kind != self._paused_kind:
+            if why is not None:
+                log.error("%s", why)
+            else:
+                log.info("creation resumed: state dir %s has %s MiB free", state_dir,
+                         "?" if free is None else free >> 20)
+            self._paused_kind = kind
+        return why
+
     def _create_all(self, config, decision: Decision, report: RoundReport) -> None:
         failed_types: Set[str] = set()
         for create in decision.creates:
@@ -663,6 +743,9 @@ class Factory:
             if name is None:
                 failed_types.add(create.machinetype)
                 report.failed.append(create.machinetype)
+                if self._out_of_space is not None:  # the disk filled up: pause creation now
+                    report.paused = self._creation_paused()
+                    break
             else:
                 report.created.append(name)
 
@@ -727,6 +810,12 @@ class Factory:
     def _creation_failed(self, name: str, machinetype: str, error: Exception) -> None:
         message = f"{name}: creation of a {machinetype} VM failed: {error}"
         log.error("%s", message)
+        if out_of_space(error):  # pause creation rather than fail again every round
+            try:
+                free: Optional[int] = self.free_space(self.store.state_dir)
+            except OSError:
+                free = None
+            self._out_of_space = (self._elapsed(), free)
         try:
             self.status.set_error(message)
         except OSError as status_error:  # the disk that made creation fail may be full
@@ -737,9 +826,12 @@ class Factory:
 
     def _retention(self, config, now: float) -> None:
         """Delete done machine directories older than their machinetype's machines_dir_days."""
-        if now - self._last_retention < RETENTION_SECONDS:
+        # the interval on the monotonic clock: a step back of the wall clock stopped retention
+        # for as long as the step (the ages below stay wall-clock times, as the records are)
+        elapsed = self._elapsed()
+        if self._last_retention is not None and elapsed - self._last_retention < RETENTION_SECONDS:
             return
-        self._last_retention = now
+        self._last_retention = elapsed
         for uuid, machine in list(self.machines.items()):
             if machine.state != "done" or machine.finished is None:
                 continue
@@ -772,6 +864,7 @@ class Factory:
             "created": report.created,
             "failed": report.failed,
             "waiting_for_images": report.waiting,
+            "creation_paused": report.paused,
         }
         try:
             self.status.write_status(status)

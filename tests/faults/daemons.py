@@ -9,6 +9,7 @@ directory and log, a unique factory name (so a unique domain-name pattern) and U
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from vacfactory.engine import naming
 from vacfactory.errors import HypervisorError
 from vacfactory.state.machines import MachineStore
+from vacfactory.vmio.exports import GaneshaExporter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
@@ -108,7 +110,7 @@ class FactoryUnderTest:
             "mb_per_processor": "256" if self.domain_type != "test" else "64",
             "cycle_seconds": "1",
             "overload_per_processor": "50",
-            "nfs_exporter": "none",
+            "nfs_exporter": "none",  # the real-TCG crash trials set ganesha
             "udp_port": str(self.udp_port),
             "udp_timeout_seconds": "2",
         }
@@ -121,6 +123,16 @@ class FactoryUnderTest:
     def write_config(self) -> None:
         with open(self.config_path, "w") as f:
             f.write(self.config_text())
+
+    @property
+    def nfs_exporter(self) -> str:
+        return self.settings.get("nfs_exporter", "none")
+
+    def ganesha(self) -> GaneshaExporter:
+        """The factory's nfs-ganesha (the paths vacfactory.daemon gives it)."""
+        directory = os.path.join(self.state_dir, "ganesha")
+        return GaneshaExporter(os.path.join(directory, "ganesha.conf"), os.path.join(directory, "ganesha.pid"),
+                               os.path.join(directory, "ganesha.log"))
 
     def retention_seconds(self) -> Dict[str, float]:
         return {mt.name: mt.seconds("machines_dir_days", 3.0) * 86400 for mt in self.machinetypes}
@@ -201,7 +213,8 @@ class FactoryUnderTest:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def cleanup(self, hypervisor=None, remove: bool = True) -> None:
-        """Kill the daemon, destroy every domain of this factory, remove its directory."""
+        """Kill the daemon, destroy every domain of this factory, stop its nfs-ganesha (which
+        outlives the daemon, as it does in production), remove its directory."""
         self.kill()
         if hypervisor is not None:
             try:
@@ -210,8 +223,25 @@ class FactoryUnderTest:
                         hypervisor.destroy(domain.uuid)
             except HypervisorError:
                 pass
+        if self.nfs_exporter == "ganesha":
+            self.ganesha().stop_server()
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def nfs_port_holder() -> Optional[str]:
+    """Who already listens on 169.254.169.254:2049, where a factory's nfs-ganesha must bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as a server binds: connections of an earlier NFS server in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("169.254.169.254", 2049))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return None  # no such address yet: the daemon creates the network
+            shown = subprocess.run(["ss", "-Hltnp", "sport = :2049"], capture_output=True, text=True)
+            return shown.stdout.strip() or str(error)
+    return None
 
 
 def ask_responder(factory: FactoryUnderTest) -> Tuple[bool, str]:

@@ -14,14 +14,23 @@ VMs and domains
     live VM record has its domain and its ``started`` (none lost, none half-created); domain
     names are unique, no slot is used twice, the live VMs fit in ``total_processors``.
 finished VMs
-    accounted and cleaned (``settled``), no disk file left in any VM that is not live, no NFS
-    export (ganesha) of a VM that is not live, no done machine directory kept beyond its
-    machinetype's ``machines_dir_days`` (plus ``retention_slack``).
+    accounted and cleaned (``settled``), no disk file left in any VM that is not live, no done
+    machine directory kept beyond its machinetype's ``machines_dir_days`` (plus
+    ``retention_slack``).
+NFS exports (nfs-ganesha)
+    no export of a VM that is not live in ganesha's configuration (``ganesha/ganesha.conf``,
+    one ``# vacfactory-export`` line per export); with ``nfs_exporter = "ganesha"``, exactly
+    the live VMs are exported: the configuration and the export list that the running
+    ganesha last logged (``ganesha.log``: at start-up, and "Exports after update" after each
+    reload) both hold the three exports (machinefeatures, jobfeatures RO; joboutputs RW, to
+    the VM's address) of every live ``mjf_transport = nfs`` VM and nothing else.
 accounting
     at most one archived APEL job record per VM UUID, each one also in the dirq outgoing queue
-    with an identical body, nothing queued that is not archived; no negative WallDuration, no
-    EndTime before StartTime; a record exactly when the VM's recorded wall time reaches its
-    fizzle_seconds (the engine's own rule, applied to its own files).
+    with an identical body (unless a consumer took it: ``sent``), nothing queued that is not
+    archived; every archive file one job record, every queue element a valid job or sync
+    message; no negative WallDuration, no EndTime before StartTime; a record exactly when the
+    VM's recorded wall time reaches its fizzle_seconds (the engine's own rule, applied to its
+    own files).
 against the ground truth (when given)
     every domain that ever ran has a machine directory or, once deleted by retention, the
     record it was due: exactly one APEL record for a VM that ran at least ``fizzle_seconds +
@@ -34,6 +43,9 @@ against the ground truth (when given)
 
 The moment checked is the start of the round the claim is about: a domain that ends after
 that round listed it is not yet the factory's to know about.
+
+Damage (a corrupt state file, archive file or queue element, a VM accounted twice) is never
+transient: :func:`damage` picks it out of a check made at any moment (a full disk).
 """
 
 from __future__ import annotations
@@ -43,12 +55,13 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from vacfactory.atomic import TEMP_PREFIX
+from vacfactory.core import apel
 from vacfactory.core.views import FinishedVM
 from vacfactory.engine import naming
-from vacfactory.errors import StateError
+from vacfactory.errors import RecordInvalid, StateError
 from vacfactory.state.machines import NEW_PREFIX, Machine, MachineStore
 from vacfactory.state.records import from_json
 
@@ -56,7 +69,13 @@ JOB_HEADER = "APEL-individual-job-message:"
 _MONTH = re.compile(r"^[0-9]{6}$")
 _QUEUE_DIR = re.compile(r"^[0-9a-f]{8}$")
 _QUEUE_FILE = re.compile(r"^[0-9a-f]{14}$")
-_GANESHA_PATH = re.compile(r'Path\s*=\s*"[^"]*/machines/([0-9a-f-]{36})/')
+#: vmio.exports: one JSON line per export in ganesha.conf
+_GANESHA_MARK = "# vacfactory-export "
+#: ganesha.log: one line per export in its export list, and the client line after it
+_GANESHA_EXPORT = re.compile(r"Export\s+(\d+) pseudo \((.*?)\) with path \((.*?)\)")
+_GANESHA_CLIENT = re.compile(r"NETWORK_CLIENT: ([0-9.]+)/32")
+#: violations that are damage, wrong at any moment (not a step the factory has yet to take)
+DAMAGE = ("corrupt", "archived APEL records", "queued record that is not archived")
 DEFAULT_RETENTION_SECONDS = 3 * 86400.0
 
 
@@ -89,6 +108,10 @@ class Context:
     default_fizzle: Optional[float] = None
     #: every finished VM must already be accounted and cleaned
     settled: bool = True
+    #: the factory's nfs_exporter: with "ganesha", exactly the live NFS VMs must be exported
+    nfs_exporter: str = "none"
+    #: VM uuids whose queued record a consumer (ssmsend) has taken: archived, no longer queued
+    sent: AbstractSet[str] = frozenset()
 
 
 @dataclass
@@ -121,6 +144,7 @@ def check(ctx: Context) -> Result:
     live = {u: m for u, m in machines.items() if m.live}
     _check_domains(ctx, machines, live, v)
     _check_finished(ctx, machines, v)
+    _check_exports(ctx, machines, live, v)
     archive = archive_records(ctx.state_dir, v)
     queue = queued_records(ctx.state_dir, v)
     _check_accounting(ctx, machines, archive, queue, v, stats)
@@ -133,6 +157,11 @@ def check(ctx: Context) -> Result:
         queued=sum(len(q) for q in queue.values()),
     )
     return Result(v, stats)
+
+
+def damage(result: Result) -> List[str]:
+    """The violations of ``result`` that are damage (see the module doc)."""
+    return [p for p in result.violations if any(word in p for word in DAMAGE)]
 
 
 # -- state files ------------------------------------------------------------------------------
@@ -241,11 +270,6 @@ def _ended_after_check(ctx: Context, uuid: str) -> bool:
 
 
 def _check_finished(ctx: Context, machines: Mapping[str, Machine], v: List[str]) -> None:
-    exported = _ganesha_exports(ctx.state_dir)
-    for uuid in exported:
-        m = machines.get(uuid)
-        if m is None or not m.live:
-            v.append(f"NFS export of {uuid}, which is not a live VM")
     for uuid, m in machines.items():
         if m.live:
             continue
@@ -267,12 +291,94 @@ def _check_finished(ctx: Context, machines: Mapping[str, Machine], v: List[str])
                          f"{keep:.0f} s (+{ctx.retention_slack:.0f} s)")
 
 
-def _ganesha_exports(state_dir: str) -> List[str]:
+# -- NFS exports --------------------------------------------------------------------------
+
+#: (uuid, pseudo path, path, client, read-only)
+Export = Tuple[str, str, str, str, bool]
+
+
+def _check_exports(ctx: Context, machines: Mapping[str, Machine], live: Mapping[str, Machine],
+                   v: List[str]) -> None:
+    configured = ganesha_configured(ctx.state_dir, v)
+    for uuid in sorted({e[0] for e in configured}):
+        if uuid not in live:
+            m = machines.get(uuid)
+            v.append(f"NFS export of {uuid}, which is not a live VM "
+                     f"({'no machine directory' if m is None else m.state}): leaked")
+    if ctx.nfs_exporter != "ganesha":
+        return
+    expected: Set[Export] = set()
+    for uuid, m in live.items():
+        if m.record.mjf_transport == "nfs" and m.record.address:
+            expected |= {(uuid, f"/{uuid}/{name}", path, m.record.address, readonly)
+                         for name, path, readonly in (("machinefeatures", m.machinefeatures_dir, True),
+                                                      ("jobfeatures", m.jobfeatures_dir, True),
+                                                      ("joboutputs", m.joboutputs_dir, False))}
+    _compare_exports("ganesha.conf", configured, expected, v)
+    served = ganesha_served(ctx.state_dir)
+    if served is None:
+        if expected:
+            v.append(f"nfs-ganesha is not running, but {len({e[0] for e in expected})} live VMs need NFS exports")
+        return
+    _compare_exports("nfs-ganesha's export list (ganesha.log)", served,
+                     {(e[1], e[2], e[3]) for e in expected}, v)
+
+
+def _compare_exports(where: str, found, expected, v: List[str]) -> None:
+    for export in sorted(set(expected) - set(found)):
+        v.append(f"{where}: export {export} of a live VM is missing")
+    for export in sorted(set(found) - set(expected)):
+        v.append(f"{where}: unexpected export {export}")
+
+
+def ganesha_configured(state_dir: str, v: Optional[List[str]] = None) -> Set[Export]:
+    """The exports in the factory's ganesha.conf (its ``# vacfactory-export`` lines)."""
+    path = os.path.join(state_dir, "ganesha", "ganesha.conf")
     try:
-        with open(os.path.join(state_dir, "ganesha", "ganesha.conf")) as f:
-            return sorted(set(_GANESHA_PATH.findall(f.read())))
+        with open(path) as f:
+            lines = [line for line in f.read().splitlines() if line.startswith(_GANESHA_MARK)]
     except FileNotFoundError:
-        return []
+        return set()
+    found: Set[Export] = set()
+    for line in lines:
+        try:
+            d = json.loads(line[len(_GANESHA_MARK):])
+            found.add((d["uuid"], d["pseudo"], d["path"], d["client"], bool(d["readonly"])))
+        except (ValueError, KeyError, TypeError) as error:
+            if v is not None:
+                v.append(f"ganesha/ganesha.conf: corrupt export line {line!r}: {error}")
+    return found
+
+
+def ganesha_served(state_dir: str) -> Optional[Set[Tuple[str, str, str]]]:
+    """(pseudo, path, client) of every export the running nfs-ganesha last listed in its log
+    (at start-up and after each reload), or None if it is not running."""
+    directory = os.path.join(state_dir, "ganesha")
+    try:
+        with open(os.path.join(directory, "ganesha.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if not os.path.basename(f.read().split(b"\0", 1)[0]).startswith(b"ganesha"):
+                return None
+        with open(os.path.join(directory, "ganesha.log"), errors="replace") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return None
+    served: Set[Tuple[str, str, str]] = set()
+    pending: Optional[Tuple[str, str]] = None
+    for line in text.splitlines():
+        if "nfs-ganesha Starting" in line or "Exports after update" in line:
+            served, pending = set(), None  # a new list follows
+            continue
+        match = _GANESHA_EXPORT.search(line)
+        if match:
+            pending = (match.group(2), match.group(3)) if int(match.group(1)) != 0 else None
+            continue
+        client = _GANESHA_CLIENT.search(line)
+        if client and pending is not None:
+            served.add((pending[0], pending[1], client.group(1)))
+            pending = None
+    return served
 
 
 # -- accounting -------------------------------------------------------------------------------
@@ -319,7 +425,7 @@ def archive_records(state_dir: str, v: Optional[List[str]] = None) -> Dict[str, 
                 records = parse_record(text) if text.startswith(JOB_HEADER) else []
                 if len(records) != 1 or records[0].get("LocalJobId") != name:
                     if v is not None:
-                        v.append(f"archive {path}: not one job record for {name}")
+                        v.append(f"archive {path}: corrupt: not one job record for {name}")
                     continue
                 found.setdefault(name, []).append(Record(path, text, records[0]))
     return found
@@ -340,11 +446,25 @@ def queued_records(state_dir: str, v: Optional[List[str]] = None) -> Dict[str, L
                     text = f.read()
             except FileNotFoundError:
                 continue
-            if not text.startswith(JOB_HEADER):
-                continue  # sync records
+            kind = _queued_kind(text)
+            if kind not in (apel.JOB, apel.SYNC):
+                if v is not None:
+                    v.append(f"queue apel-outgoing/{directory}/{name}: corrupt: neither a job record nor a sync "
+                             f"record ({kind})")
+                continue
+            if kind == apel.SYNC:
+                continue
             for record in parse_record(text):
                 found.setdefault(record.get("LocalJobId", "?"), []).append(text)
     return found
+
+
+def _queued_kind(text: str) -> str:
+    """The kind of a queued APEL message (job, sync, ...), or why it is not one."""
+    try:
+        return apel.parse_message(text).kind
+    except RecordInvalid as error:
+        return f"invalid: {error}"
 
 
 def _check_accounting(ctx: Context, machines: Mapping[str, Machine], archive: Mapping[str, List[Record]],
@@ -365,9 +485,10 @@ def _check_accounting(ctx: Context, machines: Mapping[str, Machine], archive: Ma
             if end < start:
                 v.append(f"VM {uuid}: EndTime {end} before StartTime {start}")
             bodies = queue.get(uuid, [])
-            if record.text not in bodies:
-                v.append(f"VM {uuid}: archived record is not in the outgoing queue"
-                         + (" (a different body is)" if bodies else ""))
+            if bodies and record.text not in bodies:
+                v.append(f"VM {uuid}: corrupt queued record: its body differs from the archived one")
+            elif not bodies and uuid not in ctx.sent:
+                v.append(f"VM {uuid}: archived record is not in the outgoing queue")
             duplicates_in_queue += max(0, len(bodies) - 1)
     for uuid in queue:
         if uuid not in archive:

@@ -49,6 +49,8 @@ class Row:
     problems: List[str] = field(default_factory=list)
     #: a breakdown (e.g. crash trials by injection point): a header row, then rows
     details: List[List[str]] = field(default_factory=list)
+    #: the pytest node id of the test that recorded the row (filled in by :func:`record`)
+    test: str = ""
 
 
 _rows: Dict[str, Row] = {}
@@ -57,12 +59,34 @@ _lock = threading.Lock()
 
 def record(row: Row) -> None:
     """Keep ``row`` for the summary (one per fault class; a later row replaces an earlier)."""
+    if not row.test:  # pytest names the running test in the environment: "NODEID (call)"
+        row.test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
     with _lock:
         _rows[row.fault] = row
     path = os.environ.get("VACFACTORY_FAULTS_RESULTS")
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(asdict(row)) + "\n")
+
+
+def record_failed_test(nodeid: str, when: str, text: str) -> None:
+    """A test of the suite failed: make sure its fault class shows a failure in the table.
+
+    A test that failed before it recorded its row (a fixture, an early assertion, a timeout)
+    gets a row of its own, named after the test; one whose row says no failures (an assertion
+    after the row) has that row counted as failed.
+    """
+    problem = f"the test failed in {when}: {text[-1500:]}"
+    with _lock:
+        own = [row for row in _rows.values() if row.test == nodeid]
+    if not own:
+        record(Row(fault=f"{nodeid.split('::')[-1]} (no result: the test failed in {when})", trials=0,
+                   failures=1, notes="see problems", problems=[problem], test=nodeid))
+        return
+    for row in own:
+        if not row.failures:
+            record(Row(**{**asdict(row), "failures": 1, "problems": row.problems + [problem],
+                          "worst_recovery_rounds": None}))
 
 
 def rows() -> List[Row]:

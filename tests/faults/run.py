@@ -4,8 +4,10 @@
 
 Runs ``pytest tests/faults`` with VACFACTORY_FAULTS_PROFILE set, collects one row per fault
 class (trials, failures, worst recovery; see tests/faults/profile.py) and prints them as a
-Markdown table for the README, followed by the problems of any failed class. The exit status
-is pytest's.
+Markdown table for the README, followed by the problems of any failed class. A test that
+failed before it recorded its row gets a failure row of its own (tests/faults/conftest.py);
+a failed run in which no row shows a failure (pytest itself died, a collection error) gets
+one too, so a failed run never prints a clean table. The exit status is pytest's.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def main() -> int:
             row = Row(**json.loads(line))
             rows[row.fault] = row  # the last row of a class wins
     os.unlink(results)
+    if status != 0 and not any(row.failures or row.problems for row in rows.values()):
+        rows["pytest"] = Row(fault="pytest run (no fault class reported the failure)", trials=0, failures=1,
+                             notes=f"pytest exit status {status}: see its output above",
+                             problems=[f"pytest exited with status {status}"])
     print()
     print(f"## Fault suite, {args.profile} profile ({elapsed / 60:.1f} min, pytest exit status {status})")
     print()

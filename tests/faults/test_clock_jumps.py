@@ -17,6 +17,10 @@ What "no mass kill" means here, precisely:
 
 And no negative durations: every record has EndTime >= StartTime and a WallDuration that is
 the VM's real (elapsed) run time, also for VMs that were running across a jump.
+
+And housekeeping goes on: retention (machines_dir_days of about a quarter of an hour here)
+runs on the monotonic clock, so no directory outlives its retention by more than a retention
+interval, not by the hour a backward jump once stopped it for.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from typing import Dict, List
 
 from tests.faults import invariants, profile
 from tests.faults.engine import Guest, fake_kernel, make_engine
+from vacfactory.factory import RETENTION_SECONDS
 
 HEARTBEAT_SECONDS = 120
 FIZZLE = 300
 STEP = 30.0  # seconds between rounds
 HOUR = 3600.0
+RETENTION_DAYS = 0.01  # 14.4 minutes: directories are deleted during the run, across the jumps
 HEARTBEAT_KILLS = {"heartbeat_not_created", "heartbeat_not_updated"}
 
 
@@ -40,7 +46,7 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
     kernel = fake_kernel(str(tmp_path))
     common = {"machine_model": "vm-raw", "kernel_image": kernel, "heartbeat_file": "heartbeat",
               "heartbeat_seconds": str(HEARTBEAT_SECONDS), "fizzle_seconds": str(FIZZLE),
-              "backoff_seconds": "0", "machines_dir_days": "1"}
+              "backoff_seconds": "0", "machines_dir_days": str(RETENTION_DAYS)}
     machinetypes = {
         # long deadlines: untouched by a forward jump of an hour
         "alpha": dict(common, target_share="3", max_wallclock_seconds="14400"),
@@ -61,6 +67,14 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
     engine = make_engine(str(tmp_path), total=24, machinetypes=machinetypes, fate=fate)
     problems: List[str] = []
     kills_at_jump: Dict[str, int] = {}
+    #: every VM that ended, as last seen by the engine (retention deletes directories meanwhile)
+    ended: Dict[str, object] = {}
+    deleted = 0
+
+    def remember_ended() -> None:
+        for uuid, machine in engine.factory.machines.items():
+            if machine.finished is not None and machine.started is not None:
+                ended[uuid] = machine
     try:
         def run(minutes: float, label: str) -> None:
             for _ in range(int(minutes * 60 / STEP)):
@@ -72,6 +86,7 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
                         guest.heartbeat_every = None
                 report = engine.step(STEP)
                 note_kills(report, label)
+                remember_ended()
 
         kill_reasons: Counter = Counter()
 
@@ -95,6 +110,7 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
             due = [m for m in live if before < m.record.shutdown_time < after]
             report = engine.round()
             note_kills(report, label)
+            remember_ended()
             kills_at_jump[label] = len(report.killed)
             due_names = sorted(m.name for m in due)
             if sorted(report.killed) != due_names:
@@ -114,7 +130,10 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
 
         # durations: recorded wall time = real elapsed time (the truth is in monotonic time)
         records = invariants.archive_records(engine.state_dir)
-        finished = [m for m in engine.factory.machines.values() if m.finished is not None and m.started]
+        finished = list(ended.values())
+        deleted = sum(1 for uuid in ended if uuid not in engine.factory.machines)
+        if not deleted:
+            problems.append("retention deleted no machine directory: the retention check tested nothing")
         for m in finished:
             wall = m.finished.end_time - m.started.time
             if wall < 0:
@@ -139,7 +158,8 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
         result = invariants.check(invariants.Context(
             state_dir=engine.state_dir, factory_name=engine.name, total_processors=24,
             domains=engine.hypervisor.list_domains(), check_time=engine.clock.now,
-            retention_seconds={mt: 86400.0 for mt in machinetypes}, retention_slack=HOUR + 120))
+            retention_seconds={mt: RETENTION_DAYS * 86400 for mt in machinetypes},
+            retention_slack=RETENTION_SECONDS + STEP))
         problems += result.violations
         straddlers = sum(1 for m in finished if m.uuid in elapsed and engine.straddled(m.uuid))
     finally:
@@ -149,7 +169,7 @@ def test_clock_jumps_forward_and_back_by_an_hour(tmp_path):
         notes=(f"killed by the forward jump: {kills_at_jump.get('forward jump')} (all past their shutdown time), "
                f"by the backward jump: {kills_at_jump.get('backward jump')}; heartbeat kills of hung guests: "
                f"{hung_killed}/{hung}; {len(finished)} VMs ended, {straddlers} across a jump, none with a "
-               f"negative or wrong duration"),
+               f"negative or wrong duration; retention deleted {deleted} directories on time"),
         problems=problems)
     profile.record(row)
     assert not problems, "\n".join(problems[:30])

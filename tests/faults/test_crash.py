@@ -9,13 +9,17 @@ wallclock limit (then the factory kills them): VMs end while the factory is aliv
 is dead, and while it is in the middle of destroying, finishing, accounting or cleaning them.
 Several factories ("lanes", each its own state directory and name) run trials in parallel.
 
-Real TCG VMs: the same trials on qemu:///system with the tiny guest (integration).
+Real TCG VMs: the same trials on qemu:///system with the tiny guest (integration), with
+their MJF exported through nfs-ganesha (``nfs_exporter = ganesha``; one machinetype uses
+``mjf_transport = nfs``): ganesha outlives every kill, as in production, and after each
+restart it must export exactly the live NFS VMs (no leaked export of a VM that ended).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import statistics
 import subprocess
 import threading
@@ -31,6 +35,7 @@ from tests.faults.daemons import (
     FactoryUnderTest,
     Machinetype,
     guest_cmdline,
+    nfs_port_holder,
     make_fake_kernel,
     make_root_image,
 )
@@ -64,6 +69,8 @@ class Trial:
     recovery: float = 0.0
     violations: List[str] = field(default_factory=list)
     lane: str = ""
+    #: NFS exports that the check found live (ganesha trials)
+    exports: int = 0
 
     @property
     def label(self) -> str:
@@ -112,8 +119,10 @@ def run_trial(factory: FactoryUnderTest, truth: GroundTruth, trial: Trial, check
         domains=truth.hv.list_domains(), check_time=recovery.round_time,
         retention_seconds=factory.retention_seconds(), truth=truth.lives(factory.name),
         truth_complete=True, tolerance=tolerance, end_slack=end_slack, default_fizzle=factory.fizzle_seconds(),
+        nfs_exporter=factory.nfs_exporter,
     ))
     trial.violations.extend(result.violations)
+    trial.exports = len(invariants.ganesha_configured(factory.state_dir))
 
 
 def _count(trials: List[Trial], kind: str, noun: str) -> str:
@@ -223,15 +232,20 @@ TCG_TRIALS = profile.pick(
 @pytest.mark.integration
 @pytest.mark.timeout(profile.pick(600, 1800))
 def test_kill_9_with_real_tcg_vms(tiny_guest, workdir):
+    holder = nfs_port_holder()
+    assert not holder, (f"another NFS server (not started by this test) holds 169.254.169.254:2049, where the "
+                        f"factory's nfs-ganesha must bind: {holder}")
     image = make_root_image(workdir)
     common = {"machine_model": "vm-raw", "kernel_image": tiny_guest.kernel, "initrd_image": tiny_guest.initrd,
               "root_image": image, "fizzle_seconds": "3", "backoff_seconds": "0", "machines_dir_days": "0.0002"}
     factory = FactoryUnderTest(
         base=os.path.join(workdir, "tcg"), uri="qemu:///system", domain_type="qemu", total_processors=2,
-        prefix="vftcg",
+        prefix="vftcg", settings={"nfs_exporter": "ganesha"},
         machinetypes=[
+            # the guest stays in plain mode (guest_cmdline): it mounts nothing, but its exports
+            # are made before its domain starts and must be withdrawn when it has ended
             Machinetype("short", dict(common, target_share="1", max_wallclock_seconds="120",
-                                      kernel_cmdline=guest_cmdline(4))),
+                                      kernel_cmdline=guest_cmdline(4), mjf_transport="nfs")),
             Machinetype("long", dict(common, target_share="1", max_wallclock_seconds="14",
                                      kernel_cmdline=guest_cmdline(300))),
         ],
@@ -248,12 +262,21 @@ def test_kill_9_with_real_tcg_vms(tiny_guest, workdir):
             # later: a VM that ends while the factory is dead ends at that console line
             run_trial(factory, truth, trial, checkpoint_timeout=120.0, tolerance=3.0, end_slack=10.0)
         vms = len(truth.lives(factory.name))
+        log = factory.log_text()
     finally:
         factory.cleanup(truth.hv, remove=False)
         truth.close()
+    # the export checks must not pass vacuously: NFS VMs were exported, and ended ones withdrawn
+    exported = set(re.findall(r"nfs-ganesha: ([0-9a-f-]{36}): set 3 exports", log))
+    withdrawn = set(re.findall(r"nfs-ganesha: ([0-9a-f-]{36}): removed exports", log))
+    dropped = sum(int(n) for n in re.findall(r"dropping nfs-ganesha exports of (\d+) VMs", log))
+    checked = sum(1 for t in trials if t.exports)
     row = summarize("crash: kill -9, real TCG VMs", trials,
                     f"{_count(trials, 'checkpoint', 'checkpoint')} + {_count(trials, 'random', 'random kill')}, "
-                    f"{vms} VMs, {time.monotonic() - began:.0f} s")
+                    f"{vms} VMs, {time.monotonic() - began:.0f} s; nfs-ganesha: {len(exported)} NFS VMs exported, "
+                    f"{len(withdrawn)} withdrawn, {dropped} dropped at a restart, live exports checked "
+                    f"after {checked} restarts")
     unreached = [t.point for t in trials if not t.reached]
     assert not unreached, f"checkpoints not reached: {unreached}"
+    assert exported and (withdrawn or dropped), f"no NFS VM was exported and withdrawn:\n{log[-3000:]}"
     assert row.failures == 0, "\n\n".join(row.problems)

@@ -3,15 +3,19 @@ filesystem mounted for the test (ext4 on a loop device; tmpfs too in the full pr
 a filler thread then keeps full (it takes every block the factory frees) while VMs run, end
 and are killed.
 
-While full: no state file is ever corrupt, the daemon keeps running, creating fails with a
-clear error (logged; nothing half-made is left), VMs are still ended on time. When space
-returns: the first round catches up, with every invariant holding: each VM ended at its
-real end, one APEL record each, archived and queued, nothing leaked.
+While full: nothing is ever damaged (state files, APEL archive and outgoing queue scanned
+twice a second), the daemon keeps running, creation is paused (said once in the log, not a
+failed creation every round; nothing half-made is left), VMs are still ended on time. When
+space returns: creation resumes, and the first round catches up with every invariant holding:
+each VM ended at its real end, one APEL record each, archived and queued, nothing leaked;
+among them VMs that ended while the disk was full, accounted only once space returned (so
+"accounting resumes" cannot pass with nothing to resume).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
@@ -33,10 +37,13 @@ from tests.faults.daemons import (
     make_root_image,
     wait_for,
 )
+from vacfactory.factory import MIN_FREE_STATE_MIB
 
 FULL_SECONDS = profile.pick(12.0, 40.0)
-FS_MB = 16
+#: room for the factory's working set above the floor below which it pauses creation
+FS_MB = MIN_FREE_STATE_MIB + 32
 TOTAL = 4
+PAUSED = re.compile(r" ERROR .*creation paused: state dir (\S+) has (\d+) MiB free, needs (\d+)")
 
 
 class SmallFilesystem:
@@ -79,6 +86,7 @@ class Filler(threading.Thread):
         self.path = path
         self.stopping = threading.Event()
         self.full = threading.Event()
+        self.full_at: Optional[float] = None
 
     def run(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -94,6 +102,8 @@ class Filler(threading.Thread):
                         if error.errno != errno.ENOSPC:
                             raise
                 if not wrote:
+                    if self.full_at is None:
+                        self.full_at = time.time()
                     self.full.set()
                     self.stopping.wait(0.002)
         finally:
@@ -125,7 +135,9 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
     problems: List[str] = []
     recovery: Optional[float] = None
     filler = Filler(os.path.join(fs.mountpoint, "filler"))
-    corrupt_checks = enospc = creation_errors = 0
+    corrupt_checks = enospc = creation_errors = pauses = 0
+    ended_while_full: List[str] = []
+    caught_up: List[str] = []
     try:
         factory.spawn()
         assert wait_for(lambda: sum(m.finished is not None for m in machines(factory)) >= 4, 60), \
@@ -134,6 +146,7 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
         t_full = time.time()
         filler.start()
         assert filler.full.wait(30), "could not fill the filesystem"
+        t_filled = filler.full_at
         # two more processors (the main configuration is not on the full disk): the factory
         # must try to create, fail with a clear error, and leave nothing half-made
         factory.total_processors = TOTAL + 2
@@ -143,18 +156,27 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
             if factory.process.poll() is not None:
                 problems.append(f"the daemon died with the disk full:\n{factory.log_tail()}")
                 break
+            # state files, the APEL archive and the outgoing queue: nothing is ever damaged
             result = invariants.check(invariants.Context(
                 state_dir=factory.state_dir, factory_name=factory.name, total_processors=factory.total_processors,
                 domains=guests.hv.list_domains(), check_time=time.time(), settled=False))
             corrupt_checks += 1
-            problems += [f"while full: {p}" for p in result.violations if "corrupt" in p]
+            problems += [f"while full: {p}" for p in invariants.damage(result)]
             time.sleep(0.5)
         t_end_full = time.time()
         full_log = factory.log_text()[log_mark:]
         enospc = len(re.findall(r" ERROR .*No space left on device", full_log))
-        creation_errors = len(re.findall(r"creation of a alpha VM failed: .*No space left on device", full_log))
-        if not creation_errors:
-            problems.append("no creation failure naming the full disk was logged:\n" + full_log[-3000:])
+        creation_errors = len(re.findall(r"creation of a alpha VM failed", full_log))
+        paused = PAUSED.findall(full_log)
+        pauses = len(re.findall(r"creation paused", full_log))
+        # paused, said once (twice if a creation under way when the disk filled ran out of
+        # space first); not a failed creation every round
+        if not paused or paused[-1][0] != factory.state_dir or int(paused[-1][2]) != MIN_FREE_STATE_MIB:
+            problems.append("no 'creation paused' naming the state dir and its free space was logged:\n"
+                            + full_log[-3000:])
+        if pauses > 2 or creation_errors > 1:
+            problems.append(f"creation was not paused: {pauses} pauses and {creation_errors} failed creations "
+                            f"logged while full:\n" + full_log[-3000:])
         started_while_full = [m.name for m in machines(factory) if m.started is not None
                               and t_full + 1.0 < m.started.time < t_end_full]
         if started_while_full:
@@ -174,6 +196,12 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
         round_time, round_end = frozen
         recovery = round_end - t_free
         guests.settle(factory.name)
+        after_log = factory.log_text()[log_mark + len(full_log):]
+        if "creation resumed" not in after_log:
+            problems.append("the end of the pause was not logged ('creation resumed')")
+        status = json.load(open(os.path.join(factory.state_dir, "status.json")))
+        if status.get("creation_paused") is not None or not status.get("created"):
+            problems.append(f"creation did not resume in the first round with space: {status}")
         result = invariants.check(invariants.Context(
             state_dir=factory.state_dir, factory_name=factory.name, total_processors=factory.total_processors,
             domains=guests.hv.list_domains(), check_time=round_time,
@@ -181,6 +209,16 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
             truth=guests.lives(factory.name), truth_complete=True, tolerance=1.0,
             default_fizzle=factory.fizzle_seconds()))
         problems += [f"after the first round with space: {p}" for p in result.violations]
+        # VMs that ended while the disk was full: accounted by that round, and not before
+        lives = guests.lives(factory.name)
+        by_uuid = {m.uuid: m for m in machines(factory)}
+        ended_while_full = [u for u, life in lives.items()
+                            if life.stop is not None and t_filled < life.stop < t_free]
+        caught_up = [u for u in ended_while_full if u in by_uuid and by_uuid[u].accounted is not None
+                     and by_uuid[u].accounted.archive is not None and by_uuid[u].accounted.time >= t_free]
+        if not caught_up:
+            problems.append(f"no VM that ended while the disk was full was accounted after space returned "
+                            f"({len(ended_while_full)} ended while full): nothing tested accounting resuming")
         factory.process.send_signal(signal.SIGCONT)
         guests.hold.clear()
         done = sum(m.finished is not None for m in machines(factory))
@@ -207,8 +245,9 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
     profile.record(profile.Row(
         fault=f"disk full on the state directory ({kind})", trials=1, failures=int(bool(problems)),
         worst_recovery_seconds=recovery, worst_recovery_rounds=1 if recovery is not None and not problems else None,
-        notes=f"{FS_MB} MB, kept full {FULL_SECONDS:.0f} s: {corrupt_checks} corruption scans, "
-              f"{enospc} ENOSPC errors logged ({creation_errors} failed creations), nothing created, "
-              f"nothing corrupt",
+        notes=f"{FS_MB} MB, kept full {FULL_SECONDS:.0f} s: {corrupt_checks} scans of state files, archive and "
+              f"queue, nothing damaged; creation paused ({pauses}x logged, {creation_errors} failed creations), "
+              f"nothing created; {enospc} ENOSPC errors logged; {len(ended_while_full)} VMs ended while full, "
+              f"{len(caught_up)} of them accounted in the first round with space",
         problems=problems))
     assert not problems, "\n".join(problems)

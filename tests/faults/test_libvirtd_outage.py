@@ -14,18 +14,27 @@ Two ways to take libvirtd away, neither touching the shared system daemon:
   kept (not finished, not duplicated); one powers off during it and must be finished once,
   at its real end.
 
+"Nothing created while blind" is measured from the moment libvirtd stops: the daemon is
+frozen (SIGSTOP) for an instant while its machine directories and domains are listed and
+libvirtd is taken away, so nothing it does can fall between the listing and the stop. A
+creation already under way in the round that was running then fails against the missing
+libvirtd (its directory is finished as a failed creation, never started); anything else new
+after the stop, a directory or a domain, is a violation.
+
 Recovery time: from libvirtd's return to the end of the first completed round, at which the
 daemon is frozen (SIGSTOP, no event can start another round) and every invariant checked.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
 import signal
 import time
-from typing import List
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Set
 
 import pytest
 
@@ -50,10 +59,74 @@ TCG_OUTAGE_SECONDS = profile.pick(16.0, 120.0)
 BLIND_LOG = "hypervisor unreachable, creating nothing until it is back"
 
 
-def outage_phase(factory: FactoryUnderTest, seconds: float, t_down: float, problems: List[str]) -> int:
-    """During the outage: the daemon lives, answers VacQuery and creates nothing."""
-    time.sleep(2.0)  # a round or two to notice
-    before = set(os.listdir(os.path.join(factory.state_dir, "machines")))
+@dataclass
+class AtStop:
+    """What the factory had when libvirtd stopped."""
+
+    time: float
+    directories: Set[str]
+    domains: Set[str]
+    #: live VMs whose domain was running
+    running: Set[str]
+
+
+def take_libvirtd_away(factory: FactoryUnderTest, domains: Callable[[], Set[str]], stop: Callable[[], None]
+                       ) -> AtStop:
+    """Freeze the daemon, list what it has, ``stop()`` libvirtd, let the daemon go on."""
+    factory.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.1)  # a libvirt call sent just before the freeze completes
+        directories = set(os.listdir(os.path.join(factory.state_dir, "machines")))
+        listed = domains()
+        running = {m.uuid for m in machines(factory) if m.live and m.started is not None and m.uuid in listed}
+        t_down = time.time()
+        stop()
+    finally:
+        factory.process.send_signal(signal.SIGCONT)
+    return AtStop(t_down, directories, listed, running)
+
+
+def log_time(text: str, needle: str, after: float) -> Optional[float]:
+    """The time of the first log line containing ``needle`` logged at or after ``after``."""
+    for line in text.splitlines():
+        if needle in line:
+            try:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if stamp >= after - 0.001:
+                return stamp
+    return None
+
+
+def created_while_blind(factory: FactoryUnderTest, at_stop: AtStop, lives, t_up: float) -> List[str]:
+    """Machine directories and domains that appeared after libvirtd stopped, before it was back
+    (except a creation under way at the stop: failed, never started, begun before the daemon
+    noticed it was blind)."""
+    problems = []
+    blind_at = log_time(factory.log_text(), BLIND_LOG, at_stop.time)
+    new = set(os.listdir(os.path.join(factory.state_dir, "machines"))) - at_stop.directories
+    by_uuid = {m.uuid: m for m in machines(factory)}
+    for uuid in sorted(new):
+        m = by_uuid.get(uuid)
+        if m is not None and m.record.created >= t_up:
+            continue  # created once libvirtd was back
+        if m is None or m.started is not None or uuid in lives or blind_at is None or m.record.created >= blind_at:
+            problems.append(f"machine directory created while blind: {uuid} "
+                            f"({m.state if m else 'unreadable'}, blind from {blind_at})")
+    for uuid, life in lives.items():
+        if uuid not in at_stop.domains and at_stop.time <= life.start < t_up:
+            problems.append(f"{life.name}: domain {uuid} started at {life.start:.2f}, while blind")
+    return problems
+
+
+def outage_phase(factory: FactoryUnderTest, seconds: float, at_stop: AtStop, problems: List[str],
+                 domains: Optional[Callable[[], Set[str]]] = None) -> int:
+    """During the outage: the daemon lives, answers VacQuery and creates nothing (``domains``
+    lists this factory's domains where the hypervisor itself is still up)."""
+    if not at_stop.running:
+        problems.append("no VM was running when libvirtd stopped: the outage tested nothing")
+    t_down = at_stop.time
     answers = 0
     while time.time() < t_down + seconds:
         ok, text = ask_responder(factory)
@@ -64,9 +137,10 @@ def outage_phase(factory: FactoryUnderTest, seconds: float, t_down: float, probl
             problems.append(f"the daemon died during the outage:\n{factory.log_tail()}")
             return answers
         time.sleep(min(3.0, max(0.0, t_down + seconds - time.time())))
-    created = set(os.listdir(os.path.join(factory.state_dir, "machines"))) - before
-    if created:
-        problems.append(f"machine directories created while blind: {sorted(created)}")
+    if domains is not None:
+        started = domains() - at_stop.domains
+        if started:
+            problems.append(f"domains started while blind: {sorted(started)}")
     status = json.load(open(os.path.join(factory.state_dir, "status.json")))
     if not status.get("blind"):
         problems.append(f"status.json does not say blind during the outage: {status}")
@@ -112,11 +186,11 @@ def test_private_libvirtd_stopped_and_restarted(workdir):
         factory.spawn()
         assert wait_for(lambda: sum(m.finished is not None for m in machines(factory)) >= 3, 60), \
             "the factory never got going:\n" + factory.log_tail()
-        t_down = time.time()
-        daemon.stop()
+        at_stop = take_libvirtd_away(factory, lambda: {d.uuid for d in sim.domains(factory.name)}, daemon.stop)
+        t_down = at_stop.time
         sim.mark_all_stopped(factory.name, t_down, "outage")
-        victims = {m.uuid for m in machines(factory) if m.live}
-        answers = outage_phase(factory, OUTAGE_SECONDS, t_down, problems)
+        victims = at_stop.running
+        answers = outage_phase(factory, OUTAGE_SECONDS, at_stop, problems)
         sim.hold.set()  # no guest ends during the recovery round
         t_up = time.time()
         daemon.start()
@@ -132,6 +206,7 @@ def test_private_libvirtd_stopped_and_restarted(workdir):
             truth=sim.lives(factory.name), truth_complete=True, tolerance=1.0,
             default_fizzle=factory.fizzle_seconds()))
         problems += [f"after the first round back: {p}" for p in result.violations]
+        problems += created_while_blind(factory, at_stop, sim.lives(factory.name), t_up)
         after = {m.uuid: m for m in machines(factory)}
         for uuid in victims:
             m = after[uuid]
@@ -200,9 +275,12 @@ def test_system_libvirtd_unreachable_with_real_tcg_vms(tiny_guest, workdir):
         running = wait_for(booted, 120, interval=0.5)
         assert running, "two booted VMs expected:\n" + factory.log_tail()
         by_type = {m.record.machinetype: m for m in running}
-        t_down = time.time()
-        relay.cut()
-        answers = outage_phase(factory, outage, t_down, problems)
+        listed = lambda: {d.uuid for d in truth.domains(factory.name)}  # noqa: E731 - the system libvirtd
+        at_stop = take_libvirtd_away(factory, listed, relay.cut)
+        t_down = at_stop.time
+        if at_stop.running != {m.uuid for m in running}:
+            problems.append(f"the two booted VMs were not both running at the stop: {sorted(at_stop.running)}")
+        answers = outage_phase(factory, outage, at_stop, problems, domains=listed)
         short_life = truth.lives(factory.name).get(by_type["short"].uuid)
         if short_life is None or short_life.stop is None:
             problems.append("the short VM did not power off during the outage (timing)")
@@ -219,6 +297,7 @@ def test_system_libvirtd_unreachable_with_real_tcg_vms(tiny_guest, workdir):
             truth=truth.lives(factory.name), truth_complete=True, tolerance=3.0, end_slack=10.0,
             default_fizzle=factory.fizzle_seconds()))
         problems += [f"after the first round back: {p}" for p in result.violations]
+        problems += created_while_blind(factory, at_stop, truth.lives(factory.name), t_up)
         after = {m.uuid: m for m in machines(factory)}
         long_vm, short_vm = after[by_type["long"].uuid], after[by_type["short"].uuid]
         if not long_vm.live:

@@ -7,8 +7,12 @@ fizzle, or their wallclock limit (the factory kills them). Every SAMPLE_EVERY li
 every invariant is checked against the ground truth of the VMs that ended since the last
 sample (which is then dropped, so the test's own memory stays flat too), and the process's
 open file descriptors, resident memory and threads, the engine's tables (and entries in them
-about VMs that have ended) and the machine directories are sampled. After a warm-up of two
-retention periods they must stay flat: the machine directories bounded by machines_dir_days.
+about VMs that have ended), the machine directories and the whole state directory are
+sampled; then a consumer takes the outgoing APEL queue as ssmsend would. After a warm-up of
+two retention periods they must stay flat: the machine directories bounded by
+machines_dir_days and none of them growing, everything else in the state directory (status
+files, ``finishes/``, what the consumer leaves of ``apel-outgoing/``) constant in size. Only
+the APEL archive grows, by design.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 
 from tests.faults import invariants, profile
 from tests.faults.engine import Guest, fake_kernel, make_engine
+from vacfactory.accounting.outgoing import OutgoingQueue
 from vacfactory.factory import RETENTION_SECONDS
 
 DAY = 86400.0
@@ -41,6 +46,11 @@ MAX_FD_SPREAD = 2
 MAX_THREAD_SPREAD = 1
 MAX_RSS_KIB_PER_1000 = 256
 MAX_STALE_ENTRIES = 8
+#: outside machines/ and the archive (status files, finishes/, apel-outgoing/ once consumed)
+MAX_OTHER_BYTES_SPREAD = 64 * 1024
+MAX_OTHER_ENTRIES_SPREAD = 8
+#: the mean size of a machine directory must not creep up
+MAX_DIR_BYTES_RATIO = 1.5
 
 
 @dataclass
@@ -52,6 +62,14 @@ class Sample:
     threads: int
     machine_dirs: int
     machines_bytes: int
+    #: the whole state directory but the APEL archive (which grows by design)
+    state_bytes: int
+    #: files and directories outside machines/ and the archive, and their bytes
+    other_entries: int
+    other_bytes: int
+    finishes_entries: int
+    #: what is left in apel-outgoing/ once the consumer has taken every element
+    outgoing_entries: int
     #: entries in the engine's own tables (machines, shutdown times, seen, events, ...)
     engine_tables: int
     #: of those, entries about VMs that are no longer live (must not pile up)
@@ -67,15 +85,33 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
+def _tree(path: str, skip: tuple = ()) -> tuple:
+    """(bytes of the files, files and directories) under ``path``, leaving out ``skip``."""
+    total = entries = 0
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+        entries += len(dirs) + len(files)
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size
             except FileNotFoundError:
                 pass
-    return total
+    return total, entries
+
+
+def consume_queue(path: str, sent: set) -> int:
+    """Take every element of the outgoing queue as ssmsend does (lock, read, remove, then
+    purge); the VM uuids taken go into ``sent``. How many were taken."""
+    queue = OutgoingQueue(path)
+    taken = 0
+    for name in list(queue.names()):
+        if queue.lock(name):
+            for record in invariants.parse_record(queue.get_locked(name).decode("ascii")):
+                sent.add(record.get("LocalJobId"))
+            queue.remove_locked(name)
+            taken += 1
+    queue.purge()
+    return taken
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:
@@ -140,6 +176,7 @@ def test_a_simulated_day_of_lifecycles_keeps_resources_flat(tmp_path):
     outcomes: dict = {}
     began = time.monotonic()
     simulated = 0.0
+    sent: set = set()  # VMs whose record the consumer took from the queue
 
     def check_and_sample() -> Sample:
         """Every invariant for the VMs that ended since the last sample, then the resources."""
@@ -148,7 +185,8 @@ def test_a_simulated_day_of_lifecycles_keeps_resources_flat(tmp_path):
             state_dir=engine.state_dir, factory_name=engine.name, total_processors=TOTAL,
             domains=engine.hypervisor.list_domains(), check_time=engine.clock.now,
             retention_seconds={mt: RETENTION_DAYS * DAY for mt in machinetypes},
-            retention_slack=RETENTION_SECONDS + STEP, truth=truth, tolerance=0.5, default_fizzle=FIZZLE))
+            retention_slack=RETENTION_SECONDS + STEP, truth=truth, tolerance=0.5, default_fizzle=FIZZLE,
+            sent=sent))
         problems.extend(f"after {engine.ended} lifecycles: {v}" for v in result.violations[:10])
         for uuid, life in truth.items():
             if life.stop is not None:
@@ -161,10 +199,18 @@ def test_a_simulated_day_of_lifecycles_keeps_resources_flat(tmp_path):
                   factory.shutdown_times, factory._unaccountable, factory._unrecorded]
         live = {u for u, m in factory.machines.items() if m.live}
         stale = sum(1 for table in tables[1:] for uuid in table if uuid not in live)
+        # after the check (every record was seen in the queue), ssmsend takes the queue
+        outgoing = os.path.join(engine.state_dir, "apel-outgoing")
+        consume_queue(outgoing, sent)
         machines_dir = os.path.join(engine.state_dir, "machines")
+        archive = os.path.join(engine.state_dir, "apel-archive")
+        machines_bytes, _ = _tree(machines_dir)
+        state_bytes, _ = _tree(engine.state_dir, skip=(archive,))
+        other_bytes, other_entries = _tree(engine.state_dir, skip=(archive, machines_dir))
         return Sample(engine.ended, simulated, len(os.listdir("/proc/self/fd")), _status("VmRSS"),
-                      _status("Threads"), len(os.listdir(machines_dir)), _tree_bytes(machines_dir),
-                      sum(map(len, tables)), stale, len(result.violations))
+                      _status("Threads"), len(os.listdir(machines_dir)), machines_bytes, state_bytes,
+                      other_entries, other_bytes, _tree(os.path.join(engine.state_dir, "finishes"))[1],
+                      _tree(outgoing)[1], sum(map(len, tables)), stale, len(result.violations))
 
     try:
         next_sample = 0
@@ -208,21 +254,40 @@ def test_a_simulated_day_of_lifecycles_keeps_resources_flat(tmp_path):
                         f"(allowed {allowed_dirs})")
     if max(tables) - min(tables) > 0.1 * max(tables) + 10:
         problems.append(f"the engine's tables grow: {tables}")
+    # the state directory but the archive: bounded, since machine directories are (above), none
+    # of them grows, and nothing else does
+    per_dir = [s.machines_bytes / max(1, s.machine_dirs) for s in warm]
+    if max(per_dir) > MAX_DIR_BYTES_RATIO * min(per_dir):
+        problems.append(f"machine directories grow: mean bytes {[int(b) for b in per_dir]}")
+    other_bytes, other_entries = [s.other_bytes for s in warm], [s.other_entries for s in warm]
+    if max(other_bytes) - min(other_bytes) > MAX_OTHER_BYTES_SPREAD or \
+            max(other_entries) - min(other_entries) > MAX_OTHER_ENTRIES_SPREAD:
+        problems.append(f"the state directory outside machines/ and the archive grows: bytes {other_bytes}, "
+                        f"entries {other_entries}")
+    if max(s.finishes_entries for s in warm) > len(machinetypes):
+        problems.append(f"finishes/ holds more than one file per machinetype: {[s.finishes_entries for s in warm]}")
+    if max(s.outgoing_entries for s in warm) > 4:
+        problems.append(f"apel-outgoing/ keeps files or directories a consumer does not take: "
+                        f"{[s.outgoing_entries for s in warm]}")
     print(f"\nsoak: {engine.ended} lifecycles in {simulated / 3600:.1f} simulated hours, {engine_seconds:.0f} s; "
           f"outcomes {outcomes}")
     print(f"{'lifecycles':>10} {'sim h':>6} {'fds':>4} {'RSS MiB':>8} {'threads':>7} {'dirs':>5} "
-          f"{'dirs MiB':>8} {'tables':>6} {'stale':>5} {'violations':>10}")
+          f"{'dirs MiB':>8} {'state MiB':>9} {'other KiB':>9} {'other n':>7} {'queue n':>7} {'tables':>6} "
+          f"{'stale':>5} {'violations':>10}")
     for s in samples:
         print(f"{s.lifecycles:10} {s.simulated / 3600:6.1f} {s.fds:4} {s.rss_kib / 1024:8.1f} {s.threads:7} "
-              f"{s.machine_dirs:5} {s.machines_bytes / 2**20:8.2f} {s.engine_tables:6} {s.stale_entries:5} "
-              f"{s.violations:10}")
+              f"{s.machine_dirs:5} {s.machines_bytes / 2**20:8.2f} {s.state_bytes / 2**20:9.2f} "
+              f"{s.other_bytes / 1024:9.1f} {s.other_entries:7} {s.outgoing_entries:7} {s.engine_tables:6} "
+              f"{s.stale_entries:5} {s.violations:10}")
     profile.record(profile.Row(
         fault="soak: a simulated day" if profile.FULL else "soak: 3 simulated hours",
         trials=engine.ended, failures=sum(s.violations for s in samples) + (len(problems) > 0),
         notes=(f"{engine.ended} VM lifecycles in {simulated / 3600:.0f} simulated h ({engine_seconds:.0f} s), "
                f"invariants checked every {SAMPLE_EVERY}; after warm-up: fds spread {fd_spread}, threads spread "
                f"{thread_spread}, RSS {rss_per_k:+.0f} KiB per 1000 VMs, machine dirs <= "
-               f"{max(s.machine_dirs for s in warm)} (retention allows {allowed_dirs})"),
+               f"{max(s.machine_dirs for s in warm)} (retention allows {allowed_dirs}), state dir without the "
+               f"archive <= {max(s.state_bytes for s in warm) / 2**20:.1f} MiB (outside machines/: spread "
+               f"{max(other_bytes) - min(other_bytes)} bytes; apel-outgoing consumed like ssmsend)"),
         problems=problems[:20]))
     assert engine.ended >= MIN_LIFECYCLES
     assert not problems, "\n".join(problems[:30])

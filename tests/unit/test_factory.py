@@ -6,20 +6,25 @@ only the clock is moved by hand.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import logging
 import os
 import uuid as uuidlib
 
 import pytest
 
 from tests.unit.engine_harness import (
+    Clock,
     Harness,
     kernel_file,
     machinetype_text,
     make_harness,
     settings_text,
 )
+from vacfactory.errors import StateError
+from vacfactory.factory import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB
 from vacfactory.hypervisor.base import VMSpec
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 
@@ -404,3 +409,120 @@ def test_only_events_that_free_or_block_a_slot_wake_the_engine(engine):
         h.factory.wake.clear()
         h.factory.on_event(DomainEvent(uuid=str(uuidlib.uuid4()), name="x", kind=kind, time=h.clock()))
         assert h.factory.wake.is_set() is wakes, kind
+
+
+# -- a (nearly) full state directory pauses creation -------------------------------------------
+
+
+class FreeSpace:
+    """The free space the engine sees in its state directory (statvfs), set by the test."""
+
+    def __init__(self, mib: int) -> None:
+        self.mib = mib
+        self.asked = []
+
+    def __call__(self, path: str) -> int:
+        self.asked.append(path)
+        return self.mib << 20
+
+
+def test_creation_pauses_below_the_free_space_floor_and_resumes_when_space_returns(engine, caplog):
+    h = engine(total=4)
+    space = h.factory.free_space = FreeSpace(MIN_FREE_STATE_MIB - 1)
+    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    report = h.factory.run_round()
+    assert space.asked == [h.state_dir]
+    assert report.created == [] and report.failed == [] and h.domains() == []
+    assert report.paused == (f"creation paused: state dir {h.state_dir} has {MIN_FREE_STATE_MIB - 1} MiB free, "
+                             f"needs {MIN_FREE_STATE_MIB}")
+    assert os.listdir(os.path.join(h.state_dir, "machines")) == []  # nothing half-made either
+    status = json.load(open(os.path.join(h.state_dir, "status.json")))
+    assert status["creation_paused"] == report.paused
+    space.mib = 3  # still full, another number: not logged again
+    assert h.factory.run_round().created == []
+    assert sum("creation paused" in r.message for r in caplog.records) == 1
+    space.mib = MIN_FREE_STATE_MIB
+    report = h.factory.run_round()
+    assert report.paused is None and len(report.created) == 4
+    assert json.load(open(os.path.join(h.state_dir, "status.json")))["creation_paused"] is None
+    assert sum("creation resumed" in r.message for r in caplog.records) == 1
+
+
+def test_running_vms_are_still_killed_and_accounted_while_creation_is_paused(engine):
+    h = engine(total=2)
+    h.factory.run_round()
+    first, second = h.live()
+    h.factory.free_space = FreeSpace(0)
+    h.clock.advance(600)
+    h.power_off(first, "200 Success")
+    h.clock.advance(3600)  # max_wallclock_seconds: the second is killed
+    report = h.factory.run_round()
+    assert report.paused and report.created == [] and report.killed == [second.name]
+    for vm in (first, second):
+        assert h.factory.machines[vm.uuid].state == "done"
+        assert h.factory.machines[vm.uuid].accounted.archive is not None
+
+
+def test_a_creation_that_runs_out_of_space_pauses_creation_until_space_grows(engine, caplog):
+    h = engine(total=4)
+    space = h.factory.free_space = FreeSpace(1024)  # above the floor: inodes or a quota ran out
+    prepare, calls = h.factory.store.prepare, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    h.factory.store.prepare = full_disk
+    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    report = h.factory.run_round()
+    assert len(calls) == 1, "one creation ran out of space: the others of the round must wait"
+    assert report.failed == ["alpha"] and report.created == []
+    assert report.paused.startswith(f"creation paused: a creation ran out of space in state dir {h.state_dir}")
+    h.clock.advance(30)
+    assert h.factory.run_round().created == [] and len(calls) == 1  # not retried every round
+    assert sum("creation paused" in r.message for r in caplog.records) == 1
+    h.factory.store.prepare = prepare
+    space.mib = 1024 + MIN_FREE_STATE_MIB  # space returned
+    report = h.factory.run_round()
+    assert report.paused is None and len(report.created) == 4
+
+
+def test_a_creation_out_of_space_is_retried_after_the_pause_without_more_space(engine):
+    h = engine(total=1)
+    h.factory.free_space = FreeSpace(1024)
+    prepare = h.factory.store.prepare
+
+    def full_disk(*args, **kwargs):
+        raise StateError("cannot prepare: [Errno 28] No space left on device")
+
+    h.factory.store.prepare = full_disk
+    assert h.factory.run_round().paused
+    h.factory.store.prepare = prepare
+    h.clock.advance(ENOSPC_PAUSE_SECONDS - 1)
+    assert h.factory.run_round().paused
+    h.clock.advance(1)
+    report = h.factory.run_round()
+    assert report.paused is None and len(report.created) == 1
+
+
+def test_retention_keeps_running_after_the_wall_clock_steps_back(engine):
+    h = engine(total=1, machinetypes=(("alpha", 1, "machines_dir_days = 0.01\nbackoff_seconds = 0"),))
+    monotonic = Clock(1000.0)
+    h.factory.monotonic = h.factory._elapsed = monotonic  # the daemon's time.monotonic
+
+    def step(seconds: float) -> None:
+        h.clock.advance(seconds)
+        monotonic.advance(seconds)
+        h.factory.run_round()
+
+    h.factory.run_round()  # retention runs at the first round
+    (vm,) = h.live()
+    h.clock.advance(-3600)  # the wall clock is stepped back an hour
+    h.factory.run_round()
+    step(600)
+    h.power_off(vm, "200 Success")
+    step(30)
+    assert h.factory.machines[vm.uuid].state == "done"
+    step(0.01 * 86400 + 30)  # its retention (864 s) has passed: deleted, not an hour later
+    assert vm.uuid not in h.factory.machines
+    assert not os.path.exists(vm.path)
