@@ -1,20 +1,24 @@
 """`make demo`: run a real factory on conf/demo.conf with a live table, then a summary.
 
 The factory runs in this process (the same Daemon `vacfactory run` uses), with its state in
-demo-state/ and its log in demo-state/vacfactory.log. After --seconds the demo drains the
-factory the way an admin would (`vacfactory drain --at +10s`: shutdown_time in the runtime
-override file), so running pilots see the earlier shutdowntime_job in their MJF and stop with
-their own outcome, waits until every VM has ended and been accounted, and prints what happened.
+demo-state/ (or --state-dir) and its log in vacfactory.log there. After --seconds the demo
+drains the factory the way an admin would (`vacfactory drain --at +10s`: shutdown_time in the
+runtime override file), so running pilots see the earlier shutdowntime_job in their MJF and
+stop with their own outcome, waits until every VM has ended and been accounted, stops the
+nfs-ganesha the factory started for its NFS machinetype (it would go on holding
+169.254.169.254:2049), and prints what happened.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import sys
 import threading
 import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -23,12 +27,38 @@ from vacfactory.atomic import atomic_write_text  # noqa: E402
 from vacfactory.cli.machines import format_row, machine_rows  # noqa: E402
 from vacfactory.config.loader import ConfigSources  # noqa: E402
 from vacfactory.daemon import Daemon, configure_logging  # noqa: E402
+from vacfactory.vmio.exports import GaneshaExporter  # noqa: E402
 
 GUEST_DIR = os.path.join(REPO, "images", "build", "tiny-guest")
 PILOT = os.path.join(REPO, "contextualization", "demo-pilot.sh")
 #: the drain's shutdown_time is this far ahead: pilots (heartbeat every 5 s) stop by themselves
 #: before it plus grace_seconds (conf/demo.conf), when the factory would kill them
 DRAIN_SECONDS = 10
+#: with --state-dir: read after the configuration, it sets state_dir (kept in the state directory)
+STATE_DIR_CONF = "demo-state-dir.conf"
+
+
+def config_sources(config: str, state_dir: Optional[str]) -> ConfigSources:
+    """The sources `vacfactory --config CONFIG run` reads; with ``state_dir``, plus a file read
+    after CONFIG that moves the state directory there (the runtime override follows it)."""
+    sources = ConfigSources.for_main_file(config)
+    if not state_dir:
+        return sources
+    state_dir = os.path.abspath(state_dir)
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    late = os.path.join(state_dir, STATE_DIR_CONF)
+    atomic_write_text(late, f"# written by tools/demo.py --state-dir\n[settings]\nstate_dir = {state_dir}\n")
+    return dataclasses.replace(sources, late_files=sources.late_files + (late,))
+
+
+def stop_nfs_server(daemon: Daemon) -> str:
+    """Stop the nfs-ganesha the factory started for NFS VMs, now that none is left to serve
+    (the factory never stops it: it keeps serving running VMs across factory restarts)."""
+    exporter = daemon.boundary.exporter
+    if not isinstance(exporter, GaneshaExporter) or exporter.running_pid() is None:
+        return ""
+    exporter.stop_server()
+    return "nfs-ganesha stopped"
 
 
 def link_machinetype_files(daemon: Daemon) -> None:
@@ -75,12 +105,15 @@ def summarize(daemon: Daemon, since: float, backoffs: "dict[str, float]", draine
     outcomes = collections.Counter(m.finished.outcome for m in machines if m.finished)
     messages = collections.Counter(m.finished.message or m.finished.reason for m in machines if m.finished)
     accounted = sum(1 for m in machines if m.accounted and m.accounted.archive)
+    transports = collections.Counter((m.record.machinetype, m.record.mjf_transport) for m in machines)
     lines = [
         "",
         "demo summary",
         f"  VMs created: {len(machines)}",
         "  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
         f"  APEL records archived: {accounted}",
+        "  MJF: " + ", ".join(f"{name} over {transport} ({count} VMs)"
+                              for (name, transport), count in sorted(transports.items())),
         "  shutdown messages:",
     ]
     lines.extend(f"    {count:3d} x {message}" for message, count in messages.most_common())
@@ -126,12 +159,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(REPO, "conf", "demo.conf"))
     parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("--state-dir", help="the factory's state directory instead of the configuration's "
+                        "state_dir (tests run the demo in a temporary directory)")
     args = parser.parse_args()
     for needed in ("vmlinux", "initrd.img"):
         if not os.path.exists(os.path.join(GUEST_DIR, needed)):
             print(f"missing {GUEST_DIR}/{needed}: run images/build-tiny-guest.sh (make setup)", file=sys.stderr)
             return 1
-    daemon = Daemon(ConfigSources.for_main_file(args.config))
+    daemon = Daemon(config_sources(args.config, args.state_dir))
     state_dir = daemon.config.settings.state_dir
     os.makedirs(state_dir, exist_ok=True)
     try:
@@ -179,7 +214,11 @@ def main() -> int:
         os.unlink(os.path.join(state_dir, "runtime.conf"))
     except FileNotFoundError:
         pass
+    # VMs left running (the demo was interrupted) keep their NFS mounts and so their server
+    stopped = "" if any(m.live for m in daemon.factory.machines.values()) else stop_nfs_server(daemon)
     print(summarize(daemon, started, backoffs, drained_at))
+    if stopped:
+        print(f"  {stopped}")
     return 0
 
 

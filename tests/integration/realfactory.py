@@ -1,12 +1,16 @@
 """A real factory for integration tests: one `vacfactory run` subprocess with real TCG guests.
 
-Shared by the VM-boundary and traceability tests. Every slot has the same MAC and IP in every
+Shared by the VM-boundary, traceability, drain and demo tests; also what they check with:
+nfs-ganesha's exports (``ganesha_exports``), who holds the NFS port (``nfs_port_holder``), the
+libvirt domains of a factory (``domains_named``). Every slot has the same MAC and IP in every
 factory, so another factory with real VMs on this host at the same time spoils a run; the
 harness watches for that (``look_for_foreign_vms``/``assert_alone``).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import signal
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import libvirt
@@ -26,6 +31,9 @@ from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.vmio.exports import GaneshaExporter
 
 VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
+REPO = Path(__file__).resolve().parents[2]
+PILOT = str(REPO / "contextualization" / "demo-pilot.sh")
+EXPORT_MARK = "# vacfactory-export "  # vmio.exports: one JSON line per export in ganesha.conf
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5,
@@ -191,3 +199,37 @@ def read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def nfs_port_holder() -> Optional[str]:
+    """Who already listens on 169.254.169.254:2049 (where the factory's ganesha must bind).
+
+    SO_REUSEADDR, as servers bind: the TIME_WAIT connections an earlier run's NFS clients left
+    on the port (for a minute) are no server and do not stop ganesha from binding."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("169.254.169.254", 2049))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return None  # no such address yet: the daemon creates the network
+            shown = subprocess.run(["ss", "-Hltnp", "sport = :2049"], capture_output=True, text=True)
+            return shown.stdout.strip() or str(error)
+    return None
+
+
+def ganesha_exports(state_dir: str) -> List[dict]:
+    """The exports in the ganesha.conf of the factory with ``state_dir`` (one dict per export)."""
+    text = read(os.path.join(state_dir, "ganesha", "ganesha.conf"))
+    return [json.loads(line[len(EXPORT_MARK):]) for line in text.splitlines() if line.startswith(EXPORT_MARK)]
+
+
+def domains_named(factory_name: str, uri: str = "qemu:///system") -> List[str]:
+    """Names of every domain of the factory ``factory_name`` libvirt knows, running or only
+    defined (the engine's own listing covers running domains)."""
+    pattern = naming.domain_pattern(factory_name)
+    conn = libvirt.openReadOnly(uri)
+    try:
+        return sorted(d.name() for d in conn.listAllDomains(0) if pattern.match(d.name()))
+    finally:
+        conn.close()

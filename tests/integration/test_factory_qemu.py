@@ -2,8 +2,11 @@
 
 - a 2-processor factory runs at least 4 VMs to completion and replaces each one promptly
   (cycle_seconds is 60, so a prompt refill proves the libvirt event drives it);
-- after a drain nothing is left behind: no domain, no disk (each VM has a qcow2 overlay on a
-  root_image), no machine directory;
+- after a drain by shutdown_time nothing is left behind: no domain, no disk (each VM has a
+  qcow2 overlay on a root_image), no machine directory;
+- `vacfactory drain` (``draining = yes`` in the runtime override) lets the running pilots (MJF
+  over nfs-ganesha) finish their work and end with their own shutdown_message, creates no VM
+  after it, and leaves no domain, disk, NFS export or (after retention) machine directory;
 - kill -9 of the daemon while VMs run, then a restart: the same VMs, no duplicates, no zombies.
 """
 
@@ -25,7 +28,9 @@ import pytest
 from vacfactory.engine import naming
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
-from tests.integration.realfactory import wait_for
+from tests.integration.realfactory import (
+    PILOT, RealFactory, domains_named, ganesha_exports, nfs_port_holder, read, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -161,8 +166,13 @@ def test_two_processors_run_vms_to_completion_refill_promptly_and_drain_clean(da
             if previous.finished and following.started:
                 gaps.append(following.started.time - previous.finished.end_time)
     assert len(gaps) >= 3
+    median = statistics.median(gaps)
+    print(f"refill gaps: median {median:.2f} s, max {max(gaps):.2f} s")
     assert max(gaps) < 15, f"refill gaps {gaps} (cycle_seconds is 60: events must drive refills)"
-    print(f"refill gaps: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s")
+    # a generous bound that still proves the stop event drives the refill (a periodic round
+    # would give a median near cycle_seconds / 2 = 30 s) yet tolerates a busy CI host; the real
+    # figure (median < 1 s) is measured and printed with its goal by `make bench`
+    assert median < 5, f"median refill gap {median:.2f} s of {gaps}"
 
     drain(d)
     wait_for(lambda: not d.domains() and all(m.state == "done" for m in d.machines().values()), 90,
@@ -201,3 +211,87 @@ def test_kill_9_and_restart_keeps_the_same_vms_without_duplicates_or_zombies(dae
     reasons = {m.finished.reason for m in d.machines().values()}
     assert reasons <= {"shutdown_time", "wallclock"}
     d.stop()
+
+
+#: the drain test's pilots work this long; the drain comes while they work
+DRAIN_PILOT_LIFETIME = 25
+
+
+def test_draining_yes_lets_running_vms_end_by_themselves_and_leaves_nothing_behind(tiny_guest):
+    holder = nfs_port_holder()
+    if holder:
+        pytest.fail(f"another NFS server holds 169.254.169.254:2049, where the factory's nfs-ganesha must bind: "
+                    f"{holder}")
+    workdir = tempfile.mkdtemp(prefix="vfit-")
+    os.chmod(workdir, 0o755)
+    f = RealFactory(workdir, "d")
+    f.write_config("total_processors = 2\nnfs_exporter = ganesha\n", textwrap.dedent(f"""\
+        [machinetype pilot]
+        target_share = 1
+        machine_model = vm-raw
+        kernel_image = {tiny_guest.kernel}
+        initrd_image = {tiny_guest.initrd}
+        kernel_cmdline = console=ttyS0 quiet panic=-1
+        user_data = {PILOT}
+        mjf_transport = nfs
+        user_data_option_mjf = nfs
+        user_data_option_outcome = 200 Success
+        user_data_option_lifetime = {DRAIN_PILOT_LIFETIME}
+        user_data_option_heartbeat_interval = 5
+        heartbeat_file = heartbeat
+        heartbeat_seconds = 60
+        fizzle_seconds = 30
+        backoff_seconds = 1
+        machines_dir_days = 0.0002
+        """))
+    try:
+        f.start()
+        # both slots run a pilot that has mounted its NFS exports and reported its MJF
+        working = lambda: [m for m in f.machines().values()  # noqa: E731
+                           if m.started and m.finished is None
+                           and os.path.exists(os.path.join(m.joboutputs_dir, "mjf_report"))]
+        wait_for(lambda: len(working()) == 2, 120, "2 pilots at work", factory=f)
+        before = {m.uuid: m for m in f.machines().values()}
+        assert len(before) == 2
+        assert len(ganesha_exports(f.state_dir)) == 6, "3 exports per running NFS VM"
+
+        log_before = len(f.log_text())
+        drained_at = time.time()
+        done = subprocess.run([VACFACTORY, "--config", f.config, "drain"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "draining = yes" in read(os.path.join(f.state_dir, "runtime.conf"))
+        f.sighup()
+
+        wait_for(lambda: all(m.state == "done" for m in f.machines().values()), DRAIN_PILOT_LIFETIME + 90,
+                 "the running VMs to end by themselves and be accounted", factory=f)
+        # a few more rounds (cycle_seconds = 5) with both processors free: still nothing new
+        time.sleep(12)
+        after = f.log_text()[log_before:]
+        assert "decision: draining" in after, after
+        assert ": created pilot " not in after, f"a VM was created after the drain:\n{after}"
+        machines = f.machines()
+        assert set(machines) == set(before), "no VM was created after the drain"
+        for m in machines.values():
+            finished = m.finished
+            # ended by itself, after the drain, with its own outcome: not killed, not stopped early
+            assert (finished.reason, finished.code, finished.text) == ("shutdown_message", 200, "Success"), finished
+            assert finished.end_time > drained_at
+            console = read(m.console_log)
+            assert "PILOT: shutdown_message: 200 Success" in console, console
+            assert "stopping early" not in console
+            assert f"{m.name}: killing" not in after
+            assert m.accounted is not None and m.accounted.archive, f"{m.name} has no APEL record"
+            assert os.listdir(m.disks_dir) == [], f"{m.name} left disks behind"
+
+        assert f.domains() == [] and domains_named(f.name) == [], "no domain of the factory is left"
+        assert ganesha_exports(f.state_dir) == [], "every NFS export was withdrawn"
+        # retention (machines_dir_days = 0.0002, about 17 s; checked every minute)
+        wait_for(lambda: f.machines() == {}, 120, "machine directories to be removed after retention", factory=f)
+        assert os.listdir(os.path.join(f.state_dir, "machines")) == []
+        f.stop()
+        f.assert_alone()
+        assert "Traceback" not in f.log_text()
+    finally:
+        f.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -5,7 +5,8 @@ port 80 and NFS on .254:2049); each module-scoped scenario runs its factory to t
 it, and the tests then check what the VMs reported against what the factory wrote:
 
 - HTTP (2 slots, machinetypes ``nowork`` and ``steady``, both running the demo pilot):
-  nowork's ``mjf_report`` holds every machine/job features key with the factory's value, it
+  nowork's ``mjf_report`` holds every machine/job features key with the factory's value (the
+  site's extra ``machinefeatures_option_db12`` included, here and over NFS), it
   heartbeats and ends with ``300 Nothing to do``: an abort, after which its slot goes to
   ``steady`` (which without the backoff would lose: nowork runs nothing and is the most
   starved). A steady VM that heartbeats outlives heartbeat_seconds + fizzle_seconds. A drain
@@ -28,33 +29,32 @@ and logs (in /tmp/vfvb-*), ``VFVB_LOG_LEVEL=DEBUG`` makes the daemons log every 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
 from vacfactory.state.machines import Machine
-from tests.integration.realfactory import VACFACTORY, RealFactory, read, wait_for
+from tests.integration.realfactory import (  # test_hostile_vm_qemu imports PILOT, nfs_port_holder from here
+    PILOT, VACFACTORY, RealFactory, ganesha_exports, nfs_port_holder, read, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-PILOT = str(REPO / "contextualization" / "demo-pilot.sh")
-EXPORT_MARK = "# vacfactory-export "  # vmio.exports: one JSON line per export in ganesha.conf
-
 HEARTBEAT_SECONDS = 20
 GRACE_SECONDS = 30
+#: a site's extra machinefeatures key (``machinefeatures_option_XXX``), set in the HTTP and NFS
+#: scenarios: the VM must read it back like the standard keys
+SITE_EXTRA = ("db12", "12.5")
+SITE_EXTRA_SETTING = f"machinefeatures_option_{SITE_EXTRA[0]} = {SITE_EXTRA[1]}\n"
 
 
 def factory_mjf(machine: Machine) -> Dict[str, str]:
@@ -84,7 +84,11 @@ def assert_report_matches_factory(machine: Machine) -> None:
                 "jobfeatures/wall_limit_secs", "jobfeatures/allocated_cpu"):
         assert key in expected, f"the factory did not write {key}"
     assert expected["jobfeatures/job_id"] == machine.uuid
-    assert pilot_report(machine) == expected, read(machine.console_log)
+    report = pilot_report(machine)
+    assert report == expected, read(machine.console_log)
+    # the site's extra key: written by the factory as configured, and read back by the VM
+    key, value = f"machinefeatures/{SITE_EXTRA[0]}", SITE_EXTRA[1]
+    assert (expected.get(key), report.get(key)) == (value, value), read(machine.console_log)
 
 
 def joboutputs(machine: Machine) -> Dict[str, str]:
@@ -152,7 +156,7 @@ def http_run(workdir, tiny_guest) -> HttpRun:
         total_processors = 2
         grace_seconds = {GRACE_SECONDS}
         nfs_exporter = none
-        """,
+        """ + SITE_EXTRA_SETTING,
         machinetypes(
             tiny_guest,
             demo_pilot_type("nowork", 1, """\
@@ -303,24 +307,6 @@ class NfsRun:
     elapsed: float
 
 
-def nfs_port_holder() -> Optional[str]:
-    """Who already listens on 169.254.169.254:2049 (where the factory's ganesha must bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("169.254.169.254", 2049))
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE:
-                return None  # no such address yet: the daemon creates the network
-            shown = subprocess.run(["ss", "-Hltnp", "sport = :2049"], capture_output=True, text=True)
-            return shown.stdout.strip() or str(error)
-    return None
-
-
-def ganesha_exports(f: RealFactory) -> List[dict]:
-    text = read(os.path.join(f.state_dir, "ganesha", "ganesha.conf"))
-    return [json.loads(line[len(EXPORT_MARK):]) for line in text.splitlines() if line.startswith(EXPORT_MARK)]
-
-
 @pytest.fixture(scope="module")
 def nfs_run(workdir, tiny_guest) -> NfsRun:
     holder = nfs_port_holder()
@@ -333,7 +319,7 @@ def nfs_run(workdir, tiny_guest) -> NfsRun:
         """\
         total_processors = 1
         nfs_exporter = ganesha
-        """,
+        """ + SITE_EXTRA_SETTING,
         machinetypes(tiny_guest, demo_pilot_type("nfswork", 1, """\
             mjf_transport = nfs
             user_data_option_mjf = nfs
@@ -346,10 +332,10 @@ def nfs_run(workdir, tiny_guest) -> NfsRun:
         f.start()
         machine = wait_for(lambda: next((m for m in f.machines().values() if m.started), None), 60,
                            "the NFS VM to start", interval=0.05, factory=f)
-        at_start = ganesha_exports(f)
+        at_start = ganesha_exports(f.state_dir)
         wait_for(lambda: f.machines()[machine.uuid].state == "done", 120, "the NFS VM to end and be cleaned",
                  factory=f)
-        after = ganesha_exports(f)
+        after = ganesha_exports(f.state_dir)
         f.stop()
         f.assert_alone()
         return NfsRun(f, f.machines()[machine.uuid], at_start, after, f.log_text(), time.monotonic() - began)
