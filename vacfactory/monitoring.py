@@ -169,6 +169,10 @@ def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], Un
     error = status.error()
     if error:
         problems.append((CRITICAL, f"creation error: {error.splitlines()[0]}"))
+    current = status.status() or {}
+    paused = current.get("creation_paused")
+    if isinstance(paused, str) and paused:  # the engine stopped creating: the disk is full
+        problems.append((CRITICAL, paused.splitlines()[0]))
 
     answer = libvirt_ping()
     if answer is False:
@@ -191,7 +195,7 @@ def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], Un
             problems.append((WARNING, f"only {free} MiB free in {state_dir}"))
 
     _accounting(settings, now, problems, perfdata)
-    summary, counts = _summary(status.status(), settings.total_processors)
+    summary, counts = _summary(current, settings.total_processors)
     perfdata = counts + perfdata
     return _result(problems, summary, perfdata)
 

@@ -107,6 +107,21 @@ def test_creation_error_is_critical_with_its_first_line_and_no_pipe_characters(h
     assert result.line.count(" | ") == 1 and "Traceback" not in result.line
 
 
+def test_paused_creation_is_critical_with_the_engines_reason(healthy):
+    StatusFiles(healthy).write_status({
+        "running_processors": 3, "running_machines": 3, "total_processors": 16,
+        "creation_paused": "creation paused: state dir /var/lib/vacfactory has 12 MiB free, needs 64",
+    })
+    result = check(healthy)
+    assert result.code == CRITICAL
+    assert result.line.startswith("VACFACTORY CRITICAL - creation paused: state dir /var/lib/vacfactory "
+                                  "has 12 MiB free, needs 64 (3/16 processors, 3 VMs)"), result.line
+    # resumed: the engine writes null, and the check is OK again
+    StatusFiles(healthy).write_status({"running_processors": 3, "running_machines": 3, "total_processors": 16,
+                                       "creation_paused": None})
+    assert check(healthy).code == OK
+
+
 def test_unreachable_libvirt_is_critical(healthy):
     result = check(healthy, ping=False)
     assert result.code == CRITICAL and "libvirt test:///default unreachable" in result.line
