@@ -1,6 +1,6 @@
 """Space benchmarks (``python tests/bench/bench_space.py``; ``make bench`` runs it).
 
-Prints three lines and exits non-zero if a goal is missed:
+Prints four lines and exits non-zero if a goal is missed:
 
 - ``space query``: one ``machinetypes_query`` round to 200 factories on loopback (the real
   :class:`Responder` class, 50 threads in each of 4 processes on 127.0.0.2-201) with 2% of
@@ -9,6 +9,9 @@ Prints three lines and exits non-zero if a goal is missed:
   of 2 s timeouts with no overall bound, so one lost datagram costs it at least 2 s.
 - ``responder``: ``factory_query`` answers per second of one responder process pinned to one
   core, fed by a client pinned to the other; goal >= 5000.
+- ``responder latency``: 300 ``factory_query`` answers timed from another process while two
+  threads play a busy engine (pure-Python work holding the GIL, a new snapshot every
+  millisecond); goal p99 < 50 ms.
 - ``share accuracy``: the simulator, 100 factories x 32 processors, shares 5:3:2, random
   lifetimes; achieved vs target processor share after the warm-up; goals <= 2 points, and
   <= 5 points with 10% of the factories unreachable.
@@ -25,6 +28,10 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tests.unit.test_space_responder import latencies_while_the_engine_keeps_the_interpreter_busy  # noqa: E402
 from vacfactory.space.client import query_space
 from vacfactory.space.protocol import QueryType, encode_query
 from vacfactory.space.responder import Responder
@@ -202,6 +209,11 @@ def main() -> int:
     print(f"responder: {rate:,.0f} factory_query answers/s on one core (goal >= 5000)",
           flush=True)
     failures += rate < 5000
+    latencies = latencies_while_the_engine_keeps_the_interpreter_busy(300)
+    p99 = latencies[int(0.99 * len(latencies)) - 1]
+    print(f"responder latency while the engine is busy: median {statistics.median(latencies) * 1000:.1f} ms, "
+          f"p99 {p99 * 1000:.1f} ms over {len(latencies)} queries (goal p99 < 50 ms)", flush=True)
+    failures += p99 >= 0.050
     full, partial = bench_share_accuracy()
     print(f"share accuracy: max deviation {full:.2f} points (goal <= 2); "
           f"with 10% unreachable: {partial:.2f} points (goal <= 5)", flush=True)
