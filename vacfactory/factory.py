@@ -41,7 +41,7 @@ from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
 from vacfactory.state.machines import Machine, MachineStore
-from vacfactory.state.records import Accounted, Finished, VMRecord
+from vacfactory.state.records import Finished
 from vacfactory.state.status import StatusFiles
 
 log = logging.getLogger(__name__)

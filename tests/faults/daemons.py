@@ -9,7 +9,6 @@ directory and log, a unique factory name (so a unique domain-name pattern) and U
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import os
@@ -22,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from tests.integration.realfactory import nfs_port_holder  # noqa: F401 - the fault tests take it from here
 from vacfactory.engine import naming
 from vacfactory.errors import HypervisorError
 from vacfactory.state.machines import MachineStore
@@ -227,21 +227,6 @@ class FactoryUnderTest:
             self.ganesha().stop_server()
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
-
-
-def nfs_port_holder() -> Optional[str]:
-    """Who already listens on 169.254.169.254:2049, where a factory's nfs-ganesha must bind."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as a server binds: connections of an earlier NFS server in TIME_WAIT do not count
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("169.254.169.254", 2049))
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE:
-                return None  # no such address yet: the daemon creates the network
-            shown = subprocess.run(["ss", "-Hltnp", "sport = :2049"], capture_output=True, text=True)
-            return shown.stdout.strip() or str(error)
-    return None
 
 
 def ask_responder(factory: FactoryUnderTest) -> Tuple[bool, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from vacfactory.core.efficiency import Efficiency, machinetype_efficiency, total_efficiency, vm_efficiency
 
@@ -71,6 +71,7 @@ _rows = st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), _seconds, _seconds,
 
 
 @given(cpu=_seconds, wall=_seconds, processors=st.integers(min_value=-4, max_value=1024))
+@example(cpu=2.0, wall=1.1125369292536007e-308, processors=1)  # overflowed to inf once
 def test_vm_efficiency_is_never_negative_or_nan(cpu, wall, processors):
     value = vm_efficiency(cpu, wall, processors)
     assert value is None or (math.isfinite(value) and value >= 0)
@@ -90,9 +91,9 @@ def test_aggregates_equal_the_ratio_of_the_clean_sums(rows, since):
         capacity = sum(clean(r[2]) * max(r[3], 0) for r in mine)
         assert eff.cpu_hours == pytest.approx(cpu / 3600, rel=1e-9)
         assert eff.processor_hours == pytest.approx(capacity / 3600, rel=1e-9)
-        if capacity > 0:
+        if capacity > 0 and math.isfinite(cpu / capacity):
             assert eff.efficiency == pytest.approx(cpu / capacity, rel=1e-9)
             assert eff.efficiency >= 0
-        else:
+        else:  # no processor-time, or so little that the ratio overflows: no figure
             assert eff.efficiency is None
     assert set(result) == {r[0] for r in rows if r[4] >= since}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from vacfactory.cli.common import (
     EXIT_FAILURE,

@@ -38,9 +38,16 @@ def _non_negative(value: float) -> float:
 def vm_efficiency(cpu_seconds: float, wall_seconds: float, processors: int) -> Optional[float]:
     """CPU seconds / (wall seconds x processors); None when the VM held no processor-time."""
     capacity = _non_negative(wall_seconds) * _non_negative(processors)
+    return _ratio(_non_negative(cpu_seconds), capacity)
+
+
+def _ratio(cpu: float, capacity: float) -> Optional[float]:
+    """cpu / capacity; None for no capacity, or a capacity so small the ratio overflows
+    (a wall time of 1e-308 s is a broken reading, not a VM)."""
     if capacity <= 0:
         return None
-    return _non_negative(cpu_seconds) / capacity
+    value = cpu / capacity
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class _Sum:
             cpu_hours=self.cpu / 3600.0,
             wall_hours=self.wall / 3600.0,
             processor_hours=self.capacity / 3600.0,
-            efficiency=self.cpu / self.capacity if self.capacity > 0 else None,
+            efficiency=_ratio(self.cpu, self.capacity),
         )
 
 
