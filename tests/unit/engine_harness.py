@@ -164,3 +164,14 @@ def kernel_file(directory: str) -> str:
     with open(path, "wb") as f:
         f.write(b"\x7fELF not really a kernel")
     return path
+
+
+def close_daemons(daemons) -> None:
+    """Stop in-process daemons (vacfactory.daemon.Daemon) and destroy their domains: the
+    test driver is shared by the whole process, so a test's VMs must not outlive it."""
+    for daemon in daemons:
+        pattern = naming.domain_pattern(daemon.config.settings.factory_name)
+        for domain in daemon.hypervisor.list_domains():
+            if pattern.match(domain.name):
+                daemon.hypervisor.destroy(domain.uuid)
+        daemon.close()

@@ -18,13 +18,12 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.unit.engine_harness import HOST, Clock, kernel_file
+from tests.unit.engine_harness import HOST, Clock, close_daemons, kernel_file
 from tests.unit.test_apel_support import StompStub, make_pki, make_usage, read_queue, wait_until
 from vacfactory.accounting import AccountingSettings, account_vm
 from vacfactory.config.loader import ConfigSources
 from vacfactory.core.apel import SYNC, parse_message
 from vacfactory.daemon import Daemon
-from vacfactory.engine import naming
 
 DAY = 86400.0
 #: how long the job is given to (wrongly) do something more: many of its runs at JOB_PAUSE
@@ -82,12 +81,7 @@ def start_daemon() -> Iterator:
         return daemon, clock
 
     yield start
-    for daemon in started:
-        pattern = naming.domain_pattern(daemon.config.settings.factory_name)
-        for domain in daemon.hypervisor.list_domains():
-            if pattern.match(domain.name):
-                daemon.hypervisor.destroy(domain.uuid)
-        daemon.close()
+    close_daemons(started)
 
 
 def sync_records(outgoing_dir: str) -> List[dict]:

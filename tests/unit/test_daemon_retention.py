@@ -19,10 +19,9 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.unit.engine_harness import HOST, Clock, kernel_file
+from tests.unit.engine_harness import HOST, Clock, close_daemons, kernel_file
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import RETENTION_SECONDS, Daemon
-from vacfactory.engine import naming
 from vacfactory.state import kept
 
 DAY = 86400.0
@@ -77,12 +76,7 @@ def start_daemon(tmp_path) -> Iterator:
         return daemon, path
 
     yield start
-    for daemon in started:
-        pattern = naming.domain_pattern(daemon.config.settings.factory_name)
-        for domain in daemon.hypervisor.list_domains():
-            if pattern.match(domain.name):
-                daemon.hypervisor.destroy(domain.uuid)
-        daemon.close()
+    close_daemons(started)
 
 
 def write_aged(path: str, age_seconds: float) -> str:
