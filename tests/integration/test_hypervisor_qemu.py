@@ -574,6 +574,13 @@ def test_a_slot_port_is_bound_once_and_every_later_vm_on_the_slot_reuses_it(hv, 
     # the binding outlives the VM, with its rules (keyed by the port's name)
     assert binding(port) is not None and ebtables_rules(port)
 
+    # somebody took the port down: the next VM of the slot finds it up again, still bound once
+    subprocess.run(["ip", "link", "set", "dev", port, "down"], check=True)
+    run_one()
+    assert bindings_made() == 1
+    with open(f"/sys/class/net/{port}/flags") as flags:
+        assert int(flags.read(), 16) & 0x1, "the slot port was left down"
+
     # somebody deleted the binding: the next VM of the slot has it made again first
     subprocess.run(["virsh", "-c", "qemu:///system", "nwfilter-binding-delete", port], check=True,
                    capture_output=True)

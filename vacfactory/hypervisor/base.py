@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, List, Optional, Protocol, Tuple
 
-from .network import NetworkSpec
+from .network import NetworkSpec, check_port
 
 __all__ = [
     "DomainState",
@@ -56,7 +56,6 @@ _TARGET_DEV = re.compile(r"\A(vd|sd|hd)[a-z]{1,2}\Z")
 _TAG = re.compile(r"\A[A-Za-z0-9_.-]{1,31}\Z")
 _MAC = re.compile(r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 _NETWORK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_PORT_NAME = re.compile(r"\Avfslot[0-9]{3}\Z")  # network.slot_port
 
 
 def check_path(what: str, path: str) -> str:
@@ -131,8 +130,7 @@ class InterfaceSpec:
         if not _NETWORK_NAME.match(self.network):
             raise ValueError(f"interface: bad network name {self.network!r}")
         if self.port is not None:
-            if not _PORT_NAME.match(self.port):
-                raise ValueError(f"interface: bad slot port name {self.port!r}")
+            check_port(self.port)
             if not self.anti_spoofing or self.ip is None:
                 # a slot port is only ever used with its filter: never an unfiltered NIC
                 raise ValueError(f"interface {self.port}: a slot port needs anti_spoofing and ip")

@@ -9,8 +9,8 @@ services the VMs reach (169.254.169.253: MJF and joboutputs over HTTP).
 The DHCP section has only static hosts, no range: dnsmasq then answers only known MACs, so a
 VM cannot take another slot's address by DHCP.
 
-This module is pure except for the bridge helpers at the end, which run ``ip`` (argument
-lists, validated values). The libvirt side (define, start, update, repair) lives in
+This module is pure except for the bridge and slot-port helpers at the end, which run ``ip``
+(argument lists, validated values) and read ``/sys/class/net``. The libvirt side (define, start, update, repair) lives in
 :mod:`.libvirt_hv`, which uses :func:`network_problems` and :func:`dhcp_host_changes` to
 decide.
 """
@@ -382,13 +382,23 @@ def ensure_tap(port: str, bridge: str) -> bool:
         log.info("%s: created the slot's tap", port)
     elif not os.path.exists(os.path.join(_SYS_NET, port, "tun_flags")):
         raise HypervisorError(f"{port} exists and is not a tap device: not using it")
-    if master != bridge:
+    if master != bridge or not _is_up(port):
         result = _run_ip(["link", "set", "dev", port, "master", bridge, "up"])
         if result.returncode != 0:
             raise HypervisorError(f"ip link set dev {port} master {bridge}: {result.stderr.strip()}")
         if not created:
-            log.warning("%s: was on %r, put back on %s", port, master or "no bridge", bridge)
+            log.warning("%s: was on %r%s, put back on %s, up", port, master or "no bridge",
+                        "" if master != bridge else " but down", bridge)
     return created
+
+
+def _is_up(port: str) -> bool:
+    """Is the device administratively up (IFF_UP in /sys/class/net/PORT/flags)?"""
+    try:
+        with open(os.path.join(_SYS_NET, port, "flags")) as f:
+            return bool(int(f.read().strip(), 16) & 0x1)
+    except (OSError, ValueError):
+        return False
 
 
 def held_ports(bridge: str) -> List[str]:
