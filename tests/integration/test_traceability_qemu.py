@@ -352,7 +352,11 @@ def test_cpu_seconds_match_libvirt_and_efficiency_is_cpu_over_wall_times_process
         wall = finished.end_time - machine.started.time
         assert wall > 0
         assert finished.cpu_efficiency == pytest.approx(finished.cpu_seconds / (wall * machine.record.processors))
-        assert 0 < finished.cpu_efficiency <= 1.05
+        # libvirt's CPU time is the whole qemu process's: besides the vCPU thread, TCG's
+        # emulator and I/O threads, and qemu's start-up before the domain counts as started.
+        # A guest that keeps its one vCPU busy (the flood) was measured at up to 1.06 on a
+        # loaded host, so the bound is a sanity check, not the figure's precision
+        assert 0 < finished.cpu_efficiency <= 1.25
     # the flood kept its processor busy, the quiet VM mostly slept
     assert trace_run.flood.finished.cpu_efficiency > trace_run.quiet.finished.cpu_efficiency
 
