@@ -140,7 +140,7 @@ class Daemon:
         self.store = MachineStore(settings.state_dir)
         # background: the engine never waits for an image download (the watchdog, the limits)
         self.images = ImageCache(
-            os.path.join(settings.state_dir, "imagecache"), settings.pipe_ca_path,
+            settings.image_cache_dir, settings.pipe_ca_path,
             settings.image_fetch_timeout_seconds, settings.image_check_seconds,
             background=True, on_ready=lambda: self.factory.wake.set(),
         )

@@ -34,7 +34,7 @@ import urllib3
 from vacfactory import __version__
 from vacfactory.atomic import atomic_write_bytes, atomic_write_json
 from vacfactory.config import pipes as pipelib
-from vacfactory.config.loader import PIPE_CACHE_DIR, pipe_cache_path, pipe_meta_path
+from vacfactory.config.loader import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,11 @@ def _describe(error: requests.RequestException) -> str:
 # --------------------------------------------------------------------------- the cache
 
 
-def read_meta(state_dir: str, prefix: str) -> Dict[str, Any]:
-    """The sidecar of a pipe cache ({} if missing or unreadable)."""
+def read_meta(state_dir: str, prefix: str, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The sidecar of a pipe cache ({} if missing or unreadable); ``cache_dir`` replaces
+    ``<state_dir>/pipescache`` (the pipes_cache_dir option)."""
     try:
-        with open(pipe_meta_path(state_dir, prefix), encoding="utf-8") as f:
+        with open(_meta_path(state_dir, prefix, cache_dir), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -218,35 +219,47 @@ def is_due(meta: Dict[str, Any], url: str, cache_exists: bool, now: float) -> bo
     return now >= _number(meta, "fetched", 0.0) + cache_seconds
 
 
+def _cache_path(state_dir: str, prefix: str, cache_dir: Optional[str]) -> str:
+    return os.path.join(cache_dir, prefix + PIPE_CACHE_SUFFIX) if cache_dir else pipe_cache_path(state_dir, prefix)
+
+
+def _meta_path(state_dir: str, prefix: str, cache_dir: Optional[str]) -> str:
+    return os.path.join(cache_dir, prefix + PIPE_META_SUFFIX) if cache_dir else pipe_meta_path(state_dir, prefix)
+
+
 def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float, settings: FetchSettings,
-                 session: Optional[requests.Session] = None, force: bool = False) -> List[str]:
-    """Refresh one pipe's cache if it is due; return the problems to report (empty if none)."""
+                 session: Optional[requests.Session] = None, force: bool = False,
+                 cache_dir: Optional[str] = None) -> List[str]:
+    """Refresh one pipe's cache if it is due; return the problems to report (empty if none).
+
+    The cache is ``<state_dir>/pipescache/<prefix>.pipe``, or ``<cache_dir>/<prefix>.pipe``."""
     where = pipelib.label(prefix, url)
-    cache = pipe_cache_path(state_dir, prefix)
-    meta = read_meta(state_dir, prefix)
+    cache = _cache_path(state_dir, prefix, cache_dir)
+    meta_path = _meta_path(state_dir, prefix, cache_dir)
+    meta = read_meta(state_dir, prefix, cache_dir)
     cache_exists = os.path.isfile(cache)
     if not force and not is_due(meta, url, cache_exists, now):
         return []
-    os.makedirs(os.path.join(state_dir, PIPE_CACHE_DIR), mode=0o755, exist_ok=True)
+    os.makedirs(os.path.dirname(cache), mode=0o755, exist_ok=True)
     same_url = cache_exists and meta.get("url") == url
     try:
         fetched = fetch(url, settings, meta.get("etag") if same_url else None,
                         meta.get("last_modified") if same_url else None, session)
     except FetchError as error:
-        return [_failed(state_dir, prefix, meta, now, where, f"cannot fetch: {error}", cache_exists)]
+        return [_failed(meta_path, meta, now, where, f"cannot fetch: {error}", cache_exists)]
     if fetched.body is None:
         meta.update(url=url, fetched=now, attempted=now, error=None)
-        atomic_write_json(pipe_meta_path(state_dir, prefix), meta)
+        atomic_write_json(meta_path, meta)
         log.debug("%s: not modified", where)
         return []
     try:
         document = pipelib.parse_document(fetched.body)
     except pipelib.PipeError as error:
-        return [_failed(state_dir, prefix, meta, now, where, f"bad document: {error}", cache_exists)]
+        return [_failed(meta_path, meta, now, where, f"bad document: {error}", cache_exists)]
     expansion = pipelib.expand(prefix, url, share, document)
     if not pipelib.usable(expansion, document):
         problems = list(expansion.problems)
-        problems.append(_failed(state_dir, prefix, meta, now, where,
+        problems.append(_failed(meta_path, meta, now, where,
                                 "bad document: none of its machinetypes is valid", cache_exists))
         return problems
     if not same_url or _read(cache) != fetched.body:
@@ -255,7 +268,7 @@ def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float
                  ", ".join(m.name for m in expansion.machinetypes) or "none")
     meta = {"url": url, "fetched": now, "attempted": now, "error": None, "cache_seconds": document.cache_seconds,
             "etag": fetched.etag, "last_modified": fetched.last_modified}
-    atomic_write_json(pipe_meta_path(state_dir, prefix), meta)
+    atomic_write_json(meta_path, meta)
     return list(expansion.problems)
 
 
@@ -267,12 +280,12 @@ def _read(path: str) -> Optional[bytes]:
         return None
 
 
-def _failed(state_dir: str, prefix: str, meta: Dict[str, Any], now: float, where: str, why: str,
+def _failed(meta_path: str, meta: Dict[str, Any], now: float, where: str, why: str,
             cache_exists: bool) -> str:
     """Record a failed attempt (for the retry spacing) and say what stays in use."""
     meta = dict(meta, attempted=now, error=why)
     try:
-        atomic_write_json(pipe_meta_path(state_dir, prefix), meta)
+        atomic_write_json(meta_path, meta)
     except OSError as error:
         log.error("%s: cannot record the failed fetch: %s", where, error)
     if cache_exists:
@@ -290,6 +303,8 @@ def refresh_pipes(config: Any, state_dir: Optional[str] = None, now: Optional[fl
     The daemon calls this periodically (it blocks for up to pipe_fetch_timeout_seconds per
     pipe that is due, so run it off the engine's thread) and logs the problems as warnings.
     """
+    # an explicit state_dir (tests, tools) means its pipescache/; else the configured directory
+    cache_dir = None if state_dir else config.settings.pipes_cache_dir
     state_dir = state_dir or config.settings.state_dir
     now = time.time() if now is None else now
     settings = FetchSettings.from_config(config)
@@ -297,7 +312,7 @@ def refresh_pipes(config: Any, state_dir: Optional[str] = None, now: Optional[fl
     for prefix, pipe in config.vacuum_pipes.items():
         try:
             problems.extend(refresh_pipe(state_dir, prefix, pipe.vacuum_pipe_url, float(pipe.target_share), now,
-                                         settings, session, force))
+                                         settings, session, force, cache_dir))
         except OSError as error:  # the cache directory itself is unwritable: report, go on
             problems.append(f"{pipelib.label(prefix, pipe.vacuum_pipe_url)}: cannot write the cache: {error}")
     return problems

@@ -5,8 +5,13 @@ in Vac): sorted ``<dir>/<stem>.d/*.conf``, the main file, Vac's ``/var/run/vac.c
 main file is a ``vac.conf``, and last the runtime override ``<state_dir>/runtime.conf`` (found
 from the state_dir the earlier files give, so it may not set state_dir itself).
 
-Each file goes through the standard :mod:`configparser` (so the syntax is exactly Python's INI
-dialect). configparser does not report where an option was written, so a small scan of the
+Two readings share the option table. vacfactory's own files go through the standard
+:mod:`configparser` (so the syntax is exactly Python's INI dialect) and are read strictly. A Vac
+site's files (``ConfigSources.vac``: Vac's paths, or asked for) are read the way Vac 03.01's
+``readConf()`` reads them: Python 2 RawConfigParser's syntax (``config/vacsyntax.py``), what Vac
+ignores ignored with one warning, and each option's Vac reading (``Option.vac_parse``, the
+``vac_severity`` of rules, Vac's paths as defaults); the runtime override stays strict. For the
+strict reading, configparser does not report where an option was written, so a small scan of the
 same text, following configparser's own line rules, records the line of every section header
 and option. Every problem of every file is collected and raised together as
 :class:`ConfigErrors`, each one naming file, line, section and option.
@@ -29,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from vacfactory.config import options as table
 from vacfactory.config import pipes as pipelib
+from vacfactory.config import vacsyntax
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.model import Config, MachineType, Settings, SourceStamp, VacuumPipe, frozen_mapping
 from vacfactory.config.parsers import is_url
@@ -51,8 +57,21 @@ DEFAULT_MAIN_FILE = "/etc/vacfactory.conf"
 DEFAULT_DROPIN_DIR = "/etc/vacfactory.d"
 #: Vac's runtime file, read after /etc/vac.conf when pointed at a Vac configuration.
 VAC_RUNTIME_FILE = "/var/run/vac.conf"
+#: Vac's own files: reading any of them (or a file named vac.conf) reads the configuration as Vac's.
+VAC_MAIN_FILE = "/etc/vac.conf"
+VAC_DROPIN_DIR = "/etc/vac.d"
 
 _DEFAULT_SECTION = "\n"  # configparser's DEFAULT section, renamed to something no header can be
+#: the kind of a Vac file's [DEFAULT] section while files are merged (no header maps to it)
+_VAC_DEFAULTS = "\nDEFAULT"
+
+
+def is_vac_path(path: str) -> bool:
+    """A Vac site's file: /etc/vac.conf, /etc/vac.d/*, /var/run/vac.conf, or any file named vac.conf."""
+    absolute = os.path.abspath(path)
+    return (os.path.basename(absolute) == "vac.conf"
+            or absolute in (VAC_MAIN_FILE, VAC_RUNTIME_FILE, "/run/vac.conf")
+            or absolute.startswith(VAC_DROPIN_DIR + "/"))
 
 
 # --------------------------------------------------------------------------- sources
@@ -69,6 +88,9 @@ class ConfigSources:
     #: files read after the main file if they exist (Vac's /var/run/vac.conf)
     late_files: Tuple[str, ...] = ()
     override_name: str = table.RUNTIME_OVERRIDE_NAME
+    #: the files before the override are a Vac site's, read as Vac 03.01 reads them (the
+    #: override, which vacfactory writes, is always read strictly)
+    vac: bool = False
 
     @classmethod
     def default(cls) -> "ConfigSources":
@@ -76,14 +98,20 @@ class ConfigSources:
         return cls(main_file=DEFAULT_MAIN_FILE, dropin_dir=DEFAULT_DROPIN_DIR, main_required=False)
 
     @classmethod
-    def for_main_file(cls, path: str, vac_runtime_file: str = VAC_RUNTIME_FILE) -> "ConfigSources":
-        """``<dir>/<stem>.d/*.conf`` and ``path``; a ``vac.conf`` also gets Vac's runtime file."""
+    def for_main_file(cls, path: str, vac_runtime_file: str = VAC_RUNTIME_FILE,
+                      vac: Optional[bool] = None) -> "ConfigSources":
+        """``<dir>/<stem>.d/*.conf`` and ``path``; a ``vac.conf`` also gets Vac's runtime file.
+
+        ``vac``: read the files as Vac's (None: when ``path`` is one of Vac's, see is_vac_path).
+        As in Vac, a missing main file is then skipped (the drop-ins may hold everything).
+        """
         directory, base = os.path.split(path)
         stem = os.path.splitext(base)[0]
+        vac = is_vac_path(path) if vac is None else vac
         if base == "vac.conf":
             return cls(main_file=path, dropin_dir=os.path.join(directory, "vac.d"),
-                       late_files=(vac_runtime_file,))
-        return cls(main_file=path, dropin_dir=os.path.join(directory, stem + ".d"))
+                       late_files=(vac_runtime_file,), main_required=not vac, vac=vac)
+        return cls(main_file=path, dropin_dir=os.path.join(directory, stem + ".d"), main_required=not vac, vac=vac)
 
     def dropin_files(self) -> List[str]:
         """The ``*.conf`` files of the drop-in directory, sorted by name."""
@@ -177,6 +205,8 @@ class _Entry:
     given: str
     raw: str
     where: _Where
+    #: written in a Vac file: read as Vac reads it
+    vac: bool = False
 
 
 @dataclass
@@ -233,18 +263,26 @@ def _scan_lines(text: str) -> Tuple[Dict[str, List[int]], Dict[Tuple[str, str], 
     return headers, options
 
 
-def _read_source(path: str, override: bool, problems: _Problems) -> Optional[List[_Section]]:
+def _read_source(path: str, override: bool, problems: _Problems, vac: bool = False) -> Optional[List[_Section]]:
     """The sections of one file; None if the file cannot be read at all."""
     where = _Where(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as error:
-        problems.error(f"is not valid UTF-8 text (byte {error.start})", where)
-        return None
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as error:
         problems.error(f"cannot read: {error.strerror or error}", where)
         return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if not vac:
+            problems.error(f"is not valid UTF-8 text (byte {error.start})", where)
+            return None
+        # Vac (Python 2) reads bytes: any file loads
+        problems.warn(f"is not valid UTF-8 text (byte {error.start}): read as Latin-1", where)
+        text = data.decode("latin-1")
+    if vac:
+        return _parse_vac_text(text, path, problems)
     return _parse_text(text, path, override, problems)
 
 
@@ -287,6 +325,71 @@ def _parse_text(text: str, source: str, override: bool, problems: _Problems) -> 
             _add_entry(section, optname, raw, owhere, override, problems)
         sections.append(section)
     return sections
+
+
+def _parse_vac_text(text: str, source: str, problems: _Problems) -> List[_Section]:
+    """Parse one Vac file the way Vac 03.01 does (see config/vacsyntax.py and the module docstring).
+
+    Lines Python 2's parser cannot read are errors (they stop Vac's readConf too); sections and
+    options Vac does not read are ignored with one warning each.
+    """
+    raw_sections, syntax_problems = vacsyntax.parse(text)
+    for problem in syntax_problems:
+        problems.error(problem.message, _Where(source, problem.line))
+    sections: List[_Section] = []
+    for raw in raw_sections:
+        hwhere = _Where(source, raw.line)
+        if raw.header == vacsyntax.DEFAULT_SECTION:
+            section = _Section(_VAC_DEFAULTS, None, hwhere)
+            for option in raw.options:
+                where = _Where(source, option.line)
+                previous = section.entries.get(option.name)
+                if previous is not None:
+                    problems.warn(f"given twice in this section (first at line {previous.where.line}): the last "
+                                  "one wins, as in Vac", where, vacsyntax.DEFAULT_SECTION, option.name)
+                section.entries[option.name] = _Entry(option.name, option.value, where, True)
+            sections.append(section)
+            continue
+        key = _classify_vac_header(raw.header, hwhere, problems)
+        if key is None:
+            continue
+        section = _Section(key[0], key[1], hwhere)
+        for option in raw.options:
+            _add_entry(section, option.name, option.value, _Where(source, option.line), False, problems, vac=True)
+        sections.append(section)
+    return sections
+
+
+_VAC_KINDS = ["settings", "machinetype", "vacuum_pipe"]
+
+
+def _classify_vac_header(header: str, where: _Where, problems: _Problems) -> Optional[_Key]:
+    """Vac's reading of a header: exactly [settings]; [machinetype NAME], [vmtype NAME] and
+    [vacuum_pipe PREFIX] with the header lower-cased; every other section ignored with a warning."""
+    if header == "settings":
+        return (table.SETTINGS, None)
+    words = header.lower().split(None, 1)
+    kind_word = words[0] if words else ""
+    if kind_word in table.SECTION_KINDS and kind_word != "settings" and len(words) == 2:
+        kind, name = table.SECTION_KINDS[kind_word], words[1].strip()
+        if kind_word in table.LEGACY_SECTION_KINDS:
+            problems.warn(f"deprecated section kind: use [{table.LEGACY_SECTION_KINDS[kind_word]} {name}]",
+                          where, header)
+        if not re.fullmatch(table.SECTION_NAME_PATTERN, name):
+            what = "machinetype name" if kind == table.MACHINETYPE else "vacuum pipe prefix"
+            problems.error(f"{what} {name!r} must match {table.SECTION_NAME_PATTERN} "
+                           "(letters, digits and '-'; Vac lower-cases it)", where, header)
+        return (kind, name)
+    if kind_word == "settings":
+        why = "Vac reads only a section named exactly [settings] (section names are case-sensitive)"
+    elif kind_word in table.SECTION_KINDS:
+        why = f"needs a name: [{kind_word} NAME]"
+    elif kind_word in table.FORBIDDEN_SECTIONS:
+        why = f"Vac 03.01 does not read this section ({table.FORBIDDEN_SECTIONS[kind_word]})"
+    else:
+        why = "Vac 03.01 does not read this section" + _suggest(kind_word, _VAC_KINDS)
+    problems.warn(f"ignored: {why}", where, header)
+    return None
 
 
 def _show_line(lines: List[str], lineno: Optional[int]) -> str:
@@ -353,9 +456,15 @@ def _unknown_option_message(kind: str, optname: str) -> str:
 
 
 def _add_entry(section: _Section, optname: str, raw: str, where: _Where, override: bool,
-               problems: _Problems) -> None:
-    """Resolve an option name (canonical, alias, family, ignored, unknown) and record it."""
+               problems: _Problems, vac: bool = False) -> None:
+    """Resolve an option name (canonical, alias, family, ignored, unknown) and record it.
+
+    ``vac``: written in a Vac file, where what Vac does not read is ignored with a warning
+    and the last of two values wins (Vac's parser), instead of being an error.
+    """
     title = section.title
+    refuse = problems.warn if vac else problems.error
+    ignored_note = ": ignored" if vac else ""
     accepted = table.accepted_options(section.kind)
     canonical: Optional[str] = None
     if optname in accepted:
@@ -369,11 +478,12 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
             if optname.startswith(family.prefix):
                 suffix = optname[len(family.prefix):]
                 if not re.fullmatch(family.suffix_pattern, suffix):
-                    problems.error(f"the name after {family.prefix} must match {family.suffix_pattern}",
-                                   where, title, optname)
+                    refuse(f"the name after {family.prefix} must match {family.suffix_pattern}{ignored_note}",
+                           where, title, optname)
                     return
                 if suffix in family.reserved:
-                    problems.error(f"{suffix!r} {family.reserved_why}: choose another name", where, title, optname)
+                    refuse(f"{suffix!r} {family.reserved_why}: choose another name{ignored_note}",
+                           where, title, optname)
                     return
                 canonical = optname
                 break
@@ -382,7 +492,11 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
         if ignored is not None:
             problems.warn(f"ignored: {ignored.reason}", where, title, optname)
             return
-        problems.error(_unknown_option_message(section.kind, optname), where, title, optname)
+        if vac:
+            problems.warn("ignored: Vac 03.01 does not read it; "
+                          + _unknown_option_message(section.kind, optname), where, title, optname)
+        else:
+            problems.error(_unknown_option_message(section.kind, optname), where, title, optname)
         return
     row = accepted.get(canonical)
     if override and row is not None and row.not_in_override:
@@ -391,9 +505,48 @@ def _add_entry(section: _Section, optname: str, raw: str, where: _Where, overrid
     if row is not None and row.ignored:
         problems.warn(f"{table.IGNORED_PREFIX}: {row.ignored}", where, title, optname)
     previous = section.entries.get(canonical)
-    if previous is not None and previous.given != optname and previous.where.source == where.source:
+    if vac and previous is not None and previous.where.source == where.source:
+        also = "" if previous.given == optname else f" as {previous.given}"
+        problems.warn(f"also given{also} at line {previous.where.line}: the last one wins, as in Vac",
+                      where, title, optname)
+    elif previous is not None and previous.given != optname and previous.where.source == where.source:
         problems.error(f"also given as {previous.given} at line {previous.where.line}", where, title, optname)
-    section.entries[canonical] = _Entry(optname, raw, where)
+    section.entries[canonical] = _Entry(optname, raw, where, vac)
+
+
+def _canonical_name(kind: str, optname: str) -> Optional[str]:
+    """The option a section of ``kind`` takes ``optname`` as (canonical, alias or family), or None."""
+    if optname in table.accepted_options(kind):
+        return optname
+    aliases = table.aliases_of(kind)
+    if optname in aliases:
+        return aliases[optname]
+    for family in table.families_of(kind):
+        if optname.startswith(family.prefix) and re.fullmatch(family.suffix_pattern, optname[len(family.prefix):]):
+            return optname
+    return None
+
+
+def _apply_vac_defaults(merged: Dict[_Key, _Section], problems: _Problems) -> None:
+    """Python 2 RawConfigParser's [DEFAULT]: each option appears in every section; a section's
+    own value wins. Each section takes what it accepts; an option no section takes is ignored
+    with one warning (Vac reads nothing it does not look for)."""
+    defaults = merged.pop((_VAC_DEFAULTS, None), None)
+    if defaults is None:
+        return
+    for name, entry in defaults.entries.items():
+        taken = False
+        for (kind, _), section in merged.items():
+            canonical = _canonical_name(kind, name)
+            if canonical is None:
+                continue
+            taken = True
+            if canonical not in section.entries:
+                section.entries[canonical] = entry
+        if not taken:
+            known = [n for k in (table.SETTINGS, table.MACHINETYPE) for n in table.accepted_options(k)]
+            problems.warn("ignored: no section Vac 03.01 reads takes it" + _suggest(name, known), entry.where,
+                          vacsyntax.DEFAULT_SECTION, entry.given)
 
 
 def _merge(merged: Dict[_Key, _Section], sections: List[_Section]) -> None:
@@ -411,7 +564,42 @@ def _merge(merged: Dict[_Key, _Section], sections: List[_Section]) -> None:
 
 
 def _parse_entry(row: Any, entry: _Entry, title: str, problems: _Problems) -> Any:
-    """Parse one entry with its row's type; raises ValueError with the reason."""
+    """Parse one entry with its row's type; raises ValueError with the reason.
+
+    An entry from a Vac file is read as Vac reads it (see _parse_vac_entry); it may give
+    ``table.VAC_UNSET``: the option counts as not set.
+    """
+    if entry.vac:
+        return _parse_vac_entry(row, entry, title, problems)
+    return _parse_strict(row, entry, title, problems)
+
+
+def _parse_vac_entry(row: Any, entry: _Entry, title: str, problems: _Problems) -> Any:
+    """Vac's reading: the row's vac_parse if it has one; an empty value is "not set" where the
+    option has no default; a value vacfactory cannot parse for an option it ignores anyway is
+    ignored with a warning. Anything else as in vacfactory's own files."""
+    vac_parse = getattr(row, "vac_parse", None)
+    if vac_parse is not None:
+        value = vac_parse(entry.raw)
+    elif entry.raw == "" and getattr(row, "default", None) is None and not getattr(row, "required", False):
+        try:
+            value = row.type.parse("")
+        except ValueError:
+            value = table.VAC_UNSET  # Vac stores '' and treats it as "not set"
+    else:
+        try:
+            value = _parse_strict(row, entry, title, problems)
+        except ValueError as error:
+            if not getattr(row, "ignored", ""):
+                raise
+            value = table.Noted(table.VAC_UNSET, f"{error}: ignored (vacfactory does not use this option)")
+    if isinstance(value, table.Noted):
+        problems.warn(value.message, entry.where, title, entry.given)
+        value = value.value
+    return value
+
+
+def _parse_strict(row: Any, entry: _Entry, title: str, problems: _Problems) -> Any:
     lowered = entry.raw.strip().lower()
     for text, value in getattr(row, "legacy_values", ()):
         if lowered == text:
@@ -434,8 +622,11 @@ class _Evaluated:
 
 
 def _evaluate(section: _Section, host: HostFacts, settings: Mapping[str, Any],
-              problems: _Problems) -> _Evaluated:
-    """Parse a section's options, fill defaults in table order, then apply the rules."""
+              problems: _Problems, vac: bool = False) -> _Evaluated:
+    """Parse a section's options, fill defaults in table order, then apply the rules.
+
+    ``vac``: the configuration is a Vac site's (Vac's default paths, Vac's rule severities).
+    """
     title = section.title
     rows = table.options_of(section.kind)
     values: Dict[str, Any] = {}
@@ -447,10 +638,15 @@ def _evaluate(section: _Section, host: HostFacts, settings: Mapping[str, Any],
         if entry is None:
             continue
         try:
-            values[row.name] = _parse_entry(row, entry, title, problems)
+            value = _parse_entry(row, entry, title, problems)
         except ValueError as error:
             problems.error(str(error), entry.where, title, entry.given)
             failed.add(row.name)
+            continue
+        if value is table.VAC_UNSET:
+            origins[row.name] = "default"
+            continue
+        values[row.name] = value
     for row in rows:
         if row.name in values or row.name in failed:
             continue
@@ -458,7 +654,7 @@ def _evaluate(section: _Section, host: HostFacts, settings: Mapping[str, Any],
             problems.error("required option is missing", section.where, title, row.name)
             failed.add(row.name)
         elif isinstance(row.default, table.Computed):
-            value = row.default.compute(table.DefaultContext(host, values, settings, section.name))
+            value = row.default.compute(table.DefaultContext(host, values, settings, section.name, vac))
             if value is None:
                 values[row.name] = None
                 failed.add(row.name)  # it depends on an option that is already reported
@@ -473,27 +669,30 @@ def _evaluate(section: _Section, host: HostFacts, settings: Mapping[str, Any],
             values[row.name] = value
         else:
             values[row.name] = row.default
-    _apply_rules(section, host, settings, values, failed, problems)
+    _apply_rules(section, host, settings, values, failed, problems, vac)
     families = _evaluate_families(section, problems, origins)
     return _Evaluated(values, failed, origins, families)
 
 
 def _apply_rules(section: _Section, host: HostFacts, settings: Mapping[str, Any], values: Dict[str, Any],
-                 failed: set, problems: _Problems) -> None:
+                 failed: set, problems: _Problems, vac: bool = False) -> None:
     for rule in table.RULES:
         if rule.section != section.kind or failed.intersection(rule.needs):
             continue
-        context = table.DefaultContext(host, values, settings, section.name)
+        context = table.DefaultContext(host, values, settings, section.name, vac)
         message = rule.test(context)
         if message is None:
             continue
         entry = section.entries.get(rule.option)
         where = entry.where if entry else section.where
         given = entry.given if entry else rule.option
-        if rule.severity == "warning":
+        vac_rule = vac and rule.vac_severity is not None
+        severity = rule.vac_severity if vac_rule else rule.severity
+        replacement = rule.vac_replacement if vac_rule else rule.replacement
+        if severity == "warning":
             problems.warn(message, where, section.title, given)
-            if rule.replacement is not None:
-                values[rule.option] = rule.replacement(context)
+            if replacement is not None:
+                values[rule.option] = replacement(context)
         else:
             problems.error(message, where, section.title, given)
             failed.add(rule.option)
@@ -524,13 +723,14 @@ def _resolve_files(base: Optional[str], value: Any) -> Any:
 
 
 def _build(merged: Dict[_Key, _Section], host: HostFacts, problems: _Problems, fallback: _Where,
-           stamps: Tuple[SourceStamp, ...], pipe_dir: Optional[str] = None) -> Optional[Config]:
+           stamps: Tuple[SourceStamp, ...], pipe_dir: Optional[str] = None, vac: bool = False) -> Optional[Config]:
     """Evaluate every section into the frozen model; None if anything was wrong.
 
     ``pipe_dir`` holds the vacuum pipe caches (``<prefix>.pipe``); None: pipes define nothing.
+    ``vac``: the configuration is a Vac site's (Vac's defaults and rule severities).
     """
     settings_section = merged.get((table.SETTINGS, None)) or _Section(table.SETTINGS, None, fallback)
-    s = _evaluate(settings_section, host, {}, problems)
+    s = _evaluate(settings_section, host, {}, problems, vac)
     origins: Dict[str, Mapping[str, str]] = {settings_section.title: frozen_mapping(s.origins)}
     settings_families = s.families
     machinetypes: Dict[str, Any] = {}
@@ -544,24 +744,24 @@ def _build(merged: Dict[_Key, _Section], host: HostFacts, problems: _Problems, f
                 _check_local_entries(section, problems)  # merged with its pipe below
                 continue
             if name.startswith(pipe_prefixes):
-                m = _evaluate_pipe_refinement(section, host, s.values, problems)
+                m = _evaluate_pipe_refinement(section, host, s.values, problems, vac)
                 if m is not None:
                     origins[section.title] = frozen_mapping(_inherit_origins(m.origins, s.origins, settings_families))
                     machinetypes[name] = _make_machinetype(name, m, settings_families)
                 continue
-            m = _evaluate(section, host, s.values, problems)
+            m = _evaluate(section, host, s.values, problems, vac)
             origins[section.title] = frozen_mapping(_inherit_origins(m.origins, s.origins, settings_families))
             if not problems.errors:
                 machinetypes[name] = _make_machinetype(name, m, settings_families)
         elif kind == table.VACUUM_PIPE and name is not None:
-            pipe, pipe_origins = _make_pipe(section, host, s.values, problems)
+            pipe, pipe_origins = _make_pipe(section, host, s.values, problems, vac)
             origins[section.title] = frozen_mapping(pipe_origins)
             if pipe is not None:
                 pipes[name] = pipe
                 expansion = expansions.get(name)
                 if expansion is not None and not problems.errors:
                     for mt_name, mt, mt_origins in _pipe_machinetypes(
-                            section, expansion, merged, host, s.values, settings_families, problems):
+                            section, expansion, merged, host, s.values, settings_families, problems, vac):
                         if mt_name in machinetypes:
                             problems.warn(f"{pipelib.label(name, expansion.url)}: machinetype {mt_name} is "
                                           "already defined: entry skipped", _Where(None))
@@ -605,12 +805,16 @@ def _make_machinetype(name: str, m: _Evaluated, settings_families: Dict[str, Dic
         if family.relative_to_files:
             combined = {k: _resolve_files(base, v) for k, v in combined.items()}
         families[family.attribute] = frozen_mapping(combined)
-    return MachineType(name=name, startable=table.machinetype_startable(values), **values, **families)
+    # a Vac machinetype may load without an image (share 0, or with a warning): never started
+    startable = table.machinetype_startable(values) and bool(values.get("root_image") or values.get("kernel_image"))
+    return MachineType(name=name, startable=startable, **values, **families)
 
 
 # --------------------------------------------------------------------------- vacuum pipes
 
 PIPE_CACHE_DIR = "pipescache"
+#: the option naming the pipe cache directory (default <state_dir>/pipescache, Vac's in Vac mode)
+PIPES_CACHE_OPTION = "pipes_cache_dir"
 PIPE_CACHE_SUFFIX = ".pipe"
 PIPE_META_SUFFIX = ".meta.json"
 
@@ -704,7 +908,7 @@ def _check_local_entries(section: _Section, problems: _Problems) -> None:
 
 
 def _evaluate_pipe_refinement(section: _Section, host: HostFacts, settings: Mapping[str, Any],
-                               problems: _Problems) -> Optional[_Evaluated]:
+                               problems: _Problems, vac: bool = False) -> Optional[_Evaluated]:
     """A site section named like a pipe's machinetype (``PREFIX-SUFFIX``) that the pipe does
     not define now (not fetched yet, or its entry is broken). Its own values must parse; if it
     is not a complete machinetype on its own it is skipped with a warning, so a pipe outage or
@@ -714,7 +918,7 @@ def _evaluate_pipe_refinement(section: _Section, host: HostFacts, settings: Mapp
     if len(problems.errors) > before:
         return None
     scratch = _Problems()
-    evaluated = _evaluate(section, host, settings, scratch)
+    evaluated = _evaluate(section, host, settings, scratch, vac)
     problems.warnings.extend(scratch.warnings)
     if scratch.errors:
         for error in scratch.errors:
@@ -726,7 +930,7 @@ def _evaluate_pipe_refinement(section: _Section, host: HostFacts, settings: Mapp
 
 def _pipe_machinetypes(pipe_section: _Section, expansion: pipelib.PipeExpansion, merged: Dict[_Key, _Section],
                        host: HostFacts, settings: Mapping[str, Any], settings_families: Dict[str, Dict[str, Any]],
-                       problems: _Problems) -> List[Tuple[str, Any, Dict[str, str]]]:
+                       problems: _Problems, vac: bool = False) -> List[Tuple[str, Any, Dict[str, str]]]:
     """Each pipe entry merged with the site's values and evaluated like a local section.
 
     Precedence, as in Vac: the site's ``[machinetype PREFIX-SUFFIX]`` section, then the
@@ -734,7 +938,7 @@ def _pipe_machinetypes(pipe_section: _Section, expansion: pipelib.PipeExpansion,
     between options, a default that does not fit) is skipped with a warning; the site's own
     configuration stays valid whatever a pipe says.
     """
-    settings_state_dir = settings.get(table.STATE_DIR) or "/var/lib/vacfactory"
+    settings_state_dir = table.VAC_STATE_DIR if vac else (settings.get(table.STATE_DIR) or "/var/lib/vacfactory")
     own = {row.name for row in table.options_of(table.VACUUM_PIPE)}
     result: List[Tuple[str, Any, Dict[str, str]]] = []
     where = pipelib.label(expansion.prefix, expansion.url)
@@ -749,7 +953,7 @@ def _pipe_machinetypes(pipe_section: _Section, expansion: pipelib.PipeExpansion,
             entries.update(local.entries)
         section = _Section(table.MACHINETYPE, pipe_mt.name, local.where if local else at, entries)
         scratch = _Problems()
-        evaluated = _evaluate(section, host, settings, scratch)
+        evaluated = _evaluate(section, host, settings, scratch, vac)
         for warning in scratch.warnings:
             problems.warnings.append(warning)
         if scratch.errors:
@@ -766,14 +970,14 @@ def _pipe_machinetypes(pipe_section: _Section, expansion: pipelib.PipeExpansion,
 
 
 def _make_pipe(section: _Section, host: HostFacts, settings: Mapping[str, Any],
-               problems: _Problems) -> Tuple[Optional[Any], Dict[str, str]]:
+               problems: _Problems, vac: bool = False) -> Tuple[Optional[Any], Dict[str, str]]:
     """Validate a [vacuum_pipe] section; machinetype options are kept as raw text."""
     own = table.options_of(table.VACUUM_PIPE)
     own_names = {row.name for row in own}
     accepted = table.accepted_options(table.VACUUM_PIPE)
     own_section = _Section(section.kind, section.name, section.where,
                            {k: v for k, v in section.entries.items() if k in own_names})
-    evaluated = _evaluate(own_section, host, settings, problems)
+    evaluated = _evaluate(own_section, host, settings, problems, vac)
     raw: Dict[str, str] = {}
     origins = dict(evaluated.origins)
     for name, entry in section.entries.items():
@@ -823,9 +1027,10 @@ def _attempt(sources: ConfigSources, host: HostFacts) -> _Attempt:
                        _Where(sources.main_file))
     unreadable = not base
     for path in base:
-        sections = _read_source(path, False, problems)
+        sections = _read_source(path, False, problems, sources.vac)
         unreadable = unreadable or sections is None
         _merge(merged, sections or [])
+    _apply_vac_defaults(merged, problems)
     override_path = _find_override(sources, merged)
     if override_path is not None:
         stamps.append(stamp(override_path))
@@ -833,7 +1038,7 @@ def _attempt(sources: ConfigSources, host: HostFacts) -> _Attempt:
             sections = _read_source(override_path, True, problems)
             unreadable = unreadable or sections is None
             _merge(merged, sections or [])
-    pipe_dir = _find_pipe_dir(merged)
+    pipe_dir = _find_pipe_dir(merged, sources.vac)
     pipe_paths: Tuple[str, ...] = ()
     if pipe_dir is not None:
         pipe_paths = tuple(os.path.join(pipe_dir, prefix + PIPE_CACHE_SUFFIX)
@@ -844,7 +1049,7 @@ def _attempt(sources: ConfigSources, host: HostFacts) -> _Attempt:
     config = None
     if not unreadable:  # otherwise "required option is missing" and the like would only be noise
         fallback = _Where(sources.main_file or (base[0] if base else None))
-        config = _build(merged, host, problems, fallback, tuple(stamps), pipe_dir)
+        config = _build(merged, host, problems, fallback, tuple(stamps), pipe_dir, sources.vac)
     errors = ConfigErrors(problems.errors) if problems.errors else None
     warnings = tuple(str(w) for w in problems.warnings)
     return _Attempt(config, errors, warnings, watched, override_path, pipe_paths)
@@ -863,7 +1068,18 @@ def _state_dir_of(merged: Dict[_Key, _Section]) -> Optional[str]:
         return None  # reported when [settings] is evaluated
 
 
-def _find_pipe_dir(merged: Dict[_Key, _Section]) -> Optional[str]:
+def _find_pipe_dir(merged: Dict[_Key, _Section], vac: bool = False) -> Optional[str]:
+    """pipes_cache_dir as the files give it, else its default (None if it is invalid)."""
+    settings = merged.get((table.SETTINGS, None))
+    entry = settings.entries.get(PIPES_CACHE_OPTION) if settings else None
+    if entry is not None:
+        try:
+            return _parse_entry(table.accepted_options(table.SETTINGS)[PIPES_CACHE_OPTION], entry, "settings",
+                                _Problems())
+        except ValueError:
+            return None  # reported when [settings] is evaluated
+    if vac:
+        return os.path.join(table.VAC_STATE_DIR, PIPE_CACHE_DIR)
     state_dir = _state_dir_of(merged)
     return os.path.join(state_dir, PIPE_CACHE_DIR) if state_dir else None
 
@@ -906,12 +1122,15 @@ def check_config(sources: ConfigSources, host_facts: Optional[HostFacts] = None)
     return CheckResult(attempt.config, errors, attempt.warnings)
 
 
-def load_config_string(text: str, host_facts: HostFacts, source: str = "<string>") -> Config:
-    """Validate configuration text without files (no drop-ins, no override): handy in tests."""
+def load_config_string(text: str, host_facts: HostFacts, source: str = "<string>", vac: bool = False) -> Config:
+    """Validate configuration text without files (no drop-ins, no override): handy in tests.
+
+    ``vac``: read the text as a Vac site's file (no vacuum pipe caches are read)."""
     problems = _Problems()
     merged: Dict[_Key, _Section] = {}
-    _merge(merged, _parse_text(text, source, False, problems))
-    config = _build(merged, host_facts, problems, _Where(source), ())
+    _merge(merged, _parse_vac_text(text, source, problems) if vac else _parse_text(text, source, False, problems))
+    _apply_vac_defaults(merged, problems)
+    config = _build(merged, host_facts, problems, _Where(source), (), None, vac)
     if problems.errors:
         raise ConfigErrors(problems.errors)
     assert config is not None

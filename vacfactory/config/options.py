@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.parsers import (
     FQDN_PATTERN,
+    TRUE_WORDS,
     HOSTNAME_PATTERN,
     Boolean,
     Choice,
@@ -66,6 +67,8 @@ class DefaultContext:
     settings: Mapping[str, Any]
     #: machinetype name or vacuum pipe prefix; None for [settings]
     section_name: Optional[str] = None
+    #: the configuration is a Vac site's (read as Vac 03.01 reads it, see Option.vac_parse)
+    vac: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,30 @@ class Option:
     #: non-empty: a Vac option vacfactory accepts and ignores, with a warning when it is set;
     #: the text says what vacfactory does instead
     ignored: str = ""
+    #: how a Vac file's text is read (Vac 03.01's readConf()): returns the value, a Noted value
+    #: (loaded with a warning), or raises ValueError where Vac refuses it too. None: as here.
+    vac_parse: Optional[Callable[[str], Any]] = None
+    #: where a Vac file's value means something else than the same text here, in words; every
+    #: row with vac_parse has one (docs/configuration.md and the migration table show it)
+    vac_reading: str = ""
+    #: what to write in a vacfactory file to say what the Vac file meant
+    vac_write: str = ""
+
+
+#: Vac's own state directory: machinetype files, the vacuum pipe and image caches in Vac mode.
+VAC_STATE_DIR = "/var/lib/vac"
+
+
+@dataclass(frozen=True)
+class Noted:
+    """A value read from a Vac file that loads, but with a warning saying what it means here."""
+
+    value: Any
+    message: str
+
+
+#: A Vac value read as "not set": the option's default applies (see Noted).
+VAC_UNSET = object()
 
 
 #: How docs and warnings introduce an option with ``Option.ignored``.
@@ -155,6 +182,10 @@ class Rule:
     doc: str
     severity: str = "error"
     replacement: Optional[Callable[[DefaultContext], Any]] = None
+    #: in a Vac configuration: "warning" (Vac loads it; the text says what it means here) or
+    #: None (the same as here); vac_replacement is the value ``option`` then takes
+    vac_severity: Optional[str] = None
+    vac_replacement: Optional[Callable[[DefaultContext], Any]] = None
 
 
 def _default_machinegroup(ctx: DefaultContext) -> Any:
@@ -162,8 +193,70 @@ def _default_machinegroup(ctx: DefaultContext) -> Any:
 
 
 def _default_machinetype_path(ctx: DefaultContext) -> Any:
-    state_dir = ctx.settings.get(STATE_DIR) or "/var/lib/vacfactory"
+    state_dir = VAC_STATE_DIR if ctx.vac else (ctx.settings.get(STATE_DIR) or "/var/lib/vacfactory")
     return f"{state_dir.rstrip('/')}/machinetypes/{ctx.section_name}"
+
+
+def _default_cache_dir(name: str) -> Callable[[DefaultContext], Any]:
+    def compute(ctx: DefaultContext) -> Any:
+        state_dir = VAC_STATE_DIR if ctx.vac else ctx.values.get(STATE_DIR)
+        return f"{state_dir.rstrip('/')}/{name}" if state_dir else None
+
+    return compute
+
+
+# ---- Vac 03.01's readings of values (Option.vac_parse); each says what Vac does in its docstring
+
+
+def _vac_word(on: str) -> Callable[[str], Any]:
+    """A boolean Vac compares with one word (lower-cased): anything else is off. A word that is
+    on in vacfactory's own files (yes/true/on/1) but off here gets a warning, so the difference
+    is never silent."""
+
+    def parse(text: str) -> Any:
+        word = text.strip().lower()
+        if word == on:
+            return True
+        if word in TRUE_WORDS:
+            return Noted(False, f"{text!r} is off in a Vac file (Vac turns this on only for {on!r}); "
+                                "in a vacfactory file it would be on")
+        return False
+
+    parse.__doc__ = f"on only for {on!r}"
+    return parse
+
+
+def _vac_text(text: str) -> str:
+    """Any text, empty included (Vac stores it and never checks it)."""
+    return text
+
+
+def _vac_version_logger(text: str) -> Any:
+    """true = 1, false = 0, an integer as is; anything else: off (0), with a warning."""
+    word = text.strip().lower()
+    if word in ("true", "false"):
+        return 1 if word == "true" else 0
+    try:
+        return Integer(min=0).parse(text)
+    except ValueError:
+        return Noted(0, f"{text!r} is not true, false or a count: read as 0 (off), as Vac does")
+
+
+def _vac_share(text: str) -> Any:
+    """Python's float(); a share <= 0 never starts (Vac's test is share > 0), so negative = 0."""
+    value = Number().parse(text)
+    if value < 0:
+        return Noted(0.0, f"{text!r}: a negative share is read as 0 (never started), as Vac does")
+    return value
+
+
+def _vac_machinetype_disk(text: str) -> Any:
+    """Vac 03.01 does not read it in a machinetype: a value that is not a count is ignored."""
+    try:
+        return _NONNEG_INT.parse(text)
+    except ValueError as error:
+        return Noted(VAC_UNSET, f"{error}: ignored, as Vac 03.01 ignores this option in a machinetype "
+                                "(the [settings] value applies)")
 
 
 _POSITIVE_INT = Integer(min=1)
@@ -211,7 +304,9 @@ OPTIONS: Tuple[Option, ...] = (
            default=(),
            doc="The other factories of the space, queried by UDP to share out the target shares. "
                "'.' stands for this factory. Empty: this factory decides alone."),
-    Option("description", S, _NAME, doc="Free-text description of the space (Vac parses it but does not use it)."),
+    Option("description", S, _NAME, doc="Free-text description of the space (Vac parses it but does not use it).",
+           vac_parse=_vac_text, vac_reading="any text, also empty (an empty description is an error here)",
+           vac_write="leave description out, or write some text"),
     Option("udp_timeout_seconds", S, Number(name="seconds", min=0, min_exclusive=True), default=10.0,
            doc="Overall time to wait for VacQuery replies from the other factories."),
     Option("udp_port", S, Integer(name="port", min=1, max=65535), default=995, vac=False,
@@ -239,7 +334,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("total_processors", S, _POSITIVE_INT, aliases=("cpu_total",),
            default=Computed("this host's processor count (/proc/cpuinfo)", lambda c: c.host.cpu_count),
            doc="Processors this factory may give to VMs. More than the host has is an error, "
-               "except with domain_type = test."),
+               "except with domain_type = test.",
+           vac_parse=Integer(min=0).parse,
+           vac_reading="0 is accepted and gives VMs no processors, so no VM starts (here the least is 1; "
+                       "write draining = yes to stop starting VMs)",
+           vac_write="draining = yes to start no VMs; total_processors is at least 1"),
     Option("total_memory_mb", S, Integer(name="MiB", min=1),
            default=Computed("this host's memory (MemTotal in /proc/meminfo)", lambda c: c.host.mem_total_mb),
            vac=False, doc="Memory (MiB) this factory may give to VMs in total."),
@@ -256,7 +355,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("overload_per_processor", S, Number(min=0, min_exclusive=True), default=1.25,
            aliases=("overload_per_cpu",),
            doc="No VM is started while the load average exceeds this times the running (or total) "
-               "processors."),
+               "processors.",
+           vac_parse=Number().parse,
+           vac_reading="0 (or less) is accepted: no VM starts while the host has any load (here it must "
+                       "be > 0)",
+           vac_write="draining = yes to start no VMs; overload_per_processor above 0"),
     Option("disk_gb_per_processor", S, _NONNEG_INT, aliases=("scratch_gb", "disk_gb_per_cpu"),
            doc="Disk (GB, 10^9 bytes) per processor for each VM's scratch or root disk (a qcow2 "
                "file). Unset or 0: cernvm3/cernvm4 root disks get 40 GB per processor (Vac's size "
@@ -280,6 +383,21 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Directory of all state: machines, finishes, accounting, caches, and the runtime "
                "override file runtime.conf (which may not set state_dir itself). A relative path "
                "is relative to the directory of the file that sets it."),
+    Option("pipes_cache_dir", S, _PATH, vac=False, not_in_override=True,
+           default=Computed("<state_dir>/pipescache; Vac's /var/lib/vac/pipescache in a Vac configuration",
+                            _default_cache_dir("pipescache")),
+           doc="Directory of the vacuum pipe caches (<prefix>.pipe, the last good document, as Vac "
+               "keeps it, and <prefix>.meta.json). A Vac site's caches are used at once, before the "
+               "first download.",
+           vac_reading="defaults to Vac's /var/lib/vac/pipescache",
+           vac_write="pipes_cache_dir = /var/lib/vac/pipescache to share Vac's caches"),
+    Option("image_cache_dir", S, _PATH, vac=False, not_in_override=True,
+           default=Computed("<state_dir>/imagecache; Vac's /var/lib/vac/imagecache in a Vac configuration",
+                            _default_cache_dir("imagecache")),
+           doc="Directory of downloaded root images and user_data templates. vacfactory names its "
+               "files differently from Vac and never deletes a file it did not write.",
+           vac_reading="defaults to Vac's /var/lib/vac/imagecache",
+           vac_write="image_cache_dir = /var/lib/vac/imagecache"),
     Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=120), default=10.0, vac=False,
            doc="Longest time between two decision rounds; libvirt events wake the engine sooner "
                "(Vac: one round, then a 60 s sleep). At most 120: every round tells systemd's "
@@ -293,7 +411,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Unix time at which all VMs must have stopped; none are started that would run "
                "past it. Usually set temporarily in the runtime override file."),
     Option("draining", S, Boolean(), default=False,
-           doc="Start no new VMs; running ones finish normally."),
+           doc="Start no new VMs; running ones finish normally.",
+           vac_parse=_vac_word("yes"),
+           vac_reading="on only for yes (any case); true, on and 1 are off (here they are on)",
+           vac_write="draining = yes for on; draining = no, or leave it out, for off"),
     Option("abort_on_700", S, Boolean(), default=True, vac=False,
            doc="Count shutdown_message codes 700-799 as aborts, which trigger backoff (Vac 03.00 "
                "does; Vcycle does not)."),
@@ -302,6 +423,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("fix_networking", S, Boolean(), default=True,
            doc="Vac: repair a libvirt network that has the wrong addresses by recreating it "
                "(false disabled it).",
+           vac_parse=_vac_word("true"),
+           vac_reading="on only for true (any case); anything else is off (here yes/no, on/off, 1/0 "
+                       "also work and anything else is an error)",
+           vac_write="leave it out: vacfactory ignores it and always repairs the network",
            ignored="the private VM network is always checked every minute and repaired (recreated "
                    "if it differs, its DHCP table updated in place while VMs use it)"),
     # ---------------------------------------------------------------- [settings]: network, I/O
@@ -407,6 +532,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="How often queued APEL records are sent."),
     # ---------------------------------------------------------------- [settings]: monitoring
     Option("version_logger", S, _NONNEG_INT, default=1, legacy_values=(("true", 1), ("false", 0)),
+           vac_parse=_vac_version_logger,
+           vac_reading="true = 1, false = 0, a count as is; anything else (no, off) is 0 with a warning "
+                       "(here an error)",
+           vac_write="leave it out: vacfactory sends nothing to the version logger",
            doc="Messages per day Vac sent to its version logger (0 disabled it; true/false were "
                "legacy spellings of 1/0).",
            ignored="vacfactory sends nothing to Vac's version logger; factory status goes to the "
@@ -447,7 +576,10 @@ OPTIONS: Tuple[Option, ...] = (
                "background. 0: at every VM creation (Vac fetched both every time)."),
     # ================================================================ [machinetype NAME]
     Option("target_share", M, Number(min=0), default=0.0,
-           doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it."),
+           doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it.",
+           vac_parse=_vac_share,
+           vac_reading="a negative share is read as 0, with a warning: never started (here an error)",
+           vac_write="target_share = 0 for a machinetype that never starts"),
     Option("machine_model", M, Choice(choices=VM_MODELS + CONTAINER_MODELS, choice_docs=(
         ("cernvm3", "a CernVM 3 ISO as a cdrom plus a scratch disk"),
         ("cernvm4", "a CernVM 4 image"),
@@ -460,7 +592,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("root_image", M, Location(schemes=("http", "https", "docker")), relative_to_files=True,
            doc="Boot image: an absolute path, a path relative to <machinetype_path>/files/, an "
                "http(s) URL (cached), or docker://... for docker machinetypes. A startable "
-               "machinetype needs root_image or kernel_image."),
+               "machinetype needs root_image or kernel_image.",
+           vac_reading="a machinetype without one loads: with target_share 0 silently, otherwise with a "
+                       "warning, and it is never started (here an error)",
+           vac_write="a root_image, or leave the machinetype out"),
     Option("root_image_sha256", M, Text(name="sha256", pattern=r"[0-9a-f]{64}", lower=True,
                                         pattern_doc="must be 64 hexadecimal digits"),
            vac=False,
@@ -482,7 +617,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("machinetype_path", M, _PATH,
            default=Computed("<state_dir>/machinetypes/<name>", _default_machinetype_path),
            doc="Directory of this machinetype's files (files/, x509cert.pem, x509key.pem). "
-               "Undocumented in Vac, which used /var/lib/vac/machinetypes/<name>."),
+               "Undocumented in Vac, which used /var/lib/vac/machinetypes/<name>.",
+           vac_reading="defaults to Vac's /var/lib/vac/machinetypes/<name> (a vacuum pipe's machinetypes: "
+                       "/var/lib/vac/machinetypes/<prefix>), so relative root_image, user_data and "
+                       "user_data_file_XXX are found in Vac's files/ directory and the proxy's "
+                       "x509cert.pem and x509key.pem next to it (here the default is under state_dir)",
+           vac_write="machinetype_path = /var/lib/vac/machinetypes/NAME to keep using the files where Vac had them"),
     Option("root_device", M, _DEVICE, default="vda",
            doc="Guest device of the root disk (virtio if it contains 'vd', else IDE)."),
     Option("scratch_device", M, _DEVICE, default="vdb", doc="Guest device of the scratch disk."),
@@ -498,7 +638,11 @@ OPTIONS: Tuple[Option, ...] = (
                    "is not touched"),
     Option("disk_gb_per_processor", M, _NONNEG_INT,
            doc="Overrides the [settings] value for this machinetype, but only downwards: a larger "
-               "value is ignored with a warning (Vac's rule)."),
+               "value is ignored with a warning (Vac's rule).",
+           vac_parse=_vac_machinetype_disk,
+           vac_reading="Vac 03.01 does not read it in a machinetype, so any text loads: a value that is "
+                       "not a count (40GB) is ignored with a warning (here an error)",
+           vac_write="a plain count of GB (40), or leave it out to use the [settings] value"),
     Option("min_processors", M, _POSITIVE_INT, default=1, doc="Fewest processors a VM of this type gets."),
     Option("max_processors", M, _POSITIVE_INT, default=1,
            doc="Most processors a VM of this type gets; must be >= min_processors."),
@@ -507,7 +651,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("min_wallclock_seconds", M, _SECONDS,
            default=Computed("max_wallclock_seconds", lambda c: c.values.get("max_wallclock_seconds")),
            doc="Shortest remaining time for which a VM of this type is started into an existing "
-               "superslot; must be <= max_wallclock_seconds."),
+               "superslot; must be <= max_wallclock_seconds.",
+           vac_reading="more than max_wallclock_seconds loads with a warning: such VMs never join an "
+                       "existing superslot (here an error)",
+           vac_write="min_wallclock_seconds <= max_wallclock_seconds"),
     Option("backoff_seconds", M, _SECONDS, default=10,
            doc="After an abort (or a fizzle), wait this long before starting another VM of this "
                "type (Vac's code default; its man page gave none)."),
@@ -521,7 +668,10 @@ OPTIONS: Tuple[Option, ...] = (
            doc="FQAN put in APEL records (e.g. /lhcb/Role=NULL/Capability=NULL). It is checked "
                "with the APEL record rules when the configuration is loaded (it must start with "
                "'/'), because it is stored in each VM when the VM is created: a bad one would make "
-               "every VM of the machinetype unaccountable."),
+               "every VM of the machinetype unaccountable.",
+           vac_reading="a value APEL refuses (lhcb) loads with a warning: it still names the machinegroup, "
+                       "but APEL records of the machinetype carry no FQAN, so none is refused (here an error)",
+           vac_write="accounting_fqan = /lhcb/Role=NULL/Capability=NULL and, to keep the group, machinegroup = lhcb"),
     Option("machinegroup", M, _NAME,
            default=Computed("accounting_fqan, else the machinetype name", _default_machinegroup),
            doc="Group used for space-wide share accounting. Undocumented in Vac."),
@@ -533,9 +683,15 @@ OPTIONS: Tuple[Option, ...] = (
            ignored="root images are not signature-checked; pin an image with root_image_sha256"),
     Option("user_data_proxy", M, Boolean(), default=False,
            doc="Make a limited X.509 proxy from <machinetype_path>/x509cert.pem and x509key.pem "
-               "and substitute it for ##user_data_option_x509_proxy##."),
+               "and substitute it for ##user_data_option_x509_proxy##.",
+           vac_parse=_vac_word("true"),
+           vac_reading="on only for true (any case); yes, on and 1 are off (here they are on)",
+           vac_write="yes (or true) for on; no, or leave it out, for off"),
     Option("legacy_proxy", M, Boolean(), default=False,
-           doc="Make the proxy in the legacy (pre-RFC 3820) format."),
+           doc="Make the proxy in the legacy (pre-RFC 3820) format.",
+           vac_parse=_vac_word("true"),
+           vac_reading="on only for true (any case); yes, on and 1 are off (here they are on)",
+           vac_write="yes (or true) for on; no, or leave it out, for off"),
     Option("mjf_transport", M, Choice(choices=("http", "nfs")), default="http", vac=False,
            doc="How the VM reaches machinefeatures/jobfeatures/joboutputs: HTTP on 169.254.169.253, "
                "or NFS (needs nfs_exporter = ganesha or exportfs: with none it is an error)."),
@@ -545,7 +701,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("vacuum_pipe_url", P, Location(name="URL", schemes=("http", "https", "file"), allow_paths=False),
            required=True, doc="URL of the JSON vacuum pipe defining machinetypes <prefix>-<suffix>."),
     Option("target_share", P, Number(min=0), default=0.0,
-           doc="Total share of the pipe, divided among its machinetypes by their own target_share."),
+           doc="Total share of the pipe, divided among its machinetypes by their own target_share.",
+           vac_parse=_vac_share,
+           vac_reading="a negative share is read as 0, with a warning: never started (here an error)",
+           vac_write="target_share = 0 for a machinetype that never starts"),
 )
 
 #: what vacfactory writes into machinefeatures itself (a site's extra may not replace it)
@@ -581,6 +740,62 @@ IGNORED: Tuple[IgnoredOption, ...] = (
     IgnoredOption("user_data_proxy_key", MACHINETYPE,
                   "use user_data_proxy = yes with <machinetype_path>/x509key.pem"),
 )
+
+
+
+@dataclass(frozen=True)
+class VacDifference:
+    """One way a Vac file is read differently from vacfactory's own files, beyond one option's
+    value (those are Option.vac_reading): a row of the migration table."""
+
+    #: what the file says
+    written: str
+    #: what it means in a Vac file (read as Vac 03.01 reads it)
+    vac: str
+    #: what the same text does in a vacfactory file
+    here: str
+    #: what to write in a vacfactory file to say what the Vac file meant
+    write: str
+
+
+VAC_SYNTAX: Tuple[VacDifference, ...] = (
+    VacDifference("600 ; ten minutes", "600: ';' after whitespace starts a comment (on the first line of a "
+                  "value)", "an error: '600 ; ten minutes' is not an integer",
+                  "the comment on a line of its own: ; ten minutes"),
+    VacDifference("600 # ten minutes", "an error, as in Vac: '#' inline is part of the value", "the same",
+                  "the comment on a line of its own"),
+    VacDifference("the same option twice in a section", "the last one wins, with a warning",
+                  "an error naming both lines", "the option once"),
+    VacDifference("a deprecated name and its new name together (cpu_total and total_processors)",
+                  "the one written last wins, with a warning", "an error naming both lines",
+                  "only the new name"),
+    VacDifference("[DEFAULT]", "its options apply to every section that accepts them (a section's own "
+                  "value wins); options no section accepts are ignored with a warning",
+                  "an error: unknown section", "the options in [settings] (user_data_option_XXX and "
+                  "user_data_file_XXX there are defaults for every machinetype) or in each section"),
+    VacDifference("[machinetype LHCb-Test]", "machinetype lhcb-test (Vac lower-cases machinetype and vacuum "
+                  "pipe names)", "an error: names must match [a-z0-9-]+", "[machinetype lhcb-test]"),
+    VacDifference("[Settings]", "not Vac's [settings] (Vac's section names are case-sensitive): ignored "
+                  "with a warning", "[settings]", "[settings]"),
+    VacDifference("a section Vac does not read ([monitoring], [targetshares], [factories])",
+                  "ignored with one warning naming file:line (with 'did you mean' for a near-miss)",
+                  "an error", "leave it out; target shares go in each machinetype's target_share, "
+                  "factories in [settings] factories"),
+    VacDifference("an option Vac does not read (or a misspelt one)", "ignored with one warning naming "
+                  "file:line, with 'did you mean X' when it is close to a known option", "an error",
+                  "the correct name, or leave it out"),
+    VacDifference("an empty value (root_image =)", "unset, silently, for an option without a default; an "
+                  "error, as in Vac, where a number is needed", "an error", "leave the option out"),
+    VacDifference("any value of an option vacfactory ignores (volume_group, image_signing_dn, ...)",
+                  "a value vacfactory could not parse is ignored with a warning", "an error",
+                  "leave the option out"),
+    VacDifference("a line Python 2's parser cannot read (an indented line right after a header, "
+                  "text before the first header)", "an error, as in Vac, naming file:line", "the same",
+                  "fix the line"),
+    VacDifference("text that is not UTF-8", "read as Latin-1, with a warning (Vac is Python 2 and reads "
+                  "bytes)", "an error", "UTF-8 text"),
+)
+
 
 #: Section kinds as written in headers; legacy kinds map to the canonical one with a warning.
 SECTION_KINDS: Mapping[str, str] = {
@@ -656,6 +871,9 @@ def _rule_processors(c: DefaultContext) -> Optional[str]:
 
 def _rule_wallclock(c: DefaultContext) -> Optional[str]:
     if c.values["min_wallclock_seconds"] > c.values["max_wallclock_seconds"]:
+        if c.vac:
+            return (f"more than max_wallclock_seconds ({c.values['max_wallclock_seconds']}): loaded as Vac "
+                    "does; VMs of this type never join an existing superslot")
         return f"must be <= max_wallclock_seconds ({c.values['max_wallclock_seconds']})"
     return None
 
@@ -663,12 +881,18 @@ def _rule_wallclock(c: DefaultContext) -> Optional[str]:
 def _rule_docker_image(c: DefaultContext) -> Optional[str]:
     image = c.values.get("root_image")
     if image and image.lower().startswith("docker://") and c.values["machine_model"] != "docker":
+        if c.vac:
+            return "a docker:// image needs machine_model = docker: no VM is started from it"
         return "a docker:// image needs machine_model = docker"
     return None
 
 
 def _rule_boot_image(c: DefaultContext) -> Optional[str]:
     if machinetype_startable(c.values) and not c.values.get("root_image") and not c.values.get("kernel_image"):
+        if c.vac:
+            if not c.values.get("target_share", 0) > 0:
+                return None  # Vac never starts it either, and says nothing
+            return "no root_image (or kernel_image): this machinetype is never started"
         return "root_image (or kernel_image) is required"
     return None
 
@@ -701,6 +925,9 @@ def _rule_fqan(c: DefaultContext) -> Optional[str]:
     except apel.FieldInvalid as error:
         if error.field != "FQAN":
             raise  # the probe record itself is wrong: a bug here, not in the configuration
+        if c.vac:
+            return (f"{error.reason}: APEL refuses such an FQAN, so records of this machinetype carry none "
+                    f"(it still names the machinegroup; an FQAN looks like /vo/Role=NULL/Capability=NULL)")
         return (f"{error.reason}: APEL refuses such a record, so no VM of this machinetype could "
                 "be accounted (an FQAN looks like /vo/Role=NULL/Capability=NULL)")
     return None
@@ -749,15 +976,17 @@ RULES: Tuple[Rule, ...] = (
     Rule(M, "max_processors", ("min_processors", "max_processors"), _rule_processors,
          "max_processors may not be less than min_processors."),
     Rule(M, "min_wallclock_seconds", ("min_wallclock_seconds", "max_wallclock_seconds"), _rule_wallclock,
-         "min_wallclock_seconds may not exceed max_wallclock_seconds."),
+         "min_wallclock_seconds may not exceed max_wallclock_seconds.", vac_severity="warning"),
     Rule(M, "root_image", ("root_image", "machine_model"), _rule_docker_image,
-         "docker:// images need machine_model = docker."),
-    Rule(M, "root_image", ("root_image", "kernel_image", "machine_model"), _rule_boot_image,
-         "A startable machinetype needs root_image or kernel_image."),
+         "docker:// images need machine_model = docker.",
+         vac_severity="warning", vac_replacement=lambda c: None),
+    Rule(M, "root_image", ("root_image", "kernel_image", "machine_model", "target_share"), _rule_boot_image,
+         "A startable machinetype needs root_image or kernel_image.", vac_severity="warning"),
     Rule(M, "kernel_image", ("kernel_image", "initrd_image", "kernel_cmdline"), _rule_kernel_parts,
          "initrd_image and kernel_cmdline need kernel_image."),
     Rule(M, "accounting_fqan", ("accounting_fqan",), _rule_fqan,
-         "accounting_fqan must pass APEL's rules for an FQAN (start with '/', printable ASCII)."),
+         "accounting_fqan must pass APEL's rules for an FQAN (start with '/', printable ASCII).",
+         vac_severity="warning", vac_replacement=lambda c: None),
     Rule(M, "mjf_transport", ("mjf_transport", "machine_model"), _rule_nfs_transport,
          "mjf_transport = nfs needs nfs_exporter = ganesha or exportfs in [settings]."),
     Rule(M, "machine_model", ("machine_model",), _rule_not_startable,
