@@ -1,9 +1,10 @@
 """Generate the configuration reference from the option table.
 
 ``python -m vacfactory.config.docs markdown`` prints docs/configuration.md and
-``python -m vacfactory.config.docs man`` prints vacfactory.conf(5). Both come from
-``config/options.py`` only, and a unit test compares the committed Markdown with this output,
-so the reference cannot drift from what the loader accepts.
+``python -m vacfactory.config.docs man`` prints vacfactory.conf(5), and
+``python -m vacfactory.config.docs migration`` the migration table of docs/admin-guide.md (how
+a Vac site's files are read). All come from ``config/options.py`` only, and unit tests compare
+the committed files with this output, so the reference cannot drift from what the loader accepts.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _files_text() -> List[str]:
         "With `vacfactory --config DIR/NAME.conf`, the drop-in directory is `DIR/NAME.d/`. A Vac "
         "configuration loads unchanged: with `--config /etc/vac.conf` the drop-ins are "
         f"`/etc/vac.d/*.conf`, and Vac's runtime file `{loader.VAC_RUNTIME_FILE}` is read after "
-        "`/etc/vac.conf` and before the override.",
+        "`/etc/vac.conf` and before the override; these files are read as Vac reads them (see "
+        "\"Reading a Vac site's files\" below).",
         "The daemon re-reads the files when one appears, vanishes or changes. A broken edit is "
         "reported (every problem, with file and line) and the last good configuration stays in "
         "use; running VMs are never touched because of it. `vacfactory config check` reports the "
@@ -66,7 +68,8 @@ def _files_text() -> List[str]:
 
 def _syntax_text() -> List[str]:
     return [
-        "The syntax is Python's INI dialect (configparser): `[section]` headers, `name = value` "
+        "vacfactory's own files are read strictly. The syntax is Python's INI dialect (configparser): "
+        "`[section]` headers, `name = value` "
         "or `name: value` lines, comments on lines starting with `#` or `;`, and values continued "
         "on following lines that are indented deeper than the option. Option names are "
         "case-insensitive. Every problem in every file is reported, each with file, line, section "
@@ -83,6 +86,52 @@ def _syntax_text() -> List[str]:
     ]
 
 
+def _vac_text() -> List[str]:
+    return [
+        f"A Vac site's files are read the way Vac 03.01's readConf() reads them: `{loader.VAC_MAIN_FILE}`, "
+        f"`{loader.VAC_DROPIN_DIR}/*.conf`, `{loader.VAC_RUNTIME_FILE}` and any file named `vac.conf` "
+        "given to --config (in code: `ConfigSources.for_main_file(path, vac=True)` reads any file "
+        "so). The runtime override `<state_dir>/runtime.conf`, which vacfactory itself writes, is "
+        "always read strictly.",
+        "In a Vac file the syntax is Python 2 RawConfigParser's; what Vac does not read is ignored "
+        "with one warning naming file and line; each option's value means what it meant to Vac; "
+        "and machinetype files, the vacuum pipe caches and the image cache default to Vac's "
+        f"places under `{table.VAC_STATE_DIR}`. Nothing Vac loads is refused. What Vac refuses "
+        "(`int('600.0')`, no [settings], no vac_space, a line its parser cannot read, a "
+        "machinetype name outside `[a-z0-9-]` after lower-casing, max_processors < min_processors, "
+        "more total_processors than the host has) is refused here too, naming file and line. "
+        "vacfactory's own options may be set in a Vac file and keep their meaning. Every "
+        "difference between the two readings:",
+    ]
+
+
+def migration_rows() -> List[Tuple[str, str, str]]:
+    """(written, read in a Vac file / in a vacfactory file, to say it in a vacfactory file)."""
+    rows = [(d.written, f"{d.vac}. In a vacfactory file: {d.here}.", d.write) for d in table.VAC_SYNTAX]
+    for option in table.OPTIONS:
+        if option.vac_reading:
+            rows.append((f"`{option.name}` in {SECTION_TITLES[option.section]}",
+                         option.vac_reading[0].upper() + option.vac_reading[1:] + ".", option.vac_write))
+    for rule in table.RULES:
+        if rule.vac_severity and not any(o.vac_reading for o in table.options_of(rule.section) if o.name == rule.option):
+            rows.append((f"{SECTION_TITLES[rule.section]}: {rule.doc}",
+                         f"A {rule.vac_severity}, and the configuration loads.", "what the rule asks"))
+    return rows
+
+
+def migration_markdown() -> str:
+    """The migration table, as docs/admin-guide.md holds it between the generated markers."""
+    out = ["| In a Vac file | is read as Vac reads it (and in a vacfactory file) | in a vacfactory file, write |",
+           "|---|---|---|"]
+    for written, meaning, write in migration_rows():
+        out.append(f"| {_md_cell(written)} | {_md_cell(meaning)} | {_md_cell(write)} |")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return _md_inline(text).replace("|", "\\|")
+
+
 def _meta(option: table.Option) -> List[Tuple[str, str]]:
     items = [("type", option.type.name), ("default", table.describe_default(option))]
     constraints = option.type.constraints()
@@ -97,7 +146,16 @@ def _meta(option: table.Option) -> List[Tuple[str, str]]:
         items.append(("secret", "yes: never shown by `config show`"))
     if option.not_in_override:
         items.append(("runtime override", "not allowed"))
+    if option.vac_reading:
+        items.append(("in a Vac file", option.vac_reading))
     return items
+
+
+def _rule_marker(rule: table.Rule) -> str:
+    marks = ["warning"] if rule.severity == "warning" else []
+    if rule.vac_severity and rule.vac_severity != rule.severity:
+        marks.append(f"in a Vac configuration: a {rule.vac_severity}")
+    return f" ({'; '.join(marks)})" if marks else ""
 
 
 def _choice_docs(option: table.Option) -> List[Tuple[str, str]]:
@@ -126,12 +184,15 @@ def markdown() -> str:
     out += ["## Syntax", ""]
     for paragraph in _syntax_text():
         out += [_md_inline(paragraph), ""]
+    out += ["## Reading a Vac site's files", ""]
+    for paragraph in _vac_text():
+        out += [_md_inline(paragraph), ""]
+    out += [migration_markdown()]
     for section in table.SECTIONS:
         out += _markdown_section(section)
     out += ["## Rules between options", ""]
     for rule in table.RULES:
-        marker = " (warning)" if rule.severity == "warning" else ""
-        out.append(f"- {SECTION_TITLES[rule.section]}{marker}: {_md_inline(rule.doc)}")
+        out.append(f"- {SECTION_TITLES[rule.section]}{_rule_marker(rule)}: {_md_inline(rule.doc)}")
     out += ["", "## Forbidden sections", ""]
     for name, advice in table.FORBIDDEN_SECTIONS.items():
         out.append(f"- `[{name}]`: an error: {_md_inline(advice)}.")
@@ -206,6 +267,11 @@ def man() -> str:
     out += [".SH SYNTAX"]
     for paragraph in _syntax_text():
         out += [".PP", _roff(paragraph)]
+    out += [".SH VAC FILES"]
+    for paragraph in _vac_text():
+        out += [".PP", _roff(paragraph)]
+    for written, meaning, write in migration_rows():
+        out += [".IP \\(bu 2", _roff(f"{written}: {meaning} In a vacfactory file write: {write}.")]
     for section in table.SECTIONS:
         out += [f".SH {_roff(SECTION_TITLES[section].upper())}", _roff(SECTION_INTROS[section])]
         for option in table.options_of(section):
@@ -221,8 +287,7 @@ def man() -> str:
             out += [".TP", f".B {_roff(ignored.name)}", _roff(f"Ignored with a warning: {ignored.reason}.")]
     out += [".SH RULES BETWEEN OPTIONS"]
     for rule in table.RULES:
-        marker = " (warning)" if rule.severity == "warning" else ""
-        out += [".IP \\(bu 2", _roff(f"{SECTION_TITLES[rule.section]}{marker}: {rule.doc}")]
+        out += [".IP \\(bu 2", _roff(f"{SECTION_TITLES[rule.section]}{_rule_marker(rule)}: {rule.doc}")]
     out += [".SH FORBIDDEN SECTIONS"]
     for name, advice in table.FORBIDDEN_SECTIONS.items():
         out += [".IP \\(bu 2", _roff(f"[{name}]: an error: {advice}.")]
@@ -233,9 +298,10 @@ def man() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vacfactory.config.docs",
                                      description="Print the configuration reference generated from the option table.")
-    parser.add_argument("format", choices=("markdown", "man"))
+    parser.add_argument("format", choices=("markdown", "man", "migration"))
     args = parser.parse_args(argv)
-    sys.stdout.write(markdown() if args.format == "markdown" else man())
+    render = {"markdown": markdown, "man": man, "migration": migration_markdown}[args.format]
+    sys.stdout.write(render())
     return 0
 
 

@@ -533,8 +533,8 @@ OPTIONS: Tuple[Option, ...] = (
     # ---------------------------------------------------------------- [settings]: monitoring
     Option("version_logger", S, _NONNEG_INT, default=1, legacy_values=(("true", 1), ("false", 0)),
            vac_parse=_vac_version_logger,
-           vac_reading="true = 1, false = 0, a count as is; anything else (no, off) is 0 with a warning "
-                       "(here an error)",
+           vac_reading="read as a count: true is 1, false is 0; anything else (no, off) is 0 with a "
+                       "warning (here an error)",
            vac_write="leave it out: vacfactory sends nothing to the version logger",
            doc="Messages per day Vac sent to its version logger (0 disabled it; true/false were "
                "legacy spellings of 1/0).",
@@ -789,6 +789,9 @@ VAC_SYNTAX: Tuple[VacDifference, ...] = (
     VacDifference("any value of an option vacfactory ignores (volume_group, image_signing_dn, ...)",
                   "a value vacfactory could not parse is ignored with a warning", "an error",
                   "leave the option out"),
+    VacDifference("root_image = docker://... in a machinetype that is not docker", "loads with a warning; the "
+                  "machinetype is never started", "an error", "machine_model = docker (never started by "
+                  "vacfactory), or a VM image"),
     VacDifference("a line Python 2's parser cannot read (an indented line right after a header, "
                   "text before the first header)", "an error, as in Vac, naming file:line", "the same",
                   "fix the line"),
