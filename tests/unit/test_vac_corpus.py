@@ -678,3 +678,36 @@ def test_load_config_string_reads_vac_text_too():
     assert (config.settings.draining, config.settings.mb_per_processor) == (True, 1024)
     with pytest.raises(ConfigErrors, match="unknown section"):
         load_config_string(S + "[DEFAULT]\nmb_per_processor = 1024\n", HOST)
+
+
+# ---------------------------------------------------------------- what the engine decides from Vac's values
+
+
+def _decide(text: str, load: float = 0.0):
+    import random
+
+    from vacfactory.core.scheduler import decide
+    from vacfactory.engine.policies import factory_policy, machinetype_policies
+
+    config = load_config_string(text, HOST, source=SOURCE, vac=True)
+    return decide(factory_policy(config, HOST.cpu_count), machinetype_policies(config), (), {}, load, 1e9,
+                  random.Random(1))
+
+
+@pytest.mark.parametrize("extra,load,reason", [
+    ("total_processors = 0\n", 0.0, "all 0 processors in use"),
+    ("overload_per_processor = 0\n", 0.5, "overloaded"),
+    ("draining = yes\n", 0.0, "draining"),
+])
+def test_vac_values_that_start_nothing_start_nothing(extra, load, reason):
+    decision = _decide(S + extra + MT_LHCB, load)
+    assert decision.creates == () and reason in decision.reason
+
+
+def test_vac_values_the_engine_skips_and_those_it_starts():
+    text = (S + "total_processors = 4\ndraining = true\n" + MT_LHCB + "min_wallclock_seconds = 90000\n"
+            "[machinetype never]\ntarget_share = -1\nroot_image = cernvm3.iso\n"
+            "[machinetype noimage]\ntarget_share = 5\n")
+    decision = _decide(text)  # draining = true is off in a Vac file: VMs start
+    assert [c.machinetype for c in decision.creates] == ["lhcb"] * 4
+    assert all(c.processors == 1 for c in decision.creates)
