@@ -379,6 +379,19 @@ CASES: List[Case] = [
          dict(settings(), machinetypes=["lhcb"], **mt("lhcb", image_signing_dn=None)),
          [(6, "image_signing_dn: accepted for compatibility with Vac and ignored"),
           (6, "is not a valid regular expression")]),
+    Case("a machinefeatures_option_XXX vacfactory writes itself", S + "machinefeatures_option_hs06 = 99\n"
+                                                                         "machinefeatures_option_rack = r3\n",
+         settings(machinefeatures_options={"rack": "r3"}),
+         [(3, "'hs06' is a standard or legacy machinefeatures key, which vacfactory writes itself: choose another "
+              "name: ignored")]),
+    Case("a user_data_option_XXX name outside [a-z0-9_]", S + "user_data_option_a.b = 1\nuser_data_option_ok = 2\n",
+         settings(user_data_options={"ok": "2"}),
+         [(3, "the name after user_data_option_ must match [a-z0-9_]+: ignored")]),
+    Case("an unknown option in a vacuum pipe",
+         S + "[vacuum_pipe vo]\nvacuum_pipe_url = https://example.org/vo.pipe\ntarget_sahre = 1\n",
+         dict(settings(), pipes=["vo"], **{"pipe.vo.target_share": 0.0, "pipe.vo.options": {}}),
+         [(5, "target_sahre: ignored: Vac 03.01 does not read it; unknown option (did you mean target_share?)"),
+          (0, "pipe vo")]),
     # ---------------------------------------------------------------- Vac's values
     Case("an empty description", S + "description =\n", settings(description="")),
     Case("an empty option without a default is unset", S + "gocdb_sitename =\nforward_dev =\n",
