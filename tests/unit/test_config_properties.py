@@ -121,3 +121,28 @@ def test_huge_integer_is_an_error_not_a_crash():
         assert "too large" in str(error)
     else:
         raise AssertionError("accepted")
+
+
+# ---- the same for a Vac site's files, read as Vac reads them
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(SETTINGS_NAMES + ["DEFAULT"]), value=VALUES, mt=st.sampled_from(MT_NAMES))
+def test_any_vac_value_fails_only_with_config_error(name, value, mt):
+    text = (f"[settings]\nvac_space = vac01.example.com\n{name} = {value}\n[DEFAULT]\n{mt} = {value}\n"
+            f"[machinetype M]\ntarget_share = 1\n{mt} = {value}\n")
+    try:
+        config = load_config_string(text, HOST, source="/etc/vac.conf", vac=True)
+    except ConfigError:
+        return
+    for machinetype in config.machinetypes.values():  # what loads is usable: never half-read
+        assert isinstance(machinetype.startable, bool)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("[]=:;# \t\nabcDEFAULT_sxt0-\r\"rem"), max_size=200))
+def test_any_vac_file_content_fails_only_with_config_error(text):
+    try:
+        load_config_string(text, HOST, source="/etc/vac.conf", vac=True)
+    except ConfigError:
+        pass
