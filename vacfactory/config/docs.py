@@ -112,8 +112,9 @@ def migration_rows() -> List[Tuple[str, str, str]]:
         if option.vac_reading:
             rows.append((f"`{option.name}` in {SECTION_TITLES[option.section]}",
                          option.vac_reading[0].upper() + option.vac_reading[1:] + ".", option.vac_write))
+    explained = {(o.section, o.name) for o in table.OPTIONS if o.vac_reading}
     for rule in table.RULES:
-        if rule.vac_severity and not any(o.vac_reading for o in table.options_of(rule.section) if o.name == rule.option):
+        if rule.vac_severity and (rule.section, rule.option) not in explained:
             rows.append((f"{SECTION_TITLES[rule.section]}: {rule.doc}",
                          f"A {rule.vac_severity}, and the configuration loads.", "what the rule asks"))
     return rows

@@ -793,7 +793,8 @@ VAC_SYNTAX: Tuple[VacDifference, ...] = (
                   "machinetype is never started", "an error", "machine_model = docker (never started by "
                   "vacfactory), or a VM image"),
     VacDifference("a line Python 2's parser cannot read (an indented line right after a header, "
-                  "text before the first header)", "an error, as in Vac, naming file:line", "the same",
+                  "text before the first header)", "an error naming file:line (Python 2's parser raises on it "
+                  "too)", "the same",
                   "fix the line"),
     VacDifference("text that is not UTF-8", "read as Latin-1, with a warning (Vac is Python 2 and reads "
                   "bytes)", "an error", "UTF-8 text"),
