@@ -33,7 +33,7 @@ from typing import Dict, Iterator, Mapping, Optional
 
 from vacfactory import __version__
 from vacfactory.errors import VacFactoryError
-from vacfactory.urlpolicy import Target, UrlPolicy, UrlRefused
+from vacfactory.urlpolicy import HostNotFound, Target, UrlPolicy, UrlRefused
 
 #: the grid's CA directory, used when no CA path is configured and it exists (as Vac did)
 GRID_CA_PATH = "/etc/grid-security/certificates"
@@ -246,6 +246,8 @@ def open_url(url: str, policy: UrlPolicy, timeout: float, ca_path: Optional[str]
             target = policy.target(current, checked=check)
         except UrlRefused as error:
             raise FetchRefused(f"redirect to {current} refused: {error}" if hop else str(error)) from None
+        except HostNotFound as error:
+            raise FetchError(f"redirect to {current}: {error}" if hop else str(error)) from None
         conn, raw = _request(target, sent, deadline, ca_path)
         try:
             if raw.status in REDIRECT_STATUSES:

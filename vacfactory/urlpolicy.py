@@ -41,6 +41,10 @@ class UrlRefused(VacFactoryError):
     """A URL names a host it may not reach (or is malformed); the message says why."""
 
 
+class HostNotFound(VacFactoryError):
+    """A URL's host does not resolve (an outage, not a refusal)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where one request goes: the URL's parts and the approved addresses to connect to."""
@@ -102,7 +106,7 @@ def getaddrinfo(host: str, port: int) -> List[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
-        raise UrlRefused(f"cannot resolve {host}: {error}") from None
+        raise HostNotFound(f"cannot resolve {host}: {error}") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -185,7 +189,7 @@ class UrlPolicy:
             literal = None
         addresses = [str(literal)] if literal is not None else getaddrinfo(host, port)
         if not addresses:
-            raise UrlRefused(f"{host} resolves to no address")
+            raise HostNotFound(f"{host} resolves to no address")
         if checked and host.rstrip(".") not in self.internal_names:
             for text in addresses:
                 why = self.allows_address(ipaddress.ip_address(text.split("%")[0]))
@@ -197,5 +201,5 @@ class UrlPolicy:
                       addresses=tuple(addresses))
 
 
-__all__ = ["UrlPolicy", "UrlRefused", "Target", "refusal_reason", "own_addresses", "getaddrinfo",
+__all__ = ["UrlPolicy", "UrlRefused", "HostNotFound", "Target", "refusal_reason", "own_addresses", "getaddrinfo",
            "parse_internal_hosts", "check_url_form"]

@@ -529,3 +529,68 @@ def test_the_root_image_cap_defaults_to_100_gib_or_the_machinetypes_disk_budget(
     assert max_root_image_bytes(SimpleNamespace(max_root_image_gb=2.5, disk_gb_per_processor=None), big) \
         == int(2.5 * GIB)
 
+
+
+# --------------------------------------------------------------------------- from the configuration
+
+
+def test_a_loaded_pipes_loopback_root_image_fails_the_build_naming_pipe_and_entry(tmp_path, server):
+    """The whole path: the pipe cache -> the loader -> VMBuilder -> the image cache; the site's
+    own machinetype on the same URL still works (its URL is the site's choice)."""
+    from tests.unit.test_pipes import doc, load, pipe_cache_path, site_conf, write
+    from vacfactory.engine.vmbuild import BuildError, VMBuilder
+
+    server.routes["/secret.img"] = Route(b"internal\n")
+    url = server.url("/secret.img")
+    conf = site_conf(tmp_path, extra=f"[machinetype local]\ntarget_share = 1\nroot_image = {url}\n")
+    state = str(tmp_path / "vfops-state")
+    write(pipe_cache_path(state, "vo"), doc({"suffix": "evil", "target_share": 1, "machine_model": "vm-raw",
+                                             "root_image": url}))
+    config = load(conf)
+    assert config.settings.internal_url_hosts == ()
+    builder = VMBuilder(state, ImageCache(os.path.join(state, "imagecache"), timeout=5))
+    with pytest.raises(BuildError, match=r"machinetype vo-evil: .*from pipe vo \(https://vo.example.org/vo.pipe\) "
+                                         r"machinetypes\[0\]\): refused: 127.0.0.1 is a loopback address"):
+        builder.root_image(config.machinetypes["vo-evil"], config)
+    assert server.seen == []
+    with open(builder.root_image(config.machinetypes["local"], config), "rb") as f:
+        assert f.read() == b"internal\n"
+
+
+def test_internal_url_hosts_loads_names_and_networks_and_refuses_nonsense(tmp_path):
+    from tests.unit.test_pipes import load
+    from vacfactory.errors import ConfigError
+
+    good = load(_with_settings(tmp_path, "internal_url_hosts = mirror.site.example 10.1.0.0/16 fd00::/8"))
+    assert good.settings.internal_url_hosts == ("mirror.site.example", "10.1.0.0/16", "fd00::/8")
+    assert UrlPolicy.from_words(good.settings.internal_url_hosts).target("http://10.1.0.9/").addresses == ("10.1.0.9",)
+    with pytest.raises(ConfigError, match=r"internal_url_hosts: .*fe80:::1"):
+        load(_with_settings(tmp_path, "internal_url_hosts = fe80:::1"))
+    with pytest.raises(ConfigError, match=r"internal_url_hosts: .*must be a host name"):
+        load(_with_settings(tmp_path, "internal_url_hosts = http://mirror/"))
+
+
+def _with_settings(tmp_path, line: str) -> str:
+    from tests.unit.test_pipes import write
+
+    return write(tmp_path / "vfssrf.conf", f"""\
+[settings]
+vac_space = vac01.example.com
+factory_name = wn01.example.com
+state_dir = {tmp_path / "vfssrf-state"}
+total_processors = 8
+{line}
+""")
+
+
+def test_a_name_that_does_not_resolve_is_an_outage_not_a_refusal(monkeypatch, cache_dir):
+    def nxdomain(host, port):
+        raise urlpolicy.HostNotFound(f"cannot resolve {host}: Name or service not known")
+
+    monkeypatch.setattr(urlpolicy, "getaddrinfo", nxdomain)
+    cache = ImageCache(cache_dir, timeout=5, background=True)
+    with pytest.raises(ImageNotReady):
+        cache.get("http://gone.vo.example/root.img", pipe=PIPE)
+    assert cache.wait_idle(5)
+    with pytest.raises(ImageNotReady, match="cannot resolve gone.vo.example"):  # retried later, not an error
+        cache.get("http://gone.vo.example/root.img", pipe=PIPE)
