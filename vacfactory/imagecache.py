@@ -8,11 +8,18 @@ a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
 - revalidates it with a conditional GET (``If-None-Match`` with the stored ETag,
   ``If-Modified-Since`` with the stored Last-Modified; Vac required Last-Modified and sent
   only the file's mtime), at most every ``check_seconds``; a 304 reuses the cache;
+- fetches through :func:`vacfactory.safefetch.open_url`: one deadline of ``timeout`` seconds
+  over the whole download (headers included), redirects checked by ``policy`` and never
+  https -> http; a URL a vacuum pipe gave (``get(..., pipe=...)``) is itself checked by
+  ``policy`` (public hosts only, unless the site lists a mirror) and cached apart from the same
+  URL in the site's configuration, so a pipe is never handed the site's trusted copy;
 - streams a 200 into a temporary file in the same directory (hashing as it goes), refuses it
   if the body is shorter or longer than Content-Length, if its sha256 differs from the one
-  configured, if it is larger than the caller's ``max_bytes`` (engine.vmbuild passes one for
-  user_data templates), or if the whole download takes longer than ``timeout`` seconds, then
-  fsyncs it and renames it to a NEW versioned name ``<key>-<n>.img``. VMs use images through qcow2
+  configured, if it is larger than ``max_bytes`` (the cache's, or the caller's smaller one:
+  engine.vmbuild passes one for user_data templates), or if writing the next piece would leave
+  less than ``reserve_bytes`` free on the filesystem (checked before every write, whatever
+  Content-Length said; the partial file is deleted), then fsyncs it and renames it to a NEW
+  versioned name ``<key>-<n>.img``. VMs use images through qcow2
   overlays whose backing file is that path, so an image in use is never replaced or
   truncated under a running VM; :meth:`ImageCache.prune` deletes old versions once no live
   VM uses them;
@@ -28,8 +35,9 @@ VM being created uses the copy at hand; later ones get the new version). Without
 it starts the download in a background thread and raises :class:`ImageNotReady`: the engine
 skips that machinetype this round, and ``on_ready`` (the engine's wake-up) is called once the
 image is in place. After a failed attempt the next one waits ``retry_seconds``. A body over
-``max_bytes`` with no usable copy is an :class:`~vacfactory.errors.ImageError` instead: waiting
-does not fix a wrong file, so the creation fails and says why.
+``max_bytes`` or a URL the policy refuses, with no usable copy, is an
+:class:`~vacfactory.errors.ImageError` instead: waiting does not fix it, so the creation fails
+and says why.
 
 The sidecar ``<key>.json`` (written atomically) records the URL, the current version's file
 name, size and sha256, the validators and when the server was last asked. Images are made
