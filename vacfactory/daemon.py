@@ -51,6 +51,7 @@ from vacfactory.state import kept
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
+from vacfactory.urlpolicy import UrlPolicy
 from vacfactory.vmio import syslogd
 from vacfactory.vmio.httpserver import MetadataServer, base_url
 from vacfactory.vmio.joboutputs import JobOutputsLimits
@@ -143,6 +144,9 @@ class Daemon:
             settings.image_cache_dir, settings.pipe_ca_path,
             settings.image_fetch_timeout_seconds, settings.image_check_seconds,
             background=True, on_ready=lambda: self.factory.wake.set(),
+            policy=UrlPolicy.from_words(settings.internal_url_hosts),
+            max_bytes=int(settings.image_max_download_gb * (1 << 30)),
+            reserve_bytes=settings.image_download_reserve_mb << 20,
         )
         self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
             hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
@@ -473,6 +477,9 @@ class Daemon:
         self.images.ca_path = s.pipe_ca_path
         self.images.timeout = s.image_fetch_timeout_seconds
         self.images.check_seconds = s.image_check_seconds
+        self.images.policy = UrlPolicy.from_words(s.internal_url_hosts)
+        self.images.max_bytes = int(s.image_max_download_gb * (1 << 30))
+        self.images.reserve_bytes = s.image_download_reserve_mb << 20
 
     def prune_images(self) -> None:
         """Delete cached image versions no live VM's overlay reads any more."""

@@ -8,11 +8,18 @@ a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
 - revalidates it with a conditional GET (``If-None-Match`` with the stored ETag,
   ``If-Modified-Since`` with the stored Last-Modified; Vac required Last-Modified and sent
   only the file's mtime), at most every ``check_seconds``; a 304 reuses the cache;
+- fetches through :func:`vacfactory.safefetch.open_url`: one deadline of ``timeout`` seconds
+  over the whole download (headers included), redirects checked by ``policy`` and never
+  https -> http; a URL a vacuum pipe gave (``get(..., pipe=...)``) is itself checked by
+  ``policy`` (public hosts only, unless the site lists a mirror) and cached apart from the same
+  URL in the site's configuration, so a pipe is never handed the site's trusted copy;
 - streams a 200 into a temporary file in the same directory (hashing as it goes), refuses it
   if the body is shorter or longer than Content-Length, if its sha256 differs from the one
-  configured, if it is larger than the caller's ``max_bytes`` (engine.vmbuild passes one for
-  user_data templates), or if the whole download takes longer than ``timeout`` seconds, then
-  fsyncs it and renames it to a NEW versioned name ``<key>-<n>.img``. VMs use images through qcow2
+  configured, if it is larger than ``max_bytes`` (the cache's, or the caller's smaller one:
+  engine.vmbuild passes one for user_data templates), or if writing the next piece would leave
+  less than ``reserve_bytes`` free on the filesystem (checked before every write, whatever
+  Content-Length said; the partial file is deleted), then fsyncs it and renames it to a NEW
+  versioned name ``<key>-<n>.img``. VMs use images through qcow2
   overlays whose backing file is that path, so an image in use is never replaced or
   truncated under a running VM; :meth:`ImageCache.prune` deletes old versions once no live
   VM uses them;
@@ -28,8 +35,9 @@ VM being created uses the copy at hand; later ones get the new version). Without
 it starts the download in a background thread and raises :class:`ImageNotReady`: the engine
 skips that machinetype this round, and ``on_ready`` (the engine's wake-up) is called once the
 image is in place. After a failed attempt the next one waits ``retry_seconds``. A body over
-``max_bytes`` with no usable copy is an :class:`~vacfactory.errors.ImageError` instead: waiting
-does not fix a wrong file, so the creation fails and says why.
+``max_bytes`` or a URL the policy refuses, with no usable copy, is an
+:class:`~vacfactory.errors.ImageError` instead: waiting does not fix it, so the creation fails
+and says why.
 
 The sidecar ``<key>.json`` (written atomically) records the URL, the current version's file
 name, size and sha256, the validators and when the server was last asked. Images are made
@@ -50,11 +58,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-import requests
-
 from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
 from vacfactory.errors import ImageError, VacFactoryError
-from vacfactory.pipefetch import USER_AGENT, iter_body, verify_setting
+from vacfactory.safefetch import FetchError, FetchRefused, Response, open_url
+from vacfactory.urlpolicy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,10 @@ _VERSION = re.compile(r"\A([0-9a-f]{24})-([0-9]+)\.img\Z")
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
 #: after a failed background download or revalidation, wait this long before the next one
 RETRY_SECONDS = 60.0
+#: default largest download (image_max_download_gb)
+MAX_DOWNLOAD_BYTES = 20 << 30
+#: default free space a download leaves on the cache's filesystem (image_download_reserve_mb)
+RESERVE_BYTES = 256 << 20
 
 
 class ImageNotReady(VacFactoryError):
@@ -78,9 +89,32 @@ def is_url(location: str) -> bool:
     return location.lower().startswith(("http://", "https://"))
 
 
-def url_key(url: str) -> str:
-    """The file name stem of a URL's cache entries (a hash: URLs are not file names)."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
+def url_key(url: str, checked: bool = False) -> str:
+    """The file name stem of a URL's cache entries (a hash: URLs are not file names).
+
+    A URL fetched under the policy (from a vacuum pipe) has entries of its own: a pipe naming
+    the same URL as the site's configuration must not be served the copy the site's trusted
+    fetch made (that is the SSRF the policy prevents)."""
+    return hashlib.sha256((f"checked {url}" if checked else url).encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A URL and whether it is checked by the policy (where a pipe gave it) or trusted (None)."""
+
+    url: str
+    pipe: Optional[str] = None
+
+    @property
+    def checked(self) -> bool:
+        return self.pipe is not None
+
+    @property
+    def key(self) -> str:
+        return url_key(self.url, self.checked)
+
+    def __str__(self) -> str:
+        return f"{self.url} (from {self.pipe})" if self.pipe else self.url
 
 
 @dataclass(frozen=True)
@@ -94,10 +128,13 @@ class _Entry:
     etag: Optional[str] = None
     last_modified: Optional[str] = None
     checked: float = 0.0
+    #: fetched under the URL policy (a pipe's URL)
+    policy: bool = False
 
     def as_json(self) -> Dict[str, Any]:
         return {"url": self.url, "file": self.file, "size": self.size, "sha256": self.sha256,
-                "etag": self.etag, "last_modified": self.last_modified, "checked": self.checked}
+                "etag": self.etag, "last_modified": self.last_modified, "checked": self.checked,
+                "policy": self.policy}
 
 
 @dataclass(frozen=True)
@@ -113,8 +150,8 @@ class _Failure(Exception):
     """A refresh failed; the cached copy may still serve."""
 
 
-class _TooLarge(_Failure):
-    """The body is larger than the caller's ``max_bytes``: not an outage, a wrong file."""
+class _Permanent(_Failure):
+    """Waiting will not fix it: a body over ``max_bytes``, a URL the policy refuses."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +161,8 @@ class _Result:
     path: Optional[str]
     failure: Optional[str] = None
     changed: bool = False
-    #: the failure is a body over ``max_bytes`` (an error to report, not a wait)
-    too_large: bool = False
+    #: the failure is permanent (a body over ``max_bytes``, a refused URL): an error, not a wait
+    permanent: bool = False
 
 
 class ImageCache:
@@ -138,24 +175,30 @@ class ImageCache:
 
     def __init__(self, directory: str, ca_path: Optional[str] = None, timeout: float = 120.0,
                  check_seconds: float = 0.0, clock: Callable[[], float] = time.time,
-                 session: Optional[requests.Session] = None, background: bool = False,
-                 retry_seconds: float = RETRY_SECONDS, on_ready: Optional[Callable[[], None]] = None) -> None:
+                 background: bool = False, retry_seconds: float = RETRY_SECONDS,
+                 on_ready: Optional[Callable[[], None]] = None, policy: Optional[UrlPolicy] = None,
+                 max_bytes: int = MAX_DOWNLOAD_BYTES, reserve_bytes: int = RESERVE_BYTES) -> None:
         self.directory = directory
         self.ca_path = ca_path
         self.timeout = timeout
         self.check_seconds = check_seconds
         self.clock = clock
-        self.session = session
+        #: which hosts pipe URLs and redirects may reach (the daemon updates it on reload)
+        self.policy = policy or UrlPolicy()
+        #: largest download; ``get``'s own max_bytes may only lower it
+        self.max_bytes = max_bytes
+        #: free bytes a download always leaves on the cache's filesystem
+        self.reserve_bytes = reserve_bytes
         self.background = background
         self.retry_seconds = retry_seconds
         #: called (from a download thread) when a background fetch put a new version in place
         self.on_ready = on_ready
         self._lock = threading.Lock()
         self._url_locks: Dict[str, threading.Lock] = {}
-        #: URL -> the thread fetching it in the background
-        self._fetching: Dict[str, threading.Thread] = {}
-        #: URL -> (time.monotonic() of the failed attempt, why, body over max_bytes) for retries
-        self._failures: Dict[str, Tuple[float, str, bool]] = {}
+        #: source -> the thread fetching it in the background
+        self._fetching: Dict[_Source, threading.Thread] = {}
+        #: source -> (time.monotonic() of the failed attempt, why, permanent) for retries
+        self._failures: Dict[_Source, Tuple[float, str, bool]] = {}
         #: downloads writing temporary files right now (prune leaves temporaries alone then)
         self._active = 0
         #: (path, size, mtime_ns, inode) -> sha256 of local images already hashed
@@ -163,13 +206,16 @@ class ImageCache:
 
     # -- public -------------------------------------------------------------------------
 
-    def get(self, location: str, sha256: Optional[str] = None, max_bytes: Optional[int] = None) -> str:
+    def get(self, location: str, sha256: Optional[str] = None, max_bytes: Optional[int] = None,
+            pipe: Optional[str] = None) -> str:
         """Local path of a verified copy of ``location`` (a path or an http(s) URL).
 
         In background mode a URL is never fetched here: see the module docstring.
         ``max_bytes`` (small files such as user_data templates) refuses a larger download;
         with no usable copy that is an :class:`ImageError`, not :class:`ImageNotReady`,
-        because waiting does not fix a wrong file.
+        because waiting does not fix a wrong file. ``pipe`` names the vacuum pipe entry that
+        gave a URL: it is then fetched under :attr:`policy` (see :mod:`vacfactory.urlpolicy`),
+        and a refusal is an ImageError naming that entry.
         """
         if sha256 is not None:
             sha256 = sha256.lower()
@@ -178,12 +224,14 @@ class ImageCache:
         if not is_url(location):
             with self._lock:
                 return self._local(location, sha256)
+        source = _Source(location, pipe)
+        limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
         if self.background:
-            return self._cached_or_fetch_later(location, sha256, max_bytes)
-        with self._url_lock(location):
-            result = self._remote(location, sha256, max_bytes)
+            return self._cached_or_fetch_later(source, sha256, limit)
+        with self._url_lock(source):
+            result = self._remote(source, sha256, limit)
         if result.path is None:
-            raise ImageError(f"{location}: {result.failure} (and no usable cached copy)")
+            raise ImageError(f"{source}: {result.failure} (and no usable cached copy)")
         return result.path
 
     def prune(self, in_use: Set[str]) -> List[str]:
@@ -215,15 +263,15 @@ class ImageCache:
                 remove_stale_temporaries(self.directory)
         return removed
 
-    def current(self, url: str) -> Optional[str]:
+    def current(self, url: str, pipe: Optional[str] = None) -> Optional[str]:
         """The path of the current cached version of ``url``, if any (no network)."""
-        entry = self._read_entry(url)
+        entry = self._read_entry(_Source(url, pipe))
         return self._path(entry.file) if entry is not None and self._valid(entry) else None
 
     def fetching(self) -> List[str]:
         """The URLs being fetched in the background right now."""
         with self._lock:
-            return sorted(self._fetching)
+            return sorted(source.url for source in self._fetching)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no background fetch runs (tests, shutdown); False on timeout."""
@@ -241,59 +289,59 @@ class ImageCache:
 
     # -- background mode ----------------------------------------------------------------
 
-    def _cached_or_fetch_later(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> str:
+    def _cached_or_fetch_later(self, source: _Source, sha256: Optional[str], max_bytes: int) -> str:
         """The usable cached copy (revalidated in the background when due), else ImageNotReady."""
         now = self.clock()
         with self._lock:
-            entry = self._read_entry(url)
+            entry = self._read_entry(source)
             usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
             if usable is not None and now - usable.checked < self.check_seconds:
                 return self._path(usable.file)
-            started = self._fetch_later(url, sha256, max_bytes)
-            failure = self._failures.get(url)
-            running = url in self._fetching
+            started = self._fetch_later(source, sha256, max_bytes)
+            failure = self._failures.get(source)
+            running = source in self._fetching
         if usable is not None:
             if started:
-                log.debug("%s: revalidating in the background; using %s meanwhile", url, self._path(usable.file))
+                log.debug("%s: revalidating in the background; using %s meanwhile", source, self._path(usable.file))
             return self._path(usable.file)
         if running:
-            raise ImageNotReady(f"{url}: no usable cached copy yet; downloading it in the background")
+            raise ImageNotReady(f"{source}: no usable cached copy yet; downloading it in the background")
         if failure is not None and failure[2]:
-            raise ImageError(f"{url}: {failure[1]} (and no usable cached copy)")
+            raise ImageError(f"{source}: {failure[1]} (and no usable cached copy)")
         why = failure[1] if failure is not None else "not fetched yet"
-        raise ImageNotReady(f"{url}: no usable cached copy ({why}); the download is retried in the background")
+        raise ImageNotReady(f"{source}: no usable cached copy ({why}); the download is retried in the background")
 
-    def _fetch_later(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> bool:
-        """Start a background fetch of ``url`` unless one runs or the last failed recently.
+    def _fetch_later(self, source: _Source, sha256: Optional[str], max_bytes: int) -> bool:
+        """Start a background fetch of ``source`` unless one runs or the last failed recently.
         Called with ``_lock`` held."""
-        if url in self._fetching:
+        if source in self._fetching:
             return False
-        failed = self._failures.get(url)
+        failed = self._failures.get(source)
         if failed is not None and time.monotonic() - failed[0] < self.retry_seconds:
             return False
-        thread = threading.Thread(target=self._fetch_in_background, args=(url, sha256, max_bytes),
-                                  name=f"vacfactory-image-{url_key(url)[:8]}", daemon=True)
-        self._fetching[url] = thread
+        thread = threading.Thread(target=self._fetch_in_background, args=(source, sha256, max_bytes),
+                                  name=f"vacfactory-image-{source.key[:8]}", daemon=True)
+        self._fetching[source] = thread
         thread.start()
         return True
 
-    def _fetch_in_background(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> None:
+    def _fetch_in_background(self, source: _Source, sha256: Optional[str], max_bytes: int) -> None:
         result = _Result(None, "the download did not finish")
         try:
-            with self._url_lock(url):
-                result = self._remote(url, sha256, max_bytes)
+            with self._url_lock(source):
+                result = self._remote(source, sha256, max_bytes)
         except (VacFactoryError, OSError) as error:  # e.g. the sidecar cannot be written
             result = _Result(None, str(error))
         finally:
             with self._lock:
-                del self._fetching[url]
+                del self._fetching[source]
                 if result.failure is None:
-                    self._failures.pop(url, None)
+                    self._failures.pop(source, None)
                 else:
-                    self._failures[url] = (time.monotonic(), result.failure, result.too_large)
+                    self._failures[source] = (time.monotonic(), result.failure, result.permanent)
         if result.path is None:
-            log.error("%s: %s; no usable cached copy: its machinetypes %s, retried in %g s", url, result.failure,
-                      "cannot start" if result.too_large else "wait", self.retry_seconds)
+            log.error("%s: %s; no usable cached copy: its machinetypes %s, retried in %g s", source, result.failure,
+                      "cannot start" if result.permanent else "wait", self.retry_seconds)
         if result.changed and self.on_ready is not None:
             self.on_ready()
 
@@ -318,19 +366,20 @@ class ImageCache:
 
     # -- URLs ---------------------------------------------------------------------------
 
-    def _url_lock(self, url: str) -> threading.Lock:
+    def _url_lock(self, source: _Source) -> threading.Lock:
         with self._lock:
-            return self._url_locks.setdefault(url, threading.Lock())
+            return self._url_locks.setdefault(source.key, threading.Lock())
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def _entry_path(self, url: str) -> str:
-        return self._path(url_key(url) + ".json")
+    def _entry_path(self, source: _Source) -> str:
+        return self._path(source.key + ".json")
 
-    def _read_entry(self, url: str) -> Optional[_Entry]:
-        entry = self._read_entry_file(self._entry_path(url))
-        return entry if entry is not None and entry.url == url else None
+    def _read_entry(self, source: _Source) -> Optional[_Entry]:
+        entry = self._read_entry_file(self._entry_path(source))
+        ok = entry is not None and entry.url == source.url and entry.policy == source.checked
+        return entry if ok else None
 
     @staticmethod
     def _read_entry_file(path: str) -> Optional[_Entry]:
@@ -339,7 +388,7 @@ class ImageCache:
                 raw = json.load(f)
             entry = _Entry(url=str(raw["url"]), file=str(raw["file"]), size=int(raw["size"]),
                            sha256=str(raw["sha256"]), etag=raw.get("etag"), last_modified=raw.get("last_modified"),
-                           checked=float(raw.get("checked") or 0.0))
+                           checked=float(raw.get("checked") or 0.0), policy=raw.get("policy") is True)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return entry if _VERSION.match(entry.file) else None
@@ -351,11 +400,11 @@ class ImageCache:
         except OSError:
             return False
 
-    def _remote(self, url: str, sha256: Optional[str], max_bytes: Optional[int] = None) -> _Result:
-        """Refresh ``url`` if due (blocking; the caller holds the URL's lock)."""
+    def _remote(self, source: _Source, sha256: Optional[str], max_bytes: int) -> _Result:
+        """Refresh ``source`` if due (blocking; the caller holds its lock)."""
         now = self.clock()
         with self._lock:
-            entry = self._read_entry(url)
+            entry = self._read_entry(source)
             usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
         if usable is not None and now - usable.checked < self.check_seconds:
             return _Result(self._path(usable.file))  # a concurrent caller has just refreshed it
@@ -363,26 +412,26 @@ class ImageCache:
             self._active += 1
         try:
             try:
-                download = self._download(url, usable, sha256, max_bytes)
+                download = self._download(source, usable, sha256, max_bytes)
             except _Failure as failure:
-                too_large = isinstance(failure, _TooLarge)
+                permanent = isinstance(failure, _Permanent)
                 if usable is not None:
-                    log.warning("%s: cannot refresh the image (%s): using the cached copy %s", url, failure,
+                    log.warning("%s: cannot refresh the image (%s): using the cached copy %s", source, failure,
                                 self._path(usable.file))
-                    return _Result(self._path(usable.file), str(failure), too_large=too_large)
-                return _Result(None, str(failure), too_large=too_large)
+                    return _Result(self._path(usable.file), str(failure), permanent=permanent)
+                return _Result(None, str(failure), permanent=permanent)
             if download is None:  # 304 Not Modified
                 assert usable is not None
                 with self._lock:
-                    self._write_entry(_replace(usable, checked=now))
+                    self._write_entry(source, _replace(usable, checked=now))
                 return _Result(self._path(usable.file))
-            path = self._install(url, download, entry, now)
+            path = self._install(source, download, entry, now)
         finally:
             with self._lock:
                 self._active -= 1
         return _Result(path, changed=usable is None or path != self._path(usable.file))
 
-    def _install(self, url: str, download: _Download, previous: Optional[_Entry], now: float) -> str:
+    def _install(self, source: _Source, download: _Download, previous: Optional[_Entry], now: float) -> str:
         """Put a verified download in place under a new version name (or reuse an identical one).
 
         Under ``_lock``: prune must never see the new file before the sidecar names it."""
@@ -390,20 +439,20 @@ class ImageCache:
             if previous is not None and self._valid(previous) and previous.sha256 == download.sha256:
                 os.unlink(download.path)
                 name = previous.file
-                log.info("%s: unchanged content, keeping %s", url, self._path(name))
+                log.info("%s: unchanged content, keeping %s", source, self._path(name))
             else:
-                name = f"{url_key(url)}-{self._next_version(url)}.img"
+                name = f"{source.key}-{self._next_version(source.key)}.img"
                 os.chmod(download.path, IMAGE_MODE)
                 os.rename(download.path, self._path(name))  # a new name: never over a file in use
                 fsync_directory(self.directory)
-                log.info("%s: cached as %s (%d bytes, sha256 %s)", url, self._path(name), download.size,
+                log.info("%s: cached as %s (%d bytes, sha256 %s)", source, self._path(name), download.size,
                          download.sha256)
-            self._write_entry(_Entry(url=url, file=name, size=download.size, sha256=download.sha256,
-                                     etag=download.etag, last_modified=download.last_modified, checked=now))
+            self._write_entry(source, _Entry(url=source.url, file=name, size=download.size, sha256=download.sha256,
+                                             etag=download.etag, last_modified=download.last_modified, checked=now,
+                                             policy=source.checked))
         return self._path(name)
 
-    def _next_version(self, url: str) -> int:
-        key = url_key(url)
+    def _next_version(self, key: str) -> int:
         highest = 0
         for name in os.listdir(self.directory):
             match = _VERSION.match(name)
@@ -411,56 +460,59 @@ class ImageCache:
                 highest = max(highest, int(match.group(2)))
         return highest + 1
 
-    def _write_entry(self, entry: _Entry) -> None:
-        atomic_write_json(self._entry_path(entry.url), entry.as_json())
+    def _write_entry(self, source: _Source, entry: _Entry) -> None:
+        atomic_write_json(self._entry_path(source), entry.as_json())
 
-    def _download(self, url: str, cached: Optional[_Entry], sha256: Optional[str],
-                  max_bytes: Optional[int] = None) -> Optional[_Download]:
-        """GET ``url`` (conditionally if ``cached``) into a temp file; None on 304."""
+    def _download(self, source: _Source, cached: Optional[_Entry], sha256: Optional[str],
+                  max_bytes: int) -> Optional[_Download]:
+        """GET the source (conditionally if ``cached``) into a temp file; None on 304."""
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        headers = {}
         if cached is not None:
             if cached.etag:
                 headers["If-None-Match"] = cached.etag
             if cached.last_modified:
                 headers["If-Modified-Since"] = cached.last_modified
-        deadline = time.monotonic() + self.timeout
-        http = self.session or requests
         try:
-            with http.get(url, headers=headers, stream=True, timeout=self.timeout,
-                          verify=verify_setting(self.ca_path)) as response:
-                if response.status_code == 304 and cached is not None:
+            with open_url(source.url, self.policy, self.timeout, self.ca_path, headers,
+                          checked=source.checked) as response:
+                if response.status == 304 and cached is not None:
                     return None
-                if response.status_code != 200:
-                    raise _Failure(f"HTTP {response.status_code} {response.reason or ''}".strip())
-                return self._receive(url, response, deadline, sha256, max_bytes)
-        except requests.RequestException as error:
-            raise _Failure(f"{type(error).__name__}: {str(error)[:200]}") from None
+                if response.status != 200:
+                    raise _Failure(f"HTTP {response.status} {response.reason or ''}".strip())
+                return self._receive(source, response, sha256, max_bytes)
+        except FetchRefused as error:
+            raise _Permanent(f"refused: {error}") from None
+        except FetchError as error:
+            raise _Failure(str(error)) from None
         except OSError as error:  # disk full, unwritable cache: the cached copy may still serve
             raise _Failure(f"cannot write into {self.directory}: {error.strerror or error}") from None
 
-    def _receive(self, url: str, response: requests.Response, deadline: float,
-                 sha256: Optional[str], max_bytes: Optional[int] = None) -> _Download:
+    def _receive(self, source: _Source, response: Response, sha256: Optional[str], max_bytes: int) -> _Download:
         expected = _content_length(response)
-        if expected is not None and max_bytes is not None and expected > max_bytes:
-            raise _TooLarge(_too_large(max_bytes, f"Content-Length is {expected}"))
+        if expected is not None and expected > max_bytes:
+            raise _Permanent(_too_large(max_bytes, f"Content-Length is {expected}"))
         if expected is not None:
-            free = shutil.disk_usage(self.directory).free
-            if expected > free:
-                raise _Failure(f"image of {expected} bytes does not fit in {free} free bytes")
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{url_key(url)}-", dir=self.directory)
+            room = shutil.disk_usage(self.directory).free - self.reserve_bytes
+            if expected > room:
+                raise _Failure(f"an image of {expected} bytes does not fit: "
+                               + self._no_room("before downloading"))
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{source.key}-", dir=self.directory)
         try:
             digest = hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as f:
-                for chunk in iter_body(response, _CHUNK):
+                for chunk in response.iter_body(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _Permanent(_too_large(max_bytes, f"received {size} bytes so far"))
+                    # free space checked before every write: a server with no (or a false)
+                    # Content-Length must not fill the filesystem the VMs' files live on
+                    fs = os.fstatvfs(f.fileno())
+                    if fs.f_bavail * fs.f_frsize - len(chunk) < self.reserve_bytes:
+                        raise _Failure(self._no_room(f"after {size - len(chunk)} bytes"))
                     f.write(chunk)
                     digest.update(chunk)
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise _TooLarge(_too_large(max_bytes, f"received {size} bytes so far"))
-                    if time.monotonic() > deadline:
-                        raise _Failure(f"download took more than {self.timeout:g} s")
                 f.flush()
                 os.fsync(f.fileno())
             if expected is not None and size != expected:
@@ -474,14 +526,18 @@ class ImageCache:
             except FileNotFoundError:
                 pass
             raise
-        return _Download(tmp, size, got, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        return _Download(tmp, size, got, response.header("ETag"), response.header("Last-Modified"))
+
+    def _no_room(self, what: str) -> str:
+        return (f"stopped {what}: {self.directory} would have less than the {self.reserve_bytes >> 20} MiB "
+                "kept free (image_download_reserve_mb)")
 
 
-def _content_length(response: requests.Response) -> Optional[int]:
+def _content_length(response: Response) -> Optional[int]:
     """The body length the server announced (unknown when it compressed the body anyway)."""
-    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+    if (response.header("Content-Encoding") or "identity").lower() != "identity":
         return None
-    text = response.headers.get("Content-Length")
+    text = response.header("Content-Length")
     if text is None or not text.strip().isdigit():
         return None
     return int(text.strip())

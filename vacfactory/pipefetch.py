@@ -22,76 +22,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-import requests
-import urllib3
-
-from vacfactory import __version__
 from vacfactory.atomic import atomic_write_bytes, atomic_write_json
 from vacfactory.config import pipes as pipelib
 from vacfactory.config.loader import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
+from vacfactory.safefetch import FetchError, open_url
+from vacfactory.urlpolicy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
-#: the grid's CA directory, used when pipe_ca_path is unset and it exists (as Vac did)
-GRID_CA_PATH = "/etc/grid-security/certificates"
-USER_AGENT = f"vacfactory/{__version__}"
 #: after a failed fetch, wait at least this long (or cache_seconds, if shorter) before retrying
 RETRY_SECONDS = 300.0
 _CHUNK = 64 * 1024
-#: how long past the timeout ``fetch`` waits for the request's own deadline checks to answer
-_DEADLINE_GRACE = 0.5
 
-
-class FetchError(Exception):
-    """One download failed (network, HTTP status, size, deadline); the message says why."""
-
-
-def iter_body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
-    """The body in pieces as they arrive (``read1``): a server that trickles bytes cannot hold
-    a caller past its deadline the way a full-size ``read`` would. Decoded if the server
-    compressed it; urllib3 errors come out as requests' ConnectionError."""
-    read1 = getattr(response.raw, "read1", None)
-    if read1 is None:  # urllib3 < 2.1: whole chunks only
-        yield from response.iter_content(chunk_size)
-        return
-    while True:
-        try:
-            data = read1(chunk_size, decode_content=True)
-        except urllib3.exceptions.HTTPError as error:
-            raise requests.exceptions.ConnectionError(f"{type(error).__name__}: {error}") from None
-        if not data:
-            return
-        yield data
-
-
-def verify_setting(ca_path: Optional[str]) -> Union[str, bool]:
-    """What ``requests`` should verify TLS with: the configured CA path, else the grid CA
-    directory if present, else the system CAs (True). Verification is never switched off."""
-    if ca_path:
-        return ca_path
-    if os.path.isdir(GRID_CA_PATH):
-        return GRID_CA_PATH
-    return True
+__all__ = ["FetchError", "FetchSettings", "Fetched", "fetch", "refresh_pipe", "refresh_pipes", "read_meta",
+           "is_due", "RETRY_SECONDS"]
 
 
 @dataclass(frozen=True)
 class FetchSettings:
-    """How downloads are made (from [settings] pipe_ca_path and pipe_fetch_timeout_seconds)."""
+    """How downloads are made (from [settings] pipe_ca_path, pipe_fetch_timeout_seconds and
+    internal_url_hosts)."""
 
     ca_path: Optional[str] = None
     timeout: float = 30.0
     max_bytes: int = pipelib.MAX_DOCUMENT_BYTES
+    #: redirects from the pipe's URL are checked against it (the URL itself is the admin's)
+    policy: UrlPolicy = field(default_factory=UrlPolicy)
 
     @classmethod
     def from_config(cls, config: Any) -> "FetchSettings":
         s = config.settings
-        return cls(ca_path=s.pipe_ca_path, timeout=float(s.pipe_fetch_timeout_seconds))
+        return cls(ca_path=s.pipe_ca_path, timeout=float(s.pipe_fetch_timeout_seconds),
+                   policy=UrlPolicy.from_words(s.internal_url_hosts))
 
 
 @dataclass(frozen=True)
@@ -103,63 +70,33 @@ class Fetched:
     last_modified: Optional[str] = None
 
 
-def fetch(url: str, settings: FetchSettings, etag: Optional[str] = None, last_modified: Optional[str] = None,
-          session: Optional[requests.Session] = None) -> Fetched:
-    """GET ``url`` within ``settings.timeout`` seconds in total and ``max_bytes`` of body.
+def fetch(url: str, settings: FetchSettings, etag: Optional[str] = None,
+          last_modified: Optional[str] = None) -> Fetched:
+    """GET ``url`` within ``settings.timeout`` seconds in total (headers included) and
+    ``max_bytes`` of body, in the caller's thread: :mod:`vacfactory.safefetch` bounds every
+    socket call by the time left, so nothing is left running after the deadline.
 
-    ``file://`` URLs (allowed for vacuum_pipe_url) are read from the local disk. The request
-    runs in a helper thread that is abandoned at the deadline: requests' timeout bounds each
-    socket read, not the whole, so a server trickling its headers a byte at a time (or a
-    stalled name lookup or TLS handshake) would otherwise hold the caller for as long as it
-    likes. An abandoned helper ends when the server gives up; its result is dropped.
+    ``file://`` URLs (allowed for vacuum_pipe_url) are read from the local disk. The pipe's
+    URL is the admin's (its host is trusted); every redirect must pass ``settings.policy``.
     """
     if url.lower().startswith("file://"):
         return _fetch_file(url, settings.max_bytes)
-    outcome: List[Union[Fetched, Exception]] = []
-
-    def work() -> None:
-        try:
-            outcome.append(_get(url, settings, etag, last_modified, session))
-        except Exception as error:  # noqa: BLE001 - handed to the caller's thread as it is
-            outcome.append(error)
-
-    helper = threading.Thread(target=work, name="pipe fetch", daemon=True)
-    helper.start()
-    helper.join(settings.timeout + _DEADLINE_GRACE)
-    if not outcome:
-        raise FetchError(f"took more than {settings.timeout:g} s")
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
-
-
-def _get(url: str, settings: FetchSettings, etag: Optional[str], last_modified: Optional[str],
-         session: Optional[requests.Session]) -> Fetched:
-    """The HTTP(S) GET itself (in ``fetch``'s helper thread)."""
-    headers = {"User-Agent": USER_AGENT}
+    headers = {}
     if etag:
         headers["If-None-Match"] = etag
     if last_modified:
         headers["If-Modified-Since"] = last_modified
-    deadline = time.monotonic() + settings.timeout
-    http = session or requests
-    try:
-        with http.get(url, headers=headers, timeout=settings.timeout, stream=True,
-                      verify=verify_setting(settings.ca_path)) as response:
-            if response.status_code == 304:
-                return Fetched(None, etag, last_modified)
-            if response.status_code != 200:
-                raise FetchError(f"HTTP {response.status_code} {response.reason or ''}".strip())
-            body = bytearray()
-            for chunk in iter_body(response, _CHUNK):
-                body += chunk
-                if len(body) > settings.max_bytes:
-                    raise FetchError(f"more than {settings.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise FetchError(f"took more than {settings.timeout:g} s")
-            return Fetched(bytes(body), response.headers.get("ETag"), response.headers.get("Last-Modified"))
-    except requests.RequestException as error:
-        raise FetchError(_describe(error)) from None
+    with open_url(url, settings.policy, settings.timeout, settings.ca_path, headers, checked=False) as response:
+        if response.status == 304:
+            return Fetched(None, etag, last_modified)
+        if response.status != 200:
+            raise FetchError(f"HTTP {response.status} {response.reason or ''}".strip())
+        body = bytearray()
+        for chunk in response.iter_body(_CHUNK):
+            body += chunk
+            if len(body) > settings.max_bytes:
+                raise FetchError(f"more than {settings.max_bytes} bytes")
+        return Fetched(bytes(body), response.header("ETag"), response.header("Last-Modified"))
 
 
 def _fetch_file(url: str, max_bytes: int) -> Fetched:
@@ -172,20 +109,6 @@ def _fetch_file(url: str, max_bytes: int) -> Fetched:
     if len(data) > max_bytes:
         raise FetchError(f"more than {max_bytes} bytes")
     return Fetched(data)
-
-
-def _describe(error: requests.RequestException) -> str:
-    """One short line for a requests exception (their str() can be a page of nested reprs)."""
-    kinds = ((requests.exceptions.SSLError, "TLS verification failed"),
-             (requests.exceptions.ConnectTimeout, "connection timed out"),
-             (requests.exceptions.ReadTimeout, "no data before the timeout"),
-             (requests.exceptions.ConnectionError, "cannot connect"),
-             (requests.exceptions.TooManyRedirects, "too many redirects"))
-    for kind, text in kinds:
-        if isinstance(error, kind):
-            detail = str(error.args[0]) if error.args else str(error)
-            return f"{text} ({detail[:160]})"
-    return f"{type(error).__name__}: {str(error)[:160]}"
 
 
 # --------------------------------------------------------------------------- the cache
@@ -228,8 +151,7 @@ def _meta_path(state_dir: str, prefix: str, cache_dir: Optional[str]) -> str:
 
 
 def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float, settings: FetchSettings,
-                 session: Optional[requests.Session] = None, force: bool = False,
-                 cache_dir: Optional[str] = None) -> List[str]:
+                 force: bool = False, cache_dir: Optional[str] = None) -> List[str]:
     """Refresh one pipe's cache if it is due; return the problems to report (empty if none).
 
     The cache is ``<state_dir>/pipescache/<prefix>.pipe``, or ``<cache_dir>/<prefix>.pipe``."""
@@ -244,7 +166,7 @@ def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float
     same_url = cache_exists and meta.get("url") == url
     try:
         fetched = fetch(url, settings, meta.get("etag") if same_url else None,
-                        meta.get("last_modified") if same_url else None, session)
+                        meta.get("last_modified") if same_url else None)
     except FetchError as error:
         return [_failed(meta_path, meta, now, where, f"cannot fetch: {error}", cache_exists)]
     if fetched.body is None:
@@ -297,7 +219,7 @@ def _failed(meta_path: str, meta: Dict[str, Any], now: float, where: str, why: s
 
 
 def refresh_pipes(config: Any, state_dir: Optional[str] = None, now: Optional[float] = None,
-                  session: Optional[requests.Session] = None, force: bool = False) -> List[str]:
+                  force: bool = False) -> List[str]:
     """Refresh every due vacuum pipe of ``config``; return every problem, one line each.
 
     The daemon calls this periodically (it blocks for up to pipe_fetch_timeout_seconds per
@@ -312,7 +234,7 @@ def refresh_pipes(config: Any, state_dir: Optional[str] = None, now: Optional[fl
     for prefix, pipe in config.vacuum_pipes.items():
         try:
             problems.extend(refresh_pipe(state_dir, prefix, pipe.vacuum_pipe_url, float(pipe.target_share), now,
-                                         settings, session, force, cache_dir))
+                                         settings, force, cache_dir))
         except OSError as error:  # the cache directory itself is unwritable: report, go on
             problems.append(f"{pipelib.label(prefix, pipe.vacuum_pipe_url)}: cannot write the cache: {error}")
     return problems

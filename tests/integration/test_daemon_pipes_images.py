@@ -32,6 +32,7 @@ from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+from vacfactory.imagecache import url_key
 from vacfactory.state.machines import Machine, MachineStore
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,7 @@ def settings_text(tmp_path, total: int, extra: str = "") -> str:
         udp_timeout_seconds = 2
         nfs_exporter = none
         cycle_seconds = 1
+        internal_url_hosts = 127.0.0.1
         """) + textwrap.dedent(extra)
 
 
@@ -155,26 +157,31 @@ def test_run_takes_machinetypes_from_pipes_and_images_by_url_and_keeps_cached_co
                                    stderr=subprocess.STDOUT)
     began = time.monotonic()
     try:
-        # the pipes' machinetypes appear and their VMs start, all on one download of the image
+        # the pipes' machinetypes appear and their VMs start: one download of the image for the
+        # site's machinetype, and one (under the URL policy: 127.0.0.1 is an internal_url_hosts
+        # mirror) that both pipes share; a pipe is never served the site's trusted copy
         for machinetype in ("local", "vo-prod", "vb-prod"):
             wait_for(lambda: started_of(state_dir, machinetype), f"a running {machinetype} VM", 60, log_path)
         full_downloads = [s for s in server.requests_to("/vfpipes.img") if "If-None-Match" not in s.headers]
-        assert len(full_downloads) == 1
-        (first,) = image_versions(state_dir)
-        with open(os.path.join(state_dir, "imagecache", first), "rb") as f:
-            assert f.read() == IMAGE_V1
-        assert {m.record.root_image_path for m in machines(state_dir)} == {
-            os.path.join(state_dir, "imagecache", first)}
+        assert len(full_downloads) == 2
+        site_v1, pipes_v1 = f"{url_key(image_url)}-1.img", f"{url_key(image_url, checked=True)}-1.img"
+        assert image_versions(state_dir) == sorted([site_v1, pipes_v1])
+        for name in (site_v1, pipes_v1):
+            with open(os.path.join(state_dir, "imagecache", name), "rb") as f:
+                assert f.read() == IMAGE_V1
+        paths = {m.record.machinetype: m.record.root_image_path for m in machines(state_dir)}
+        assert paths["local"] == os.path.join(state_dir, "imagecache", site_v1)
+        assert paths["vo-prod"] == paths["vb-prod"] == os.path.join(state_dir, "imagecache", pipes_v1)
         wait_for(lambda: any(s.headers.get("If-None-Match") == '"i1"' for s in server.requests_to("/vfpipes.img")),
                  "a conditional revalidation of the image", 30, log_path)
-        assert len([s for s in server.requests_to("/vfpipes.img") if "If-None-Match" not in s.headers]) == 1
+        assert len([s for s in server.requests_to("/vfpipes.img") if "If-None-Match" not in s.headers]) == 2
 
         # a new image: a new version, used by the VMs created from then on
         server.routes["/vfpipes.img"] = Route(IMAGE_V2, etag='"i2"')
         changed = time.time()
         wait_for(lambda: started_of(state_dir, "local", changed, "-2.img"), "a VM on the new image", 30, log_path)
-        assert len(image_versions(state_dir)) == 2
-        with open(os.path.join(state_dir, "imagecache", image_versions(state_dir)[1]), "rb") as f:
+        assert f"{url_key(image_url)}-2.img" in image_versions(state_dir)
+        with open(os.path.join(state_dir, "imagecache", f"{url_key(image_url)}-2.img"), "rb") as f:
             assert f.read() == IMAGE_V2
 
         # a changed pipe is picked up (cache_seconds is at least 60); a failing one keeps its cache

@@ -20,6 +20,7 @@ import pytest
 
 from vacfactory.errors import ImageError
 from vacfactory.imagecache import ImageCache, ImageNotReady, url_key
+from vacfactory.urlpolicy import UrlPolicy
 
 
 # --------------------------------------------------------------------------- the test server
@@ -348,10 +349,11 @@ def test_truncated_refresh_keeps_the_good_copy(http_server, cache_dir):
     assert image_files(cache_dir) == [os.path.basename(good)]
 
 
-def test_redirects_are_followed(http_server, cache_dir):
+def test_redirects_to_an_allowed_host_are_followed(http_server, cache_dir):
     http_server.routes["/old.img"] = Route(location=http_server.url("/new.img"), status=302)
     http_server.routes["/new.img"] = Route(IMAGE_V2, etag='"n"')
-    path = ImageCache(cache_dir, timeout=10).get(http_server.url("/old.img"))
+    loopback_mirror = UrlPolicy.from_words(["127.0.0.1"])  # every redirect is checked, even the site's
+    path = ImageCache(cache_dir, timeout=10, policy=loopback_mirror).get(http_server.url("/old.img"))
     with open(path, "rb") as f:
         assert f.read() == IMAGE_V2
     assert [s.path for s in http_server.seen] == ["/old.img", "/new.img"]
@@ -370,7 +372,7 @@ def test_huge_slow_download_is_bounded_by_the_timeout(http_server, cache_dir):
 def test_an_image_larger_than_the_free_space_is_refused_before_downloading(http_server, cache_dir):
     http_server.routes["/huge.img"] = Route(b"x" * 1024, declared_length=10**15)
     with pytest.raises(ImageError, match="does not fit"):
-        ImageCache(cache_dir, timeout=10).get(http_server.url("/huge.img"))
+        ImageCache(cache_dir, timeout=10, max_bytes=10**16).get(http_server.url("/huge.img"))
     assert os.listdir(cache_dir) == []
 
 

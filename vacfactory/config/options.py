@@ -574,6 +574,28 @@ OPTIONS: Tuple[Option, ...] = (
            doc="A cached http(s) root_image or user_data template is checked with its server (a "
                "conditional GET with If-None-Match/If-Modified-Since) at most this often, in the "
                "background. 0: at every VM creation (Vac fetched both every time)."),
+    Option("internal_url_hosts", S, Words(item=Text(
+        name="host or network", lower=True, pattern=r"[a-z0-9.-]+|[0-9a-f:.]+(/[0-9]{1,3})?",
+        pattern_doc="must be a host name, an address or a CIDR network")), default=(), vac=False,
+           doc="Site-internal mirrors that URLs from vacuum pipes (root_image, user_data) and every "
+               "redirect may reach: host names (that name, whatever it resolves to) and addresses or "
+               "CIDR networks (any host resolving into them). Everything else must resolve to public "
+               "addresses only: loopback, link-local (169.254.0.0/16), private, shared, unique-local "
+               "(fc00::/7), multicast, reserved and unspecified addresses and the factory's own "
+               "addresses are refused. URLs written in the configuration files are trusted for their "
+               "first host; their redirects are checked too, and https never redirects to http."),
+    Option("image_max_download_gb", S, Number(name="GiB", min=0, min_exclusive=True), default=20.0, vac=False,
+           doc="Largest root_image download (GiB, 2^30 bytes): a larger body is cut off and its "
+               "partial file deleted. user_data templates are limited to 4 MiB."),
+    Option("image_download_reserve_mb", S, Integer(name="MiB", min=0), default=256, vac=False,
+           doc="A download into <state_dir>/imagecache stops, and its partial file is deleted, when "
+               "the filesystem would have less than this much free space (MiB): a large or endless "
+               "image can never fill the disk the VMs' files and the accounting records live on."),
+    Option("max_root_image_gb", S, Number(name="GiB", min=0, min_exclusive=True), vac=False,
+           doc="Largest virtual size (GiB, 2^30 bytes) a qcow2 or raw root_image may claim; larger "
+               "images are refused (a small qcow2 may claim a petabyte, and its overlay lets the "
+               "guest grow that far on the host). Unset: 100 GiB, or disk_gb_per_processor x "
+               "max_processors of the machinetype if that is larger."),
     # ================================================================ [machinetype NAME]
     Option("target_share", M, Number(min=0), default=0.0,
            doc="Share of the space's processing power (HS06) for this machinetype; 0 never starts it.",
@@ -962,6 +984,17 @@ def _rule_min_processors_fit(c: DefaultContext) -> Optional[str]:
     return None
 
 
+
+def _rule_internal_url_hosts(c: DefaultContext) -> Optional[str]:
+    from vacfactory.urlpolicy import parse_internal_hosts  # urlpolicy needs nothing from config
+
+    try:
+        parse_internal_hosts(c.values["internal_url_hosts"])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 RULES: Tuple[Rule, ...] = (
     Rule(S, "total_processors", ("total_processors", "domain_type"), _rule_total_processors,
          "total_processors may not exceed the host's processor count unless domain_type = test."),
@@ -1002,6 +1035,8 @@ RULES: Tuple[Rule, ...] = (
     Rule(M, "min_processors", ("min_processors",), _rule_min_processors_fit,
          "A min_processors larger than processors_per_superslot or total_processors gives a warning: "
          "such a machinetype can never start.", severity="warning"),
+    Rule(S, "internal_url_hosts", ("internal_url_hosts",), _rule_internal_url_hosts,
+         "Every internal_url_hosts item must be a host name, an IP address or a CIDR network."),
 )
 
 

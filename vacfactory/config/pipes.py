@@ -17,6 +17,10 @@ so everything in it is hostile until proven otherwise:
 - Vac's path rules apply, plus a character set for paths and URLs (no whitespace, no shell
   metacharacters), so ``root_image: "/cvmfs/x; cmd"`` is refused here, and in any case no
   value ever reaches a shell (every subprocess gets an argument list);
+- an http(s) URL must name a host and carry no credentials (``user:pw@``); which hosts it may
+  reach is decided when it is fetched (:mod:`vacfactory.urlpolicy`: public addresses only,
+  unless the site lists an internal mirror), because that needs the site's allow-list and a
+  name lookup. :func:`pipe_source` tells the fetcher that a value came from a pipe, and which;
 - a broken entry is skipped with a message naming ``pipe PREFIX (URL) machinetypes[N].OPTION``
   and the rest of the pipe still works (Vac: ``int('abc')`` from a pipe stopped the factory).
 
@@ -39,6 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from vacfactory.config import options as table
 from vacfactory.config.parsers import Boolean, Integer, ValueType, Words, quote
 from vacfactory.errors import VacFactoryError
+from vacfactory.urlpolicy import UrlRefused, check_url_form
 
 #: Vac 03.01's accepted options (``readConf``), plus our root_image_sha256 (safer, additive)
 WHITELIST = frozenset({
@@ -203,6 +208,11 @@ def _path_rules(option: str, text: str) -> Optional[str]:
             return f"{quote(text)} must not contain '..'"
     if (option in _PLAIN_NAMES or is_family_file) and "/" in text:
         return f"{quote(text)} must be a plain name (no '/')"
+    if option in _LOCATIONS and text.startswith(("http://", "https://")):
+        try:
+            check_url_form(text, from_pipe=True)
+        except UrlRefused as error:
+            return str(error)
     if option == "user_data" and "/" in text and not text.startswith(("http://", "https://")):
         return f"{quote(text)} must be an http(s) URL or a plain file name"
     if option == "root_image" and "/" in text and not text.startswith(
@@ -320,6 +330,15 @@ def _ignored_messages(where: str, entries: Tuple[Any, ...]) -> List[str]:
                     ignored.setdefault(str(option), index)
     return [f"{where} machinetypes[{index}].{_show_key(option)}: not accepted from a vacuum pipe: ignored"
             for option, index in ignored.items()]
+
+
+def pipe_source(config: Any, machinetype: str, option: str) -> Optional[str]:
+    """``pipe PREFIX (URL) machinetypes[N]`` if ``option`` of ``machinetype`` came from a
+    vacuum pipe document (the site's own sections win and are not pipe values), else None.
+    Downloads of such values are checked by :mod:`vacfactory.urlpolicy`."""
+    origins = getattr(config, "origins", {}).get(f"{table.MACHINETYPE} {machinetype}", {})
+    origin = origins.get(option)
+    return origin if isinstance(origin, str) and origin.startswith("pipe ") else None
 
 
 def expand_bytes(prefix: str, url: str, pipe_share: float, data: bytes) -> PipeExpansion:

@@ -30,6 +30,7 @@ import secrets
 from typing import Dict, Mapping, Optional, Tuple
 
 from vacfactory import __version__
+from vacfactory.config import pipes
 from vacfactory.core import mjf, userdata
 from vacfactory.engine import policies
 from vacfactory.engine.boundary import nfs_meta, vm_meta
@@ -46,6 +47,8 @@ from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, base_url, 
 log = logging.getLogger(__name__)
 
 DEFAULT_CERNVM_DISK_GB = 40
+#: largest virtual size of a root image when max_root_image_gb is unset (see max_root_image_bytes)
+DEFAULT_MAX_ROOT_IMAGE_GIB = 100
 #: largest user_data template or user_data_file_XXX (each); larger is an error, never truncated
 MAX_TEMPLATE_BYTES = 4 << 20
 
@@ -70,7 +73,7 @@ class VMBuilder:
                    created: float, shutdown_time: float) -> VMRecord:
         s = config.settings
         networked = uses_network(config)
-        root_image_path = self.root_image(mt) if mt.root_image else None
+        root_image_path = self.root_image(mt, config) if mt.root_image else None
         return VMRecord(
             uuid=uuid,
             name=name,
@@ -94,14 +97,16 @@ class VMBuilder:
             root_image_path=root_image_path,
         )
 
-    def root_image(self, mt) -> str:
+    def root_image(self, mt, config=None) -> str:
         """A verified local copy of the machinetype's root image (fetched by URL if need be).
 
         The cache never replaces a file in place, so the path stays valid for the VM's life.
+        A URL from a vacuum pipe is fetched under the site's URL policy.
         """
         if self.images is not None:
             try:
-                return self.images.get(mt.root_image, mt.root_image_sha256)
+                return self.images.get(mt.root_image, mt.root_image_sha256,
+                                       pipe=pipes.pipe_source(config, mt.name, "root_image"))
             except ImageError as error:
                 raise BuildError(f"machinetype {mt.name}: {error}") from None
         return self.resolve(mt, mt.root_image)
@@ -117,7 +122,7 @@ class VMBuilder:
         """Render the machinetype's user_data template, or None if it has none."""
         if not mt.user_data:
             return None
-        template = self._template(mt)
+        template = self._template(mt, config)
         files = {name: self._read_text(mt, path, f"user_data_file_{name}") for name, path in mt.user_data_files.items()}
         options = dict(mt.user_data_options)
         if mt.user_data_proxy:
@@ -181,7 +186,7 @@ class VMBuilder:
             boot = "cdrom"
         elif root_image:
             root = os.path.join(machine.disks_dir, "root.qcow2")
-            disks.create_overlay(root_image, root, disks.image_format(root_image))
+            disks.create_overlay(root_image, root, disks.image_format(root_image, max_root_image_bytes(s, mt)))
             disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device)))
             if disk_gb:
                 scratch = os.path.join(machine.disks_dir, "scratch.qcow2")
@@ -252,7 +257,7 @@ class VMBuilder:
             raise BuildError(f"machinetype {mt.name}: {path}: no such file")
         return path
 
-    def _template(self, mt) -> str:
+    def _template(self, mt, config=None) -> str:
         """The user_data template's text: a file, or the cached copy of a URL.
 
         Raises ImageNotReady (not a BuildError) while a URL has no cached copy yet."""
@@ -262,7 +267,8 @@ class VMBuilder:
             raise BuildError(f"machinetype {mt.name}: user_data {mt.user_data}: "
                              "fetching by URL needs the image cache")
         try:
-            path = self.images.get(mt.user_data, max_bytes=MAX_TEMPLATE_BYTES)
+            path = self.images.get(mt.user_data, max_bytes=MAX_TEMPLATE_BYTES,
+                                   pipe=pipes.pipe_source(config, mt.name, "user_data"))
         except ImageError as error:
             raise BuildError(f"machinetype {mt.name}: user_data {error}") from None
         return self._read_file(mt, path, f"user_data {mt.user_data} (cached as {path})")
@@ -283,6 +289,15 @@ class VMBuilder:
             raise BuildError(f"machinetype {mt.name}: {what}: larger than the {MAX_TEMPLATE_BYTES}-byte "
                              f"limit ({MAX_TEMPLATE_BYTES >> 20} MiB) for user_data templates and files")
         return data.decode("utf-8", errors="replace")
+
+
+def max_root_image_bytes(settings, mt) -> int:
+    """Largest virtual size a root image may claim: max_root_image_gb, else 100 GiB or the
+    machinetype's disk budget (disk_gb_per_processor x max_processors) if that is larger."""
+    if settings.max_root_image_gb:
+        return int(settings.max_root_image_gb * (1 << 30))
+    disk_gb = mt.disk_gb_per_processor or settings.disk_gb_per_processor or 0
+    return max(DEFAULT_MAX_ROOT_IMAGE_GIB << 30, int(disk_gb * mt.max_processors * 10**9))
 
 
 def bus_for(device: str) -> str:

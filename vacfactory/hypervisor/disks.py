@@ -20,7 +20,9 @@ running as ``libvirt-qemu``:
 
 A downloaded base image is untrusted: :func:`image_format` refuses images that name a
 backing file or an external data file, which a raw image crafted to look like qcow2 could
-otherwise use to make a VM read any host file.
+otherwise use to make a VM read any host file, and (given ``max_virtual_bytes``) images whose
+virtual size is larger: a 16 MB qcow2 may claim a petabyte, the overlay inherits that size, and
+the guest could grow the overlay on the host that far.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import os
 import shutil
 import subprocess
-from typing import List
+from typing import List, Optional
 
 from ..errors import HypervisorError
 from .base import check_path
@@ -102,11 +104,12 @@ def create_scratch(path: str, size_bytes: int) -> None:
     log.info("%s: scratch disk of %d bytes", path, size_bytes)
 
 
-def image_format(path: str) -> str:
+def image_format(path: str, max_virtual_bytes: Optional[int] = None) -> str:
     """The format qemu-img finds in ``path`` (the extension means nothing).
 
-    Raises HypervisorError for formats we do not run and for images that refer to other
-    files (a backing file or an external data file): a base image must stand alone.
+    Raises HypervisorError for formats we do not run, for images that refer to other
+    files (a backing file or an external data file): a base image must stand alone, and for
+    images whose virtual size exceeds ``max_virtual_bytes`` (if given).
     """
     check_path("image", path)
     # -U: base images are probed while running VMs hold them open read-only
@@ -115,6 +118,7 @@ def image_format(path: str) -> str:
         info = json.loads(out)
         fmt = str(info["format"])
         data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
+        virtual_size = int(info["virtual-size"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise HypervisorError(f"{path}: unreadable qemu-img info output: {exc}") from exc
     if "backing-filename" in info or "full-backing-filename" in info:
@@ -123,6 +127,10 @@ def image_format(path: str) -> str:
         raise HypervisorError(f"{path}: image has an external data file; refusing to use it")
     if fmt not in FORMATS:
         raise HypervisorError(f"{path}: image format {fmt!r} is not one of {FORMATS}")
+    if max_virtual_bytes is not None and virtual_size > max_virtual_bytes:
+        raise HypervisorError(f"{path}: {fmt} image claims a virtual size of {virtual_size} bytes "
+                              f"({virtual_size / (1 << 30):.1f} GiB), more than the {max_virtual_bytes} bytes "
+                              f"({max_virtual_bytes / (1 << 30):g} GiB) allowed (max_root_image_gb)")
     return fmt
 
 
