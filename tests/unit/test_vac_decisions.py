@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import textwrap
 import pytest
 
 from tests.unit.engine_harness import kernel_file, machinetype_text, make_harness, settings_text
+from tests.unit.test_vmbuild import read_iso, ssh_public_key
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.engine.hoststatus import HostStatus
 from vacfactory.engine.snapshot import build_snapshot
@@ -62,6 +64,40 @@ def _machinetype_status(h):
                               factory.last_finishes, HostStatus(), now, now, False)
     (status,) = snapshot.machinetypes
     return status
+
+
+# -- 1. root_public_key: no key never means no VM ------------------------------------------
+
+def test_vac_example_root_key_path_missing_creates_vms_without_a_key_and_says_so_once(engine, tmp_path, caplog):
+    missing = str(tmp_path / "root" / ".ssh" / "id_rsa.pub")   # example.vac.conf's, on a host without it
+    h = engine(total=2, settings=f"root_public_key = {missing}\n", mt_extra="config_drive = true")
+    assert len(h.factory.run_round().created) == 2
+    h.clock.advance(600)
+    h.power_off(h.live()[0], "200 Success")
+    assert len(h.factory.run_round().created) == 1
+    for vm in h.live():
+        on_drive = json.loads(read_iso(os.path.join(vm.disks_dir, "config.iso"), "meta_data.json"))
+        assert on_drive["public_keys"] == {}
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith("no ssh access")]
+    assert said == [f"no ssh access: cannot read {missing}: no such file "
+                    f"(root_public_key from {h.config_path}:{_line_of(h, 'root_public_key')})"]
+
+
+def test_every_key_of_an_authorized_keys_file_reaches_the_config_drive(engine, tmp_path):
+    keys = [ssh_public_key("alice"), 'from="10.0.0.0/8" ' + ssh_public_key("bob")]
+    path = tmp_path / "authorized_keys"
+    path.write_text(f"# site admins\n{keys[0]}\nnot a key\n\n{keys[1]}\n")
+    h = engine(total=1, settings=f"root_public_key = {path}\n", mt_extra="config_drive = true")
+    assert len(h.factory.run_round().created) == 1
+    (vm,) = h.live()
+    on_drive = json.loads(read_iso(os.path.join(vm.disks_dir, "config.iso"), "meta_data.json"))
+    assert on_drive["public_keys"] == {"vacfactory": "\n".join(keys)}
+
+
+def _line_of(h, option: str) -> int:
+    with open(h.config_path) as f:
+        return next(n for n, line in enumerate(f, 1) if line.startswith(option + " "))
 
 
 # -- 6. backoff: the newest-created finished VM counts -----------------------------------------
