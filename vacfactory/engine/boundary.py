@@ -6,7 +6,8 @@ joboutputs (read-write) to the VM's address only. Everything read back from jobo
 through vmio.joboutputs, which treats every byte as hostile.
 
 ``vm_meta`` is what every VM is offered besides its own identity (the keys of the
-``root_public_key`` file, see engine.rootkeys; the availability zone); the HTTP server and the config drive (engine.vmbuild) both take it.
+``root_public_key`` file, see engine.rootkeys; the availability zone); the HTTP server and
+the config drive (engine.vmbuild) both take it.
 ``nfs_meta`` adds, for an NFS VM, where to mount its exports: nfs-ganesha serves them under
 pseudo paths (``/<uuid>/machinefeatures``), the kernel server (``exportfs``) under their real
 paths in the state directory, so a VM cannot guess them.

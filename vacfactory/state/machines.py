@@ -268,7 +268,8 @@ class MachineStore:
         for machine in machines:
             if machine.finished is not None and machine.finished.outcome != "failed":
                 finish = finished_vm(machine, machine.finished)
-                if finish != latest.get(finish.machinetype) and supersedes(finish, latest.get(finish.machinetype)):
+                known = latest.get(finish.machinetype)
+                if finish != known and supersedes(finish, known):
                     log.info("%s: finishes/%s.json brought up to date", machine.name, finish.machinetype)
                     self._write_last_finish(finish)
                     latest[finish.machinetype] = finish
