@@ -16,12 +16,13 @@ import os
 from typing import Iterator, Tuple
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tests.unit.test_vmbuild import Site, ssh_public_key
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
 from vacfactory.engine.boundary import VMBoundary, vm_meta
-from vacfactory.engine.rootkeys import MAX_KEY_FILE, read_public_keys
+from vacfactory.engine.rootkeys import MAX_KEY_FILE, key_file_problems, public_key_line_problem, read_public_keys
 from vacfactory.engine.vmbuild import VMBuilder
 from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
@@ -236,3 +237,24 @@ def test_after_a_restart_live_vms_are_served_even_if_the_key_file_went_bad(site,
     assert "public_key" not in registered.meta
     assert _warnings(caplog, f"{path}:1: skipped")
     assert _warnings(caplog, f"no ssh access: no public key in {path}")
+
+
+def test_the_default_key_path_is_named_as_the_default(tmp_path) -> None:
+    keys = read_public_keys(str(tmp_path / "id_rsa.pub"))
+    assert key_file_problems(keys) == [f"no ssh access: cannot read {tmp_path}/id_rsa.pub: no such file "
+                                       "(root_public_key default)"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=80), st.sampled_from([
+    ssh_public_key("x").encode(), b"# comment", b"", b'no-pty ' + ssh_public_key("y").encode(),
+    b"ssh-ed25519 !!!", b"\xff\xfe"])), max_size=8))
+def test_any_file_content_yields_only_valid_single_line_keys_and_never_raises(tmp_path_factory, lines) -> None:
+    path = tmp_path_factory.mktemp("keys") / "k"
+    path.write_bytes(b"\n".join(lines))
+    keys = read_public_keys(str(path))
+    assert keys.unreadable is None
+    for key in keys.keys:
+        assert "\n" not in key and "\r" not in key
+        assert public_key_line_problem(key.encode()) == ""
+    assert len(keys.keys) + len(keys.skipped) <= len(b"\n".join(lines).split(b"\n"))
