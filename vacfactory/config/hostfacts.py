@@ -1,10 +1,11 @@
 """Facts about the host that configuration defaults are computed from.
 
 Defaults such as ``factory_name`` (the host name, ``os.uname().nodename`` as in Vac) and
-``total_processors`` (the processor count) depend on the machine; the memory total is shown
-(and compared with what the configured VMs need) but caps nothing unless the admin sets
-``total_memory_mb``. Probing happens once, here; everything else takes a
-:class:`HostFacts` value, so tests pass made-up facts instead of reading the real host.
+``total_processors`` (the processor count) depend on the machine. The memory total is no
+default of anything (``total_memory_mb`` is unset, no cap, unless the admin sets it, as in
+Vac); it is there to compare the configured VMs with. Probing happens once, here;
+everything else takes a :class:`HostFacts` value, so tests pass made-up facts instead of
+reading the real host.
 """
 
 from __future__ import annotations
