@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from vacfactory.core import enforce, mjf, scheduler, status as core_status
+from vacfactory.core.status import supersedes
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
 from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
 from vacfactory.engine import naming, policies
@@ -40,7 +41,7 @@ from vacfactory.imagecache import ImageNotReady
 from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
-from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.machines import Machine, MachineStore, finished_vm
 from vacfactory.state.records import Finished
 from vacfactory.state.status import StatusFiles
 
@@ -201,7 +202,7 @@ class Factory:
     def start(self) -> None:
         """Rebuild the in-memory view from disk; the first round reconciles with libvirt."""
         self.machines = self.store.load_all(recover=True)
-        self.last_finishes = self.store.last_finishes()
+        self.last_finishes = self.store.repair_last_finishes(self.machines.values())
         for machine in self.machines.values():
             if machine.live:
                 self.shutdown_times[machine.uuid] = self.store.current_shutdown_time(machine)
@@ -557,12 +558,10 @@ class Factory:
                 self.on_finished(machine)
         self.shutdown_times.pop(machine.uuid, None)
         if finished.outcome != Outcome.FAILED.value:
-            previous = self.last_finishes.get(machine.record.machinetype)
-            if previous is None or previous.finished_time <= finished.end_time:
-                self.last_finishes[machine.record.machinetype] = FinishedVM(
-                    uuid=machine.uuid, machinetype=machine.record.machinetype, finished_time=finished.end_time,
-                    code=finished.code, text=finished.text, outcome=finished.outcome,
-                )
+            # the same rule as the finishes/ record on disk: the newest-created finished VM
+            finish = finished_vm(machine, finished)
+            if supersedes(finish, self.last_finishes.get(finish.machinetype)):
+                self.last_finishes[finish.machinetype] = finish
 
     def _settle(self, config, now: float) -> None:
         """Account and clean every finished VM that still needs it (retried until done)."""

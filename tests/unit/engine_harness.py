@@ -130,6 +130,7 @@ def make_harness(
     name: Optional[str] = None,
     clock: Optional[Clock] = None,
     config_path: Optional[str] = None,
+    host: HostFacts = HOST,
 ) -> Harness:
     name = name or f"f{os.getpid()}x{next(_counter)}.example.org"
     config_path = config_path or os.path.join(tmp_dir, "vacfactory.conf")
@@ -137,7 +138,7 @@ def make_harness(
         with open(config_path, "w") as f:
             f.write(config_text)
     clock = clock or Clock()
-    watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=HOST)
+    watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=host)
     state_dir = watcher.current.settings.state_dir
     hypervisor = LibvirtHypervisor("test:///default")
     holder = {}

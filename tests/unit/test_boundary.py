@@ -1,6 +1,8 @@
-"""What every VM is offered (engine.boundary.vm_meta) through the real HTTP server: the
-``root_public_key`` in meta_data.json and the EC2 paths, ``http_port`` in every URL; bad key
-files are configuration errors naming the option and where it was set; the daemon's wiring.
+"""What every VM is offered (engine.boundary.vm_meta) through the real HTTP server: the keys
+of the ``root_public_key`` file in meta_data.json and the EC2 paths, ``http_port`` in every URL;
+as in Vac, a key file that cannot be read or holds no key never stops a VM ("no ssh access",
+logged once per file and change), an ``authorized_keys``-style file offers every valid key and
+skips the rest with a warning naming file:line; the daemon's wiring.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ import base64
 import dataclasses
 import http.client
 import json
+import logging
 import os
 from typing import Iterator, Tuple
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tests.unit.test_vmbuild import Site, ssh_public_key
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
-from vacfactory.engine.boundary import VMBoundary, read_public_key, vm_meta
+from vacfactory.engine.boundary import VMBoundary, vm_meta
+from vacfactory.engine.rootkeys import MAX_KEY_FILE, key_file_problems, public_key_line_problem, read_public_keys
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.errors import ConfigError
 from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
 from tests.unit.engine_harness import HOST
@@ -93,14 +97,14 @@ def test_without_a_key_file_at_the_default_path_no_key_is_offered(site, serve) -
     config = site.configure()
     assert config.settings.root_public_key == "/root/.ssh/id_rsa.pub"
     if os.path.exists(config.settings.root_public_key):  # a host with a root key offers it
-        assert vm_meta(config)["public_key"] == read_public_key(config.settings.root_public_key)
+        assert vm_meta(config)["public_key"] == "\n".join(read_public_keys(config.settings.root_public_key).keys)
         return
     vm = serve(site, config)
     doc = json.loads(vm.get("/openstack/latest/meta_data.json")[1])
     assert doc["public_keys"] == {}
     assert b"public-keys" not in vm.get("/latest/meta-data/")[1]
     assert vm.get("/latest/meta-data/public-keys/0/openssh-key")[0] == 404
-    assert read_public_key(os.path.join(site.root, "absent.pub"), "default") is None
+    assert read_public_keys(os.path.join(site.root, "absent.pub")).unreadable == "no such file"
 
 
 @pytest.mark.parametrize("port,base", [(80, "http://169.254.169.253"),
@@ -122,47 +126,90 @@ def _rsa_blob_with_type(name: bytes) -> str:
     return base64.b64encode(len(name).to_bytes(4, "big") + name + b"\x00" * 8).decode()
 
 
-BAD_KEYS = {
-    "a private key": ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk=\n"
-                      "-----END OPENSSH PRIVATE KEY-----\n", "3 non-empty lines"),
-    "two keys": (ssh_public_key("a") + "\n" + ssh_public_key("b") + "\n", "2 non-empty lines"),
-    "an empty file": ("", "0 non-empty lines"),
-    "no key type": ("AAAAC3NzaC1lZDI1NTE5AAAAI root\n", "must start with a key type"),
-    "bad base64": ("ssh-ed25519 not*base64 root\n", "not base64"),
-    "the wrong type": (f"ssh-rsa {_rsa_blob_with_type(b'ssh-ed25519')} root\n", "not a ssh-rsa key"),
-    "a control character": (ssh_public_key("a\x1b[2Jb") + "\n", "control characters"),
+def _warnings(caplog, needle: str):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and needle in r.getMessage()]
+
+
+BAD_LINES = {
+    "a private key": ("-----BEGIN OPENSSH PRIVATE KEY-----", "must start with a key type"),
+    "no key type": ("AAAAC3NzaC1lZDI1NTE5AAAAI root", "must start with a key type"),
+    "bad base64": ("ssh-ed25519 not*base64 root", "not base64"),
+    "no key data": ("ssh-ed25519", "no key data"),
+    "the wrong type": (f"ssh-rsa {_rsa_blob_with_type(b'ssh-ed25519')} root", "not a ssh-rsa key"),
+    "a control character": (ssh_public_key("a\x1b[2Jb"), "control characters"),
+    "options without a key": ('from="10.0.0.1" root', "must start with a key type"),
+    "unbalanced option quotes": ('from="10.0.0.1 ssh-ed25519 AAAA x', "must start with a key type"),
 }
 
 
-@pytest.mark.parametrize("what", sorted(BAD_KEYS))
-def test_a_file_that_is_not_one_public_key_line_is_an_error_naming_the_option(site, what) -> None:
-    content, why = BAD_KEYS[what]
-    path = site.write("key.pub", content, site.root)
+@pytest.mark.parametrize("what", sorted(BAD_LINES))
+def test_a_line_that_is_not_a_key_is_skipped_with_a_warning_naming_file_and_line(site, caplog, what) -> None:
+    bad, why = BAD_LINES[what]
+    good = ssh_public_key("good")
+    path = site.write("keys", f"# root keys\n\n{bad}\n{good}\n", site.root)
     config = site.configure(f"root_public_key = {path}\n")
-    with pytest.raises(ConfigError) as error:
-        vm_meta(config)
+    assert vm_meta(config)["public_key"] == good
     line = open(site.config_path).read().splitlines().index(f"root_public_key = {path}") + 1
-    assert str(error.value).startswith(f"{site.config_path}:{line}: [settings] root_public_key: {path}: "
-                                       "not an OpenSSH public key line (")
-    assert why in str(error.value)
+    (warning,) = _warnings(caplog, "skipped")
+    assert warning.startswith(f"{path}:3: skipped, not an OpenSSH public key line (")
+    assert why in warning and warning.endswith(f"(root_public_key from {site.config_path}:{line})")
 
 
-@pytest.mark.parametrize("make", ["missing", "directory"])
-def test_an_unreadable_configured_key_is_an_error_and_the_vm_is_not_published(site, make) -> None:
-    path = os.path.join(site.root, "keydir" if make == "directory" else "absent.pub")
+def test_an_authorized_keys_file_offers_every_valid_key_with_its_options(site, serve) -> None:
+    keys = [ssh_public_key("alice"), 'from="10.0.0.0/8",no-pty ' + ssh_public_key("bob"),
+            'command="echo \\"hi there\\"" ' + ssh_public_key("carol")]
+    text = f"# admins\n{keys[0]}\n\n   {keys[1]}  \r\n# old key, revoked\n#{ssh_public_key('eve')}\n{keys[2]}"
+    path = site.write("authorized_keys", text, site.root)
+    assert read_public_keys(path).keys == tuple(keys)
+    vm = serve(site, site.configure(f"root_public_key = {path}\n"))
+    served = "\n".join(keys)
+    assert json.loads(vm.get("/openstack/latest/meta_data.json")[1])["public_keys"] == {"vacfactory": served}
+    assert vm.get("/latest/meta-data/public-keys/0/openssh-key") == (200, served.encode())
+
+
+@pytest.mark.parametrize("make", ["missing", "directory", "fifo", "empty", "only comments", "too big"])
+def test_a_key_file_that_offers_nothing_still_publishes_the_vm_without_a_key(site, caplog, make) -> None:
+    path = os.path.join(site.root, "key.pub")
     if make == "directory":
         os.mkdir(path)
+    elif make == "fifo":
+        os.mkfifo(path)  # must not hang the engine
+    elif make != "missing":
+        content = {"empty": "", "only comments": "# no key yet\n\n",
+                   "too big": (ssh_public_key() + "\n") * (MAX_KEY_FILE // 80 + 10)}[make]
+        site.write("key.pub", content, site.root)
     config = site.configure(f"root_public_key = {path}\n")
     builder = VMBuilder(site.state_dir)
     record = site.record(config, builder)
     machine = MachineStore(site.state_dir).prepare(record, *builder.features(config, record))
     boundary = VMBoundary(meta_source=lambda: vm_meta(config))
-    with pytest.raises(ConfigError) as error:
-        boundary.publish(Machine(record=dataclasses.replace(record, address=VM_ADDR), path=machine.path))
-    assert f"{site.config_path}:" in str(error.value)
-    assert f"[settings] root_public_key: {path}: " in str(error.value)
-    assert ("no such file" if make == "missing" else "cannot read: Is a directory") in str(error.value)
-    assert len(boundary.registry) == 0
+    boundary.publish(Machine(record=dataclasses.replace(record, address=VM_ADDR), path=machine.path))
+    registered = boundary.registry.by_address(VM_ADDR)
+    assert registered is not None and "public_key" not in registered.meta
+    line = open(site.config_path).read().splitlines().index(f"root_public_key = {path}") + 1
+    expected = {"missing": f"cannot read {path}: no such file", "directory": f"cannot read {path}: not a regular file",
+                "fifo": f"cannot read {path}: not a regular file", "empty": f"no public key in {path}",
+                "only comments": f"no public key in {path}",
+                "too big": f"cannot read {path}: over {MAX_KEY_FILE} bytes: not a public key file"}[make]
+    assert _warnings(caplog, "no ssh access") == \
+        [f"no ssh access: {expected} (root_public_key from {site.config_path}:{line})"]
+
+
+def test_no_ssh_access_is_logged_once_per_file_and_change_not_per_vm(site, caplog) -> None:
+    path = os.path.join(site.root, "id_rsa.pub")
+    config = site.configure(f"root_public_key = {path}\n")
+    for _ in range(3):
+        assert "public_key" not in vm_meta(config)
+    assert len(_warnings(caplog, "no ssh access")) == 1
+    key = ssh_public_key()
+    site.write("id_rsa.pub", key + "\n", site.root)       # the admin adds the key
+    for _ in range(3):
+        assert vm_meta(config)["public_key"] == key
+    assert len(_warnings(caplog, "no ssh access")) == 1
+    os.remove(path)                                       # ... and removes it again
+    vm_meta(config)
+    vm_meta(config)
+    assert len(_warnings(caplog, "no ssh access")) == 2
 
 
 def test_the_daemon_offers_the_configured_key_to_the_vms_it_publishes(site) -> None:
@@ -188,5 +235,26 @@ def test_after_a_restart_live_vms_are_served_even_if_the_key_file_went_bad(site,
     registered = boundary.registry.by_address(VM_ADDR)
     assert registered is not None and registered.uuid == record.uuid
     assert "public_key" not in registered.meta
-    assert any("root_public_key" in r.getMessage() and "re-registered without it" in r.getMessage()
-               for r in caplog.records)
+    assert _warnings(caplog, f"{path}:1: skipped")
+    assert _warnings(caplog, f"no ssh access: no public key in {path}")
+
+
+def test_the_default_key_path_is_named_as_the_default(tmp_path) -> None:
+    keys = read_public_keys(str(tmp_path / "id_rsa.pub"))
+    assert key_file_problems(keys) == [f"no ssh access: cannot read {tmp_path}/id_rsa.pub: no such file "
+                                       "(root_public_key default)"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=80), st.sampled_from([
+    ssh_public_key("x").encode(), b"# comment", b"", b'no-pty ' + ssh_public_key("y").encode(),
+    b"ssh-ed25519 !!!", b"\xff\xfe"])), max_size=8))
+def test_any_file_content_yields_only_valid_single_line_keys_and_never_raises(tmp_path_factory, lines) -> None:
+    path = tmp_path_factory.mktemp("keys") / "k"
+    path.write_bytes(b"\n".join(lines))
+    keys = read_public_keys(str(path))
+    assert keys.unreadable is None
+    for key in keys.keys:
+        assert "\n" not in key and "\r" not in key
+        assert public_key_line_problem(key.encode()) == ""
+    assert len(keys.keys) + len(keys.skipped) <= len(b"\n".join(lines).split(b"\n"))

@@ -233,10 +233,10 @@ def test_unusable_computed_default_says_which_option_to_set(tmp_path):
     with pytest.raises(ConfigErrors) as caught:
         load_config(ConfigSources.for_main_file(main), host_facts=host)
     messages = [str(e) for e in caught.value.errors]
-    assert f"{main}:1: [settings] factory_name: the default (this host's fully qualified domain name: 'localhost') " \
+    assert f"{main}:1: [settings] factory_name: the default (this host's name (os.uname().nodename): 'localhost') " \
            "is not usable: 'localhost' must be a fully qualified domain name (contain a dot); set factory_name" in messages
-    assert any(m.startswith(f"{main}:1: [settings] total_memory_mb: the default") and m.endswith("set total_memory_mb")
-               for m in messages)
+    # an unreadable MemTotal is no error: total_memory_mb is unset (no cap) unless the admin sets it
+    assert not any("total_memory_mb" in m for m in messages)
 
 
 def test_load_errors_can_be_caught_as_one_config_error(tmp_path):

@@ -197,7 +197,8 @@ def test_for_main_file_uses_the_stem_for_the_dropin_directory():
 def test_defaults_come_from_host_facts(tmp_path):
     config = load_config_string(minimal(tmp_path), HOST)
     s = config.settings
-    assert (s.factory_name, s.total_processors, s.total_memory_mb) == ("wn01.example.com", 8, 16384)
+    assert (s.factory_name, s.total_processors) == ("wn01.example.com", 8)
+    assert s.total_memory_mb is None  # no memory cap unless the admin sets one (Vac)
     assert config.origins["settings"]["total_processors"] == "default"
 
 

@@ -27,7 +27,8 @@ from vacfactory.core.outcomes import (
     ("200 \x1b[2Jclear screen", ShutdownMessage(200, "?[2Jclear screen")),
     ("first line\n200 second line", None),   # only the first line counts
     ("099 too low", None),
-    ("800 too high", None),
+    ("800 site code", ShutdownMessage(800, "site code")),   # Vac: int(message[0:3])
+    ("999", ShutdownMessage(999, "")),
     ("2000 four digits", None),
     ("abc", None),
     ("", None),
@@ -48,7 +49,7 @@ def test_text_is_cut_and_a_huge_file_is_not_read_whole():
 def test_parser_never_raises_and_yields_printable_text(raw):
     message = parse_shutdown_message(raw)
     if message is not None:
-        assert 100 <= message.code <= 799
+        assert 100 <= message.code <= 999
         assert len(message.text) <= MAX_TEXT
         assert all(0x20 <= ord(c) <= 0x7e for c in message.text)
 
@@ -58,6 +59,8 @@ def test_parser_never_raises_and_yields_printable_text(raw):
     (300, True, True), (400, True, True), (500, True, True), (699, True, True),
     (700, True, True), (799, True, True),
     (700, False, False), (600, False, True), (200, False, False),
+    # Vac: every code >= 300 is an abort; abort_on_700 spares only 700-799
+    (800, True, True), (999, True, True), (800, False, True), (999, False, True),
 ])
 def test_abort_codes(code, abort_on_700, aborts):
     assert is_abort_code(code, abort_on_700) is aborts
@@ -68,6 +71,7 @@ def test_abort_codes(code, abort_on_700, aborts):
     (ShutdownMessage(200, "ok"), 5, None, True, Outcome.SUCCESS, 200),
     (ShutdownMessage(300, "no work"), 5000, None, True, Outcome.ABORT, 300),
     (ShutdownMessage(700, "agent"), 5000, None, True, Outcome.ABORT, 700),
+    (ShutdownMessage(850, "site code"), 5000, None, False, Outcome.ABORT, 850),
     # 7xx with abort_on_700 off: judged as if no message (Vcycle): neutral after a full run...
     (ShutdownMessage(700, "agent"), 5000, None, False, Outcome.NEUTRAL, 700),
     # ...a fizzle when short

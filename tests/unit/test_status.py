@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vacfactory.core.outcomes import Outcome
-from vacfactory.core.status import machinetype_states, merge_states
+from vacfactory.core.status import machinetype_states, merge_states, supersedes
 from vacfactory.core.views import FinishedVM, LocalVM, MachinetypePolicy, MachinetypeState
 
 NOW = 1_700_000_000.0
@@ -126,3 +126,53 @@ def test_merged_last_abort_is_the_max_of_the_known_ones(aborts):
         assert merged["a"].last_abort_time == (max(known) if known else None)
     else:
         assert merged == {}
+
+
+def _finish(uuid: str, created: Optional[float], ended: float, code: int = 200,
+            outcome: str = "success") -> FinishedVM:
+    return FinishedVM(uuid=uuid, machinetype="a", finished_time=ended, code=code, text="",
+                      outcome=outcome, created=created)
+
+
+def test_the_newest_created_finish_wins_not_the_last_to_end():
+    newer_abort = _finish("new", created=NOW - 100, ended=NOW - 50, code=300, outcome="abort")
+    older_success = _finish("old", created=NOW - 5000, ended=NOW - 10)
+    assert not supersedes(older_success, newer_abort)
+    assert supersedes(newer_abort, older_success)
+    assert supersedes(newer_abort, None)
+
+
+def test_equal_creation_times_go_to_the_later_end_then_the_larger_uuid():
+    first = _finish("b", created=NOW - 100, ended=NOW - 50)
+    later = _finish("a", created=NOW - 100, ended=NOW - 40)
+    assert supersedes(later, first) and not supersedes(first, later)
+    same_end = _finish("c", created=NOW - 100, ended=NOW - 40)
+    assert supersedes(same_end, later) and not supersedes(later, same_end)
+
+
+def test_a_record_written_before_created_was_kept_is_compared_by_end_time():
+    old_record = _finish("old", created=None, ended=NOW - 50)
+    assert supersedes(_finish("x", created=NOW - 9000, ended=NOW - 40), old_record)
+    assert not supersedes(_finish("y", created=NOW - 10, ended=NOW - 60), old_record)
+
+
+_finishes = st.builds(
+    _finish, uuid=st.sampled_from("abcdef"), created=st.integers(0, 20).map(float),
+    ended=st.integers(20, 40).map(float),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_finishes, min_size=1, max_size=8), st.randoms())
+def test_the_latest_finish_does_not_depend_on_the_order_vms_end_in(finishes, rng):
+    def fold(order):
+        latest = None
+        for finish in order:
+            if supersedes(finish, latest):
+                latest = finish
+        return latest
+
+    shuffled = list(finishes)
+    rng.shuffle(shuffled)
+    expected = max(finishes, key=lambda f: (f.created, f.finished_time, f.uuid))
+    assert fold(finishes) == fold(shuffled) == expected

@@ -1,15 +1,17 @@
 """Facts about the host that configuration defaults are computed from.
 
-Defaults such as ``factory_name`` (the FQDN), ``total_processors`` (the processor count) and
-``total_memory_mb`` depend on the machine. Probing happens once, here; everything else takes a
-:class:`HostFacts` value, so tests pass made-up facts instead of reading the real host.
+Defaults such as ``factory_name`` (the host name, ``os.uname().nodename`` as in Vac) and
+``total_processors`` (the processor count) depend on the machine. The memory total is no
+default of anything (``total_memory_mb`` is unset, no cap, unless the admin sets it, as in
+Vac); it is there to compare the configured VMs with. Probing happens once, here;
+everything else takes a :class:`HostFacts` value, so tests pass made-up facts instead of
+reading the real host.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +20,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HostFacts:
-    """The few host properties the configuration depends on."""
+    """The few host properties the configuration depends on.
+
+    ``fqdn`` is the host's name as Vac takes it, ``os.uname().nodename`` (no DNS lookup: an
+    ``/etc/hosts`` alias must not rename the factory); like Vac, the configuration insists
+    it is fully qualified (contains a dot) before it becomes ``factory_name``.
+    """
 
     fqdn: str
     cpu_count: int
@@ -26,9 +33,9 @@ class HostFacts:
 
     @classmethod
     def probe(cls, proc: str = "/proc") -> "HostFacts":
-        """Read the real host: FQDN from the resolver, processors and memory from /proc."""
+        """Read the real host: its name from uname(2), processors and memory from /proc."""
         return cls(
-            fqdn=socket.getfqdn(),
+            fqdn=os.uname().nodename,
             cpu_count=count_processors(os.path.join(proc, "cpuinfo")),
             mem_total_mb=memory_total_mb(os.path.join(proc, "meminfo")),
         )
@@ -50,7 +57,7 @@ def count_processors(cpuinfo_path: str = "/proc/cpuinfo") -> int:
 
 
 def memory_total_mb(meminfo_path: str = "/proc/meminfo") -> int:
-    """MemTotal in MiB; 0 if /proc/meminfo cannot be read (then total_memory_mb must be set)."""
+    """MemTotal in MiB; 0 if /proc/meminfo cannot be read (then nothing can be compared with it)."""
     total_kb: Optional[int] = None
     try:
         with open(meminfo_path, encoding="utf-8", errors="replace") as f:

@@ -295,9 +295,12 @@ OPTIONS: Tuple[Option, ...] = (
                "vac01.example.com. Factories answer VacQuery requests only for their own space."),
     Option("factory_name", S, Text(name="host name", pattern=FQDN_PATTERN,
                                    pattern_doc="must be a fully qualified domain name (contain a dot)"),
-           default=Computed("this host's fully qualified domain name", lambda c: c.host.fqdn), vac=False,
-           doc="Name of this factory in the space, in accounting records and in VM names "
-               "(<short>-NN.<domain>). Vac insisted the host name is fully qualified; so do we."),
+           default=Computed("this host's name (os.uname().nodename)", lambda c: c.host.fqdn), vac=False,
+           doc="Name of this factory in the space: VM names (<short>-NN.<domain>), the APEL "
+               "SubmitHost (<space>/vacfactory-<name>), the factory field of VacQuery replies (peers "
+               "accept a reply only from a name in their factories list). The default is the "
+               "kernel's host name (uname -n, no DNS lookup), as in Vac, which has no such "
+               "option; like Vac we insist it is fully qualified (contains a dot)."),
     Option("factories", S, Words(item=Text(pattern=rf"\.|{HOSTNAME_PATTERN}",
                                            pattern_doc="must be a host name, or '.' for this factory"),
                                  lower=True),
@@ -340,8 +343,11 @@ OPTIONS: Tuple[Option, ...] = (
                        "write draining = yes to stop starting VMs)",
            vac_write="draining = yes to start no VMs; total_processors is at least 1"),
     Option("total_memory_mb", S, Integer(name="MiB", min=1),
-           default=Computed("this host's memory (MemTotal in /proc/meminfo)", lambda c: c.host.mem_total_mb),
-           vac=False, doc="Memory (MiB) this factory may give to VMs in total."),
+           vac=False, doc="Memory (MiB) this factory may give to VMs in total: no VM is created "
+                          "that would take the VMs' memory (mb_per_processor x processors each) "
+                          "past it. Unset (the default): no memory cap, as in Vac, whose "
+                          "vac.conf(5) tells admins to overcommit memory by raising "
+                          "mb_per_processor."),
     Option("mb_per_processor", S, Integer(name="MiB", min=1), default=2048, aliases=("mb_per_cpu",),
            doc="Memory (MiB) given to a VM per processor it has."),
     Option("hs06_per_processor", S, Number(min=0, min_exclusive=True), aliases=("hs06_per_cpu",),

@@ -6,8 +6,9 @@ The class of the end decides backoff: an *abort* makes that machinetype wait
 ``backoff_seconds`` (space-wide) before another VM of it is started.
 
 Rules (Vac 03.01 semantics, with two of its bugs fixed):
-- code 100-299: success; 300-699: abort; 700-799: abort unless ``abort_on_700`` is off
-  (Vac counts 7xx as aborts, Vcycle does not: we default to Vac).
+- code 100-299: success; 300-699 and 800-999: abort (Vac: every ``int(message[0:3]) >= 300``);
+  700-799: abort unless ``abort_on_700`` is off (Vac counts 7xx as aborts, Vcycle does not:
+  we default to Vac).
 - no readable message and a run shorter than ``fizzle_seconds``: a *fizzle*, treated as the
   abort ``300 Fizzled after N seconds without a shutdown_message`` (Vac meant to do this but
   a bug prevented it).
@@ -40,7 +41,7 @@ HEARTBEAT_NOT_UPDATED = "Heartbeat file not updated"
 #: longest message text we keep; the rest of a hostile file is ignored
 MAX_TEXT = 200
 
-_MESSAGE = re.compile(r"\A\s*([1-7][0-9][0-9])(?![0-9])[ \t:-]*(.*)\Z")
+_MESSAGE = re.compile(r"\A\s*([1-9][0-9][0-9])(?![0-9])[ \t:-]*(.*)\Z")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -75,7 +76,7 @@ class Outcome(str, enum.Enum):
     """How a VM's life ended, as far as scheduling is concerned."""
 
     SUCCESS = "success"   # code < 300
-    ABORT = "abort"       # code >= 300 (7xx configurable): backoff
+    ABORT = "abort"       # code >= 300 (7xx configurable, 8xx/9xx always): backoff
     FIZZLE = "fizzle"     # no message and shorter than fizzle_seconds: backoff
     NEUTRAL = "neutral"   # no message after a full run, or killed for time/pause: no backoff
     FAILED = "failed"     # never started (creation failed): no backoff, no accounting
@@ -112,8 +113,9 @@ class Classified:
 
 
 def is_abort_code(code: int, abort_on_700: bool = True) -> bool:
-    """True if a VM that ended with ``code`` should make its machinetype back off."""
-    if code >= 700:
+    """True if a VM that ended with ``code`` should make its machinetype back off: every
+    code >= 300, as in Vac, except that ``abort_on_700`` off spares 700-799 (Vcycle's rule)."""
+    if 700 <= code <= 799:
         return abort_on_700
     return code >= 300
 

@@ -79,6 +79,23 @@ def _abort_time(finished: Optional[FinishedVM]) -> Optional[float]:
     return None
 
 
+def supersedes(candidate: FinishedVM, previous: Optional[FinishedVM]) -> bool:
+    """True if ``candidate`` replaces ``previous`` as a machinetype's latest finish.
+
+    Vac's rule: the most recently *created* VM that has finished counts, not the last one to
+    end, so an older VM ending "200 Success" after a newer one ended "300 No more work" does
+    not lift the backoff. Ties on creation go to the later end, then the larger uuid (one
+    answer whatever order the finishes arrive in). A record without ``created`` (written
+    before it was kept) is compared by end time, the old rule.
+    """
+    if previous is None:
+        return True
+    if candidate.created is None or previous.created is None:
+        return candidate.finished_time >= previous.finished_time
+    return ((candidate.created, candidate.finished_time, candidate.uuid)
+            >= (previous.created, previous.finished_time, previous.uuid))
+
+
 def merge_states(views: Iterable[Mapping[str, MachinetypeState]]) -> Dict[str, MachinetypeState]:
     """The space's state of each machinetype: counts summed, newest abort kept."""
     merged: Dict[str, MachinetypeState] = {}

@@ -65,7 +65,9 @@ class LocalVM:
 
 @dataclass(frozen=True)
 class FinishedVM:
-    """The latest finished VM of a machinetype (finishes/<machinetype>.json)."""
+    """The newest-created finished VM of a machinetype (finishes/<machinetype>.json): the one
+    whose outcome drives backoff and the VacQuery shutdown fields (Vac's ``finishes/<mt>``).
+    See core.status.supersedes for the order."""
 
     uuid: str
     machinetype: str
@@ -73,6 +75,8 @@ class FinishedVM:
     code: Optional[int]
     text: str
     outcome: str  # core.outcomes.Outcome value
+    #: when the VM was created; None in records written before it was kept
+    created: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ for ``mjf_transport = nfs``, exports its machinefeatures/jobfeatures (read-only)
 joboutputs (read-write) to the VM's address only. Everything read back from joboutputs goes
 through vmio.joboutputs, which treats every byte as hostile.
 
-``vm_meta`` is what every VM is offered besides its own identity (the ``root_public_key``,
-the availability zone); the HTTP server and the config drive (engine.vmbuild) both take it.
+``vm_meta`` is what every VM is offered besides its own identity (the keys of the
+``root_public_key`` file, see engine.rootkeys; the availability zone); the HTTP server and
+the config drive (engine.vmbuild) both take it.
 ``nfs_meta`` adds, for an NFS VM, where to mount its exports: nfs-ganesha serves them under
 pseudo paths (``/<uuid>/machinefeatures``), the kernel server (``exportfs``) under their real
 paths in the state directory, so a VM cannot guess them.
@@ -14,15 +15,12 @@ paths in the state directory, so a VM cannot guess them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import re
-import struct
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from vacfactory.core.outcomes import ShutdownMessage
-from vacfactory.errors import ConfigError, ExportError, VacFactoryError
+from vacfactory.engine.rootkeys import KeyFileNotices, read_public_keys
+from vacfactory.errors import ExportError, VacFactoryError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportfsExporter, ExportSpec, Exporter, GaneshaExporter, NullExporter
@@ -167,75 +165,23 @@ def nfs_meta(machine: Machine, nfs_exporter: str) -> Dict[str, str]:
 
 # -- what every VM is offered -------------------------------------------------------------
 
-#: OpenSSH public key types (``ssh-keygen -t``), as the first field of a ``.pub`` line
-_KEY_TYPE = re.compile(r"ssh-(rsa|dss|ed25519)|ecdsa-sha2-nistp(256|384|521)"
-                       r"|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com")
-_MAX_KEY_FILE = 16384
+#: the root key files' warnings, logged once per file and change (engine.rootkeys)
+_KEY_NOTICES = KeyFileNotices()
 
 
 def vm_meta(config) -> Dict[str, str]:
     """The metadata every VM is offered (:attr:`VMEndpoint.meta`): the availability zone
-    (the factory's name, as Vac did) and ``public_key`` from ``root_public_key``, if any."""
+    (the factory's name, as Vac did) and ``public_key``: every key line of the
+    ``root_public_key`` file, one per line (served as meta_data.json ``public_keys`` and EC2
+    ``public-keys/0/openssh-key``, as Vac served the file). A file that cannot be read, or
+    holds no key, offers none: the VM is still created (Vac's "no ssh access"), and the
+    reason is logged once (engine.rootkeys)."""
     s = config.settings
     meta = {"availability_zone": s.factory_name}
-    origin = config.origins.get("settings", {}).get("root_public_key", "default")
-    key = read_public_key(s.root_public_key, origin) if s.root_public_key else None
-    if key:
-        meta["public_key"] = key
+    if s.root_public_key:
+        origin = config.origins.get("settings", {}).get("root_public_key", "default")
+        keys = read_public_keys(s.root_public_key)
+        _KEY_NOTICES.report(keys, origin)
+        if keys.keys:
+            meta["public_key"] = "\n".join(keys.keys)
     return meta
-
-
-def read_public_key(path: str, origin: str = "default") -> Optional[str]:
-    """The OpenSSH public key line in ``path`` (what ``ssh-keygen`` writes to ``*.pub``).
-
-    None when the file is absent and the path is the default (most hosts have no root key);
-    otherwise a file that cannot be read or does not hold exactly one public key line is a
-    ConfigError naming ``root_public_key`` and where it was set (``origin``: "file:line").
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
-    except FileNotFoundError:
-        if origin == "default":
-            return None
-        raise _key_error(origin, f"{path}: no such file") from None
-    except OSError as error:
-        raise _key_error(origin, f"{path}: cannot read: {error.strerror}") from None
-    if len(data) > _MAX_KEY_FILE:
-        raise _key_error(origin, f"{path}: over {_MAX_KEY_FILE} bytes: not a public key file")
-    why = _public_key_problem(data)
-    if why:
-        raise _key_error(origin, f"{path}: not an OpenSSH public key line ({why})")
-    return data.decode("ascii").strip()
-
-
-def _public_key_problem(data: bytes) -> str:
-    """Why ``data`` is not one ``TYPE BASE64 [COMMENT]`` line; "" if it is one."""
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        return "not ASCII"
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) != 1:
-        return f"{len(lines)} non-empty lines, expected 1"
-    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in lines[0]):
-        return "control characters"
-    fields = lines[0].split(None, 2)
-    if len(fields) < 2 or not _KEY_TYPE.fullmatch(fields[0]):
-        return "it must start with a key type such as ssh-ed25519 or ssh-rsa"
-    try:
-        blob = base64.b64decode(fields[1], validate=True)
-    except (binascii.Error, ValueError):
-        return "the key is not base64"
-    # the key blob starts with its own type name (RFC 4253 6.6)
-    if len(blob) < 4 or blob[4:4 + struct.unpack(">I", blob[:4])[0]] != fields[0].encode():
-        return f"the key data is not a {fields[0]} key"
-    return ""
-
-
-def _key_error(origin: str, message: str) -> ConfigError:
-    source, _, line = origin.rpartition(":")
-    if source and line.isdigit():
-        return ConfigError(message, source=source, line=int(line), section="settings",
-                           option="root_public_key")
-    return ConfigError(message + f" ({origin})", section="settings", option="root_public_key")

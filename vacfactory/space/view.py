@@ -3,8 +3,8 @@
 This is Vac's ``pollFactories`` minus the decision (that is ``core.scheduler``): per
 machinetype, running HS06/processors/machines and ``num_before_fizzle`` are summed over the
 answering factories, and the newest abort any of them reports becomes ``last_abort_time`` -
-backoff is space-wide, as in Vac. Each factory reports only its latest finished VM of a type,
-so a later success on that factory clears its abort (Vac's semantics).
+backoff is space-wide, as in Vac. Each factory reports only its newest-created finished VM of
+a type, so the success of a VM created later on that factory clears its abort (Vac's semantics).
 
 A factory that misses a query round (one lost datagram, a busy peer, a restart) has not stopped
 running its VMs, so :class:`SpaceMemory` keeps each factory's last answer and uses it for

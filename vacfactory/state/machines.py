@@ -26,6 +26,7 @@ from vacfactory.atomic import (
     remove_stale_temporaries,
     write_new_file,
 )
+from vacfactory.core.status import supersedes
 from vacfactory.core.views import FinishedVM
 from vacfactory.errors import StateError
 from vacfactory.state.records import (
@@ -242,7 +243,7 @@ class MachineStore:
             return machine.record.shutdown_time
 
     def last_finishes(self) -> Dict[str, FinishedVM]:
-        """The latest finished VM of each machinetype (finishes/<machinetype>.json)."""
+        """The newest-created finished VM of each machinetype (finishes/<machinetype>.json)."""
         result: Dict[str, FinishedVM] = {}
         for entry in os.listdir(self.finishes_dir):
             if not entry.endswith(".json"):
@@ -255,6 +256,24 @@ class MachineStore:
                 continue
             result[finish.machinetype] = finish
         return result
+
+    def repair_last_finishes(self, machines: Iterable[Machine]) -> Dict[str, FinishedVM]:
+        """:meth:`last_finishes`, brought up to date with the finished VMs in ``machines``.
+
+        A kill between writing a VM's ``finished`` and its finishes/ record would otherwise
+        leave the record one VM behind for good (Vac rebuilt it from the machine directories
+        every time). Only the engine calls this, at start-up, holding the state lock.
+        """
+        latest = self.last_finishes()
+        for machine in machines:
+            if machine.finished is not None and machine.finished.outcome != "failed":
+                finish = finished_vm(machine, machine.finished)
+                known = latest.get(finish.machinetype)
+                if finish != known and supersedes(finish, known):
+                    log.info("%s: finishes/%s.json brought up to date", machine.name, finish.machinetype)
+                    self._write_last_finish(finish)
+                    latest[finish.machinetype] = finish
+        return latest
 
     # -- moving a VM through its life -----------------------------------------------------
 
@@ -303,23 +322,35 @@ class MachineStore:
         shutil.rmtree(machine.path, ignore_errors=True)
 
     def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
-        record = machine.record
-        path = os.path.join(self.finishes_dir, record.machinetype + ".json")
+        """Make ``machine`` its machinetype's latest finish unless a newer-created VM is."""
+        finish = finished_vm(machine, finished)
+        path = self._last_finish_path(finish.machinetype)
         try:
-            previous = from_json(FinishedVM, self._read_json(path), path)
-            if previous.finished_time > finished.end_time:
-                return
+            previous: Optional[FinishedVM] = from_json(FinishedVM, self._read_json(path), path)
         except StateError:
-            pass
-        latest = FinishedVM(
-            uuid=record.uuid,
-            machinetype=record.machinetype,
-            finished_time=finished.end_time,
-            code=finished.code,
-            text=finished.text,
-            outcome=finished.outcome,
-        )
-        atomic_write_json(path, to_json(latest))
+            previous = None
+        if supersedes(finish, previous):
+            self._write_last_finish(finish)
+
+    def _last_finish_path(self, machinetype: str) -> str:
+        return os.path.join(self.finishes_dir, machinetype + ".json")
+
+    def _write_last_finish(self, finish: FinishedVM) -> None:
+        atomic_write_json(self._last_finish_path(finish.machinetype), to_json(finish))
+
+
+def finished_vm(machine: Machine, finished: Finished) -> FinishedVM:
+    """The finishes/ record of ``machine``, which ended as ``finished``."""
+    record = machine.record
+    return FinishedVM(
+        uuid=record.uuid,
+        machinetype=record.machinetype,
+        finished_time=finished.end_time,
+        code=finished.code,
+        text=finished.text,
+        outcome=finished.outcome,
+        created=record.created,
+    )
 
 
 def latest_by_slot(machines: Iterable[Machine]) -> Dict[int, Machine]:

@@ -40,8 +40,8 @@ def valid_token(token: object) -> bool:
 class VMEndpoint:
     """Everything the HTTP server may serve to, or accept from, one VM.
 
-    ``meta`` holds extra metadata: ``public_key`` (an OpenSSH public key line, offered as
-    meta_data.json ``public_keys`` and EC2 ``public-keys/0/openssh-key``),
+    ``meta`` holds extra metadata: ``public_key`` (OpenSSH public key lines, one key per
+    line, offered as meta_data.json ``public_keys`` and EC2 ``public-keys/0/openssh-key``),
     ``availability_zone`` (Vac used the factory's FQDN), and any other string values, which
     are copied into the ``meta`` object of meta_data.json.
     """
