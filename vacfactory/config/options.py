@@ -376,10 +376,12 @@ OPTIONS: Tuple[Option, ...] = (
            ignored="VM disks are always qcow2 files in <state_dir>/machines/<uuid>/disks/ (sized by "
                    "disk_gb_per_processor)"),
     Option("root_public_key", S, _PATH, default="/root/.ssh/id_rsa.pub",
-           doc="File with one OpenSSH public key line offered to VMs as root's key in their metadata "
-               "(meta_data.json public_keys and EC2 public-keys/0/openssh-key). A missing file at the "
-               "default path offers no key; a missing or malformed file set explicitly fails VM creation "
-               "with an error naming this option."),
+           doc="File of OpenSSH public keys offered to VMs as root's keys (meta_data.json public_keys "
+               "and EC2 public-keys/0/openssh-key, one key per line), written like authorized_keys: blank "
+               "lines and # comments are skipped, options before a key are kept, any other line is "
+               "skipped with a warning naming file:line. A file that cannot be read or holds no key never "
+               "stops a VM (Vac: \"no ssh access\"): one warning per file and change, and VMs are created "
+               "without a key."),
     Option("singularity_user", S, Text(name="user name"),
            doc="Unprivileged user that ran Singularity containers in Vac.",
            ignored="vacfactory starts no containers"),
