@@ -941,3 +941,29 @@ def test_the_config_drive_and_a_restarted_engine_give_the_same_nfs_keys(tmp_path
     again = VMBoundary(exporter=_nfs_exporter("exportfs", ""), meta_source=lambda: vm_meta(vm.config))
     again.start(vm.config, [vm.machine])
     assert _served_meta_data(again.registry) == served
+
+
+# --------------------------------------------------------------------------------------------
+# no token in the log: whoever reads it must not learn how to be a VM
+
+
+def test_refused_and_logged_requests_never_show_a_token(env: Env, caplog) -> None:
+    ta, tb = env.a.endpoint.token, env.b.endpoint.token
+    caplog.set_level("DEBUG", logger="vacfactory.vmio.httpserver")
+    env.server._warned.clear()
+    attempts = [
+        ("GET", f"/vm/{tb}/machinefeatures/total_cpu", A_ADDR, None),    # B's token from A
+        ("PUT", f"/vm/{tb}/joboutputs/shutdown_message", A_ADDR, b"x"),
+        ("GET", f"/vm/{ta}/machinefeatures/nokey", STRANGER, None),      # a 404 GET is logged
+        ("PUT", f"/vm/{ta}/joboutputs/bad%20name", STRANGER, b"x"),       # refused name
+        ("GET", f"/nothing/{tb}/{tb[:20]}", B_ADDR, None),                # tokens elsewhere
+        ("PUT", f"/joboutputs/{tb}", A_ADDR, b"x" * 10),                  # as a file name
+    ]
+    for method, path, src, body in attempts:
+        env.server._warned.clear()
+        request(env, method, path, src=src, body=body)
+    text = caplog.text
+    assert "refused" in text and hs.REDACTED in text  # the refusals were logged...
+    for token in (ta, tb):
+        assert token not in text and token[:16] not in text  # ...without any token
+    assert hs.shown(f"/vm/{tb}/x") == "/vm/<redacted>/x"

@@ -87,6 +87,17 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MJF_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _VERSION_DIR = re.compile(r"latest|1\.0|[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PATH_TOKEN = re.compile(r"^/vm/[^/]*")
+#: a run this long could be (part of) a token wherever a VM put it in a path or name
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{16,}")
+REDACTED = "<redacted>"
+
+
+def shown(text: str) -> str:
+    """A request path or name as our log lines show it: no token (the ``/vm/<token>/``
+    segment and any long hex run are replaced: a log reader must never learn one), printable
+    ASCII only, bounded length."""
+    return jo.printable(_HEX_RUN.sub(REDACTED, _PATH_TOKEN.sub("/vm/" + REDACTED, text)))
 
 
 @dataclass(frozen=True)
@@ -391,7 +402,7 @@ class Router:
             if method in ("PUT", "POST"):
                 if len(segments) != 2 or not jo.valid_name(segments[1]):
                     return _error(403, "invalid joboutputs name"), \
-                        f"{vm.name}: refused joboutputs name {jo.printable(request.path)}"
+                        f"{vm.name}: refused joboutputs name {shown(request.path)}"
                 return UploadTarget(vm, segments[1]), ""
             return Reply(405, b"405 Method Not Allowed\n", extra=(("Allow", "PUT, POST"),)), ""
         if method not in ("GET", "HEAD"):
@@ -896,7 +907,7 @@ class MetadataServer:
             return
         result, note = self.router.route(conn.peer, request)
         if note:
-            self._warn(conn.peer, f"{conn.peer}: {request.method} {jo.printable(request.path)}"
+            self._warn(conn.peer, f"{conn.peer}: {request.method} {shown(request.path)}"
                                   f" refused: {note}")
         if isinstance(result, UploadTarget):
             self._start_upload(conn, request, result, now)
@@ -913,7 +924,7 @@ class MetadataServer:
         if not keep_alive:
             conn.closing = True
         if request.method == "GET" and result.status >= 400:
-            log.debug("%s: GET %s -> %d", conn.peer, jo.printable(request.path), result.status)
+            log.debug("%s: GET %s -> %d", conn.peer, shown(request.path), result.status)
 
     def _send_error(self, conn: _Conn, error: HTTPError, keep_alive: bool = False) -> None:
         reply = _error(error.status, error.message)
@@ -934,7 +945,7 @@ class MetadataServer:
             return
         limits = self.limits
         if length > limits.max_file_bytes:
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{target.name} of {length} bytes"
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} of {length} bytes"
                                   f" refused: over max_file_bytes {limits.max_file_bytes}")
             self._send_error(conn, HTTPError(413, f"over the per-file limit of "
                                                   f"{limits.max_file_bytes} bytes"))
@@ -949,13 +960,13 @@ class MetadataServer:
             refusal = self._check_caps(vm, target.name, length, dir_fd)
             if refusal is not None:
                 os.close(dir_fd)
-                self._warn(conn.peer, f"{vm.name}: joboutputs/{target.name} refused: {refusal}")
+                self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} refused: {refusal}")
                 self._send_error(conn, HTTPError(413, refusal))
                 return
             fd, temp = _open_upload_file(dir_fd)
         except OSError as e:
             os.close(dir_fd)
-            log.error("%s: cannot start joboutputs/%s: %s", vm.name, target.name, e.strerror)
+            log.error("%s: cannot start joboutputs/%s: %s", vm.name, shown(target.name), e.strerror)
             self._send_error(conn, HTTPError(500, "cannot store the file"))
             return
         reserved = self._reserved.setdefault(vm.uuid, [0, 0])
@@ -993,7 +1004,7 @@ class MetadataServer:
         except OSError as e:
             status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             log.error("%s: writing joboutputs/%s failed: %s", upload.target.vm.name,
-                      upload.target.name, e.strerror)
+                      shown(upload.target.name), e.strerror)
             self._end_upload(conn)
             self._send_error(conn, HTTPError(status, "cannot store the file"))
             return b""
@@ -1013,12 +1024,12 @@ class MetadataServer:
             upload.commit()
         except HTTPError as e:
             self._end_upload(conn)
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{name} refused: {e.message}")
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(name)} refused: {e.message}")
             self._send_error(conn, e, keep_alive=conn.upload_keep_alive)
             return
         except OSError as e:
             self._end_upload(conn)
-            log.error("%s: storing joboutputs/%s failed: %s", vm.name, name, e.strerror)
+            log.error("%s: storing joboutputs/%s failed: %s", vm.name, shown(name), e.strerror)
             self._send_error(conn, HTTPError(403 if e.errno in (errno.EISDIR, errno.ENOTDIR)
                                              else 500, "cannot store the file"),
                              keep_alive=conn.upload_keep_alive)
@@ -1027,7 +1038,7 @@ class MetadataServer:
         self._end_upload(conn)
         # heartbeats and logs arrive all the time; only the final message is worth INFO
         log.log(logging.INFO if name == jo.SHUTDOWN_MESSAGE else logging.DEBUG,
-                "%s: joboutputs/%s written (%d bytes)", vm.name, name, size)
+                "%s: joboutputs/%s written (%d bytes)", vm.name, shown(name), size)
         conn.out += response_bytes(201, b"201 Created\n", keep_alive=conn.upload_keep_alive)
         if not conn.upload_keep_alive:
             conn.closing = True
