@@ -146,10 +146,14 @@ def run(port: int, vms: Sequence[Tuple[str, str]], seconds: float, interval: flo
 
 
 def run_in_child(port: int, vms: Sequence[Tuple[str, str]], seconds: float, conn,
-                 cpu: int = -1) -> None:
-    """``run`` in a child process: sends "ready", then the Tally, over ``conn``."""
+                 cpu: int = -1, nice: int = 0) -> None:
+    """``run`` in a child process: sends "ready", then the Tally, over ``conn``. ``nice``
+    lowers the attackers' CPU priority: real VMs run on cores of their own, so on a 2-core
+    test machine the victim's client should not queue behind them for a CPU."""
     import os
     if cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+    if nice:
+        os.nice(nice)
     tally = run(port, vms, seconds, ready=lambda: conn.send("ready"))
     conn.send(tally)

@@ -192,18 +192,18 @@ def test_the_token_pool_is_apart_from_the_vms_shares() -> None:
 # the attack of issue 13: 8 VMs x 64 connections, keep-alive, pipelining and slow loris
 
 
-def victim_requests(site: Site, until: float) -> Tuple[List[Tuple[str, int]], List[float]]:
+def victim_requests(port: int, until: float) -> Tuple[List[Tuple[str, int]], List[float]]:
     """PUT a heartbeat on a fresh connection (as a VM's curl does) and GET a value on a
     keep-alive one, again and again until ``until``: (failures, latencies in seconds)."""
     failures: List[Tuple[str, int]] = []
     latencies: List[float] = []
-    keep = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10,
+    keep = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
                                       source_address=(VICTIM, 0))
     try:
         while time.monotonic() < until:
             started = time.perf_counter()
             try:
-                put = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10,
+                put = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
                                                  source_address=(VICTIM, 0))
                 put.request("PUT", "/joboutputs/heartbeat", body=b"")
                 status = put.getresponse().status
@@ -240,7 +240,7 @@ def attack_and_measure(site: Site, seconds: float) -> Tuple[List[Tuple[str, int]
     try:
         assert parent.poll(30) and parent.recv() == "ready"
         time.sleep(0.3)  # let the first pipelined batches and slow heads arrive
-        failures, latencies = victim_requests(site, time.monotonic() + seconds - 0.6)
+        failures, latencies = victim_requests(site.port, time.monotonic() + seconds - 0.6)
         assert parent.poll(30)
         tally = parent.recv()
     finally:
