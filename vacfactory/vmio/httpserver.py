@@ -12,17 +12,20 @@ What a VM can do (Vac paths, plus the OpenStack and token forms):
   ``/openstack/<ver>/meta_data.json`` (and Vac's ``meta-data.json`` forms).
 
 Who is asking: the source address on the private network (``VMRegistry.by_address``), or a
-per-VM token as an ``X-Vacfactory-Token`` header or a ``/vm/<token>/`` path prefix (for VMs
-behind NAT). If an address match and a token are both present they must name the same VM;
-otherwise, and for unknown callers, 403. A VM can only ever reach its own directories.
+per-VM token as an ``X-Vacfactory-Token`` header or a ``/vm/<token>/`` path prefix. If an
+address match and a token are both present they must name the same VM; otherwise, and for
+unknown callers, 403. A VM can only ever reach its own directories. A connection from an
+address no VM holds is closed at accept, unless the caller opens a pool for token-only
+clients (``max_unidentified_connections``). No log line shows a token (:func:`shown`).
 
 Everything a VM sends is hostile. The server is one thread running a ``selectors`` loop over
 non-blocking sockets (the stdlib ThreadingHTTPServer measured far slower per core and needs a
 thread per idle keep-alive connection): request heads are bounded (8 KiB request line, 16 KiB
 head, 64 headers), bodies need a Content-Length and are bounded by the joboutputs caps (no
 chunked encoding), every connection has deadlines (a slow-loris head gets 10 s in total),
-connection counts are capped overall and per source address, and one bad connection can
-only ever close itself. Paths are never percent-decoded: an encoded ``/`` or ``..`` is just an
+connections are counted against the VM that holds their source address (each VM's share fits
+in the overall cap), requests are served round-robin over VMs (see :class:`MetadataServer`),
+and one bad connection can only ever close itself. Paths are never percent-decoded: an encoded ``/`` or ``..`` is just an
 unknown name (404).
 """
 
