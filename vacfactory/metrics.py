@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BIND_ADDRESS = "127.0.0.1"
+MAX_REQUEST_HEAD = 8192
+_TEXT = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -448,9 +450,6 @@ class MetricsServer:
                 pass
         conn.sock.close()
 
-
-MAX_REQUEST_HEAD = 8192
-_TEXT = "text/plain; charset=utf-8"
 
 
 def _response(status: int, body: bytes, content_type: str, with_body: bool) -> bytes:
