@@ -3,7 +3,8 @@
 The engine (through :class:`MetricsRecorder`, which counts events as they happen) produces a
 :class:`MetricsSnapshot`; :func:`render` turns it into the Prometheus text exposition format
 (version 0.0.4); :class:`MetricsServer` answers ``GET /metrics`` on ``127.0.0.1:<metrics_port>``
-by calling a provider for a fresh snapshot. The endpoint binds the loopback address only: the
+by calling a provider for a fresh snapshot, from one thread with deadlines and a connection cap
+(any local process can connect: it must not be able to pile up threads or hold the endpoint). The endpoint binds the loopback address only: the
 figures say what a site runs, so they are published through a local agent or proxy, never
 directly. No dependency on prometheus_client: the format is a few lines of text.
 
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
+import selectors
+import socket
 import threading
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from vacfactory import __version__
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BIND_ADDRESS = "127.0.0.1"
+MAX_REQUEST_HEAD = 8192
+_TEXT = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -248,78 +253,209 @@ class MetricsRecorder:
 # --------------------------------------------------------------------------- serving
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = f"vacfactory/{__version__}"
-    protocol_version = "HTTP/1.0"
+@dataclass(eq=False)
+class _Conn:
+    """One scrape in progress: the request head read so far, the response left to send."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._answer(with_body=True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._answer(with_body=False)
-
-    def _answer(self, with_body: bool) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8", with_body)
-            return
-        try:
-            body = render(self.server.provider()).encode("utf-8")  # type: ignore[attr-defined]
-        except Exception as error:  # noqa: BLE001 - a provider bug must give a 500, not a dead server
-            log.error("metrics provider failed: %s", error)
-            self._send(500, b"metrics unavailable\n", "text/plain; charset=utf-8", with_body)
-            return
-        self._send(200, body, CONTENT_TYPE, with_body)
-
-    def _send(self, status: int, body: bytes, content_type: str, with_body: bool) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
-        log.debug("metrics %s: " + format, self.client_address[0], *args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: Tuple[str, int], provider: Callable[[], MetricsSnapshot]) -> None:
-        self.provider = provider
-        super().__init__(address, _Handler)
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: bytearray = field(default_factory=bytearray)
 
 
 class MetricsServer:
-    """``GET /metrics`` on 127.0.0.1:``port`` (0 picks a free port: tests), in its own thread."""
+    """``GET /metrics`` on 127.0.0.1:``port`` (0 picks a free port: tests), in its own thread.
 
-    def __init__(self, port: int, provider: Callable[[], MetricsSnapshot]) -> None:
+    One thread runs a ``selectors`` loop, whatever the clients do: a connection has
+    ``timeout`` seconds in total to send its request head (8 KiB at most) and read its answer,
+    then it is closed (a trickled half-request cannot hold it longer). At most
+    ``max_connections`` are open; a new one beyond that closes the oldest, so a pile of idle
+    half-requests delays a scraper by one accept, never shuts it out. One request per
+    connection (HTTP/1.0 style, ``Connection: close``).
+    """
+
+    def __init__(self, port: int, provider: Callable[[], MetricsSnapshot], *,
+                 timeout: float = 5.0, max_connections: int = 64) -> None:
         self.requested_port = port
         self.provider = provider
-        self._server: Optional[_Server] = None
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self._listener: Optional[socket.socket] = None
+        self._sel: Optional[selectors.BaseSelector] = None
+        self._conns: Dict[int, _Conn] = {}
         self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._wake: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("metrics server not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("metrics server not started")
-        return self._server.server_address[1]
+        return self.address[1]
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
 
     def start(self) -> None:
         """Bind and serve; raises OSError if the port is taken."""
-        self._server = _Server((BIND_ADDRESS, self.requested_port), self.provider)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="metrics", daemon=True)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((BIND_ADDRESS, self.requested_port))
+            listener.listen(128)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._wake = socket.socketpair()
+        self._wake[0].setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(listener, selectors.EVENT_READ, "accept")
+        self._sel.register(self._wake[0], selectors.EVENT_READ, "wake")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", BIND_ADDRESS, self.port)
 
     def stop(self) -> None:
-        if self._server is None:
+        if self._thread is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
+        self._stopping.set()
+        assert self._wake is not None
+        try:
+            self._wake[1].send(b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
         self._thread = None
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        for sock in (self._listener, *self._wake):
+            if sock is not None:
+                sock.close()
+        self._listener, self._wake = None, None
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+
+    # the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._sel is not None
+        while not self._stopping.is_set():
+            try:
+                for key, mask in self._sel.select(timeout=min(0.25, self.timeout / 2)):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        continue
+                    elif mask & selectors.EVENT_READ:
+                        self._read(key.data)
+                    else:
+                        self._write(key.data)
+                now = time.monotonic()
+                for conn in [c for c in self._conns.values() if now > c.deadline]:
+                    self._close(conn)
+            except Exception:  # noqa: BLE001 - the endpoint must outlive any bug in one round
+                log.exception("metrics server loop error; continuing")
+                time.sleep(0.1)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._sel is not None
+        for _ in range(64):
+            try:
+                sock, _peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.warning("metrics accept failed: %s", error)
+                return
+            if len(self._conns) >= self.max_connections:
+                self._close(min(self._conns.values(), key=lambda c: c.deadline))
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self.timeout)
+            self._conns[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.inbuf += data
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0 and b"\n\n" in conn.inbuf:
+            end = conn.inbuf.find(b"\n\n")
+        if end >= 0:
+            conn.out += self._answer(bytes(conn.inbuf[:end]))
+        elif len(conn.inbuf) > MAX_REQUEST_HEAD:
+            conn.out += _response(431, b"request head too large\n", _TEXT, True)
+        else:
+            return
+        conn.inbuf.clear()
+        assert self._sel is not None
+        self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._write(conn)
+
+    def _answer(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return _response(400, b"bad request\n", _TEXT, True)
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, b"only GET and HEAD\n", _TEXT, True)
+        with_body = method == b"GET"
+        if target.split(b"?", 1)[0] != b"/metrics":
+            return _response(404, b"not found: try /metrics\n", _TEXT, with_body)
+        try:
+            body = render(self.provider()).encode("utf-8")
+        except Exception as error:  # noqa: BLE001 - a provider bug must give a 500, not a dead server
+            log.error("metrics provider failed: %s", error)
+            return _response(500, b"metrics unavailable\n", _TEXT, with_body)
+        return _response(200, body, CONTENT_TYPE, with_body)
+
+    def _write(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        if not conn.out:
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        self._conns.pop(fd, None)
+        if self._sel is not None:
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
+
+
+
+def _response(status: int, body: bytes, content_type: str, with_body: bool) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+              431: "Request Header Fields Too Large", 500: "Internal Server Error"}[status]
+    head = (f"HTTP/1.0 {status} {reason}\r\nServer: vacfactory/{__version__}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode("ascii")
+    return head + body if with_body else head

@@ -1,7 +1,8 @@
 """The MJF/metadata HTTP server over real loopback sockets.
 
 VM A lives at 127.0.0.2, VM B at 127.0.0.3 (all of 127/8 is local, so a client socket bound
-to those addresses plays each VM); 127.0.0.9 is an address nobody registered.
+to those addresses plays each VM); 127.0.0.9 is an address nobody registered. Fairness under
+attack (many VMs, many connections) is in test_http_fairness.py.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def start_env(limits: JobOutputsLimits = JobOutputsLimits(), timeouts: Timeouts 
     registry = VMRegistry()
     registry.add(a.endpoint)
     registry.add(b.endpoint)
+    # the token-only pool is open here so that the token forms can be tried from STRANGER;
+    # a server's default (closed at accept) has its own test
+    kwargs.setdefault("max_unidentified_connections", 8)
     server = MetadataServer(registry, [("127.0.0.1", 0)], limits, timeouts=timeouts, **kwargs)
     server.start()
     return Env(base, registry, server, a, b)
@@ -623,8 +627,8 @@ def test_idle_keep_alive_connections_are_closed() -> None:
         stop_env(env)
 
 
-def test_connections_per_address_are_capped() -> None:
-    env = start_env(max_connections_per_address=4)
+def test_connections_per_vm_are_capped() -> None:
+    env = start_env(max_connections_per_vm=4)
     socks = []
     try:
         for _ in range(4):
@@ -941,3 +945,29 @@ def test_the_config_drive_and_a_restarted_engine_give_the_same_nfs_keys(tmp_path
     again = VMBoundary(exporter=_nfs_exporter("exportfs", ""), meta_source=lambda: vm_meta(vm.config))
     again.start(vm.config, [vm.machine])
     assert _served_meta_data(again.registry) == served
+
+
+# --------------------------------------------------------------------------------------------
+# no token in the log: whoever reads it must not learn how to be a VM
+
+
+def test_refused_and_logged_requests_never_show_a_token(env: Env, caplog) -> None:
+    ta, tb = env.a.endpoint.token, env.b.endpoint.token
+    caplog.set_level("DEBUG", logger="vacfactory.vmio.httpserver")
+    env.server._warned.clear()
+    attempts = [
+        ("GET", f"/vm/{tb}/machinefeatures/total_cpu", A_ADDR, None),    # B's token from A
+        ("PUT", f"/vm/{tb}/joboutputs/shutdown_message", A_ADDR, b"x"),
+        ("GET", f"/vm/{ta}/machinefeatures/nokey", STRANGER, None),      # a 404 GET is logged
+        ("PUT", f"/vm/{ta}/joboutputs/bad%20name", STRANGER, b"x"),       # refused name
+        ("GET", f"/nothing/{tb}/{tb[:20]}", B_ADDR, None),                # tokens elsewhere
+        ("PUT", f"/joboutputs/{tb}", A_ADDR, b"x" * 10),                  # as a file name
+    ]
+    for method, path, src, body in attempts:
+        env.server._warned.clear()
+        request(env, method, path, src=src, body=body)
+    text = caplog.text
+    assert "refused" in text and hs.REDACTED in text  # the refusals were logged...
+    for token in (ta, tb):
+        assert token not in text and token[:16] not in text  # ...without any token
+    assert hs.shown(f"/vm/{tb}/x") == "/vm/<redacted>/x"

@@ -7,6 +7,8 @@ import dataclasses
 import http.client
 import os
 import socket
+import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -159,7 +161,7 @@ def test_server_answers_get_metrics_over_a_real_socket(server):
 
 
 def test_server_binds_loopback_only(server):
-    assert server._server.server_address[0] == "127.0.0.1"
+    assert server.address[0] == "127.0.0.1"
     addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     for address in addresses - {"127.0.0.1", "127.0.1.1"}:
         with pytest.raises(OSError):
@@ -328,3 +330,106 @@ def test_daemon_metrics_count_every_factory_unknown_when_no_round_ends(space_dae
     assert published_space(daemon) == {"answered": 3, "held": 0, "unknown": 0}
     clock.now += 2
     assert published_space(daemon) == {"answered": 0, "held": 0, "unknown": 3}
+
+
+# --------------------------------------------------------------------------- hostile local clients
+
+
+def _half_request(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+    return s
+
+
+def _closed_by_server(s: socket.socket, deadline: float) -> bool:
+    s.settimeout(max(0.05, deadline - time.monotonic()))
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_idle_half_requests_take_no_threads_time_out_and_do_not_block_a_scrape():
+    s = MetricsServer(0, lambda: SNAPSHOT, timeout=1.0, max_connections=128)
+    s.start()
+    threads = threading.active_count()
+    idle = []
+    try:
+        opened = time.monotonic()
+        idle = [_half_request(s.port) for _ in range(80)]
+        assert threading.active_count() == threads  # no thread per connection
+        status, _, body = get(s.port, "/metrics")  # served while 80 half-requests wait
+        assert status == 200 and "vacfactory_running_vms" in body
+        deadline = opened + 1.0 + 3.0
+        assert all(_closed_by_server(c, deadline) for c in idle)  # cut off at their timeout
+        assert time.monotonic() - opened >= 0.9  # ... not before it
+        assert s.open_connections == 0
+    finally:
+        for c in idle:
+            c.close()
+        s.stop()
+
+
+def test_beyond_the_connection_cap_the_oldest_half_request_makes_room():
+    s = MetricsServer(0, lambda: SNAPSHOT, timeout=30.0, max_connections=8)
+    s.start()
+    idle = []
+    try:
+        idle = [_half_request(s.port) for _ in range(20)]
+        assert get(s.port, "/metrics")[0] == 200  # nobody can shut a scraper out
+        wait_until(lambda: s.open_connections <= 8)
+        assert _closed_by_server(idle[0], time.monotonic() + 3)  # oldest went first
+    finally:
+        for c in idle:
+            c.close()
+        s.stop()
+
+
+def wait_until(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+HOSTILE = [
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\n",              # half-request, left open
+    b"G",                                                  # one byte, left open
+    b"",                                                   # connect and say nothing
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",       # oversized head
+    b"\x00\xff\r\n\r\n",                                   # binary junk
+    b"POST /metrics HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",  # a body we never read
+    b"GET /metrics HTTP/9.9\r\n\r\n",                      # bad version
+    b"GET /../../etc/passwd HTTP/1.0\r\n\r\n",            # not /metrics
+    b"GET /metrics HTTP/1.0\r\n\r\n",                      # fine, but never reads the answer
+    b"GET /metrics\r\n\r\n",                               # HTTP/0.9 style
+]
+
+
+def test_a_hundred_hostile_attempts_leave_no_thread_and_no_connection_behind():
+    s = MetricsServer(0, lambda: SNAPSHOT, timeout=1.0, max_connections=32)
+    s.start()
+    threads = threading.active_count()
+    socks = []
+    try:
+        for i in range(100):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.sendall(HOSTILE[i % len(HOSTILE)])
+            socks.append(c)
+            if i % 3 == 0:
+                c.close()  # some vanish at once, some stay open
+            assert threading.active_count() == threads
+        assert get(s.port, "/metrics")[0] == 200
+        wait_until(lambda: s.open_connections == 0, timeout=5.0)
+        assert threading.active_count() == threads
+        assert get(s.port, "/metrics")[0] == 200
+    finally:
+        for c in socks:
+            c.close()
+        s.stop()
+    assert threading.active_count() == threads - 1  # stop() ended the server's own thread

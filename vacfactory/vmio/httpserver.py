@@ -12,17 +12,20 @@ What a VM can do (Vac paths, plus the OpenStack and token forms):
   ``/openstack/<ver>/meta_data.json`` (and Vac's ``meta-data.json`` forms).
 
 Who is asking: the source address on the private network (``VMRegistry.by_address``), or a
-per-VM token as an ``X-Vacfactory-Token`` header or a ``/vm/<token>/`` path prefix (for VMs
-behind NAT). If an address match and a token are both present they must name the same VM;
-otherwise, and for unknown callers, 403. A VM can only ever reach its own directories.
+per-VM token as an ``X-Vacfactory-Token`` header or a ``/vm/<token>/`` path prefix. If an
+address match and a token are both present they must name the same VM; otherwise, and for
+unknown callers, 403. A VM can only ever reach its own directories. A connection from an
+address no VM holds is closed at accept, unless the caller opens a pool for token-only
+clients (``max_unidentified_connections``). No log line shows a token (:func:`shown`).
 
 Everything a VM sends is hostile. The server is one thread running a ``selectors`` loop over
 non-blocking sockets (the stdlib ThreadingHTTPServer measured far slower per core and needs a
 thread per idle keep-alive connection): request heads are bounded (8 KiB request line, 16 KiB
 head, 64 headers), bodies need a Content-Length and are bounded by the joboutputs caps (no
 chunked encoding), every connection has deadlines (a slow-loris head gets 10 s in total),
-connection counts are capped overall and per source address, and one bad connection can
-only ever close itself. Paths are never percent-decoded: an encoded ``/`` or ``..`` is just an
+connections are counted against the VM that holds their source address (each VM's share fits
+in the overall cap), requests are served round-robin over VMs (see :class:`MetadataServer`),
+and one bad connection can only ever close itself. Paths are never percent-decoded: an encoded ``/`` or ``..`` is just an
 unknown name (404).
 """
 
@@ -42,7 +45,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from vacfactory.errors import ExportError
 from vacfactory.vmio import joboutputs as jo
@@ -87,6 +91,17 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MJF_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _VERSION_DIR = re.compile(r"latest|1\.0|[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PATH_TOKEN = re.compile(r"^/vm/[^/]*")
+#: a run this long could be (part of) a token wherever a VM put it in a path or name
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{16,}")
+REDACTED = "<redacted>"
+
+
+def shown(text: str) -> str:
+    """A request path or name as our log lines show it: no token (the ``/vm/<token>/``
+    segment and any long hex run are replaced: a log reader must never learn one), printable
+    ASCII only, bounded length."""
+    return jo.printable(_HEX_RUN.sub(REDACTED, _PATH_TOKEN.sub("/vm/" + REDACTED, text)))
 
 
 @dataclass(frozen=True)
@@ -391,7 +406,7 @@ class Router:
             if method in ("PUT", "POST"):
                 if len(segments) != 2 or not jo.valid_name(segments[1]):
                     return _error(403, "invalid joboutputs name"), \
-                        f"{vm.name}: refused joboutputs name {jo.printable(request.path)}"
+                        f"{vm.name}: refused joboutputs name {shown(request.path)}"
                 return UploadTarget(vm, segments[1]), ""
             return Reply(405, b"405 Method Not Allowed\n", extra=(("Allow", "PUT, POST"),)), ""
         if method not in ("GET", "HEAD"):
@@ -575,6 +590,9 @@ def _open_upload_file(dir_fd: int) -> Tuple[int, Optional[str]]:
 class _Conn:
     sock: socket.socket
     peer: str
+    #: whose share this connection counts against: ``vm:<uuid>`` (a registered address) or
+    #: ``addr:<peer>`` (an unregistered one, only when that pool is open)
+    owner: str
     inbuf: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
     deadline: float = 0.0
@@ -586,6 +604,7 @@ class _Conn:
     lingering: bool = False
     lingered: int = 0
     events: int = 0
+    queued: bool = False  # waiting in the round-robin with a request to serve
 
 
 class MetadataServer:
@@ -595,6 +614,20 @@ class MetadataServer:
     ``stop()`` ends it and closes every socket. ``bound_addresses`` gives the real (host, port)
     pairs, useful with port 0. ``mjf_base_url``/``metadata_base_url`` are what meta_data.json
     tells VMs: :func:`base_url` of the two addresses and the port VMs reach (``http_port``).
+
+    Fairness, so that no VM can deny HTTP to another (a refused heartbeat gets a VM killed):
+
+    - A connection is counted at accept against the VM registered at its source address.
+      Each VM's share is ``max_connections_per_vm``, lowered when needed so that every
+      registered VM's share fits in ``max_connections`` (and a VM found over a share that
+      shrank loses its idle connections at the next sweep).
+    - A connection from an unregistered address is closed at accept, unless
+      ``max_unidentified_connections`` opens a pool for token-only clients (at most
+      ``max_connections_per_address`` each); that pool is apart from the VMs' shares, and a
+      connection in it that fails to identify itself is closed after its answer.
+    - Requests are served round-robin over VMs, one request per VM per turn (and one
+      connection after another within a VM): a pipelined batch, or many connections, of one VM
+      cannot make another VM's request wait for more than one request of each other VM.
     """
 
     def __init__(
@@ -606,19 +639,27 @@ class MetadataServer:
         metadata_base_url: str = f"http://{METADATA_ADDRESS}",
         *,
         max_connections: int = 512,
-        max_connections_per_address: int = 64,
+        max_connections_per_vm: int = 16,
+        max_unidentified_connections: int = 0,
+        max_connections_per_address: int = 4,
         timeouts: Timeouts = Timeouts(),
     ) -> None:
         self.registry = registry
         self.limits = limits
         self.router = Router(registry, mjf_base_url, metadata_base_url)
         self.max_connections = max_connections
+        self.max_per_vm = max_connections_per_vm
+        self.max_unidentified = max_unidentified_connections
         self.max_per_address = max_connections_per_address
         self.timeouts = timeouts
         self._bind = list(bind)
         self._listeners: List[socket.socket] = []
         self._conns: Dict[int, _Conn] = {}
-        self._per_address: Dict[str, int] = {}
+        self._per_owner: Dict[str, int] = {}
+        self._unidentified = 0
+        #: the round-robin: owners with a request waiting, each with its connections in order
+        self._ring: Deque[str] = deque()
+        self._waiting: Dict[str, Deque[_Conn]] = {}
         self._reserved: Dict[str, List[int]] = {}  # vm uuid -> [bytes, files] in flight
         self._warned: Dict[str, float] = {}
         self._sel: Optional[selectors.BaseSelector] = None
@@ -676,6 +717,8 @@ class MetadataServer:
         self._thread = None
         for conn in list(self._conns.values()):
             self._close(conn)
+        self._ring.clear()
+        self._waiting.clear()
         for sock in self._listeners:
             sock.close()
         self._listeners = []
@@ -708,7 +751,7 @@ class MetadataServer:
 
     def _run_once(self, next_sweep: float) -> float:
         assert self._sel is not None
-        for key, mask in self._sel.select(timeout=0.5):
+        for key, mask in self._sel.select(timeout=0 if self._ring else 0.5):
             if key.data is None:
                 self._accept(key.fileobj)  # type: ignore[arg-type]
             elif key.data == "wake":
@@ -718,6 +761,7 @@ class MetadataServer:
                     pass
             else:
                 self._serve_event(key.data, mask)
+        self._serve_turn()
         now = time.monotonic()
         if now >= next_sweep:
             self._sweep(now)
@@ -741,6 +785,12 @@ class MetadataServer:
             log.exception("%s: internal error serving a connection; closed", conn.peer)
             self._close(conn)
 
+    def vm_share(self) -> int:
+        """How many connections one registered VM may hold now: ``max_connections_per_vm``,
+        or less if that many for every registered VM would not fit in ``max_connections``."""
+        room = self.max_connections - self.max_unidentified
+        return max(1, min(self.max_per_vm, room // max(1, len(self.registry))))
+
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):
             try:
@@ -751,21 +801,32 @@ class MetadataServer:
                 log.warning("accept failed: %s", e)
                 return
             peer = _normalise_peer(addr[0])
-            if len(self._conns) >= self.max_connections or \
-                    self._per_address.get(peer, 0) >= self.max_per_address:
-                self._refuse(sock, peer)
+            vm = self.registry.by_address(peer)
+            if vm is None:
+                owner = "addr:" + peer
+                if self.max_unidentified <= 0:
+                    self._warn(peer, f"{peer}: connection from an unregistered address; closed")
+                    sock.close()
+                    continue
+                full = self._unidentified >= self.max_unidentified or \
+                    self._per_owner.get(owner, 0) >= self.max_per_address
+            else:
+                owner = "vm:" + vm.uuid
+                full = self._per_owner.get(owner, 0) >= self.vm_share()
+            if full or len(self._conns) >= self.max_connections:
+                self._refuse(sock, peer, vm.name if vm is not None else peer)
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, peer, deadline=time.monotonic() + self.timeouts.idle)
+            conn = _Conn(sock, peer, owner, deadline=time.monotonic() + self.timeouts.idle)
             self._conns[sock.fileno()] = conn
-            self._per_address[peer] = self._per_address.get(peer, 0) + 1
-            conn.events = selectors.EVENT_READ
-            assert self._sel is not None
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
+            if vm is None:
+                self._unidentified += 1
+            self._set_events(conn, selectors.EVENT_READ)
 
-    def _refuse(self, sock: socket.socket, peer: str) -> None:
-        self._warn(peer, f"{peer}: too many connections; refused")
+    def _refuse(self, sock: socket.socket, peer: str, who: str) -> None:
+        self._warn(peer, f"{who}: too many connections from {peer}; refused")
         try:
             sock.setblocking(False)
             sock.send(response_bytes(503, b"503 too many connections\n", keep_alive=False))
@@ -773,23 +834,38 @@ class MetadataServer:
             pass
         sock.close()
 
+    def _set_events(self, conn: _Conn, wanted: int) -> None:
+        """Watch ``conn`` for ``wanted`` (0: not at all, e.g. while it waits its turn)."""
+        if wanted == conn.events or self._sel is None:
+            return
+        if wanted == 0:
+            self._sel.unregister(conn.sock)
+        elif conn.events == 0:
+            self._sel.register(conn.sock, wanted, conn)
+        else:
+            self._sel.modify(conn.sock, wanted, conn)
+        conn.events = wanted
+
     def _close(self, conn: _Conn) -> None:
         if conn.upload is not None:
             self._end_upload(conn)
         fd = conn.sock.fileno()
         if fd >= 0:
-            if self._sel is not None:
+            if self._sel is not None and conn.events:
                 try:
                     self._sel.unregister(conn.sock)
                 except (KeyError, ValueError):
                     pass
+            conn.events = 0
             self._conns.pop(fd, None)
-            remaining = self._per_address.get(conn.peer, 1) - 1
+            remaining = self._per_owner.get(conn.owner, 1) - 1
             if remaining > 0:
-                self._per_address[conn.peer] = remaining
+                self._per_owner[conn.owner] = remaining
             else:
-                self._per_address.pop(conn.peer, None)
-            conn.sock.close()
+                self._per_owner.pop(conn.owner, None)
+            if conn.owner.startswith("addr:"):
+                self._unidentified -= 1
+            conn.sock.close()  # a queued conn is skipped when its turn comes
 
     def _linger(self, conn: _Conn) -> None:
         """Close politely after a final response: shut our side, then read and drop what
@@ -804,9 +880,7 @@ class MetadataServer:
             return
         conn.lingering = True
         conn.deadline = time.monotonic() + 2.0
-        if conn.events != selectors.EVENT_READ and self._sel is not None:
-            conn.events = selectors.EVENT_READ
-            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._set_events(conn, selectors.EVENT_READ)
 
     def _drain(self, conn: _Conn) -> None:
         try:
@@ -823,6 +897,19 @@ class MetadataServer:
         for conn in list(self._conns.values()):
             if now > conn.deadline:
                 log.debug("%s: connection timed out", conn.peer)
+                self._close(conn)
+        self._trim_to_share()
+
+    def _trim_to_share(self) -> None:
+        """Close the idle connections of a VM holding more than its share (which shrinks as
+        VMs are registered), so that the newcomers' shares are really there."""
+        share = self.vm_share()
+        over = {owner for owner, n in self._per_owner.items()
+                if n > share and owner.startswith("vm:")}
+        for conn in list(self._conns.values()):
+            if conn.owner in over and self._per_owner.get(conn.owner, 0) > share and \
+                    not (conn.inbuf or conn.out or conn.upload or conn.queued or conn.lingering):
+                log.debug("%s: idle connection over the VM's share closed", conn.peer)
                 self._close(conn)
 
     def _warn(self, peer: str, message: str) -> None:
@@ -863,29 +950,74 @@ class MetadataServer:
                 # any byte starts the clock of a request head, even blank lines (slow loris)
                 conn.head_started = now
                 conn.deadline = now + self.timeouts.head
-        self._process(conn, now)
+
+    @staticmethod
+    def _has_work(conn: _Conn) -> bool:
+        """A complete request head (or an oversized one) to handle, and nothing that must
+        happen first; a partial head waits for more bytes."""
+        return bool(conn.inbuf) and not conn.closing and conn.upload is None and \
+            conn.discard == 0 and len(conn.out) <= OUT_HIGH_WATER and \
+            conn.sock.fileno() >= 0 and \
+            (conn.inbuf.find(b"\r\n\r\n") >= 0 or len(conn.inbuf) > MAX_HEAD)
+
+    def _enqueue(self, conn: _Conn) -> None:
+        if conn.queued:
+            return
+        conn.queued = True
+        waiting = self._waiting.get(conn.owner)
+        if waiting is None:
+            waiting = self._waiting[conn.owner] = deque()
+            self._ring.append(conn.owner)
+        waiting.append(conn)
+
+    def _serve_turn(self) -> None:
+        """One turn of the round-robin: one request of each owner that has one waiting."""
+        for _ in range(len(self._ring)):
+            owner = self._ring.popleft()
+            waiting = self._waiting[owner]
+            conn = waiting.popleft()
+            conn.queued = False
+            if waiting:
+                self._ring.append(owner)
+            else:
+                del self._waiting[owner]
+            if not self._has_work(conn):
+                if conn.sock.fileno() >= 0 and not conn.lingering:
+                    self._update(conn)
+                continue
+            try:
+                self._process(conn, time.monotonic())
+                if conn.sock.fileno() >= 0 and not conn.lingering:
+                    self._update(conn)
+            except Exception:  # noqa: BLE001 - isolation boundary, as in _serve_event
+                log.exception("%s: internal error serving a connection; closed", conn.peer)
+                self._close(conn)
 
     def _process(self, conn: _Conn, now: float) -> None:
-        while not conn.closing and conn.upload is None and conn.discard == 0 and conn.inbuf:
-            if len(conn.out) > OUT_HIGH_WATER:
-                return
-            # RFC 9112 2.2: ignore empty lines before a request line
-            while conn.inbuf[:2] == b"\r\n":
-                del conn.inbuf[:2]
-            end = conn.inbuf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(conn.inbuf) > MAX_HEAD:
-                    self._send_error(conn, HTTPError(431, close=True))
-                elif conn.inbuf and conn.head_started is None:
-                    conn.head_started = now  # the rest of a pipelined batch
-                    conn.deadline = now + self.timeouts.head
-                return
-            head = bytes(conn.inbuf[:end])
-            del conn.inbuf[:end + 4]
-            conn.head_started = None
-            self._request(conn, head, now)
-        if not conn.closing and conn.upload is None and conn.discard == 0 and not conn.inbuf \
-                and conn.head_started is None:
+        """Serve the first request in ``conn.inbuf``, if it is complete."""
+        # RFC 9112 2.2: ignore empty lines before a request line
+        while conn.inbuf[:2] == b"\r\n":
+            del conn.inbuf[:2]
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.inbuf) > MAX_HEAD:
+                self._send_error(conn, HTTPError(431, close=True))
+            elif conn.inbuf and conn.head_started is None:
+                conn.head_started = now  # the rest of a pipelined batch
+                conn.deadline = now + self.timeouts.head
+            return
+        head = bytes(conn.inbuf[:end])
+        del conn.inbuf[:end + 4]
+        conn.head_started = None
+        self._request(conn, head, now)
+        if conn.closing or conn.upload is not None or conn.discard:
+            return
+        if conn.inbuf:
+            # the next head of a pipelined batch: its clock starts now, as its turn may come
+            # late under load (that wait is ours, not the client's)
+            conn.head_started = now
+            conn.deadline = now + self.timeouts.head
+        else:
             conn.deadline = now + self.timeouts.idle
 
     def _request(self, conn: _Conn, head: bytes, now: float) -> None:
@@ -896,24 +1028,30 @@ class MetadataServer:
             return
         result, note = self.router.route(conn.peer, request)
         if note:
-            self._warn(conn.peer, f"{conn.peer}: {request.method} {jo.printable(request.path)}"
+            self._warn(conn.peer, f"{conn.peer}: {request.method} {shown(request.path)}"
                                   f" refused: {note}")
         if isinstance(result, UploadTarget):
             self._start_upload(conn, request, result, now)
             return
         body_pending = request.content_length or 0
         keep_alive = request.keep_alive
+        if conn.owner.startswith("addr:") and result.status == 403:
+            keep_alive = False  # an unregistered address gets one try per connection
         if body_pending > MAX_DISCARD:
             keep_alive = False
         elif body_pending:
-            conn.discard = body_pending
-            conn.deadline = now + self.timeouts.body_idle
+            # drop what of the body already arrived with the head, then the rest as it comes
+            take = min(body_pending, len(conn.inbuf))
+            del conn.inbuf[:take]
+            conn.discard = body_pending - take
+            if conn.discard:
+                conn.deadline = now + self.timeouts.body_idle
         conn.out += response_bytes(result.status, result.body, result.content_type, keep_alive,
                                    head_only=request.method == "HEAD", extra=result.extra)
         if not keep_alive:
             conn.closing = True
         if request.method == "GET" and result.status >= 400:
-            log.debug("%s: GET %s -> %d", conn.peer, jo.printable(request.path), result.status)
+            log.debug("%s: GET %s -> %d", conn.peer, shown(request.path), result.status)
 
     def _send_error(self, conn: _Conn, error: HTTPError, keep_alive: bool = False) -> None:
         reply = _error(error.status, error.message)
@@ -934,7 +1072,7 @@ class MetadataServer:
             return
         limits = self.limits
         if length > limits.max_file_bytes:
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{target.name} of {length} bytes"
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} of {length} bytes"
                                   f" refused: over max_file_bytes {limits.max_file_bytes}")
             self._send_error(conn, HTTPError(413, f"over the per-file limit of "
                                                   f"{limits.max_file_bytes} bytes"))
@@ -949,13 +1087,13 @@ class MetadataServer:
             refusal = self._check_caps(vm, target.name, length, dir_fd)
             if refusal is not None:
                 os.close(dir_fd)
-                self._warn(conn.peer, f"{vm.name}: joboutputs/{target.name} refused: {refusal}")
+                self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} refused: {refusal}")
                 self._send_error(conn, HTTPError(413, refusal))
                 return
             fd, temp = _open_upload_file(dir_fd)
         except OSError as e:
             os.close(dir_fd)
-            log.error("%s: cannot start joboutputs/%s: %s", vm.name, target.name, e.strerror)
+            log.error("%s: cannot start joboutputs/%s: %s", vm.name, shown(target.name), e.strerror)
             self._send_error(conn, HTTPError(500, "cannot store the file"))
             return
         reserved = self._reserved.setdefault(vm.uuid, [0, 0])
@@ -993,7 +1131,7 @@ class MetadataServer:
         except OSError as e:
             status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             log.error("%s: writing joboutputs/%s failed: %s", upload.target.vm.name,
-                      upload.target.name, e.strerror)
+                      shown(upload.target.name), e.strerror)
             self._end_upload(conn)
             self._send_error(conn, HTTPError(status, "cannot store the file"))
             return b""
@@ -1013,12 +1151,12 @@ class MetadataServer:
             upload.commit()
         except HTTPError as e:
             self._end_upload(conn)
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{name} refused: {e.message}")
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(name)} refused: {e.message}")
             self._send_error(conn, e, keep_alive=conn.upload_keep_alive)
             return
         except OSError as e:
             self._end_upload(conn)
-            log.error("%s: storing joboutputs/%s failed: %s", vm.name, name, e.strerror)
+            log.error("%s: storing joboutputs/%s failed: %s", vm.name, shown(name), e.strerror)
             self._send_error(conn, HTTPError(403 if e.errno in (errno.EISDIR, errno.ENOTDIR)
                                              else 500, "cannot store the file"),
                              keep_alive=conn.upload_keep_alive)
@@ -1027,7 +1165,7 @@ class MetadataServer:
         self._end_upload(conn)
         # heartbeats and logs arrive all the time; only the final message is worth INFO
         log.log(logging.INFO if name == jo.SHUTDOWN_MESSAGE else logging.DEBUG,
-                "%s: joboutputs/%s written (%d bytes)", vm.name, name, size)
+                "%s: joboutputs/%s written (%d bytes)", vm.name, shown(name), size)
         conn.out += response_bytes(201, b"201 Created\n", keep_alive=conn.upload_keep_alive)
         if not conn.upload_keep_alive:
             conn.closing = True
@@ -1070,27 +1208,20 @@ class MetadataServer:
             self._flush(conn)
             if conn.sock.fileno() < 0 or conn.lingering:
                 return
-        if not conn.out and conn.inbuf and conn.upload is None and conn.discard == 0 \
-                and not conn.closing:
-            # pipelined requests held back while the output buffer was full
-            self._process(conn, time.monotonic())
-            if conn.out:
-                self._flush(conn)
-                if conn.sock.fileno() < 0 or conn.lingering:
-                    return
+        if self._has_work(conn):
+            self._enqueue(conn)  # a request (or more) to serve when its owner's turn comes
         if conn.closing and not conn.out:
             self._linger(conn)
             return
         wanted = 0
-        if not conn.closing and len(conn.out) <= OUT_HIGH_WATER:
-            wanted |= selectors.EVENT_READ
+        if not conn.closing and not conn.queued and len(conn.out) <= OUT_HIGH_WATER:
+            wanted |= selectors.EVENT_READ  # read no more while a request waits its turn
         if conn.out:
             wanted |= selectors.EVENT_WRITE
-        if not wanted:
+        if not wanted and not conn.queued:
             self._close(conn)
-        elif wanted != conn.events and self._sel is not None:
-            conn.events = wanted
-            self._sel.modify(conn.sock, wanted, conn)
+        else:
+            self._set_events(conn, wanted)
 
 
 def _normalise_peer(address: str) -> str:
