@@ -46,6 +46,7 @@ total_processors = 4
 
 @pytest.fixture
 def conf(tmp_path):
+    (tmp_path / "vfops-state").mkdir()  # drain and undrain never create a state directory
     return make_conf(tmp_path)
 
 
@@ -437,6 +438,7 @@ def test_drain_with_a_relative_state_dir_works_from_any_directory(tmp_path, monk
     elsewhere = tmp_path / "vfops-x" / "deeper"
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)  # "../vfops-state" from here is another directory
+    (tmp_path / "vfops-state").mkdir()
     assert main(["--config", conf, "drain", "--at", "1893456000"]) == 0
     assert os.path.exists(tmp_path / "vfops-state" / "runtime.conf")
     assert not os.path.exists(tmp_path / "vfops-x" / "vfops-state")
