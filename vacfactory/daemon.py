@@ -314,8 +314,10 @@ class Daemon:
             "draining": bool(config.settings.draining),
             "shutdown_time": config.settings.shutdown_time,
             "backoffs": backoffs,
-            "space": None if space is None else {
-                "answered": sorted(space.answered), "held": sorted(space.held), "unknown": sorted(space.unknown)},
+            "space": {"asked": [], "answered": [], "held": [], "unknown": []} if not self.space.others(config)
+            else None if space is None else {
+                "asked": sorted(self.space.others(config)), "answered": sorted(space.answered),
+                "held": sorted(space.held), "unknown": sorted(space.unknown)},
         }
 
     # -- periodic jobs ------------------------------------------------------------------
