@@ -174,7 +174,11 @@ def _read_text(path: str) -> str:
 
 def _write_override(path: str, text: str) -> None:
     require_state_dir(os.path.dirname(path))  # never create one: a wrong --config would be "applied"
-    atomic_write_text(path, text)
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:  # name the file we write, not its temporary (or none: a failed write())
+        error.filename = path
+        raise
 
 
 def _describe_time(epoch: int) -> str:
@@ -357,7 +361,11 @@ def run_squid_conf(args: argparse.Namespace) -> int:
         current = None
     changed = current != text
     if changed:
-        atomic_write_text(args.output, text)
+        try:
+            atomic_write_text(args.output, text)
+        except OSError as error:
+            error.filename = args.output
+            raise
     if args.json:
         print_json({"output": args.output, "changed": changed, "lines": lines})
     elif changed:

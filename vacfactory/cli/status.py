@@ -52,11 +52,13 @@ def gather(config: Any, now: float) -> Dict[str, Any]:
 
     s = config.settings
     state_dir = s.state_dir
-    if not os.path.isdir(state_dir):
-        os.stat(state_dir)  # PermissionError says so; else it is missing or not a directory
-        raise CommandError(f"state_dir {state_dir} is not a directory" if os.path.exists(state_dir) else
-                           f"state_dir {state_dir} does not exist (wrong --config? has the daemon ever run "
-                           "here?)", EXIT_NOINPUT)
+    try:
+        os.listdir(state_dir)  # PermissionError: "no permission", not "no such directory"
+    except FileNotFoundError:
+        raise CommandError(f"state_dir {state_dir} does not exist (wrong --config? has the daemon ever run "
+                           "here?)", EXIT_NOINPUT) from None
+    except NotADirectoryError:
+        raise CommandError(f"state_dir {state_dir} is not a directory", EXIT_NOINPUT) from None
     files = StatusFiles(state_dir)
     holder = StateLock(state_dir).holder()
     status = files.status() or {}
