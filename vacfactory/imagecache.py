@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import requests
 
 from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
-from vacfactory.errors import ImageError, VacFactoryError
+from vacfactory.errors import ImageError, VacFactoryError, shorten
 from vacfactory.pipefetch import USER_AGENT, iter_body, verify_setting
 
 log = logging.getLogger(__name__)
@@ -435,7 +435,7 @@ class ImageCache:
                     raise _Failure(f"HTTP {response.status_code} {response.reason or ''}".strip())
                 return self._receive(url, response, deadline, sha256, max_bytes)
         except requests.RequestException as error:
-            raise _Failure(f"{type(error).__name__}: {str(error)[:200]}") from None
+            raise _Failure(f"{type(error).__name__}: {shorten(str(error), 200)}") from None
         except OSError as error:  # disk full, unwritable cache: the cached copy may still serve
             raise _Failure(f"cannot write into {self.directory}: {error.strerror or error}") from None
 

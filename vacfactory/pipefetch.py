@@ -35,6 +35,7 @@ from vacfactory import __version__
 from vacfactory.atomic import atomic_write_bytes, atomic_write_json
 from vacfactory.config import pipes as pipelib
 from vacfactory.config.loader import PIPE_CACHE_DIR, pipe_cache_path, pipe_meta_path
+from vacfactory.errors import shorten
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,8 @@ def _describe(error: requests.RequestException) -> str:
     for kind, text in kinds:
         if isinstance(error, kind):
             detail = str(error.args[0]) if error.args else str(error)
-            return f"{text} ({detail[:160]})"
-    return f"{type(error).__name__}: {str(error)[:160]}"
+            return f"{text} ({shorten(detail, 160)})"
+    return f"{type(error).__name__}: {shorten(str(error), 160)}"
 
 
 # --------------------------------------------------------------------------- the cache

@@ -222,3 +222,31 @@ def test_repeat_summariser_logs_first_then_once_per_interval_with_a_count():
     assert repeats.due("a") == 0  # the condition ended: the next one is news
     assert repeats.due("b") == 0 and repeats.due("c") == 0
     assert repeats.due("a") == 0  # only max_keys remembered: "a" was forgotten first
+
+
+def test_check_warns_while_draining_and_past_shutdown_time(daemon, capsys):
+    d, conf = daemon
+    d.factory.run_round()
+    assert main(["check", "-c", conf]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("VACFACTORY OK - ")
+    assert main(["drain", "-c", conf]) == 0
+    capsys.readouterr()
+    assert main(["check", "-c", conf]) == 1
+    assert capsys.readouterr().out.startswith("VACFACTORY WARNING - draining: no new VMs are started (")
+    assert main(["drain", "-c", conf, "--now"]) == 0
+    capsys.readouterr()
+    assert main(["check", "-c", conf, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"] == [
+        {"state": "WARNING", "message": "past shutdown_time: no VMs are started"}]
+
+
+def test_long_error_texts_are_shortened_between_words_never_inside_one():
+    from vacfactory.errors import shorten
+
+    text = ('Max retries exceeded (Caused by NameResolutionError("<urllib3.connection.HTTPSConnection '
+            'object at 0x7f>: Failed to resolve pipes.example.org"))')
+    short = shorten(text, 80)
+    assert len(short) <= 2 * 80 + 6 and short.endswith(" [...]") and "HTTPSConnection [...]" in short
+    assert text.startswith(short[:-len(" [...]")]) and text[len(short) - len(" [...]")] == " "
+    assert shorten("a\nb  c", 80) == "a b c"  # one line
+    assert shorten("x" * 500, 100) == "x" * 100 + " [...]"  # one word longer than twice the limit
