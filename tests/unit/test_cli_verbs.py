@@ -246,6 +246,20 @@ def test_daemon_detaches_writes_its_pid_file_and_heartbeat_and_stops_on_sigterm(
     assert "vacfactory started" in log and "vacfactory stopped; running VMs were left running" in log
 
 
+def test_daemon_with_relative_paths_uses_them_from_where_it_was_started(daemon_files):
+    conf, pidfile, logfile, state_dir = daemon_files
+    here = os.path.dirname(conf)
+    result = subprocess.run([VACFACTORY, "daemon", "-c", os.path.basename(conf), "--pidfile",
+                             os.path.basename(pidfile), "--log-file", os.path.basename(logfile)],
+                            capture_output=True, text=True, timeout=60, cwd=here)
+    assert result.returncode == 0, result.stderr
+    pid = wait_for(lambda: read_pid(pidfile), "the pid file next to the configuration")
+    wait_for(lambda: StatusFiles(state_dir).last_beat(), "the heartbeat")
+    stop(pid)
+    with open(logfile) as f:
+        assert "vacfactory started" in f.read()
+
+
 def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daemon(daemon_files):
     conf, pidfile, logfile, state_dir = daemon_files
     assert start_daemon(conf, pidfile, logfile).returncode == 0
