@@ -46,6 +46,7 @@ def write_conf(tmp_path, total: int = 4, extra: str = "") -> str:
         udp_port = {udp_port}
         nfs_exporter = none
         cycle_seconds = 1
+        overload_per_processor = 100000
         {extra}
         [machinetype alpha]
         target_share = 1
