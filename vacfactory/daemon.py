@@ -40,6 +40,7 @@ from vacfactory.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
 from vacfactory.imagecache import ImageCache
+from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
 from vacfactory.metrics import MetricsServer, MetricsSnapshot
 from vacfactory.pipefetch import refresh_pipes
 from vacfactory.space.auth import load_space_key
@@ -168,6 +169,12 @@ class Daemon:
             clock=clock,
         )
         self.host_status = HostStatusReader(settings.state_dir)
+        self.started_at = time.time()
+        #: when the configuration in force was accepted (start-up, or the reload that brought it)
+        self.config_accepted_at = self.started_at
+        self._config_seen = self.config
+        self._sighup = threading.Event()
+        self.factory.status_extra = self.status_extra
         self.snapshot: Optional[FactorySnapshot] = None
         self.snapshot_pacer = SnapshotPacer()
         self.http: Optional[MetadataServer] = None
@@ -233,6 +240,15 @@ class Daemon:
         self.factory.run(until=until, after_round=self._after_round)
 
     def _after_round(self) -> None:
+        if self.factory.config is not self._config_seen:
+            self._config_seen = self.factory.config
+            self.config_accepted_at = time.time()
+        if self._sighup.is_set():
+            self._sighup.clear()
+            errors = self.watcher.errors
+            log.info("SIGHUP: configuration re-read; %s", "the edit was rejected (see above), the last good one "
+                     "stays in force" if errors is not None else "the configuration in force was accepted at "
+                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.config_accepted_at)))
         self.apply_image_settings()
         self.publish_snapshot()
         if self.factory.config is not self._responder_config:
@@ -270,7 +286,43 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.factory.wake.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._hangup())
+
+    def _hangup(self) -> None:
+        """SIGHUP: re-read the configuration now (acknowledged in the log after the round;
+        logging inside a signal handler could deadlock on the handler's lock)."""
+        self._sighup.set()
+        self.factory.wake.set()
+
+    def status_extra(self) -> dict:
+        """What the daemon adds to status.json for `vacfactory status`: itself, the
+        configuration in force, backoffs and the space."""
+        factory = self.factory
+        config = factory.config
+        now = factory.clock()
+        errors = self.watcher.errors
+        backoffs = {}
+        states = factory.own_states(now)
+        for mt in policies.machinetype_policies(config):
+            state = states.get(mt.name)
+            if state is not None and scheduler.backed_off(mt, state, now):
+                backoffs[mt.name] = {"until": scheduler._backoff_until(mt, state),
+                                     "last_abort": state.last_abort_time}
+        sources = self.watcher.sources
+        space = self.space.memory.last
+        return {
+            "daemon": {"pid": os.getpid(), "started": self.started_at},
+            "config": {"files": sources.dropin_files() + [f for f in (sources.main_file,) if f],
+                       "accepted": self.config_accepted_at,
+                       "rejected": str(errors).splitlines() if errors is not None else None},
+            "draining": bool(config.settings.draining),
+            "shutdown_time": config.settings.shutdown_time,
+            "backoffs": backoffs,
+            "space": {"asked": [], "answered": [], "held": [], "unknown": []} if not self.space.others(config)
+            else None if space is None else {
+                "asked": sorted(self.space.others(config)), "answered": sorted(space.answered),
+                "held": sorted(space.held), "unknown": sorted(space.unknown)},
+        }
 
     # -- periodic jobs ------------------------------------------------------------------
 
@@ -643,21 +695,6 @@ def notify_systemd(state: str) -> None:
             sock.send(state.encode())
     except OSError as error:  # BlockingIOError: systemd's queue is full
         log.debug("systemd notify %s failed: %s", state, error)
-
-
-def configure_logging(level: str = "INFO", log_file: Optional[str] = None) -> None:
-    """One line per event: time, level, module, message (machine name first in messages)."""
-    handler: logging.Handler
-    if log_file:
-        from logging.handlers import WatchedFileHandler  # logrotate without copytruncate
-
-        handler = WatchedFileHandler(log_file)
-    else:
-        handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def run_foreground(sources: ConfigSources, seconds: Optional[float] = None) -> None:

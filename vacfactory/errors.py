@@ -110,3 +110,17 @@ class ProtocolError(VacFactoryError):
 
 class ImageError(VacFactoryError):
     """A root image could not be fetched, verified or cached."""
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, about ``limit`` characters, cut between words and marked
+    ``[...]``: a long word at the limit is kept whole (up to twice the limit; only a single
+    word longer than that is cut)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit + 1)
+    if cut < limit // 2:  # most of the room would be lost: end after the long word instead
+        end = text.find(" ", limit)
+        cut = end if 0 < end <= 2 * limit else limit
+    return text[:cut].rstrip() + " [...]"

@@ -38,6 +38,7 @@ from vacfactory.errors import AccountingError, HypervisorError, StateError, VacF
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
 from vacfactory.imagecache import ImageNotReady
+from vacfactory.logsetup import RepeatSummariser
 from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
 from vacfactory.metrics import MetricsRecorder
@@ -174,6 +175,12 @@ class Factory:
         self.last_report: Optional[RoundReport] = None
         self._blind_logged = False
         self._config_errors_logged: Optional[str] = None
+        #: a creation failure repeats every round: logged first, then every few minutes with a count
+        self._failure_repeats = RepeatSummariser(clock=self._elapsed)
+        #: machinetype -> the last creation failure since its last successful creation (status.json)
+        self.creation_failures: Dict[str, Dict[str, object]] = {}
+        #: the daemon's additions to status.json (itself, the configuration, the space)
+        self.status_extra: Optional[Callable[[], Dict[str, object]]] = None
         self._last_retention: Optional[float] = None  # self._elapsed() of the last retention
         #: bytes free in a filesystem (the state directory's), for the creation pause
         self.free_space = free_space
@@ -306,10 +313,10 @@ class Factory:
         self._settle(config, now)
         self._apply_drain(config)
         report.decision = self._decide(config, now)
-        self._log_reason(report.decision)
         report.paused = self._creation_paused()
         if report.paused is None:
             self._create_all(config, report.decision, report)
+        self._log_reason(report.decision, report)
         self._retention(config, now)
         self._write_status(report)
         self.last_report = report
@@ -361,6 +368,9 @@ class Factory:
                     log.error("configuration rejected, keeping the last good one: %s", line)
                 self._config_errors_logged = text
         else:
+            if self._config_errors_logged is not None:
+                log.info("configuration accepted: the rejected edit was fixed (%d machinetypes)",
+                         len((result.config or self.config).machinetypes))
             self._config_errors_logged = None
         if result.changed and result.config is not None:
             log.info("configuration reloaded: %d machinetypes", len(result.config.machinetypes))
@@ -544,8 +554,9 @@ class Factory:
             )
             if finished.code is not None and 300 <= finished.code < 400:
                 # Vac's hint for tuning fizzle_seconds
-                log.info("%s: minimum %s fizzle_seconds=%d ?", machine.name, machine.record.machinetype,
-                         int(end_time - started))
+                log.info("%s: aborted after %ds, so a %s VM needs fizzle_seconds of at least that "
+                         "to count as a fizzle (Vac's hint)", machine.name, int(end_time - started),
+                         machine.record.machinetype)
         return finished
 
     def _finished(self, machine: Machine, finished: Finished) -> None:
@@ -677,12 +688,20 @@ class Factory:
             policies.factory_policy(config, self.host_processors), mt_policies, local, view, load, now, self.rng
         )
 
-    def _log_reason(self, decision: Decision) -> None:
+    def _log_reason(self, decision: Decision, report: Optional[RoundReport] = None) -> None:
         """Say why the factory stopped creating, once per change (not every round)."""
+        reason = decision.reason
+        if report is not None and report.failed and reason.startswith("all "):
+            # the plan filled every processor but creations failed: that is not "in use"
+            busy = sum(m.record.processors for m in self.machines.values() if m.live)
+            reason = (f"{busy} of {self.config.settings.total_processors} processors in use; "
+                      f"{len(report.failed)} creations failed this round")
         # the numbers in a reason change constantly; compare its words before the first digit
-        key = decision.reason.split(":")[0]
+        key = reason.split(":")[0].split(";")[0].rstrip("0123456789 ")
+        if report is not None and report.failed:
+            key = "failed"
         if key != self._last_reason:
-            log.info("decision: %s", decision.reason)
+            log.info("decision: %s", reason)
             self._last_reason = key
 
     def _creation_paused(self) -> Optional[str]:
@@ -799,6 +818,8 @@ class Factory:
             log.error("%s: cannot record its start, adopting it later: %s", record.name, error)
         self._seen_running.add(record.uuid)
         self.status.clear_error()
+        self.creation_failures.pop(record.machinetype, None)
+        self._failure_repeats.forget(record.machinetype)
         self.recorder.created(record.machinetype)
         log.info("%s: created %s with %d processors, uuid %s", record.name, record.machinetype,
                  record.processors, record.uuid)
@@ -808,7 +829,15 @@ class Factory:
 
     def _creation_failed(self, name: str, machinetype: str, error: Exception) -> None:
         message = f"{name}: creation of a {machinetype} VM failed: {error}"
-        log.error("%s", message)
+        reason = str(error).replace(name, "<name>")
+        previous = self.creation_failures.get(machinetype)
+        self.creation_failures[machinetype] = {
+            "time": self.clock(), "reason": str(error), "vm": name,
+            "count": (int(previous["count"]) + 1) if previous else 1,  # type: ignore[call-overload]
+        }
+        suppressed = self._failure_repeats.due((machinetype, reason))
+        if suppressed is not None:
+            log.error("%s%s", message, self._failure_repeats.suffix(suppressed))
         if out_of_space(error):  # pause creation rather than fail again every round
             try:
                 free: Optional[int] = self.free_space(self.store.state_dir)
@@ -864,7 +893,13 @@ class Factory:
             "failed": report.failed,
             "waiting_for_images": report.waiting,
             "creation_paused": report.paused,
+            "creation_failures": self.creation_failures,
         }
+        if self.status_extra is not None:
+            try:
+                status.update(self.status_extra())
+            except (VacFactoryError, OSError) as error:
+                log.error("cannot gather the daemon's status: %s", error)
         try:
             self.status.write_status(status)
             if not report.blind:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
-from vacfactory.errors import ImageError, VacFactoryError
+from vacfactory.errors import ImageError, VacFactoryError, shorten
 from vacfactory.safefetch import FetchError, FetchRefused, Response, open_url
 from vacfactory.urlpolicy import UrlPolicy
 
@@ -484,7 +484,7 @@ class ImageCache:
         except FetchRefused as error:
             raise _Permanent(f"refused: {error}") from None
         except FetchError as error:
-            raise _Failure(str(error)) from None
+            raise _Failure(shorten(str(error), 200)) from None
         except OSError as error:  # disk full, unwritable cache: the cached copy may still serve
             raise _Failure(f"cannot write into {self.directory}: {error.strerror or error}") from None
 

@@ -13,6 +13,7 @@ creation           ``factory-error`` exists (its first line is shown)      CRITI
 libvirt            the configured URI does not answer (read-only, within   CRITICAL
                    ``--libvirt-timeout``: a hung libvirtd cannot hang it)
 disk               free space of state_dir below the thresholds            WARNING/CRITICAL
+drain              ``draining`` or ``shutdown_time`` set (or past)             WARNING
 accounting         oldest message in ``apel-outgoing`` or                  WARNING
                    ``apel-cloud-outgoing`` older than limit
 =================  ======================================================  ===========
@@ -59,6 +60,9 @@ class CheckSettings:
     disk_warning_mb: int = 10240
     disk_critical_mb: int = 1024
     apel_age_warning_seconds: float = 86400.0
+    #: the configuration in force (runtime override included) drains the factory
+    draining: bool = False
+    shutdown_time: Optional[float] = None
 
     @classmethod
     def from_config(cls, config: Any, max_age: float = DEFAULT_MAX_AGE) -> "CheckSettings":
@@ -68,6 +72,7 @@ class CheckSettings:
             max_age=max_age, disk_warning_mb=s.check_disk_free_warning_mb,
             disk_critical_mb=s.check_disk_free_critical_mb,
             apel_age_warning_seconds=float(s.check_apel_backlog_warning_seconds),
+            draining=bool(s.draining), shutdown_time=s.shutdown_time,
         )
 
 
@@ -160,11 +165,19 @@ def run_check(settings: CheckSettings, now: float, libvirt_ping: Callable[[], Un
 
     try:
         holder = StateLock(state_dir).holder()
-    except OSError as error:
-        holder = None
-        problems.append((UNKNOWN, f"cannot read the daemon lock: {error.strerror or error}"))
-    if holder is None:
-        problems.append((CRITICAL, "daemon not running"))
+    except OSError as error:  # not "not running": it may well run (a check run as non-root)
+        problems.append((UNKNOWN, f"cannot read the daemon lock {error.filename or state_dir}: "
+                                  f"{error.strerror or error}"))
+    else:
+        if holder is None:
+            problems.append((CRITICAL, "daemon not running"))
+
+    if settings.shutdown_time is not None and now >= settings.shutdown_time:
+        problems.append((WARNING, "past shutdown_time: no VMs are started"))
+    elif settings.draining:
+        problems.append((WARNING, "draining: no new VMs are started"))
+    elif settings.shutdown_time is not None:
+        problems.append((WARNING, f"draining: shutdown_time in {_duration(settings.shutdown_time - now)}"))
 
     error = status.error()
     if error:

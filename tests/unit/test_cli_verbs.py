@@ -46,6 +46,7 @@ def write_conf(tmp_path, total: int = 4, extra: str = "") -> str:
         udp_port = {udp_port}
         nfs_exporter = none
         cycle_seconds = 1
+        overload_per_processor = 100000
         {extra}
         [machinetype alpha]
         target_share = 1
@@ -102,13 +103,34 @@ def populated(tmp_path):
 def test_machines_shows_one_line_per_slot_from_the_state_directory(populated, capsys):
     conf, _, _ = populated
     assert main(["--config", conf, "machines"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    header, *lines, totals = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["NAME", "MACHINETYPE", "STATE", "PROCS"]
     assert len(lines) == 4
     assert lines[0].split()[:4] == ["vfcli-00", "alpha", "Running", "1"]
-    assert lines[0].split()[5:7] == ["2.00", "hrs"] and lines[0].endswith(" 50%")
+    assert lines[0].split()[4:6] == ["2.00", "hrs"] and lines[0].endswith(" 50%")
     assert lines[1].split()[:3] == ["vfcli-01", "beta", "Shut"] and lines[1].endswith('"200 Success"')
     assert lines[2].split()[:3] == ["vfcli-02", "alpha", "Starting"] and lines[2].endswith(" mins")
     assert lines[3].split() == ["slot", "03", "----------", "Shut", "down"]
+    assert totals == "2 VMs on 2 of 4 processors (1 running, 1 starting)"
+
+
+def test_machines_shows_a_failed_creation_with_its_reason_and_counts_it(populated, capsys):
+    conf, _, now = populated
+    state_dir = os.path.join(os.path.dirname(conf), "vfcli-state")
+    store = MachineStore(state_dir)
+    failed = store.prepare(record(3, now - 5, "beta"), {}, {})
+    store.mark_finished(failed, Finished(time=now - 4, end_time=now - 4, cpu_seconds=0.0, outcome="failed",
+                                         reason="create_failed"))
+    StatusFiles(state_dir).write_status({"creation_failures": {"beta": {
+        "vm": failed.record.name, "reason": "kernel_image /nowhere: no such file", "count": 3, "time": now}}})
+    assert main(["machines", "-c", conf]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].split()[:4] == ["vfcli-03", "beta", "Failed", "1"]
+    assert out[4].endswith("creation failed: kernel_image /nowhere: no such file")
+    assert out[-1] == "2 VMs on 2 of 4 processors (1 running, 1 starting); 1 failed"
+    assert main(["machines", "-c", conf, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[3]
+    assert row["state"] == "Failed" and row["failure"] == "kernel_image /nowhere: no such file"
 
 
 def test_machines_json_and_all(populated, capsys):
@@ -121,10 +143,14 @@ def test_machines_json_and_all(populated, capsys):
     assert rows[1]["shutdown_message"] == "200 Success" and rows[1]["accounted"] is True
     assert rows[1]["outcome"] == "success" and rows[1]["finished"] == pytest.approx(now - 110)
     assert rows[3] == {"slot": 3, "state": "Shut down", "name": None}
-    assert main(["--config", conf, "machines", "--all", "--json"]) == 0
+    assert main(["--config", conf, "machines", "--include-done", "--json"]) == 0
     every = json.loads(capsys.readouterr().out)
     assert [(r["slot"], r["state"]) for r in every] == [(2, "Shut down"), (0, "Running"), (1, "Shut down"),
                                                       (2, "Starting")]  # oldest first
+    assert main(["--config", conf, "machines", "--all", "--json"]) == 0  # the old name, deprecated
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == every
+    assert "--all is deprecated" in captured.err and "--include-done" in captured.err
 
 
 def test_machines_without_a_state_directory_says_so(tmp_path, capsys):
@@ -219,6 +245,20 @@ def test_daemon_detaches_writes_its_pid_file_and_heartbeat_and_stops_on_sigterm(
     with open(logfile) as f:
         log = f.read()
     assert "vacfactory started" in log and "vacfactory stopped; running VMs were left running" in log
+
+
+def test_daemon_with_relative_paths_uses_them_from_where_it_was_started(daemon_files):
+    conf, pidfile, logfile, state_dir = daemon_files
+    here = os.path.dirname(conf)
+    result = subprocess.run([VACFACTORY, "daemon", "-c", os.path.basename(conf), "--pidfile",
+                             os.path.basename(pidfile), "--log-file", os.path.basename(logfile)],
+                            capture_output=True, text=True, timeout=60, cwd=here)
+    assert result.returncode == 0, result.stderr
+    pid = wait_for(lambda: read_pid(pidfile), "the pid file next to the configuration")
+    wait_for(lambda: StatusFiles(state_dir).last_beat(), "the heartbeat")
+    stop(pid)
+    with open(logfile) as f:
+        assert "vacfactory started" in f.read()
 
 
 def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daemon(daemon_files):

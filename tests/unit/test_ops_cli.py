@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import json
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ total_processors = 4
 
 @pytest.fixture
 def conf(tmp_path):
+    (tmp_path / "vfops-state").mkdir()  # drain and undrain never create a state directory
     return make_conf(tmp_path)
 
 
@@ -286,6 +288,26 @@ cache_peer 127.0.0.3 sibling 3128 3130 default
     assert (stat_after.st_mtime_ns, stat_after.st_ino) == (stat_before.st_mtime_ns, stat_before.st_ino)
 
 
+def test_squid_conf_drain_and_undrain_print_json(conf, tmp_path, capsys):
+    template = write(tmp_path / "vfops-squid.in", "http_port 3128\n")
+    out_path = str(tmp_path / "vfops-squid.conf")
+    assert main(["squid-conf", template, out_path, "--json", "-c", conf]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["changed"] is True and result["output"] == out_path
+    assert result["lines"][-1] == "cache_peer 127.0.0.3 sibling 3128 3130 default"
+    assert main(["squid-conf", template, out_path, "--json", "-c", conf]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] is False
+
+    assert main(["drain", "--at", "+1h", "--json", "-c", conf]) == 0
+    drained = json.loads(capsys.readouterr().out)
+    assert drained["written"] == runtime_path(conf) and drained["in_force"]["draining"] is False
+    assert drained["in_force"]["shutdown_time"] == int(drained["set"]["shutdown_time"])
+    assert drained["in_force"]["shutdown_time_from"].startswith(runtime_path(conf))
+    assert main(["undrain", "--json", "-c", conf]) == 0
+    undrained = json.loads(capsys.readouterr().out)
+    assert undrained["removed"] is True and undrained["in_force"]["shutdown_time"] is None
+
+
 def test_squid_conf_resolves_names():
     lines = ops.squid_lines(["localhost", "127.0.0.2"], "127.0.0.1")
     assert lines[0] == "acl localnet src 127.0.0.1/32"
@@ -437,6 +459,7 @@ def test_drain_with_a_relative_state_dir_works_from_any_directory(tmp_path, monk
     elsewhere = tmp_path / "vfops-x" / "deeper"
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)  # "../vfops-state" from here is another directory
+    (tmp_path / "vfops-state").mkdir()
     assert main(["--config", conf, "drain", "--at", "1893456000"]) == 0
     assert os.path.exists(tmp_path / "vfops-state" / "runtime.conf")
     assert not os.path.exists(tmp_path / "vfops-x" / "vfops-state")

@@ -10,6 +10,7 @@ Exit codes: 0 shown, 1 unknown or ambiguous (candidates on stderr), 78 invalid c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK, add_json_argument, load_config, print_json
@@ -33,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     s = config.settings
+    for directory in (s.state_dir, os.path.join(s.state_dir, "machines")):
+        if os.path.isdir(directory):
+            os.listdir(directory)  # PermissionError: "no permission", not "no machines directory"
     limits = JobOutputsLimits(
         max_file_bytes=s.joboutputs_max_file_bytes,
         max_total_bytes=s.joboutputs_max_total_bytes,

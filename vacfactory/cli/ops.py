@@ -29,15 +29,19 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vacfactory import __version__
 from vacfactory.atomic import atomic_write_text
+from vacfactory.cli import common
 from vacfactory.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    CommandError,
     add_json_argument,
+    config_sources,
     load_config,
     print_json,
+    require_state_dir,
 )
 
 SETTINGS_SECTION = "settings"
@@ -47,11 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     drain = subparsers.add_parser(
         "drain", help="start no new VMs (runtime override); with --at, also stop running VMs by TIME")
     drain.add_argument("--at", metavar="TIME",
-                       help="set shutdown_time: an epoch, 'now', +90m / +3h / +2d, or ISO 8601 "
-                            "(2025-01-31T18:00, local time unless it has a zone)")
+                       help="set shutdown_time: an epoch, +90m / +3h / +2d, or ISO 8601 "
+                            "(e.g. 2031-01-31T18:00, local time unless it has a zone); a TIME that "
+                            "is past or within grace_seconds is refused without --now")
+    drain.add_argument("--now", action="store_true",
+                       help="stop running VMs now (alone: shutdown_time = now), or accept an --at "
+                            "TIME that is past or within grace_seconds")
+    add_json_argument(drain)
     drain.set_defaults(handler=run_drain)
 
     undrain = subparsers.add_parser("undrain", help="remove draining and shutdown_time from the runtime override")
+    add_json_argument(undrain)
     undrain.set_defaults(handler=run_undrain)
 
     check = subparsers.add_parser(
@@ -68,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "squid-conf", help="write squid.conf OUT: IN plus acl and cache_peer lines for the space's factories")
     squid.add_argument("input", metavar="IN", help="squid.conf template")
     squid.add_argument("output", metavar="OUT", help="file to write (replaced only if it changes)")
+    add_json_argument(squid)
     squid.set_defaults(handler=run_squid_conf)
 
     man = subparsers.add_parser("man", help="print the vacfactory(1) manual page (troff)")
@@ -162,8 +173,12 @@ def _read_text(path: str) -> str:
 
 
 def _write_override(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    atomic_write_text(path, text)
+    require_state_dir(os.path.dirname(path))  # never create one: a wrong --config would be "applied"
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:  # name the file we write, not its temporary (or none: a failed write())
+        error.filename = path
+        raise
 
 
 def _describe_time(epoch: int) -> str:
@@ -173,18 +188,26 @@ def _describe_time(epoch: int) -> str:
 def run_drain(args: argparse.Namespace) -> int:
     config = load_config(args)
     path = _override_path(config)
+    require_state_dir(config.settings.state_dir)
     now = time.time()
+    when: Optional[int] = None
     if args.at is not None:
         try:
             when = parse_time(args.at, now)
         except ValueError as error:
-            print(f"vacfactory drain: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        values = {"shutdown_time": str(when)}
-    else:
-        values = {"draining": "yes"}
+            raise CommandError(str(error), EXIT_USAGE) from None
+        grace = config.settings.grace_seconds
+        if when <= now + grace and not args.now:
+            past = "is in the past" if when <= now else f"is within grace_seconds ({grace:g} s)"
+            raise CommandError(f"--at {args.at} = {_describe_time(when)} {past}: every running VM would be "
+                               "stopped at the next round; give --now if that is what you want", EXIT_USAGE)
+    elif args.now:
+        when = int(now)
+    values = {"draining": "yes"} if when is None else {"shutdown_time": str(when)}
     _write_override(path, set_settings_options(_read_text(path), values))
-    if args.at is not None:
+    if args.json:
+        return _report_effect(args, {"written": path, "set": values})
+    if when is not None:
         print(f"shutdown_time = {when} ({_describe_time(when)}) written to {path}: running VMs are told in "
               "their machine/job features and stopped by then; only VMs that fit before it are started")
     else:
@@ -195,30 +218,41 @@ def run_drain(args: argparse.Namespace) -> int:
 def run_undrain(args: argparse.Namespace) -> int:
     config = load_config(args)
     path = _override_path(config)
+    require_state_dir(config.settings.state_dir)
     before = _read_text(path)
     after = remove_settings_options(before, ("draining", "shutdown_time"))
     if after != before:
         _write_override(path, after)
+    if args.json:
+        return _report_effect(args, {"written": path if after != before else None, "removed": after != before})
+    if after != before:
         print(f"draining and shutdown_time removed from {path}")
     else:
         print(f"{path} sets neither draining nor shutdown_time: nothing to do")
     return _report_effect(args)
 
 
-def _report_effect(args: argparse.Namespace) -> int:
-    """Reload the configuration as the daemon will, and say what is now in force."""
+def _report_effect(args: argparse.Namespace, result: Optional[Dict[str, Any]] = None) -> int:
+    """Reload the configuration as the daemon will, and say what is now in force (with
+    ``result``: print it as JSON with what is in force)."""
     from vacfactory.config import loader
     from vacfactory.errors import ConfigError
 
-    sources = loader.ConfigSources.for_main_file(args.config) if args.config else loader.ConfigSources.default()
     try:
-        config = loader.load_config(sources)
+        config = loader.load_config(config_sources(args))
     except ConfigError as error:
+        if result is not None:
+            print_json(dict(result, in_force=None, error=str(error).splitlines()))
         print(f"the configuration with the override is invalid (the daemon keeps its last good one):\n{error}",
               file=sys.stderr)
         return EXIT_CONFIG
     s = config.settings
     origins = config.origins.get(SETTINGS_SECTION, {})
+    if result is not None:
+        print_json(dict(result, in_force={
+            "draining": bool(s.draining), "draining_from": origins.get("draining"),
+            "shutdown_time": s.shutdown_time, "shutdown_time_from": origins.get("shutdown_time")}))
+        return EXIT_OK
     parts = []
     if s.draining:
         parts.append(f"draining (from {origins.get('draining', '?')})")
@@ -250,9 +284,8 @@ def run_check(args: argparse.Namespace) -> int:
     from vacfactory.config import loader
     from vacfactory.errors import ConfigError
 
-    sources = loader.ConfigSources.for_main_file(args.config) if args.config else loader.ConfigSources.default()
     try:
-        config = loader.load_config(sources)
+        config = loader.load_config(config_sources(args))
     except ConfigError as error:
         result = monitoring.unknown(f"configuration does not load: {str(error).splitlines()[0]}")
     else:
@@ -317,8 +350,7 @@ def run_squid_conf(args: argparse.Namespace) -> int:
         template = _read_existing(args.input)
         lines = squid_lines(s.factories, s.factory_name)
     except OSError as error:
-        print(f"vacfactory squid-conf: {error}; {args.output} left unchanged", file=sys.stderr)
-        return EXIT_FAILURE
+        raise CommandError(f"{_os_text(error)}; {args.output} left unchanged") from None
     if template and not template.endswith("\n"):
         template += "\n"
     text = template + f"# added by vacfactory squid-conf: the factories of space {s.vac_space}\n" + \
@@ -327,12 +359,24 @@ def run_squid_conf(args: argparse.Namespace) -> int:
         current: Optional[str] = _read_existing(args.output)
     except OSError:
         current = None
-    if current == text:
+    changed = current != text
+    if changed:
+        try:
+            atomic_write_text(args.output, text)
+        except OSError as error:
+            error.filename = args.output
+            raise
+    if args.json:
+        print_json({"output": args.output, "changed": changed, "lines": lines})
+    elif changed:
+        print(f"{args.output} updated: {len(lines)} lines for {len(s.factories) or 1} factories (reload squid)")
+    else:
         print(f"{args.output} unchanged")
-        return EXIT_OK
-    atomic_write_text(args.output, text)
-    print(f"{args.output} updated: {len(lines)} lines for {len(s.factories) or 1} factories (reload squid)")
     return EXIT_OK
+
+
+def _os_text(error: OSError) -> str:
+    return f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
 
 
 def _read_existing(path: str) -> str:
@@ -424,8 +468,15 @@ _EXIT_STATUS = (
     (EXIT_FAILURE, "the command ran and found a problem, or an operation failed (check: WARNING)"),
     (EXIT_USAGE, "bad command line (check: CRITICAL)"),
     (3, "check: UNKNOWN (the configuration does not load)"),
+    (common.EXIT_NOINPUT, "a file or directory that must exist does not (a state_dir that was never made)"),
     (EXIT_UNAVAILABLE, "a service that is needed (libvirtd, the daemon, a broker) is not reachable"),
+    (common.EXIT_SOFTWARE, "an unexpected error, a bug (VACFACTORY_DEBUG=1 shows its traceback)"),
+    (common.EXIT_CANTCREAT, "a file or directory cannot be created or written (read-only file system, "
+                            "a file where a directory belongs)"),
+    (common.EXIT_IOERR, "an I/O error, such as a full disk"),
+    (common.EXIT_NOPERM, "no permission (most verbs need root)"),
     (EXIT_CONFIG, "the configuration is invalid"),
+    (common.EXIT_SIGPIPE, "standard output was closed early (e.g. piped into head); nothing is printed"),
 )
 
 
@@ -438,7 +489,7 @@ def man_page(parser: argparse.ArgumentParser) -> str:
         "vacfactory \\- " + _roff(parser.description or "").rstrip("."),
         ".SH SYNOPSIS",
         ".B vacfactory",
-        "[\\fB\\-\\-config\\fR \\fIFILE\\fR] \\fIVERB\\fR [\\fIoptions\\fR]",
+        "[\\fB\\-c\\fR \\fIFILE\\fR] \\fIVERB\\fR [\\fIoptions\\fR]",
         ".SH DESCRIPTION",
         _roff("vacfactory runs virtual machines on a hypervisor host (a factory) for the virtual "
               "organisations of a space, with target shares shared among all factories of the "
@@ -459,6 +510,9 @@ def man_page(parser: argparse.ArgumentParser) -> str:
     for code, text in _EXIT_STATUS:
         out += [".TP", f"\\fB{code}\\fR", _roff(text)]
     out += [
+        ".SH ENVIRONMENT",
+        ".TP", "\\fBVACFACTORY_CONFIG\\fR", _roff("The main configuration file when -c/--config is not given."),
+        ".TP", "\\fBVACFACTORY_DEBUG\\fR", _roff("Set to show the traceback of an unexpected error (exit 70)."),
         ".SH FILES",
         ".TP", "\\fI/etc/vacfactory.conf\\fR, \\fI/etc/vacfactory.d/*.conf\\fR", "The configuration.",
         ".TP", "\\fI/var/lib/vacfactory/runtime.conf\\fR",

@@ -1196,8 +1196,8 @@ class ConfigWatcher:
             return PollResult(self._current, False, self._errors)
         attempt = self._read()
         if attempt.errors is not None:
-            if self._errors is None or str(self._errors) != str(attempt.errors):
-                logger.error("configuration not reloaded, keeping the last good one:\n%s", attempt.errors)
+            # the engine logs the rejection (one line per problem); logging it here too doubled it
+            logger.debug("configuration not reloaded, keeping the last good one:\n%s", attempt.errors)
             self._errors = attempt.errors
             return PollResult(self._current, False, self._errors)
         assert attempt.config is not None

@@ -406,6 +406,19 @@ OPTIONS: Tuple[Option, ...] = (
                "files differently from Vac and never deletes a file it did not write.",
            vac_reading="defaults to Vac's /var/lib/vac/imagecache",
            vac_write="image_cache_dir = /var/lib/vac/imagecache"),
+    Option("log_to", S, Choice(choices=("stderr", "file", "syslog"), choice_docs=(
+        ("stderr", "standard error (systemd's journal under `vacfactory run`)"),
+        ("file", "the file log_file, reopened when logrotate moves it"),
+        ("syslog", "the local syslog socket /dev/log with syslog priorities (journald reads them), "
+                   "facility daemon, identifier vacfactory"))),
+           default="stderr", vac=False, not_in_override=True,
+           doc="Where the daemon logs. The command line's --log-file wins; a change needs a "
+               "restart. `vacfactory daemon` logs to log_file when this is stderr, as its "
+               "stderr is closed once it detaches."),
+    Option("log_file", S, Path(relative_to_config=True), default="/var/log/vacfactory.log", vac=False,
+           not_in_override=True,
+           doc="The log file of log_to = file (and of `vacfactory daemon` with log_to = stderr). "
+               "A relative path is relative to the directory of the file that sets it."),
     Option("cycle_seconds", S, Number(name="seconds", min=0.1, max=120), default=10.0, vac=False,
            doc="Longest time between two decision rounds; libvirt events wake the engine sooner "
                "(Vac: one round, then a 60 s sleep). At most 120: every round tells systemd's "
