@@ -18,6 +18,8 @@ def write(path, text: str) -> str:
 
 
 def good(tmp_path) -> str:
+    """A configuration with nothing to predict (offline): its image exists, its share is 1."""
+    write(tmp_path / "state" / "machinetypes" / "lhcb" / "files" / "cernvm3.iso", "an ISO image")
     return write(tmp_path / "vacfactory.conf", f"""\
 [settings]
 vac_space = vac01.example.com
@@ -29,6 +31,7 @@ mb_per_cpu = 1024
 
 [machinetype lhcb]
 root_image = cernvm3.iso
+target_share = 1
 """)
 
 
@@ -45,9 +48,10 @@ draining = maybe
 
 def test_check_of_a_good_config_exits_0_with_a_summary(tmp_path, capsys):
     path = good(tmp_path)
-    assert main(["--config", path, "config", "check"]) == EXIT_OK
+    assert main(["--config", path, "config", "check", "--offline"]) == EXIT_OK
     out, err = capsys.readouterr()
-    assert out == f"configuration OK: 1 machinetype (lhcb), 1 processor, state dir {tmp_path / 'state'}\n"
+    assert out == f"configuration OK: 1 machinetype (lhcb), 1 processor, state dir {tmp_path / 'state'}; " \
+                  "1 warning; offline check\n"
     assert err == f"warning: {path}:7: [settings] mb_per_cpu: deprecated: use mb_per_processor\n"
 
 
@@ -64,7 +68,7 @@ def test_check_of_a_bad_config_exits_78_and_prints_every_error(tmp_path, capsys)
 
 
 def test_check_json_reports_ok_errors_warnings_and_machinetypes(tmp_path, capsys):
-    assert main(["--config", good(tmp_path), "config", "check", "--json"]) == EXIT_OK
+    assert main(["--config", good(tmp_path), "config", "check", "--json", "--offline"]) == EXIT_OK
     document = json.loads(capsys.readouterr().out)
     assert (document["ok"], document["errors"], document["machinetypes"]) == (True, [], ["lhcb"])
     assert len(document["warnings"]) == 1
