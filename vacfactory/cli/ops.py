@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "drain", help="start no new VMs (runtime override); with --at, also stop running VMs by TIME")
     drain.add_argument("--at", metavar="TIME",
                        help="set shutdown_time: an epoch, 'now', +90m / +3h / +2d, or ISO 8601 "
-                            "(2025-01-31T18:00, local time unless it has a zone)")
+                            "(2031-01-31T18:00, local time unless it has a zone)")
     drain.set_defaults(handler=run_drain)
 
     undrain = subparsers.add_parser("undrain", help="remove draining and shutdown_time from the runtime override")
