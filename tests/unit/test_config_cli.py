@@ -18,7 +18,8 @@ def write(path, text: str) -> str:
 
 
 def good(tmp_path) -> str:
-    """A configuration with nothing to predict (offline): its image exists, its share is 1."""
+    """A configuration with nothing to predict (offline): its image exists, its share is 1, and
+    on the test driver no qemu user needs to reach it (pytest's 0700 temp directory)."""
     write(tmp_path / "state" / "machinetypes" / "lhcb" / "files" / "cernvm3.iso", "an ISO image")
     return write(tmp_path / "vacfactory.conf", f"""\
 [settings]
@@ -28,6 +29,7 @@ total_processors = 1
 state_dir = {tmp_path / 'state'}
 space_key = hunter2
 mb_per_cpu = 1024
+domain_type = test
 
 [machinetype lhcb]
 root_image = cernvm3.iso
@@ -100,7 +102,7 @@ def test_show_json_has_values_and_origins(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     lhcb = document["sections"]["machinetype lhcb"]
     assert lhcb["root_image"] == {"value": f"{tmp_path}/state/machinetypes/lhcb/files/cernvm3.iso",
-                                  "origin": f"{path}:10"}
+                                  "origin": f"{path}:11"}
     assert document["sections"]["settings"]["space_key"]["value"] is None
     assert document["sections"]["settings"]["factories"] == {"value": [], "origin": "default"}
 

@@ -424,3 +424,31 @@ def test_check_help_documents_the_exit_codes_and_online_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "warnings alone exit 0" in text and "78 when there are errors" in text
     assert "the default when run as root" in text
+
+
+# --------------------------------------------------------------------------- qemu's view
+
+
+def test_a_directory_qemu_cannot_search_is_an_error_for_qemu_system(tmp_path):
+    """libvirt chowns images but not directories (hypervisor/disks.py): a 0700 directory above
+    a root image or the state dir makes every domain start fail with Permission denied.
+    The qemu user here owns the test's ancestors (they may be 0700); the image directory
+    belongs to someone else."""
+    images = tmp_path / "images"
+    os.makedirs(images)
+    write(images / "root.img", "raw")
+    os.chown(images, 12345, 12345)
+    os.chmod(images, 0o700)
+    path = conf(tmp_path, settings="domain_type = kvm\nlibvirt_uri = qemu:///system\ntotal_processors = 1",
+                machinetypes=f"[machinetype lhcb]\ntarget_share = 1\nroot_image = {images / 'root.img'}\n")
+    path = write(path, open(path).read().replace("domain_type = test\n", ""))
+    config = load(path)
+    qemu = predict.QemuUser("libvirt-qemu", uid=os.geteuid(), gids=(54321,))
+    found = predict.qemu_access(config, predict.Locator(config, [path]), qemu)
+    assert texts(found) == [
+        f"error: {path}:10: [machinetype lhcb] root_image: {images} (mode 0700) is not searchable by "
+        f"libvirt-qemu: qemu cannot open {images / 'root.img'}; mode 0711 is enough"]
+    os.chmod(images, 0o710)
+    assert predict.qemu_access(config, predict.Locator(config, [path]),
+                               predict.QemuUser("libvirt-qemu", os.geteuid(), (12345,))) == []
+    assert predict.qemu_access(config, predict.Locator(config, [path]), None) == []
