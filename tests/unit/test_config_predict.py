@@ -16,7 +16,8 @@ import pytest
 
 from vacfactory.cli.common import EXIT_CONFIG, EXIT_OK
 from vacfactory.cli.main import main
-from vacfactory.config import loader, predict, predict_online
+from vacfactory.config import loader, predict
+from vacfactory.config.predict import online as predict_online
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.hypervisor.disks import image_format
 from vacfactory.state.lock import StateLock
@@ -256,7 +257,8 @@ def test_a_memory_cap_below_the_vms_is_a_warning_naming_unused_processors(tmp_pa
 
 def test_hash_inside_a_value_is_a_warning_saying_vac_keeps_it_too(tmp_path):
     path = conf(tmp_path, settings="description = our site  # the big one\n# a real comment\n"
-                                   "factories = .\n  other.example.com # continued")
+                                   "factories = .\n  other.example.com # continued\n"
+                                   "user_data_option_script = echo hi # shell keeps this\n  # a comment line")
     found = predict.inline_comments([path])
     assert [(f.line, f.option) for f in found] == [(6, "description"), (9, "factories")]
     assert "contains ' #': that is part of the value, not a comment (Vac's parser keeps it too" \

@@ -70,7 +70,7 @@ def run_check(args: argparse.Namespace) -> int:
     if config is not None:
         findings += predict.predict(config, files)
         if online:
-            from vacfactory.config.predict_online import predict_online
+            from vacfactory.config.predict.online import predict_online
 
             findings += predict_online(config, predict.Locator(config, files))
     findings = predict.ordered(findings, files)

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vacfactory.config import options as table
 from vacfactory.config.parsers import is_url
-from vacfactory.config.predict import ERROR, NOTE, WARNING, Finding, Locator
+
+from .findings import ERROR, NOTE, WARNING, Finding, Locator
 
 #: how long libvirt may take to answer, and all name lookups together
 LIBVIRT_TIMEOUT = 5.0
