@@ -212,19 +212,29 @@ def test_max_processors_above_the_superslot_is_a_warning_naming_the_cap(tmp_path
 
 
 def test_min_processors_that_never_fits_and_an_unusable_last_superslot_are_warnings(tmp_path):
-    path = conf(tmp_path, settings="total_processors = 10\nprocessors_per_superslot = 4",
+    path = conf(tmp_path, settings="total_processors = 10\nprocessors_per_superslot = 4\nmax_starting_processors = 3",
                 machinetypes="[machinetype big]\ntarget_share = 1\nroot_image = /etc/hostname\n"
-                             "min_processors = 6\nmax_processors = 6\n"
-                             "[machinetype four]\ntarget_share = 1\nroot_image = /etc/hostname\n"
+                             "min_processors = 4\nmax_processors = 4\n"
+                             "[machinetype three]\ntarget_share = 1\nroot_image = /etc/hostname\n"
                              "min_processors = 3\nmax_processors = 4\n")
     warnings = texts(findings(path), predict.WARNING)
     assert warnings == [
         f"warning: {path}:7: [settings] processors_per_superslot: total_processors = 10 is not a multiple "
         "of processors_per_superslot = 4: the last 2 can only take VMs of at most 2 processors, and every "
         "machinetype's min_processors is larger: they are never used",
-        f"warning: {path}:11: [machinetype big] min_processors: 6 processors needed, but a VM gets at most 4 "
-        "(processors_per_superslot = 4): this machinetype is never started",
+        f"warning: {path}:12: [machinetype big] min_processors: 4 processors needed, but a VM gets at most 3 "
+        "(max_starting_processors = 3): this machinetype is never started",
+        f"warning: {path}:18: [machinetype three] max_processors: 4, but VMs get at most 3 processors "
+        "(max_starting_processors = 3 in [settings])",
     ]
+
+
+def test_min_processors_above_the_superslot_is_left_to_the_loaders_own_warning(tmp_path):
+    path = conf(tmp_path, settings="total_processors = 8\nprocessors_per_superslot = 2",
+                machinetypes="[machinetype big]\ntarget_share = 1\nroot_image = /etc/hostname\n"
+                             "min_processors = 4\nmax_processors = 4\n")
+    assert [f for f in findings(path) if f.option == "min_processors"] == []
+    assert any("min_processors: 4 is more than processors_per_superslot (2)" in w for w in load(path).warnings)
 
 
 def test_memory_over_the_host_is_an_overcommit_warning_not_an_error(tmp_path):

@@ -37,10 +37,13 @@ def processors(config: Any, locator: Locator) -> List[Finding]:
     active = _active(config)
     for mt in active:
         title = f"{table.MACHINETYPE} {mt.name}"
-        if mt.min_processors > limit:
+        if mt.min_processors > min(s.processors_per_superslot, s.total_processors):
+            continue  # the loader's own rule already warned (options._rule_min_processors_fit)
+        if mt.min_processors > s.max_starting_processors:
             findings.append(locator.finding(
-                WARNING, f"{mt.min_processors} processors needed, but a VM gets at most {limit} "
-                         f"({limit_name} = {limit}): this machinetype is never started",
+                WARNING, f"{mt.min_processors} processors needed, but a VM gets at most "
+                         f"{s.max_starting_processors} (max_starting_processors = "
+                         f"{s.max_starting_processors}): this machinetype is never started",
                 title, "min_processors"))
         elif mt.max_processors > limit:
             findings.append(locator.finding(
