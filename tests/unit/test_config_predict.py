@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -348,9 +349,21 @@ def test_libvirt_test_driver_answers_and_a_typo_is_an_error_with_a_suggestion(tm
 
 
 def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing uses, below the ephemeral range: a port the kernel hands out for bind(0)
+    may be taken a moment later by any process's outgoing connection (without SO_REUSEADDR,
+    which the probe, like the daemon, rightly sees as a conflict)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found below the ephemeral range")
 
 
 def test_ports_in_use_are_errors_and_free_ones_pass(tmp_path):

@@ -15,6 +15,7 @@ Every command must print no traceback and exit with the code in ``EXPECTED`` (0 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import signal
@@ -100,9 +101,19 @@ def test_the_documents_show_every_verb():
 
 
 def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the ephemeral range (which any outgoing connection may take)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found below the ephemeral range")
 
 
 def write_config(root: str, state: str) -> str:
