@@ -5,9 +5,9 @@ line, section and option), then predicts what a valid configuration will break a
 (:mod:`vacfactory.config.predict`: files, state directory, processors, memory; with
 ``--online`` also libvirt, ports and host names). It exits 78 (EXIT_CONFIG) when there are
 errors and 0 when there are only warnings, so it can run before a restart or from
-configuration management. ``show`` prints the effective merged
-configuration with the origin of every value, which is what an admin needs when several
-drop-in files and an override are involved.
+configuration management. ``show`` prints the effective merged configuration with the origin
+of every value, which is what an admin needs when several drop-in files and an override are
+involved.
 """
 
 from __future__ import annotations
@@ -64,49 +64,60 @@ def run_check(args: argparse.Namespace) -> int:
     sources = _sources(args)
     result = loader.check_config(sources)
     config = result.config
+    online = config is not None and (args.online if args.online is not None else os.geteuid() == 0)
+    findings = _findings(config, sources, online)
+    errors = predict.count(findings, predict.ERROR)
+    failed = not result.ok or errors > 0
+    if args.json:
+        print_json({
+            "ok": not failed,
+            "online": online,
+            "errors": [str(e) for e in result.errors] + [str(f) for f in findings if f.severity == predict.ERROR],
+            "warnings": list(result.warnings) + [str(f) for f in findings if f.severity == predict.WARNING],
+            "findings": predict.as_mapping(findings),
+            "machinetypes": list(config.machinetypes) if config else [],
+        })
+        return EXIT_CONFIG if failed else EXIT_OK
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for finding in findings:
+        print(f"{finding.severity}: {finding}", file=sys.stderr)
+    for error in result.errors:
+        print(str(error), file=sys.stderr)
+    if not result.ok:
+        print(f"configuration invalid: {_count(len(result.errors), 'error')}", file=sys.stderr)
+    elif errors:
+        untested = "" if online else " (offline check: libvirt, ports and host names not tested)"
+        print(f"configuration valid, but {_count(errors, 'error')} will make the factory fail at run time"
+              f"{untested}", file=sys.stderr)
+    else:
+        warned = predict.count(findings, predict.WARNING) + len(result.warnings)
+        print(_summary(config, warned, online))
+    return EXIT_CONFIG if failed else EXIT_OK
+
+
+def _findings(config: Any, sources: Any, online: bool) -> List[Any]:
+    """The predictions, in reading order: the `` #`` scan always (it also explains values
+    that failed to parse), the others only for a configuration that loads."""
+    from vacfactory.config import predict
+
     files = [s.path for s in config.sources if s.exists] if config else sources.base_files()
     findings = predict.inline_comments(files)
-    online = args.online if args.online is not None else os.geteuid() == 0
     if config is not None:
         findings += predict.predict(config, files)
         if online:
             from vacfactory.config.predict.online import predict_online
 
             findings += predict_online(config, predict.Locator(config, files))
-    findings = predict.ordered(findings, files)
-    errors = predict.count(findings, predict.ERROR)
-    if args.json:
-        print_json({
-            "ok": result.ok and not errors,
-            "online": bool(online and config is not None),
-            "errors": [str(e) for e in result.errors] + [str(f) for f in findings if f.severity == predict.ERROR],
-            "warnings": list(result.warnings) + [str(f) for f in findings if f.severity == predict.WARNING],
-            "findings": predict.as_mapping(findings),
-            "machinetypes": list(config.machinetypes) if config else [],
-        })
-        return EXIT_OK if result.ok and not errors else EXIT_CONFIG
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for finding in findings:
-        print(f"{finding.severity}: {finding}", file=sys.stderr)
-    if not result.ok:
-        for error in result.errors:
-            print(str(error), file=sys.stderr)
-        print(f"configuration invalid: {_count(len(result.errors), 'error')}", file=sys.stderr)
-        return EXIT_CONFIG
-    assert config is not None
-    if errors:
-        print(f"configuration valid, but {_count(errors, 'error')} will make the factory fail at run time"
-              f"{'' if online else ' (offline check: libvirt, ports and host names not tested)'}",
-              file=sys.stderr)
-        return EXIT_CONFIG
+    return predict.ordered(findings, files)
+
+
+def _summary(config: Any, warnings: int, online: bool) -> str:
     names = ", ".join(config.machinetypes) or "none"
     pipes = f", {_count(len(config.vacuum_pipes), 'vacuum pipe')}" if config.vacuum_pipes else ""
-    warned = predict.count(findings, predict.WARNING) + len(result.warnings)
-    tail = (f"; {_count(warned, 'warning')}" if warned else "") + ("" if online else "; offline check")
-    print(f"configuration OK: {_count(len(config.machinetypes), 'machinetype')} ({names}){pipes}, "
-          f"{_count(config.settings.total_processors, 'processor')}, state dir {config.settings.state_dir}{tail}")
-    return EXIT_OK
+    tail = (f"; {_count(warnings, 'warning')}" if warnings else "") + ("" if online else "; offline check")
+    return (f"configuration OK: {_count(len(config.machinetypes), 'machinetype')} ({names}){pipes}, "
+            f"{_count(config.settings.total_processors, 'processor')}, state dir {config.settings.state_dir}{tail}")
 
 
 def _count(n: int, noun: str) -> str:
