@@ -477,3 +477,30 @@ def test_a_directory_qemu_cannot_search_is_an_error_for_qemu_system(tmp_path):
     assert predict.qemu_access(config, predict.Locator(config, [path]),
                                predict.QemuUser("libvirt-qemu", os.geteuid(), (12345,))) == []
     assert predict.qemu_access(config, predict.Locator(config, [path]), None) == []
+
+
+# --------------------------------------------------------------------------- servers the daemon runs
+
+
+def test_nfs_machinetypes_need_the_exporters_program(tmp_path):
+    """An empty directory as the search path stands for a host without ganesha."""
+    path = conf(tmp_path, settings="nfs_exporter = ganesha",
+                machinetypes="[machinetype lhcb]\ntarget_share = 1\nroot_image = /etc/hostname\nmjf_transport = nfs\n")
+    config = load(path)
+    assert texts(predict.nfs_server(config, predict.Locator(config, [path]), str(tmp_path / "empty"))) == [
+        f"error: {path}:6: [settings] nfs_exporter: ganesha needs ganesha.nfsd, which is not installed: VMs of "
+        "lhcb (mjf_transport = nfs) cannot be created"]
+    program = write(tmp_path / "bin" / "ganesha.nfsd", "#!/bin/sh\n")
+    os.chmod(program, 0o755)
+    assert predict.nfs_server(config, predict.Locator(config, [path]), str(tmp_path / "bin")) == []
+
+
+def test_apel_send_needs_its_certificate_key_and_cas(tmp_path):
+    cert = write(tmp_path / "hostcert.pem", "a certificate")
+    path = conf(tmp_path, settings=f"apel_send = yes\napel_broker_host = broker.example.org\n"
+                                   f"apel_host_cert = {cert}\napel_host_key = {tmp_path / 'nokey.pem'}\n"
+                                   f"apel_capath = {tmp_path / 'nocas'}")
+    errors = [f for f in findings(path) if f.severity == predict.ERROR]
+    assert [(f.option, f.line) for f in errors] == [("apel_host_key", 9), ("apel_capath", 10)]
+    assert errors[0].message == f"{tmp_path / 'nokey.pem'}: no such file: apel_send cannot sign or connect; " \
+                                "records wait in apel-outgoing"

@@ -3,7 +3,8 @@
 The loader answers "does this configuration parse and obey the option rules?". This package
 answers "will the daemon work with it on this host?", one module per kind of check:
 
-- ``files``: state_dir, each machinetype's images, kernel, user_data and proxy files, keys;
+- ``files``: state_dir, each machinetype's images, kernel, user_data and proxy files, keys,
+  the NFS server's program, the APEL sender's certificate and key;
 - ``qemu``: directories QEMU's user cannot pass through (qemu:///system);
 - ``capacity``: every share 0, processors and memory no VM can use;
 - ``pipes``: the last failed fetch of a vacuum pipe;
@@ -24,7 +25,7 @@ from typing import Any, List, Optional, Sequence
 
 from .capacity import memory, processors, shares
 from .comments import inline_comments
-from .files import MAX_TEMPLATE_BYTES, ImageProbe, keys, machinetype_files, state_dir
+from .files import MAX_TEMPLATE_BYTES, ImageProbe, apel_sender, keys, machinetype_files, nfs_server, state_dir
 from .findings import ERROR, NOTE, SEVERITIES, WARNING, Finding, Locator, as_mapping, count, ordered
 from .pipes import pipes, utc
 from .qemu import QemuUser, find_qemu_user, qemu_access
@@ -32,8 +33,8 @@ from .qemu import QemuUser, find_qemu_user, qemu_access
 __all__ = [
     "ERROR", "NOTE", "SEVERITIES", "WARNING", "MAX_TEMPLATE_BYTES",
     "Finding", "HostProbes", "Locator", "QemuUser",
-    "as_mapping", "count", "default_probes", "find_qemu_user", "inline_comments", "keys",
-    "machinetype_files", "memory", "ordered", "pipes", "predict", "processors", "qemu_access",
+    "apel_sender", "as_mapping", "count", "default_probes", "find_qemu_user", "inline_comments", "keys",
+    "machinetype_files", "memory", "nfs_server", "ordered", "pipes", "predict", "processors", "qemu_access",
     "shares", "state_dir", "utc",
 ]
 
@@ -66,6 +67,8 @@ def predict(config: Any, files: Sequence[str], probes: Optional[HostProbes] = No
     findings += machinetype_files(config, locator, probes.image_format)
     findings += qemu_access(config, locator, probes.qemu_user)
     findings += keys(config, locator)
+    findings += nfs_server(config, locator)
+    findings += apel_sender(config, locator)
     findings += shares(config, locator)
     findings += processors(config, locator)
     findings += memory(config, locator, probes.memory_mb)

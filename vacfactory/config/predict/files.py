@@ -1,10 +1,12 @@
 """Files the daemon and the engine will open: state_dir, each machinetype's images, kernel,
-user_data and proxy files, root_public_key and space_key_file."""
+user_data and proxy files, root_public_key and space_key_file, the NFS server's program and the
+APEL sender's certificate, key and CAs."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Callable, List, Optional
 
@@ -154,4 +156,41 @@ def keys(config: Any, locator: Locator) -> List[Finding]:
             findings.append(locator.finding(
                 ERROR, f"{s.space_key_file}: {message}: the factory can neither query nor answer "
                        "its space", table.SETTINGS, "space_key_file"))
+    return findings
+
+
+#: where the NFS servers' programs live on Debian and EL (systemd's PATH has them)
+_SBIN_PATH = os.pathsep.join([os.defpath, "/usr/sbin", "/sbin", "/usr/local/sbin"])
+#: the program each nfs_exporter runs (vmio/exports.py)
+NFS_PROGRAMS = {"ganesha": "ganesha.nfsd", "exportfs": "exportfs"}
+
+
+def nfs_server(config: Any, locator: Locator, search_path: str = _SBIN_PATH) -> List[Finding]:
+    """A machinetype with mjf_transport = nfs needs nfs_exporter's program installed (found on
+    ``search_path``), or every VM of it fails at creation when its directories are exported."""
+    program = NFS_PROGRAMS.get(config.settings.nfs_exporter)
+    users = [mt.name for mt in config.machinetypes.values()
+             if mt.startable and mt.target_share > 0 and mt.mjf_transport == "nfs"]
+    if program is None or not users or shutil.which(program, path=search_path):
+        return []
+    return [locator.finding(ERROR, f"{config.settings.nfs_exporter} needs {program}, which is not installed: "
+                                   f"VMs of {', '.join(users)} (mjf_transport = nfs) cannot be created",
+                            table.SETTINGS, "nfs_exporter")]
+
+
+def apel_sender(config: Any, locator: Locator) -> List[Finding]:
+    """With apel_send = yes the daemon signs and sends with these files; without them every
+    send fails (the records wait in apel-outgoing)."""
+    s = config.settings
+    if not s.apel_send:
+        return []
+    findings: List[Finding] = []
+    for option in ("apel_host_cert", "apel_host_key"):
+        why = _unreadable(getattr(s, option))
+        if why:
+            findings.append(locator.finding(ERROR, f"{why}: apel_send cannot sign or connect; records wait "
+                                                   "in apel-outgoing", table.SETTINGS, option))
+    if s.apel_use_ssl and s.apel_capath and not os.path.exists(s.apel_capath):
+        findings.append(locator.finding(ERROR, f"{s.apel_capath}: no such file or directory: apel_send cannot "
+                                               "verify the broker", table.SETTINGS, "apel_capath"))
     return findings
