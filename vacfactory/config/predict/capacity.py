@@ -14,6 +14,11 @@ def _active(config: Any) -> List[Any]:
     return [mt for mt in config.machinetypes.values() if mt.startable and mt.target_share > 0]
 
 
+def _largest_vm(s: Any) -> int:
+    """The most processors one VM can get (core/scheduler.py's _sized)."""
+    return min(s.processors_per_superslot, s.max_starting_processors, s.total_processors)
+
+
 def shares(config: Any, locator: Locator) -> List[Finding]:
     """Warn when no machinetype can ever be started because every share is 0."""
     startable = [mt for mt in config.machinetypes.values() if mt.startable]
@@ -73,6 +78,8 @@ def memory(config: Any, locator: Locator, host_mb: int) -> List[Finding]:
     cap = getattr(s, "total_memory_mb", None)
     if cap is not None:
         for mt in _active(config):
+            if mt.min_processors > _largest_vm(s):
+                continue  # never started anyway, and already said so
             if mt.min_processors * per > cap:
                 findings.append(locator.finding(
                     WARNING, f"{per} MiB per processor: the smallest VM of machinetype {mt.name} "
@@ -81,8 +88,11 @@ def memory(config: Any, locator: Locator, host_mb: int) -> List[Finding]:
                     table.SETTINGS, "mb_per_processor"))
         if wanted > cap and _active(config):
             usable = cap // per
+            default = config.origins.get(table.SETTINGS, {}).get("total_memory_mb", "default") == "default"
+            which = " (the default: this host's memory)" if default else ""
             findings.append(locator.finding(
-                WARNING, f"{cap} MiB holds VMs for only {usable} of the {s.total_processors} processors "
+                WARNING, f"{cap} MiB{which} holds VMs for "
+                         f"only {usable} of the {s.total_processors} processors "
                          f"(mb_per_processor = {per}): {s.total_processors - usable} processors are never used",
                 table.SETTINGS, "total_memory_mb"))
     if host_mb > 0 and wanted > host_mb and s.domain_type != "test":

@@ -46,7 +46,7 @@ def libvirt(config: Any, locator: Locator, timeout: float = LIBVIRT_TIMEOUT) -> 
     if why.startswith(f"{uri}: "):
         why = why[len(uri) + 2:]
     near = difflib.get_close_matches(uri, [u for u in KNOWN_URIS if u != uri], n=1, cutoff=0.8)
-    hint = f" (did you mean {near[0]}?)" if near else ""
+    hint = f" (did you mean {near[0]}?)" if near and near[0] not in why else ""
     return [locator.finding(ERROR, f"{uri} does not answer: {why}{hint}: the daemon cannot create or "
                                    "see any VM", table.SETTINGS, "libvirt_uri")]
 
