@@ -18,6 +18,9 @@ def write(path, text: str) -> str:
 
 
 def good(tmp_path) -> str:
+    """A configuration with nothing to predict (offline): its image exists, its share is 1, and
+    on the test driver no qemu user needs to reach it (pytest's 0700 temp directory)."""
+    write(tmp_path / "state" / "machinetypes" / "lhcb" / "files" / "cernvm3.iso", "an ISO image")
     return write(tmp_path / "vacfactory.conf", f"""\
 [settings]
 vac_space = vac01.example.com
@@ -26,9 +29,11 @@ total_processors = 1
 state_dir = {tmp_path / 'state'}
 space_key = hunter2
 mb_per_cpu = 1024
+domain_type = test
 
 [machinetype lhcb]
 root_image = cernvm3.iso
+target_share = 1
 """)
 
 
@@ -45,9 +50,10 @@ draining = maybe
 
 def test_check_of_a_good_config_exits_0_with_a_summary(tmp_path, capsys):
     path = good(tmp_path)
-    assert main(["--config", path, "config", "check"]) == EXIT_OK
+    assert main(["--config", path, "config", "check", "--offline"]) == EXIT_OK
     out, err = capsys.readouterr()
-    assert out == f"configuration OK: 1 machinetype (lhcb), 1 processor, state dir {tmp_path / 'state'}\n"
+    assert out == f"configuration OK: 1 machinetype (lhcb), 1 processor, state dir {tmp_path / 'state'}; " \
+                  "1 warning; offline check\n"
     assert err == f"warning: {path}:7: [settings] mb_per_cpu: deprecated: use mb_per_processor\n"
 
 
@@ -64,7 +70,7 @@ def test_check_of_a_bad_config_exits_78_and_prints_every_error(tmp_path, capsys)
 
 
 def test_check_json_reports_ok_errors_warnings_and_machinetypes(tmp_path, capsys):
-    assert main(["--config", good(tmp_path), "config", "check", "--json"]) == EXIT_OK
+    assert main(["--config", good(tmp_path), "config", "check", "--json", "--offline"]) == EXIT_OK
     document = json.loads(capsys.readouterr().out)
     assert (document["ok"], document["errors"], document["machinetypes"]) == (True, [], ["lhcb"])
     assert len(document["warnings"]) == 1
@@ -96,7 +102,7 @@ def test_show_json_has_values_and_origins(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     lhcb = document["sections"]["machinetype lhcb"]
     assert lhcb["root_image"] == {"value": f"{tmp_path}/state/machinetypes/lhcb/files/cernvm3.iso",
-                                  "origin": f"{path}:10"}
+                                  "origin": f"{path}:11"}
     assert document["sections"]["settings"]["space_key"]["value"] is None
     assert document["sections"]["settings"]["factories"] == {"value": [], "origin": "default"}
 

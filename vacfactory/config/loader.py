@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -858,8 +859,8 @@ def _read_pipe_caches(merged: Dict[_Key, _Section], pipe_dir: Optional[str],
             with open(path, "rb") as f:
                 data = f.read(pipelib.MAX_DOCUMENT_BYTES + 1)
         except FileNotFoundError:
-            problems.warn(f"{where}: not fetched yet (no {path}): it defines no machinetypes until the "
-                          "daemon fetches it", _Where(None))
+            problems.warn(f"{where}: {_never_fetched(os.path.join(pipe_dir, prefix + PIPE_META_SUFFIX), path)}: "
+                          "it defines no machinetypes until the daemon fetches it", _Where(None))
             continue
         except OSError as error:
             problems.warn(f"{where}: cannot read the cache {path}: {error.strerror or error}", _Where(None))
@@ -877,6 +878,23 @@ def _read_pipe_caches(merged: Dict[_Key, _Section], pipe_dir: Optional[str],
             problems.warn(message, _Where(None))
         expansions[prefix] = expansion
     return expansions
+
+
+def _never_fetched(meta_path: str, cache_path: str) -> str:
+    """Why a pipe has no cache: never tried, or the last attempt's error (from its sidecar)."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    error = meta.get("error") if isinstance(meta, dict) else None
+    if not error:
+        return f"not fetched yet (no {cache_path})"
+    attempted = meta.get("attempted")
+    when = ""
+    if isinstance(attempted, (int, float)) and not isinstance(attempted, bool):
+        when = " at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(attempted))
+    return f"no usable download yet: the last fetch{when} failed: {error}"
 
 
 def _cached_url(meta_path: str) -> Optional[str]:

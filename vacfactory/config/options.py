@@ -699,8 +699,12 @@ OPTIONS: Tuple[Option, ...] = (
                        "existing superslot (here an error)",
            vac_write="min_wallclock_seconds <= max_wallclock_seconds"),
     Option("backoff_seconds", M, _SECONDS, default=10,
-           doc="After an abort (or a fizzle), wait this long before starting another VM of this "
-               "type (Vac's code default; its man page gave none)."),
+           doc="When the most recent finished VM of this type aborted (or fizzled), no VM of the "
+               "type is started until this long after that VM's end; while another VM of the type is still within its "
+               "fizzle_seconds (younger than that since it started, or not started yet), "
+               "fizzle_seconds is added, so after a backoff one VM at a time proves the work is back "
+               "(Vac's rule). Aborts seen at other factories of the space count too. Default: Vac's "
+               "code default; its man page gave none."),
     Option("fizzle_seconds", M, _SECONDS, default=600,
            doc="A VM that stops sooner than this after starting, without a success code, fizzled."),
     Option("heartbeat_file", M, _FILE_NAME,
