@@ -29,11 +29,11 @@ def snapshot(name: str) -> FactorySnapshot:
         space=SPACE, factory=name,
         machines=(
             MachineStatus(machine=f"{name}-00", state="Running", uuid="u1", machinetype="atlas",
-                          machine_model="vm", created_time=NOW - 7300, started_time=NOW - 7200,
+                          machine_model="cernvm3", created_time=NOW - 7300, started_time=NOW - 7200,
                           heartbeat_time=NOW, num_processors=2, cpu_seconds=7200,
                           cpu_percentage=88.0, hs06=20.0),
-            MachineStatus(machine=f"{name}-01", state="Shut down",
-                          shutdown_message="300 No more work available from task queue"),
+            MachineStatus(machine=f"{name}-01", state="Shut down", num_processors=1,
+                          machine_model="vm-raw", shutdown_message="300 No more work available from task queue"),
         ),
         machinetypes=(
             MachinetypeStatus(machinetype="atlas", running_hs06=20.0, running_machines=1,

@@ -29,6 +29,7 @@ from vacfactory.cli.common import (
     load_config,
     print_json,
 )
+from vacfactory.config.options import VM_MODELS
 from vacfactory.errors import ConfigError
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.client import SpaceReplies, query_space
@@ -191,11 +192,16 @@ def _short(name: str) -> str:
     return name
 
 
+#: Vac's two letters per machine model (``vm`` is what vacfactory sent before it sent the model)
+_MODEL_LETTERS = {**{model: "VM" for model in VM_MODELS + ("vm",)}, "docker": "DC",
+                  "singularity": "SC"}
+
+
 def machine_line(reply: Reply, now: float) -> str:
     """``vac machines``: slot, machinetype, state, processors, model, then by state."""
     m = reply.status
     assert isinstance(m, MachineStatus)
-    model = {"vm": "VM", "docker": "DC", "singularity": "SC"}.get(m.machine_model or "vm", "??")
+    model = _MODEL_LETTERS.get(m.machine_model or "vm", "??")
     line = (f"{_short(m.machine):<15s} {_clean(m.machinetype or '----------')[:14]:<14s} "
             f"{_clean(m.state):<9s} {m.num_processors:2d} {model}")
     if m.state == STATE_RUNNING and m.started_time is not None:

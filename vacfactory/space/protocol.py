@@ -56,6 +56,12 @@ DEFAULT_PORT = 995
 
 #: longest datagram we decode at all (Vac clients read replies with ``recvfrom(10240)``)
 MAX_DATAGRAM_BYTES = 10240
+#: longest reply a Vac client reads whole: it reads each reply with a 1024-byte buffer, so a
+#: longer datagram arrives cut and is not JSON. Replies are fitted to it (:func:`fit_reply`).
+MAX_REPLY_BYTES = 1024
+#: the per-query part of a reply counted when fitting: ``{"cookie":"<64 hex>","time_sent":N,``
+_FILL_BYTES = len('{"cookie":"","time_sent":1234567890,') + 64
+
 #: longest query: Vac's responder reads ``recvfrom(1024)``, so no Vac client sends more, and
 #: our own (padded, signed) queries stay below it so that Vac factories understand them too
 MAX_QUERY_BYTES = 1024
@@ -243,6 +249,7 @@ _MACHINE_FIELDS = (
     _f("shutdown_message", _text, null=True, required=True),
     _f("shutdown_time", _number, null=True, required=True),
     _f("fqan", _text, null=True),
+    _f("cpu_efficiency", _number, null=True),
 )
 # ... and these in a machinetype_status (running_hs06 was total_hs06 before VacQuery 01.00).
 _MACHINETYPE_FIELDS = (
@@ -529,7 +536,8 @@ def _header(reply_type: ReplyType, snapshot: FactorySnapshot) -> Dict[str, Any]:
 
 
 def machine_fields(snapshot: FactorySnapshot, machine: MachineStatus) -> Dict[str, Any]:
-    """A ``machine_status`` as Vac 03.01 sends it (without cookie and time_sent)."""
+    """A ``machine_status`` as Vac 03.01 sends it (without cookie and time_sent), plus our
+    additive ``cpu_efficiency`` when known. A slot never used has 0 processors and 0.0 HS06."""
     hs06 = machine.hs06 if machine.hs06 is not None else 1.0 * machine.num_processors
     message = _header(ReplyType.MACHINE, snapshot)
     message.update(
@@ -552,6 +560,8 @@ def machine_fields(snapshot: FactorySnapshot, machine: MachineStatus) -> Dict[st
     )
     if machine.fqan:
         message["fqan"] = machine.fqan
+    if machine.cpu_efficiency is not None:
+        message["cpu_efficiency"] = machine.cpu_efficiency
     return message
 
 
@@ -642,15 +652,62 @@ class Template:
         return self._fill(cookie, None if now is None else f"{now:.3f}")
 
 
+#: what :func:`fit_reply` may drop, first to last: the deprecated duplicates (Vac clients since
+#: VacQuery 01.01 read the new names) and our additive fields (Vac clients ignore them) ...
+_DROPPABLE = (
+    "total_cpus", "total_machines", "total_hs06", "max_cpus", "vac_disk_avail_kb",
+    "vac_disk_avail_inodes", "num_cpus", "running_cpus", "cpu_efficiency", "cpu_efficiency_1d",
+    "bytes_per_processor",
+)
+#: ... and the free text it may shorten, longest first (never a name a client matches on)
+_SHORTENABLE = ("os_issue", "kernel_version", "shutdown_message", "fqan", "site")
+
+
+def fit_reply(message: Mapping[str, Any], limit: int = MAX_REPLY_BYTES) -> str:
+    """``message`` as JSON that, filled with a Vac cookie and time, is at most ``limit`` bytes.
+
+    Most replies fit as they are. A long one (a factory_status with a long ``os_issue``, a
+    machine_status with a long shutdown message) first loses the fields in
+    :data:`_DROPPABLE`, then has the text fields in :data:`_SHORTENABLE` shortened (a cut
+    shutdown message keeps its code, which is what schedulers read). A reply that still does
+    not fit (only possible with names near 255 characters) is sent as it is: our clients read
+    up to :data:`MAX_DATAGRAM_BYTES`.
+    """
+    budget = limit - _FILL_BYTES
+    text = _dumps(message)
+    if len(text) <= budget:
+        return text
+    fitted = dict(message)
+    for name in _DROPPABLE:
+        if name in fitted:
+            del fitted[name]
+            text = _dumps(fitted)
+            if len(text) <= budget:
+                return text
+    for name in _SHORTENABLE:
+        value = fitted.get(name)
+        if type(value) is not str or not value:
+            continue
+        while len(text) > budget and len(value) > 3:
+            # (escaped characters take more than one byte: cut again until it fits)
+            value = value[:max(len(value) - (len(text) - budget), 3)]
+            fitted[name] = value
+            text = _dumps(fitted)
+        if len(text) <= budget:
+            return text
+    return text
+
+
 def render_replies(query_type: QueryType, snapshot: FactorySnapshot) -> Tuple[Template, ...]:
-    """Every reply ``snapshot`` gives to a query of ``query_type``, in order."""
+    """Every reply ``snapshot`` gives to a query of ``query_type``, in order, each fitted to
+    the 1024 bytes a Vac client reads (:func:`fit_reply`)."""
     if query_type is QueryType.FACTORY:
         messages: Sequence[Mapping[str, Any]] = [factory_fields(snapshot)]
     elif query_type is QueryType.MACHINETYPES:
         messages = [machinetype_fields(snapshot, s) for s in snapshot.machinetypes]
     else:
         messages = [machine_fields(snapshot, m) for m in snapshot.machines]
-    return tuple(Template(_dumps(m)) for m in messages)
+    return tuple(Template(fit_reply(m)) for m in messages)
 
 
 def replies_for(query: Query, snapshot: FactorySnapshot, now: float) -> List[bytes]:
