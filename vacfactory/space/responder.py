@@ -34,16 +34,17 @@ slots and 40 machinetypes gets all of them for one ~240-byte query. (Before, rep
 to 10x the query's size, and Vac clients saw only part of a big factory.)
 
 **Reflection bound.** An attacker who spoofs a listed factory's address can make this
-responder send to that address, over any T seconds, at most ``(burst + rate x T)`` full
-answers of each query type, whatever it sends: with the defaults and T small, 6 machinetype
-answers, 6 machine answers and 6 factory_status. For a factory with 128 slots and 40
-machinetypes (~115 kB for one answer of each kind) that is ~0.7 MB per spoofed address, while
-a burst of 300 spoofed queries of each type costs the attacker ~220 kB (Vac-sized queries)
-or ~820 kB (910-byte ones): **at most 4 bytes out per spoofed byte in** for such a burst, and
-less the longer it lasts (tests/unit/test_space_reflection.py measures it with real sockets).
-Unlisted sources get nothing, so the addresses an attacker can aim at are the space's own
-factories. Before, only ``machines_query`` was limited and 300 spoofed 910-byte
-``machinetypes_query`` reflected 2.67 MB in 0.4 s.
+responder send to that address, over any T seconds, at most ``(burst + rate x T)`` whole
+answers of each query type, whatever it sends: with the defaults (:data:`DEFAULT_RATES`) and
+T small, 3 machine answers, 6 machinetype answers and 6 factory_status. For a factory with
+128 slots and 40 machinetypes (~108 kB for the machines, ~33 kB for the machinetypes) that is
+~0.53 MB per spoofed address, while a burst of 300 spoofed Vac-sized (~230-byte) queries of
+each type costs the attacker ~210 kB: **at most 3 bytes out per spoofed byte in** for such a
+burst, less the longer it lasts or the bigger its queries (300 spoofed 910-byte
+machinetypes_query now reflect ~0.2 MB, under 1 byte per byte; they reflected 2.67 MB in
+0.4 s when only machines_query was limited). tests/unit/test_space_reflection.py measures
+both figures with real sockets. Unlisted sources get nothing, so the addresses an attacker
+can aim at are the space's own factories.
 
 Every dropped datagram gets no reply and is counted by reason in :attr:`Responder.stats`. The
 log names them too, without letting a flood flood the log: per reason, the first reject after a
@@ -90,7 +91,7 @@ logger = logging.getLogger(__name__)
 #: when an admin runs a command; machines_query only comes from commands. The burst covers a
 #: whole round of re-sends; the rate keeps the reflection bound (module doc) small.
 DEFAULT_RATES: Mapping[QueryType, Tuple[float, float]] = {
-    QueryType.MACHINES: (0.5, 6.0),
+    QueryType.MACHINES: (0.2, 3.0),
     QueryType.MACHINETYPES: (1.0, 6.0),
     QueryType.FACTORY: (1.0, 6.0),
 }
