@@ -11,7 +11,7 @@ Queries (client -> factory): ``message_type`` is ``machines_query``, ``machinety
 ``factory_query`` (legacy ``method``: ``machines``, ``machinetypes``, ``factories``), with
 ``space``, ``cookie``, ``vacquery_version`` and ``vac_version`` (free text naming the client).
 Our additive fields: ``time_sent`` (for the replay window of signed queries), ``padding``
-(bytes that raise the amplification budget, see the responder) and ``hmac`` (space key
+(bytes that raised the reply budget at older vacfactory responders, see the client) and ``hmac`` (space key
 signature, see :mod:`vacfactory.space.auth`). A Vac factory ignores all three.
 
 Replies (factory -> client): one ``machine_status`` per slot, one ``machinetype_status`` per
