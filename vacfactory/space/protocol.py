@@ -652,24 +652,27 @@ class Template:
         return self._fill(cookie, None if now is None else f"{now:.3f}")
 
 
-#: what :func:`fit_reply` may drop, first to last: the deprecated duplicates (Vac clients since
-#: VacQuery 01.01 read the new names) and our additive fields (Vac clients ignore them) ...
-_DROPPABLE = (
-    "total_cpus", "total_machines", "total_hs06", "max_cpus", "vac_disk_avail_kb",
-    "vac_disk_avail_inodes", "num_cpus", "running_cpus", "cpu_efficiency", "cpu_efficiency_1d",
-    "bytes_per_processor",
+#: how :func:`fit_reply` makes a long reply shorter, step by step until it fits: first drop
+#: the duplicates nobody needs (``vac factories`` reads ``total_*``, ``vac_disk_*`` and
+#: ``running_cpus``; our decoder falls back to those too) and our additive fields (Vac clients
+#: ignore them); then shorten free text no client matches on (a cut shutdown message keeps its
+#: code, which is what schedulers read); the duplicates Vac clients may read go last.
+_FIT_STEPS: Tuple[Tuple[str, str], ...] = (
+    ("drop", "max_cpus"), ("drop", "daemon_disk_avail_kb"), ("drop", "daemon_disk_avail_inodes"),
+    ("drop", "max_machines"), ("drop", "max_hs06"), ("drop", "cpu_efficiency"),
+    ("drop", "cpu_efficiency_1d"), ("drop", "bytes_per_processor"),
+    ("cut", "os_issue"), ("cut", "kernel_version"), ("cut", "shutdown_message"),
+    ("cut", "fqan"), ("cut", "site"),
+    ("drop", "num_cpus"), ("drop", "running_cpus"),
 )
-#: ... and the free text it may shorten, longest first (never a name a client matches on)
-_SHORTENABLE = ("os_issue", "kernel_version", "shutdown_message", "fqan", "site")
 
 
 def fit_reply(message: Mapping[str, Any], limit: int = MAX_REPLY_BYTES) -> str:
     """``message`` as JSON that, filled with a Vac cookie and time, is at most ``limit`` bytes.
 
-    Most replies fit as they are. A long one (a factory_status with a long ``os_issue``, a
-    machine_status with a long shutdown message) first loses the fields in
-    :data:`_DROPPABLE`, then has the text fields in :data:`_SHORTENABLE` shortened (a cut
-    shutdown message keeps its code, which is what schedulers read). A reply that still does
+    Most replies fit as they are and are sent unchanged. A long one (a factory_status with a
+    long ``os_issue``, a machine_status with a long shutdown message) is shortened by
+    :data:`_FIT_STEPS`, never losing a field Vac's client requires. A reply that still does
     not fit (only possible with names near 255 characters) is sent as it is: our clients read
     up to :data:`MAX_DATAGRAM_BYTES`.
     """
@@ -678,21 +681,19 @@ def fit_reply(message: Mapping[str, Any], limit: int = MAX_REPLY_BYTES) -> str:
     if len(text) <= budget:
         return text
     fitted = dict(message)
-    for name in _DROPPABLE:
-        if name in fitted:
+    for action, name in _FIT_STEPS:
+        value = fitted.get(name)
+        if name not in fitted:
+            continue
+        if action == "drop":
             del fitted[name]
             text = _dumps(fitted)
-            if len(text) <= budget:
-                return text
-    for name in _SHORTENABLE:
-        value = fitted.get(name)
-        if type(value) is not str or not value:
-            continue
-        while len(text) > budget and len(value) > 3:
-            # (escaped characters take more than one byte: cut again until it fits)
-            value = value[:max(len(value) - (len(text) - budget), 3)]
-            fitted[name] = value
-            text = _dumps(fitted)
+        elif type(value) is str:
+            while len(text) > budget and len(value) > 3:
+                # (escaped characters take more than one byte: cut again until it fits)
+                value = value[:max(len(value) - (len(text) - budget), 3)]
+                fitted[name] = value
+                text = _dumps(fitted)
         if len(text) <= budget:
             return text
     return text
