@@ -247,6 +247,10 @@ class SpaceReplies:
     elapsed: float
     datagrams_sent: int = 0
     rejected: int = 0
+    #: the unknown ones whose name did not resolve (never asked), and whose lookup was still
+    #: running at the deadline (a slow DNS server)
+    unresolved: Tuple[str, ...] = ()
+    resolving: Tuple[str, ...] = ()
 
     def replies(self) -> List[Reply]:
         """Every accepted reply, factory by factory in configuration order."""
@@ -429,6 +433,9 @@ class Gatherer:
             elapsed=now - self.start,
             datagrams_sent=self.sent,
             rejected=self.rejected,
+            unresolved=tuple(name for name, t in self._targets.items()
+                             if t.address is None and name not in self._pending),
+            resolving=tuple(name for name in self._targets if name in self._pending),
         )
 
 
