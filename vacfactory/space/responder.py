@@ -11,7 +11,7 @@ thread busy in pure Python an answer takes a few ms (p99 ~10-20 ms measured), we
 Rules, in the order they are applied (cheapest first, so junk costs least):
 
 1. ``oversize``: longer than :data:`~vacfactory.space.protocol.MAX_QUERY_BYTES` (no client
-   sends more, and it caps the reply budget of one query).
+   sends more: Vac's responder reads 1024 bytes).
 2. ``unknown_peer``: the source address is not one of the configured factories (resolved
    periodically by :class:`ResolvedPeers`; loopback counts as this host). Vac answered anyone.
 3. ``unsigned`` / ``bad_signature``: with a space key, the query must be signed with it.
