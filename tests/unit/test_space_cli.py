@@ -4,6 +4,7 @@ against responders on loopback, plus Vac's line formats."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Dict, Iterator, List
 
 import pytest
@@ -410,3 +411,14 @@ def test_on_a_terminal_it_says_what_it_waits_for(tmp_path, factories):
     assert first.startswith(f"asking 1 factory of space {SPACE} (127.0.0.9) for machinetypes")
     assert "waiting up to 0.3 s" in first
     assert "no answer within" in text and "daemon" in text
+
+
+def test_no_answer_from_this_factory_asks_whether_its_daemon_runs(tmp_path, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port nobody serves
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, port, ".")
+    assert main(["--config", config, "factories", "-t", "0.3"]) == 69
+    err = capsys.readouterr().err
+    assert "no answer within 0.3 s from: here.example.ac.uk" in err
+    assert "here.example.ac.uk is this factory: is the vacfactory daemon running here" in err
