@@ -15,6 +15,7 @@ from vacfactory.core.mjf import (
     LEGACY_MACHINEFEATURES_KEYS,
     MACHINEFEATURES_KEYS,
     MJFInput,
+    NEWLINE_KEYS,
     format_hs06,
     jobfeatures,
     machinefeatures,
@@ -58,7 +59,7 @@ def test_machinefeatures_values():
 
 def test_jobfeatures_arithmetic():
     job = jobfeatures(sample())
-    assert job["allocated_cpu"] == job["allocated_CPU"] == "8"
+    assert job["allocated_cpu"] == job["allocated_CPU"] == "8\n"  # Vac's trailing newline
     assert job["hs06_job"] == "85.6"
     assert job["shutdowntime_job"] == str(START + 86400)
     assert job["grace_secs_job"] == "30"
@@ -166,7 +167,9 @@ _inputs = st.builds(
 @given(_inputs)
 def test_no_value_has_a_newline_and_numbers_parse(inp):
     machine, job = machinefeatures(inp), jobfeatures(inp)
-    for value in list(machine.values()) + list(job.values()):
+    for key, value in list(machine.items()) + list(job.items()):
+        if key in NEWLINE_KEYS:  # Vac's one trailing newline, nothing else
+            value = value[:-1] if value.endswith("\n") else "missing newline"
         assert "\n" not in value and "\r" not in value
     for key in ("total_cpu", "shutdowntime", "grace_secs"):
         assert int(machine[key]) >= 0
@@ -188,3 +191,16 @@ def test_hs06_scales_with_processors(inp, processors):
     assert float(machinefeatures(changed)["hs06"]) == pytest.approx(
         inp.hs06_per_processor * processors, abs=0.00051
     )
+
+
+def test_every_value_has_vacs_bytes_a_newline_only_after_allocated_cpu():
+    """Vac 03.01's makeMJF: str(processors) + newline for allocated_cpu/allocated_CPU, and
+    no newline after any other value."""
+    inp = sample(extra_machinefeatures={"site_name": "UKI-Example"})
+    values = {**machinefeatures(inp), **jobfeatures(inp)}
+    for key, value in values.items():
+        if key in NEWLINE_KEYS:
+            assert value == "8\n", key
+        else:
+            assert "\n" not in value and value == value.strip() and value, key
+    assert set(NEWLINE_KEYS) == {"allocated_cpu", "allocated_CPU"}

@@ -4,6 +4,7 @@ against responders on loopback, plus Vac's line formats."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Dict, Iterator, List
 
 import pytest
@@ -29,11 +30,11 @@ def snapshot(name: str) -> FactorySnapshot:
         space=SPACE, factory=name,
         machines=(
             MachineStatus(machine=f"{name}-00", state="Running", uuid="u1", machinetype="atlas",
-                          machine_model="vm", created_time=NOW - 7300, started_time=NOW - 7200,
+                          machine_model="cernvm3", created_time=NOW - 7300, started_time=NOW - 7200,
                           heartbeat_time=NOW, num_processors=2, cpu_seconds=7200,
                           cpu_percentage=88.0, hs06=20.0),
-            MachineStatus(machine=f"{name}-01", state="Shut down",
-                          shutdown_message="300 No more work available from task queue"),
+            MachineStatus(machine=f"{name}-01", state="Shut down", num_processors=1,
+                          machine_model="vm-raw", shutdown_message="300 No more work available from task queue"),
         ),
         machinetypes=(
             MachinetypeStatus(machinetype="atlas", running_hs06=20.0, running_machines=1,
@@ -303,3 +304,121 @@ def test_simulate_prints_the_share_table(capsys):
 def test_simulate_rejects_nonsense(capsys):
     assert main(["simulate", "--shares", "0:1"]) == 2
     assert main(["simulate", "--loss", "1.5"]) == 2
+
+
+# -- vac machinetype NAME, -J, and what a user sees when nobody answers ---------------------------
+
+
+def test_machinetype_name_filters_like_vac_machinetype(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    assert main(["--config", config, "machinetype", "atlas"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # one line per factory, Vac's columns: factory, running, HS06, when, "message"
+    assert [line.split()[:3] for line in lines] == [["127.0.0.2", "1", "20.0"],
+                                                   ["127.0.0.3", "1", "20.0"]]
+    assert all(line.endswith('"300 No more work"') for line in lines)
+    # a machinetype with no message prints Vac's "-"; names are matched in lower case
+    assert main(["--config", config, "machinetype", "LHCb", "127.0.0.3"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split() == ["127.0.0.3", "0", "0.0", "-", "-"]
+
+
+def test_machinetype_name_that_no_factory_has_says_so(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2 127.0.0.3")
+    assert main(["--config", config, "machinetype", "cms"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "no machinetype cms at: 127.0.0.2, 127.0.0.3" in out.err
+
+
+def test_capital_j_is_vacs_json_flag_on_every_network_verb(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2")
+    for argv in (["factories", "-J"], ["machinetypes", "-J"], ["machinetype", "atlas", "-J"],
+                 ["machines", "-a", "-J"]):
+        assert main(["--config", config, *argv]) == 0, argv
+        replies = json.loads(capsys.readouterr().out)
+        assert replies and all(r["factory"] == "127.0.0.2" for r in replies), argv
+    assert [r["machinetype"] for r in replies if "machinetype" in r and r["machinetype"]] == ["atlas"]
+
+
+def test_no_answer_ends_with_the_likely_causes(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.9")
+    assert main(["--config", config, "machinetypes", "-t", "0.3"]) == 69
+    err = capsys.readouterr().err
+    assert "no answer within 0.3 s from: 127.0.0.9" in err
+    assert f"UDP port {factories['port']}" in err and "daemon" in err
+    assert "`factories` list name this host" in err and "vac_space" in err
+
+
+def test_an_unresolvable_name_says_it_does_not_resolve(tmp_path, capsys, factories):
+    config = write_config(tmp_path, factories["port"], "127.0.0.2")
+    code = main(["--config", config, "factories", "-t", "2", "nosuch.invalid"])
+    err = capsys.readouterr().err
+    assert code == cli_space.EXIT_NOHOST == 68
+    assert "nosuch.invalid: the name does not resolve" in err
+    assert "no answer within 0.0 s" not in err
+    # with a factory that answers, the unresolvable one is named and the exit code is 1
+    assert main(["--config", config, "factories", "-t", "2", "nosuch.invalid", "127.0.0.2"]) == 1
+    assert "nosuch.invalid: the name does not resolve" in capsys.readouterr().err
+
+
+def test_replies_refused_for_another_name_are_hinted(tmp_path, capsys):
+    """A factory answering under another name than asked (Vac answers as its uname)."""
+    impostor = Responder(("127.0.0.6", 0), lambda: snapshot("other-name.example.ac.uk"), SPACE,
+                         lambda: {"127.0.0.1"})
+    impostor.start()
+    try:
+        config = write_config(tmp_path, impostor.address[1], "127.0.0.6")
+        assert main(["--config", config, "factories", "-t", "0.4"]) == 69
+    finally:
+        impostor.stop()
+    err = capsys.readouterr().err
+    assert "refused: a factory answering under another name" in err
+
+
+def test_on_a_terminal_it_says_what_it_waits_for(tmp_path, factories):
+    """stderr on a pty: the question, the factories and the deadline come first."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, factories["port"], "127.0.0.9")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vacfactory.cli.main", "--config", config, "machinetypes",
+             "-t", "0.3"], stdout=subprocess.PIPE, stderr=slave, timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        os.close(slave)
+        slave = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other side is closed and everything was read
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = err.decode()
+    assert proc.returncode == 69
+    first = text.splitlines()[0]
+    assert first.startswith(f"asking 1 factory of space {SPACE} (127.0.0.9) for machinetypes")
+    assert "waiting up to 0.3 s" in first
+    assert "no answer within" in text and "daemon" in text
+
+
+def test_no_answer_from_this_factory_asks_whether_its_daemon_runs(tmp_path, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port nobody serves
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, port, ".")
+    assert main(["--config", config, "factories", "-t", "0.3"]) == 69
+    err = capsys.readouterr().err
+    assert "no answer within 0.3 s from: here.example.ac.uk" in err
+    assert "here.example.ac.uk is this factory: is the vacfactory daemon running here" in err

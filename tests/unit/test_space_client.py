@@ -10,6 +10,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
+from tests.system import vacpeer
 from vacfactory.space import auth
 from vacfactory.space.client import (
     CONTINUE_AFTER,
@@ -335,3 +336,41 @@ def test_ipv6_factories_are_asked_over_an_ipv6_socket():
     finally:
         responder.stop()
     assert list(result.answered) == ["::1"] and result.incomplete == ()
+
+
+def test_every_reply_of_a_big_vac_factory_is_read():
+    """A Vac factory answers with one datagram per slot and per machinetype (128 and 40 here),
+    all at once; the client reads every one (Vac's responder code: tests/system/vacpeer.py)."""
+    name = "bigvac.example.ac.uk"
+    machinetypes = [{"machinetype": f"mt{i:02d}", "running_hs06": float(i)} for i in range(40)]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.32", 0))
+    sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, address = sock.recvfrom(vacpeer.VAC_READ_BYTES)
+            except socket.timeout:
+                continue
+            for reply in vacpeer.answers(json.loads(data), SPACE, name, machinetypes, 128):
+                sock.sendto(reply, address)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        results = {kind: query_space([name], kind, SPACE, 3.0, port=sock.getsockname()[1],
+                                     local_name="us.example.ac.uk",
+                                     resolver=lambda n: ["127.0.0.32"])
+                   for kind in (QueryType.MACHINES, QueryType.MACHINETYPES)}
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+    machines = results[QueryType.MACHINES].answered[name]
+    assert machines.complete and len(machines.replies) == 128
+    assert {r.status.num_processors for r in machines.replies} == {0}  # Vac's empty slots
+    types = results[QueryType.MACHINETYPES].answered[name]
+    assert types.complete and len(types.replies) == 40
+    assert sum(r.status.running_hs06 for r in types.replies) == sum(range(40))

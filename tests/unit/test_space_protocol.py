@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from vacfactory.errors import ProtocolError
 from vacfactory.space.protocol import (
     MAX_QUERY_BYTES,
+    MAX_REPLY_BYTES,
     VACQUERY_VERSION_STRING,
     Query,
     QueryType,
@@ -220,7 +222,63 @@ def test_machine_status_has_every_vac_field_and_optional_fqan():
     assert running["num_machines"] == 2 and running["num_cpus"] == running["num_processors"] == 2
     assert running["created_time"] == int(NOW - 100) and isinstance(running["created_time"], int)
     assert free["uuid"] is None and free["machinetype"] is None and free["state"] == "Shut down"
-    assert free["hs06"] == 1.0  # Vac: 1.0 x processors when unknown
+    # Vac's empty slot: 0 processors, 0.0 HS06 (it was 1 and 1.0 here: issue 12 item 9)
+    assert free["num_processors"] == free["num_cpus"] == 0 and free["hs06"] == 0.0
+
+
+def test_machine_status_sends_the_model_and_adds_lifetime_efficiency_in_a_new_field():
+    snap = snapshot()
+    running = replace(snap.machines[0], machine_model="cernvm3", cpu_percentage=795.5,
+                      cpu_efficiency=0.93)
+    (reply,) = reply_dicts(QueryType.MACHINES, replace(snap, machines=(running,)))
+    assert reply["machine_model"] == "cernvm3"
+    assert reply["cpu_percentage"] == 795.5  # Vac's meaning: recent, summed over processors
+    assert reply["cpu_efficiency"] == 0.93  # ours, in a field Vac does not have
+    decoded = decode(json.dumps(reply).encode(), peer="p").status
+    assert (decoded.machine_model, decoded.cpu_efficiency) == ("cernvm3", 0.93)
+
+
+LONG = "x" * 3000
+
+
+@pytest.mark.parametrize("query_type,snap_change", [
+    (QueryType.FACTORY, lambda s: replace(s, factory_status=replace(
+        s.factory_status, os_issue="AlmaLinux release 9.3 " + LONG, kernel_version="5." + LONG))),
+    (QueryType.MACHINES, lambda s: replace(s, machines=tuple(
+        replace(m, shutdown_message="300 " + LONG + "\u00e9\"") for m in s.machines))),
+    (QueryType.MACHINETYPES, lambda s: replace(s, machinetypes=tuple(
+        replace(m, shutdown_message="300 " + "\"" * 2000, fqan="/" + LONG)
+        for m in s.machinetypes))),
+])
+def test_every_reply_fits_the_1024_bytes_a_vac_client_reads(query_type, snap_change):
+    """Vac's client reads a reply with a 1024-byte buffer: a longer one arrives cut, is not
+    JSON and is lost. Long text is shortened (a message keeps its code); Vac's required
+    fields stay."""
+    snap = snap_change(snapshot())
+    query = Query(query_type, SPACE, "c" * 64)
+    datagrams = replies_for(query, snap, NOW)
+    assert datagrams
+    for datagram in datagrams:
+        assert len(datagram) <= MAX_REPLY_BYTES
+        reply = decode(datagram[:1024], peer="p")  # what a 1024-byte read gets: all of it
+        fields = json.loads(datagram)
+        vac_factories_reads = {"running_cpus", "total_cpus", "running_machines", "total_machines",
+                               "load_average", "root_disk_avail_kb", "vac_disk_avail_kb",
+                               "mem_used_kb", "mem_total_kb", "vac_version"}
+        required = {"factory_status": VAC_COMMON | vac_factories_reads,
+                    "machine_status": VAC_MACHINE, "machinetype_status": VAC_MACHINETYPE}
+        assert required[fields["message_type"]] <= set(fields)
+        if "shutdown_message" in fields and fields["shutdown_message"]:
+            assert fields["shutdown_message"].startswith("300")  # the code survives
+        assert reply.cookie == "c" * 64
+
+
+def test_a_reply_that_fits_is_sent_unchanged_with_every_deprecated_duplicate():
+    for query_type in QueryType:
+        for datagram in replies_for(Query(query_type, SPACE, COOKIE), snapshot(), NOW):
+            fields = json.loads(datagram)
+            if query_type is QueryType.FACTORY:
+                assert set(fields) == VAC_FACTORY
 
 
 def test_machinetype_status_has_every_vac_field_and_the_optional_ones_when_set():
@@ -280,7 +338,7 @@ def test_our_replies_decode_back_to_the_snapshot_records(query_type):
     elif query_type is QueryType.MACHINES:
         assert decoded[0].status.machine == "f1-00.example.ac.uk"
         assert decoded[0].status.cpu_percentage == 97.5
-        assert decoded[1].status == MachineStatus(machine="f1-01.example.ac.uk", hs06=1.0)
+        assert decoded[1].status == MachineStatus(machine="f1-01.example.ac.uk", hs06=0.0)  # Vac: empty = 0, 0.0
     else:
         assert decoded[0].status == snap.factory_status
         assert decoded[0].key == "f1.example.ac.uk"

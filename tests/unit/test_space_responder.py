@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 import pytest
 
 from vacfactory.space import auth
+from vacfactory.space.client import grow_receive_buffer
 from vacfactory.space.protocol import QueryType, decode, encode_query
 from vacfactory.space.responder import DROP_REASONS, Responder, ResolvedPeers
 from vacfactory.space.snapshot import (
@@ -49,6 +50,7 @@ class Peer:
 
     def __init__(self, address: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        grow_receive_buffer(self.sock)  # as our and Vac's clients: room for a whole answer
         self.sock.bind((address, 0))
 
     def send(self, data: bytes, to) -> None:
@@ -216,43 +218,62 @@ def test_with_a_space_key_only_signed_fresh_queries_are_answered(keyed, peer):
 # -- amplification ---------------------------------------------------------------------------
 
 
-def test_replies_never_exceed_ratio_times_the_query_and_continue_on_resend(peer):
-    responder = started(make_snapshot(slots=40), max_reply_ratio=10, machines_burst=100)
+def test_a_big_factory_answers_a_vac_sized_query_whole(peer):
+    """128 slots and 40 machinetypes: one ~240-byte query gets every one of them (the old
+    10 x query-size cut gave a Vac client 18 of 24 slots)."""
+    responder = started(make_snapshot(slots=128, machinetypes=40))
     try:
-        data = query(QueryType.MACHINES)
-        names = set()
-        for _ in range(16):
+        for query_type, count in ((QueryType.MACHINES, 128), (QueryType.MACHINETYPES, 40)):
+            data = query(query_type)
+            assert len(data) < 300
             peer.send(data, responder.address)
-            replies = peer.collect(0.2)
-            assert 0 < sum(len(r) for r in replies) <= 10 * len(data)
-            names |= {decode(r, peer="r").status.machine for r in replies}
-        assert len(names) == 40  # the same query (same cookie) resumed where it stopped
+            replies = [decode(r, peer="r") for r in peer.collect(1.0)]
+            assert len({r.key for r in replies}) == count == replies[0].count
     finally:
         responder.stop()
 
 
-def test_a_query_too_small_for_even_one_reply_gets_nothing(peer):
-    responder = started(max_reply_ratio=1)
-    try:
-        peer.send(query(QueryType.FACTORY), responder.address)
-        assert peer.collect() == []
-        assert responder.stats.dropped["amplification"] == 1
-    finally:
-        responder.stop()
-
-
-def test_machines_queries_are_rate_limited_per_peer(peer):
-    responder = started(machines_rate_per_peer=1.0, machines_burst=3)
+@pytest.mark.parametrize("limited", list(QueryType))
+def test_every_query_type_is_rate_limited_per_peer_and_type(limited, peer):
+    responder = started(rates={kind: (1.0, 3.0) for kind in QueryType},
+                        allowed=("127.0.0.1", "127.0.0.2"), limit_loopback=True)
     try:
         for _ in range(6):
-            peer.send(query(QueryType.MACHINES, pad_to=1000), responder.address)
+            peer.send(query(limited), responder.address)
         peer.collect(0.3)
         assert responder.stats.answered == 3
         assert responder.stats.dropped["rate_limited"] == 3
-        peer.send(query(QueryType.FACTORY), responder.address)  # other queries are not limited
-        assert len(peer.collect()) == 1
+        other = next(kind for kind in QueryType if kind is not limited)
+        peer.send(query(other), responder.address)  # each type has its own bucket
+        assert len(peer.collect()) >= 1
+        stranger = Peer("127.0.0.2")  # ... and each peer
+        try:
+            stranger.send(query(limited), responder.address)
+            assert len(stranger.collect()) >= 1
+        finally:
+            stranger.close()
     finally:
         responder.stop()
+
+
+def test_the_bucket_refills_at_its_rate():
+    responder = Responder(("127.0.0.1", 0), make_snapshot, SPACE, lambda: {"10.0.0.1"},
+                          rates={QueryType.FACTORY: (0.5, 2.0)})
+    data = query(QueryType.FACTORY)
+    answered = [bool(responder.handle(data, "10.0.0.1", 100.0 + t)) for t in
+                (0.0, 0.0, 0.0, 1.0, 2.0, 2.1, 6.0, 6.0, 6.0)]
+    # burst 2, then one token every 2 s, at most 2 saved
+    assert answered == [True, True, False, False, True, False, True, True, False]
+
+
+def test_loopback_is_not_limited_unless_asked():
+    """The kernel drops outside datagrams with a loopback source: nothing to reflect at."""
+    responder = Responder(("127.0.0.1", 0), make_snapshot, SPACE, lambda: {"127.0.0.1", "::1"},
+                          rates={QueryType.FACTORY: (0.001, 1.0)})
+    data = query(QueryType.FACTORY)
+    assert all(responder.handle(data, peer, 100.0) for peer in ["127.0.0.1", "::1"] * 20)
+    responder.limit_loopback = True
+    assert [bool(responder.handle(data, "127.0.0.1", 100.0)) for _ in range(2)] == [True, False]
 
 
 # -- latency ---------------------------------------------------------------------------------
@@ -284,7 +305,7 @@ def latencies_while_the_engine_keeps_the_interpreter_busy(count: int) -> List[fl
     snaps = [make_snapshot(slots=8), make_snapshot(slots=8, machinetypes=5)]
     current = {"snap": snaps[0]}
     responder = Responder(("127.0.0.1", 0), lambda: current["snap"], SPACE,
-                          lambda: {"127.0.0.1"})
+                          lambda: {"127.0.0.1"}, rates={QueryType.FACTORY: (1e6, 1e6)})
     responder.start()
     stop = threading.Event()
 

@@ -426,6 +426,12 @@ def test_memory_is_mb_per_processor_times_processors(site: Site, processors: int
     assert (memory.get("unit"), memory.text) == ("MiB", str(100 * processors))
     with open(os.path.join(machine.jobfeatures_dir, "max_rss_bytes")) as f:
         assert f.read() == str(100 * processors * 1048576)
+    # the files on disk hold Vac's bytes: a newline after allocated_cpu/_CPU only
+    for key in ("allocated_cpu", "allocated_CPU"):
+        with open(os.path.join(machine.jobfeatures_dir, key), "rb") as f:
+            assert f.read() == f"{processors}\n".encode()
+    with open(os.path.join(machine.machinefeatures_dir, "total_cpu"), "rb") as f:
+        assert f.read() == str(processors).encode()
 
 
 HOST_CPUINFO = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"

@@ -23,7 +23,6 @@ from vacfactory.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    add_json_argument,
     load_config,
     print_json,
 )
@@ -51,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--all", action="store_true", dest="all_deprecated", help=argparse.SUPPRESS)
     parser.add_argument("-t", "--timeout", type=float, help="network query deadline in seconds")
     parser.add_argument("-s", "--space", help="space name for the network query (default vac_space)")
-    add_json_argument(parser)
+    parser.add_argument("-J", "--json", action="store_true",
+                        help="print JSON: the rows, or with -a the raw replies (-J as in Vac)")
     parser.set_defaults(handler=run)
 
 

@@ -1,12 +1,21 @@
-"""``vacfactory machinetypes|factories [FACTORY...]`` over VacQuery, and ``vacfactory simulate``.
+"""``vacfactory machinetypes|machinetype NAME|factories [FACTORY...]`` over VacQuery, and
+``vacfactory simulate``.
 
 Like Vac's ``vac`` command: ask all factories of the space (or the ones named) and print one
-line per reply, or with ``--json`` the raw reply objects as a JSON array. ``vacfactory
-machines -a`` and ``vacfactory machines FACTORY...`` (in ``cli/machines.py``) call
-:func:`network_machines`.
+line per reply, or with ``-J``/``--json`` the raw reply objects as a JSON array. ``vacfactory
+machinetype NAME`` is Vac's ``vac machinetype NAME``: one line per factory for that
+machinetype. ``vacfactory machines -a`` and ``vacfactory machines FACTORY...`` (in
+``cli/machines.py``) call :func:`network_machines`.
 
-Exit codes: 0 when every factory asked answered completely; 1 when some did not (they are
-named on stderr - unknown, not empty); 69 when none answered; 78 for a bad configuration.
+On a terminal, what is being asked (and for how long at most) is said on stderr first; when a
+factory does not answer, stderr names it with the likely causes (daemon not running, UDP port
+blocked, this host not in its ``factories`` list, another space or space key); a name that does
+not resolve is reported as such.
+
+Exit codes (also in ``vacfactory(1)``): 0 every factory asked answered completely (and, for
+``machinetype``, at least one has NAME); 1 some did not answer or answered in part (they are
+named on stderr: unknown, not empty), or no factory has machinetype NAME; 68 no factory name
+resolves; 69 none answered; 78 a bad configuration.
 """
 
 from __future__ import annotations
@@ -29,6 +38,18 @@ from vacfactory.cli.common import (
     load_config,
     print_json,
 )
+
+#: sysexits' EX_NOHOST: none of the factory names resolves
+EXIT_NOHOST = 68
+
+NETWORK_EXIT_CODES = (
+    "On a terminal, the question, the factories asked and the deadline are shown on stderr "
+    "first. Exit status: 0 every factory asked answered completely; 1 some did not answer or "
+    "answered in part (named on stderr with the likely causes: daemon not running, UDP port "
+    "blocked, this host not in its factories list, another space or space key), or no factory "
+    "has machinetype NAME; 68 no factory name resolves; 69 no factory answered; 78 the "
+    "configuration is invalid.")
+from vacfactory.config.options import VM_MODELS
 from vacfactory.errors import ConfigError
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.client import SpaceReplies, query_space
@@ -48,9 +69,13 @@ _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 def register(subparsers: argparse._SubParsersAction) -> None:
     for verb, help_text, handler in (
         ("machinetypes", "ask factories what each machinetype runs (VacQuery)", run_machinetypes),
+        ("machinetype", "ask factories about one machinetype, one line per factory (VacQuery, "
+                        "like Vac's `vac machinetype NAME`)", run_machinetype),
         ("factories", "ask factories how busy they are (VacQuery)", run_factories),
     ):
-        parser = subparsers.add_parser(verb, help=help_text)
+        parser = subparsers.add_parser(verb, help=help_text, description=NETWORK_EXIT_CODES)
+        if verb == "machinetype":
+            parser.add_argument("machinetype", metavar="NAME", help="the machinetype to show")
         parser.add_argument("factories", nargs="*", metavar="FACTORY",
                             help="factories to ask (default: all in the configuration)")
         add_network_arguments(parser)
@@ -77,7 +102,14 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--timeout", type=float,
                         help="overall deadline in seconds (default udp_timeout_seconds)")
     parser.add_argument("-s", "--space", help="space name (default vac_space)")
-    add_json_argument(parser)
+    add_json_flags(parser)
+
+
+def add_json_flags(parser: argparse.ArgumentParser) -> None:
+    """``-J`` (Vac's flag) and ``--json``: the replies as a JSON array of their raw objects."""
+    parser.add_argument("-J", "--json", action="store_true",
+                        help="print the replies as a JSON array of the raw reply objects "
+                             "(-J as in Vac's vac command)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,22 +152,38 @@ def ask(settings: SpaceSettings, query_type: QueryType) -> SpaceReplies:
                        local_name=settings.local_name)
 
 
+_NOUN = {QueryType.MACHINES: "machines", QueryType.MACHINETYPES: "machinetypes",
+         QueryType.FACTORY: "factory status"}
+
+
 def _run(args: argparse.Namespace, config: Any, query_type: QueryType,
-         line: Callable[[Reply, float], str]) -> int:
+         line: Callable[[Reply, float], str],
+         select: Callable[[List[Reply]], List[Reply]] = lambda replies: replies) -> int:
     try:
         settings = space_settings(args, config)
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return EXIT_CONFIG
+    if sys.stderr.isatty():
+        say_what_we_wait_for(settings, query_type)
     result = ask(settings, query_type)
-    replies = ordered_replies(result)
+    replies = select(ordered_replies(result))
     if getattr(args, "json", False):
         print_json([dict(r.fields) for r in replies])
     else:
         now = time.time()
         for reply in replies:
             print(line(reply, now))
-    return report_missing(result)
+    return report_missing(result, settings)
+
+
+def say_what_we_wait_for(settings: SpaceSettings, query_type: QueryType) -> None:
+    """On a terminal: who is asked, for what, and the longest it can take."""
+    names = list(settings.factories)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    print(f"asking {len(names)} factor{'y' if len(names) == 1 else 'ies'} of space "
+          f"{settings.space} ({shown}) for {_NOUN[query_type]} on UDP port {settings.port}, "
+          f"waiting up to {settings.timeout:g} s ...", file=sys.stderr, flush=True)
 
 
 def ordered_replies(result: SpaceReplies) -> List[Reply]:
@@ -147,16 +195,56 @@ def ordered_replies(result: SpaceReplies) -> List[Reply]:
     return out
 
 
-def report_missing(result: SpaceReplies) -> int:
-    """Name the factories that did not answer (fully) on stderr; the exit code says how many."""
-    if result.unknown:
-        print(f"no answer within {result.elapsed:.1f} s from: {', '.join(result.unknown)}",
+def report_missing(result: SpaceReplies, settings: Optional[SpaceSettings] = None) -> int:
+    """Name the factories that did not answer (fully) on stderr, with the likely causes; the
+    exit code says how many (module doc)."""
+    silent = [name for name in result.unknown
+              if name not in result.unresolved and name not in result.resolving]
+    for name in result.unresolved:
+        print(f"{name}: the name does not resolve (check it in `factories` or on the command "
+              f"line, and this host's DNS)", file=sys.stderr)
+    for name in result.resolving:
+        print(f"{name}: the name was still being looked up after {result.elapsed:.1f} s "
+              f"(a slow or unreachable DNS server)", file=sys.stderr)
+    if silent:
+        print(f"no answer within {result.elapsed:.1f} s from: {', '.join(silent)}",
               file=sys.stderr)
+        for hint in no_answer_hints(result, silent, settings):
+            print(f"  {hint}", file=sys.stderr)
     if result.incomplete:
-        print(f"incomplete answer from: {', '.join(result.incomplete)}", file=sys.stderr)
+        print(f"incomplete answer from: {', '.join(result.incomplete)} (datagrams lost; "
+              f"asking again usually completes it)", file=sys.stderr)
     if result.factories and not result.answered:
+        if result.unresolved and len(result.unresolved) == len(result.factories):
+            return EXIT_NOHOST
         return EXIT_UNAVAILABLE
     return EXIT_FAILURE if result.unknown or result.incomplete else EXIT_OK
+
+
+def no_answer_hints(result: SpaceReplies, silent: Sequence[str],
+                    settings: Optional[SpaceSettings]) -> List[str]:
+    """The likely causes of silence, most specific first."""
+    hints: List[str] = []
+    port = settings.port if settings is not None else DEFAULT_PORT
+    local = settings.local_name if settings is not None else None
+    if result.rejected:
+        hints.append(f"{result.rejected} repl{'y was' if result.rejected == 1 else 'ies were'} "
+                     f"refused: a factory answering under another name than the one asked "
+                     f"(Vac answers as its uname), for another space"
+                     + (", or signed with another space key" if settings and settings.space_key
+                        else ""))
+    if local is not None and local in silent:
+        hints.append(f"{local} is this factory: is the vacfactory daemon running here "
+                     f"(systemctl status vacfactory; vacfactory check)?")
+    hints.append(f"is the daemon (vacfactory or Vac's vacd) running there, and UDP port {port} "
+                 f"open in the firewalls between here and there?")
+    hints.append("does its `factories` list name this host? A factory answers only the "
+                 "factories it lists (and itself)")
+    space_key = settings.space_key if settings is not None else None
+    hints.append("is its vac_space the same" + (" and its space key the same as this one's?"
+                                               if space_key else " (and does it use no space "
+                                               "key, as this host does)?"))
+    return hints
 
 
 def network_machines(args: argparse.Namespace, config: Any) -> int:
@@ -167,6 +255,29 @@ def network_machines(args: argparse.Namespace, config: Any) -> int:
 
 def run_machinetypes(args: argparse.Namespace) -> int:
     return _run(args, load_config(args), QueryType.MACHINETYPES, machinetype_line)
+
+
+def run_machinetype(args: argparse.Namespace) -> int:
+    """``vac machinetype NAME``: the machinetypes_query answers for NAME only, one line per
+    factory that has it; a factory that answered without it is named on stderr."""
+    name = args.machinetype.lower()  # machinetype names are lower case (Vac lower-cases them)
+    holders: List[str] = []
+    answered: List[str] = []
+
+    def select(replies: List[Reply]) -> List[Reply]:
+        chosen = [r for r in replies
+                  if isinstance(r.status, MachinetypeStatus) and r.status.machinetype == name]
+        holders.extend(r.factory for r in chosen)
+        answered.extend(dict.fromkeys(r.factory for r in replies))
+        return chosen
+
+    code = _run(args, load_config(args), QueryType.MACHINETYPES, one_machinetype_line, select)
+    without = [factory for factory in answered if factory not in holders]
+    if without:
+        print(f"no machinetype {name} at: {', '.join(without)}", file=sys.stderr)
+    if answered and not holders:
+        return max(code, EXIT_FAILURE)
+    return code
 
 
 def run_factories(args: argparse.Namespace) -> int:
@@ -191,11 +302,16 @@ def _short(name: str) -> str:
     return name
 
 
+#: Vac's two letters per machine model (``vm`` is what vacfactory sent before it sent the model)
+_MODEL_LETTERS = {**{model: "VM" for model in VM_MODELS + ("vm",)}, "docker": "DC",
+                  "singularity": "SC"}
+
+
 def machine_line(reply: Reply, now: float) -> str:
     """``vac machines``: slot, machinetype, state, processors, model, then by state."""
     m = reply.status
     assert isinstance(m, MachineStatus)
-    model = {"vm": "VM", "docker": "DC", "singularity": "SC"}.get(m.machine_model or "vm", "??")
+    model = _MODEL_LETTERS.get(m.machine_model or "vm", "??")
     line = (f"{_short(m.machine):<15s} {_clean(m.machinetype or '----------')[:14]:<14s} "
             f"{_clean(m.state):<9s} {m.num_processors:2d} {model}")
     if m.state == STATE_RUNNING and m.started_time is not None:
@@ -221,15 +337,30 @@ def _when(epoch: Optional[float]) -> str:
         return "-"
 
 
+def _message(text: Optional[str]) -> str:
+    """A shutdown message in quotes, or Vac's ``-`` when there is none."""
+    return f'"{_clean(text)}"' if text else "-"
+
+
 def machinetype_line(reply: Reply, now: float) -> str:
-    """``vac machinetype``, for every machinetype: factory, machinetype, running machines,
-    running HS06, when and how the latest VM of the type finished."""
+    """``vacfactory machinetypes``, for every machinetype: factory, machinetype, running
+    machines, running HS06, CPU efficiency of the last day (ours; ``-`` from Vac factories),
+    when and how the latest VM of the type finished."""
     s = reply.status
     assert isinstance(s, MachinetypeStatus)
     efficiency = f"{100 * s.cpu_efficiency_1d:3.0f}%" if s.cpu_efficiency_1d is not None else "   -"
     return (f"{_short(reply.factory):<15s} {_clean(s.machinetype)[:14]:<14s} "
             f"{s.running_machines:2d} {s.running_hs06:5.1f} {efficiency} {_when(s.shutdown_time)} "
-            f'"{_clean(s.shutdown_message)}"')
+            f"{_message(s.shutdown_message)}")
+
+
+def one_machinetype_line(reply: Reply, now: float) -> str:
+    """``vac machinetype NAME``: factory, running machines, running HS06, when and how the
+    latest VM of the type finished (``-`` for no message), exactly Vac's columns."""
+    s = reply.status
+    assert isinstance(s, MachinetypeStatus)
+    return (f"{_short(reply.factory):<15s} {s.running_machines:2d} {s.running_hs06:5.1f} "
+            f"{_when(s.shutdown_time)} {_message(s.shutdown_message)}")
 
 
 def factory_line(reply: Reply, now: float) -> str:

@@ -3,11 +3,12 @@
 ``state/`` writes these as files in ``machines/<uuid>/{machinefeatures,jobfeatures}/`` and
 ``vmio/`` serves them over HTTP; both take the dictionaries built here.
 
-Values are plain text without a trailing newline. HSF clients (DIRAC's ``MJF``, PanDA's
-``features.py``) strip whitespace anyway, and no newline means a value served over HTTP is
-byte-for-byte what a shell ``$(cat ...)`` gives. (Vac ended ``allocated_cpu`` and
-``allocated_CPU`` with a newline and nothing else; we drop that inconsistency.) Integers are
-written as integers (``"8"``) and HS06 as a compact float (``"85.6"``).
+Values are plain text written byte for byte as Vac 03.01 writes them: without a trailing
+newline, except ``allocated_cpu`` and ``allocated_CPU``, which Vac ends with one
+(:data:`NEWLINE_KEYS`; a pilot that reads them raw, e.g. ``read`` in a shell or a byte
+comparison, sees the same bytes on a Vac and a vacfactory factory). HSF clients (DIRAC's
+``MJF``, PanDA's ``features.py``) strip whitespace anyway. Integers are written as integers
+(``"8"``) and HS06 as a compact float (``"85.6"``).
 
 Besides the 2016 keys we write Vac's deprecated ones, which older pilots still read, and the
 site's ``machinefeatures_option_XXX`` extras (which may not replace any key we write).
@@ -49,6 +50,10 @@ LEGACY_JOBFEATURES_KEYS: Tuple[str, ...] = (
     "wall_limit_secs_lrms",
     "mem_limit_MB",
 )
+
+#: keys whose value Vac ends with a newline (its makeMJF writes ``str(processors) + '\\n'`` for
+#: these two and no newline for any other key)
+NEWLINE_KEYS: Tuple[str, ...] = ("allocated_cpu", "allocated_CPU")
 
 #: keys whose values change while a VM runs (re-read by clients; rewritten on drain)
 DYNAMIC_MACHINEFEATURES_KEYS: Tuple[str, ...] = ("shutdowntime", "grace_secs")
@@ -165,11 +170,12 @@ def machinefeatures(inp: MJFInput) -> Dict[str, str]:
 def jobfeatures(inp: MJFInput) -> Dict[str, str]:
     """``$JOBFEATURES`` key -> value for one VM (the VM is the "job")."""
     processors = str(int(inp.processors))
+    allocated = processors + "\n"  # Vac's format for these two keys (NEWLINE_KEYS)
     wall = inp.wall_limit_seconds
     cpu = wall * int(inp.processors)
     rss = inp.max_rss_bytes
     values = {
-        "allocated_cpu": processors,
+        "allocated_cpu": allocated,
         "shutdowntime_job": str(int(inp.shutdown_time)),
         "grace_secs_job": str(int(inp.grace_seconds)),
         "jobstart_secs": str(int(inp.jobstart)),
@@ -179,7 +185,7 @@ def jobfeatures(inp: MJFInput) -> Dict[str, str]:
         "max_rss_bytes": str(rss),
         "max_swap_bytes": str(int(inp.max_swap_bytes)),
         "scratch_limit_bytes": str(int(inp.scratch_bytes)),
-        "allocated_CPU": processors,
+        "allocated_CPU": allocated,
         "cpufactor_lrms": "1.0",
         "cpu_limit_secs_lrms": str(cpu),
         "wall_limit_secs_lrms": str(wall),

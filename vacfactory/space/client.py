@@ -9,11 +9,14 @@ could stall a factory's cycle. Here:
   simulator both run it, so the simulator measures the real retry and validation logic.
 - One deadline bounds everything, name resolution included: a dead, slow or unresolvable
   factory costs at most ``timeout`` and is reported as *unknown*, never waited for again.
-- Only factories whose answer is incomplete are asked again: first after
+- A factory answers with one datagram per slot or machinetype (Vac's format, ours too), and
+  every one of them is read (``num_machines``/``num_machinetypes`` says how many to expect).
+  Only factories whose answer is incomplete are asked again: first after
   :data:`FIRST_RETRY` seconds, then at doubling intervals up to ``timeout / 5``. A factory that
-  sent part of a multi-datagram answer and then went quiet for :data:`CONTINUE_AFTER` is asked
-  again at once (our responder continues where it stopped when the amplification bound cut
-  its answer short, and a lost datagram is recovered without waiting a full interval).
+  sent part of a multi-datagram answer and then paused for :data:`CONTINUE_AFTER` (measured
+  from its latest datagram, so a long answer still streaming in is not asked again) is asked
+  again at once: a lost datagram is recovered without waiting a full interval (and an older
+  vacfactory responder that cut its answer continues where it stopped).
 - Replies are accepted as Vac accepts them (kind, space, a factory we asked, and the cookie
   ``sha256(salt + factory)`` we sent to that name), so real Vac factories are understood; with
   a space key, only replies signed with it count.
@@ -55,10 +58,10 @@ logger = logging.getLogger(__name__)
 #: first re-send to a silent factory, seconds (then doubling, up to timeout / 5)
 FIRST_RETRY = 0.2
 #: a factory that answered part and then went quiet this long is asked again at once
-CONTINUE_AFTER = 0.03
-#: queries are padded to these sizes: a bigger query earns a bigger reply budget at our
-#: responders (replies <= 10 x query bytes), and 1000 bytes still fit the 1024 a Vac
-#: responder reads. ~30 machine_status or ~12 machinetype_status fit at once.
+CONTINUE_AFTER = 0.1
+#: queries are padded to these sizes: vacfactory responders before 2026-12 cut replies to
+#: 10 x the query's size, so a bigger query got more of a big answer there; 1000 bytes still
+#: fit the 1024 a Vac responder reads. Current responders answer whole whatever the size.
 QUERY_PAD = {QueryType.MACHINES: 1000, QueryType.MACHINETYPES: 600, QueryType.FACTORY: 0}
 
 Resolver = Callable[[str], Sequence[str]]
@@ -244,6 +247,10 @@ class SpaceReplies:
     elapsed: float
     datagrams_sent: int = 0
     rejected: int = 0
+    #: the unknown ones whose name did not resolve (never asked), and whose lookup was still
+    #: running at the deadline (a slow DNS server)
+    unresolved: Tuple[str, ...] = ()
+    resolving: Tuple[str, ...] = ()
 
     def replies(self) -> List[Reply]:
         """Every accepted reply, factory by factory in configuration order."""
@@ -387,9 +394,9 @@ class Gatherer:
         if target.complete:
             self._open.discard(target.name)
         elif is_new:
-            # it is talking but not finished: ask again as soon as it pauses
-            if now + CONTINUE_AFTER < target.next_send:
-                self._reschedule(target, now + CONTINUE_AFTER)
+            # it is talking but not finished: ask again only once it pauses (each new
+            # datagram moves the re-ask to CONTINUE_AFTER after it)
+            self._reschedule(target, now + CONTINUE_AFTER)
             target.interval = self.first_retry
         return is_new
 
@@ -426,6 +433,9 @@ class Gatherer:
             elapsed=now - self.start,
             datagrams_sent=self.sent,
             rejected=self.rejected,
+            unresolved=tuple(name for name, t in self._targets.items()
+                             if t.address is None and name not in self._pending),
+            resolving=tuple(name for name in self._targets if name in self._pending),
         )
 
 
@@ -480,6 +490,26 @@ def query_space(
     return result
 
 
+#: a factory answers with a datagram per slot: 128 slots of several factories at once must
+#: fit while we read (the kernel counts ~2 kB per small datagram; Vac's client asks 16 MiB)
+RECEIVE_BUFFER_BYTES = 16 * 1024 * 1024
+
+
+def grow_receive_buffer(sock: socket.socket) -> None:
+    """A receive buffer big enough for whole answers: as root past net.core.rmem_max (as Vac,
+    which raises rmem_max), otherwise up to it."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, RECEIVE_BUFFER_BYTES)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        except OSError as error:
+            logger.debug("VacQuery receive buffer left at its default: %s", error)
+
+
 class _Sockets:
     """One UDP socket per address family in use, read through one selector."""
 
@@ -500,10 +530,7 @@ class _Sockets:
         if sock is None:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            except OSError:
-                pass  # the kernel caps it at rmem_max anyway
+            grow_receive_buffer(sock)
             self._by_family[family] = sock
             self._selector.register(sock, selectors.EVENT_READ)
         return sock

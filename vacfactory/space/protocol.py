@@ -11,7 +11,7 @@ Queries (client -> factory): ``message_type`` is ``machines_query``, ``machinety
 ``factory_query`` (legacy ``method``: ``machines``, ``machinetypes``, ``factories``), with
 ``space``, ``cookie``, ``vacquery_version`` and ``vac_version`` (free text naming the client).
 Our additive fields: ``time_sent`` (for the replay window of signed queries), ``padding``
-(bytes that raise the amplification budget, see the responder) and ``hmac`` (space key
+(bytes that raised the reply budget at older vacfactory responders, see the client) and ``hmac`` (space key
 signature, see :mod:`vacfactory.space.auth`). A Vac factory ignores all three.
 
 Replies (factory -> client): one ``machine_status`` per slot, one ``machinetype_status`` per
@@ -56,6 +56,12 @@ DEFAULT_PORT = 995
 
 #: longest datagram we decode at all (Vac clients read replies with ``recvfrom(10240)``)
 MAX_DATAGRAM_BYTES = 10240
+#: longest reply a Vac client reads whole: it reads each reply with a 1024-byte buffer, so a
+#: longer datagram arrives cut and is not JSON. Replies are fitted to it (:func:`fit_reply`).
+MAX_REPLY_BYTES = 1024
+#: the per-query part of a reply counted when fitting: ``{"cookie":"<64 hex>","time_sent":N,``
+_FILL_BYTES = len('{"cookie":"","time_sent":1234567890,') + 64
+
 #: longest query: Vac's responder reads ``recvfrom(1024)``, so no Vac client sends more, and
 #: our own (padded, signed) queries stay below it so that Vac factories understand them too
 MAX_QUERY_BYTES = 1024
@@ -243,6 +249,7 @@ _MACHINE_FIELDS = (
     _f("shutdown_message", _text, null=True, required=True),
     _f("shutdown_time", _number, null=True, required=True),
     _f("fqan", _text, null=True),
+    _f("cpu_efficiency", _number, null=True),
 )
 # ... and these in a machinetype_status (running_hs06 was total_hs06 before VacQuery 01.00).
 _MACHINETYPE_FIELDS = (
@@ -529,7 +536,8 @@ def _header(reply_type: ReplyType, snapshot: FactorySnapshot) -> Dict[str, Any]:
 
 
 def machine_fields(snapshot: FactorySnapshot, machine: MachineStatus) -> Dict[str, Any]:
-    """A ``machine_status`` as Vac 03.01 sends it (without cookie and time_sent)."""
+    """A ``machine_status`` as Vac 03.01 sends it (without cookie and time_sent), plus our
+    additive ``cpu_efficiency`` when known. A slot never used has 0 processors and 0.0 HS06."""
     hs06 = machine.hs06 if machine.hs06 is not None else 1.0 * machine.num_processors
     message = _header(ReplyType.MACHINE, snapshot)
     message.update(
@@ -552,6 +560,8 @@ def machine_fields(snapshot: FactorySnapshot, machine: MachineStatus) -> Dict[st
     )
     if machine.fqan:
         message["fqan"] = machine.fqan
+    if machine.cpu_efficiency is not None:
+        message["cpu_efficiency"] = machine.cpu_efficiency
     return message
 
 
@@ -642,15 +652,63 @@ class Template:
         return self._fill(cookie, None if now is None else f"{now:.3f}")
 
 
+#: how :func:`fit_reply` makes a long reply shorter, step by step until it fits: first drop
+#: the duplicates nobody needs (``vac factories`` reads ``total_*``, ``vac_disk_*`` and
+#: ``running_cpus``; our decoder falls back to those too) and our additive fields (Vac clients
+#: ignore them); then shorten free text no client matches on (a cut shutdown message keeps its
+#: code, which is what schedulers read); the duplicates Vac clients may read go last.
+_FIT_STEPS: Tuple[Tuple[str, str], ...] = (
+    ("drop", "max_cpus"), ("drop", "daemon_disk_avail_kb"), ("drop", "daemon_disk_avail_inodes"),
+    ("drop", "max_machines"), ("drop", "max_hs06"), ("drop", "cpu_efficiency"),
+    ("drop", "cpu_efficiency_1d"), ("drop", "bytes_per_processor"),
+    ("cut", "os_issue"), ("cut", "kernel_version"), ("cut", "shutdown_message"),
+    ("cut", "fqan"), ("cut", "site"),
+    ("drop", "num_cpus"), ("drop", "running_cpus"),
+)
+
+
+def fit_reply(message: Mapping[str, Any], limit: int = MAX_REPLY_BYTES) -> str:
+    """``message`` as JSON that, filled with a Vac cookie and time, is at most ``limit`` bytes.
+
+    Most replies fit as they are and are sent unchanged. A long one (a factory_status with a
+    long ``os_issue``, a machine_status with a long shutdown message) is shortened by
+    :data:`_FIT_STEPS`, never losing a field Vac's client requires. A reply that still does
+    not fit (only possible with names near 255 characters) is sent as it is: our clients read
+    up to :data:`MAX_DATAGRAM_BYTES`.
+    """
+    budget = limit - _FILL_BYTES
+    text = _dumps(message)
+    if len(text) <= budget:
+        return text
+    fitted = dict(message)
+    for action, name in _FIT_STEPS:
+        value = fitted.get(name)
+        if name not in fitted:
+            continue
+        if action == "drop":
+            del fitted[name]
+            text = _dumps(fitted)
+        elif type(value) is str:
+            while len(text) > budget and len(value) > 3:
+                # (escaped characters take more than one byte: cut again until it fits)
+                value = value[:max(len(value) - (len(text) - budget), 3)]
+                fitted[name] = value
+                text = _dumps(fitted)
+        if len(text) <= budget:
+            return text
+    return text
+
+
 def render_replies(query_type: QueryType, snapshot: FactorySnapshot) -> Tuple[Template, ...]:
-    """Every reply ``snapshot`` gives to a query of ``query_type``, in order."""
+    """Every reply ``snapshot`` gives to a query of ``query_type``, in order, each fitted to
+    the 1024 bytes a Vac client reads (:func:`fit_reply`)."""
     if query_type is QueryType.FACTORY:
         messages: Sequence[Mapping[str, Any]] = [factory_fields(snapshot)]
     elif query_type is QueryType.MACHINETYPES:
         messages = [machinetype_fields(snapshot, s) for s in snapshot.machinetypes]
     else:
         messages = [machine_fields(snapshot, m) for m in snapshot.machines]
-    return tuple(Template(_dumps(m)) for m in messages)
+    return tuple(Template(fit_reply(m)) for m in messages)
 
 
 def replies_for(query: Query, snapshot: FactorySnapshot, now: float) -> List[bytes]:

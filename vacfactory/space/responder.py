@@ -11,7 +11,7 @@ thread busy in pure Python an answer takes a few ms (p99 ~10-20 ms measured), we
 Rules, in the order they are applied (cheapest first, so junk costs least):
 
 1. ``oversize``: longer than :data:`~vacfactory.space.protocol.MAX_QUERY_BYTES` (no client
-   sends more, and it caps the reply budget of one query).
+   sends more: Vac's responder reads 1024 bytes).
 2. ``unknown_peer``: the source address is not one of the configured factories (resolved
    periodically by :class:`ResolvedPeers`; loopback counts as this host). Vac answered anyone.
 3. ``unsigned`` / ``bad_signature``: with a space key, the query must be signed with it.
@@ -19,20 +19,32 @@ Rules, in the order they are applied (cheapest first, so junk costs least):
    is a reply (never answer a reply: two responders must not ping-pong).
 5. ``wrong_space``: the query names another space (Vac's only check).
 6. ``stale`` / ``replay``: a signed query outside the time window, or seen before.
-7. ``rate_limited``: ``machines_query`` beyond the per-peer token bucket (one query yields a
-   datagram per slot - Vac's worst amplification).
-8. ``amplification``: the replies are cut to at most ``max_reply_ratio`` bytes per byte of the
-   query. When the whole answer does not fit, the responder sends the replies that fit and
-   remembers, per (peer, cookie), where it stopped: the same query sent again (same cookie, as
-   Vac's and our clients do on retry) gets the next part, wrapping around. What a Vac peer
-   sees: its ~245-byte query earns ~2.4 kB, i.e. the factory_status (~1 kB) at once, and 3
-   machinetype_status or machine_status (~0.7 kB each) per round; Vac's client re-asks
-   factories that sent fewer than ``num_machinetypes``/``num_machines``, up to 6 rounds, so it
-   collects up to ~18 machinetypes (its scheduling needs) or ~18 slots of a big factory in
-   ``vac machines``. Our client pads ``machinetypes_query`` to 600 and ``machines_query`` to
-   1000 bytes (still under the 1024 a Vac responder reads), which covers ~8 machinetypes or
-   ~14 slots per round, and re-asks as soon as a partial answer pauses. A query whose first
-   reply alone exceeds the budget gets nothing.
+7. ``rate_limited``: every query type has a token bucket per peer (:data:`DEFAULT_RATES`):
+   a peer may ask each question ``burst`` times at once and ``rate`` times a second after
+   that. This is the amplification defence; the answer itself is never cut. Loopback
+   sources (this host's own tools and tests) are not limited: the kernel drops datagrams
+   from outside that claim a loopback source, so an answer to loopback cannot be reflected
+   at anybody.
+
+A query that passes gets the whole answer, one datagram per slot (``machines_query``), per
+machinetype (``machinetypes_query``) or one ``factory_status``, exactly as a Vac factory
+sends it, each datagram fitted to the 1024 bytes a Vac client reads
+(:func:`~vacfactory.space.protocol.fit_reply`): a Vac 03.01 client asking a factory with 128
+slots and 40 machinetypes gets all of them for one ~240-byte query. (Before, replies were cut
+to 10x the query's size, and Vac clients saw only part of a big factory.)
+
+**Reflection bound.** An attacker who spoofs a listed factory's address can make this
+responder send to that address, over any T seconds, at most ``(burst + rate x T)`` whole
+answers of each query type, whatever it sends: with the defaults (:data:`DEFAULT_RATES`) and
+T small, 3 machine answers, 6 machinetype answers and 6 factory_status. For a factory with
+128 slots and 40 machinetypes (~108 kB for the machines, ~33 kB for the machinetypes) that is
+~0.53 MB per spoofed address, while a burst of 300 spoofed Vac-sized (~230-byte) queries of
+each type costs the attacker ~210 kB: **at most 3 bytes out per spoofed byte in** for such a
+burst, less the longer it lasts or the bigger its queries (300 spoofed 910-byte
+machinetypes_query now reflect ~0.2 MB, under 1 byte per byte; they reflected 2.67 MB in
+0.4 s when only machines_query was limited). tests/unit/test_space_reflection.py measures
+both figures with real sockets. Unlisted sources get nothing, so the addresses an attacker
+can aim at are the space's own factories.
 
 Every dropped datagram gets no reply and is counted by reason in :attr:`Responder.stats`. The
 log names them too, without letting a flood flood the log: per reason, the first reject after a
@@ -49,13 +61,13 @@ to another port (the new socket serves before the old one closes).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple
 
@@ -74,11 +86,15 @@ from vacfactory.space.snapshot import FactorySnapshot
 
 logger = logging.getLogger(__name__)
 
-#: reply bytes allowed per query byte
-DEFAULT_MAX_REPLY_RATIO = 10
-#: machines_query answered per peer per second (sustained), and the burst allowed
-DEFAULT_MACHINES_RATE = 2.0
-DEFAULT_MACHINES_BURST = 8.0
+#: per query type: (queries answered per peer per second sustained, burst). A Vac factory asks
+#: machinetypes once per cycle (>= 60 s) plus at most 6 re-sends; ours every 5 s (engine) and
+#: when an admin runs a command; machines_query only comes from commands. The burst covers a
+#: whole round of re-sends; the rate keeps the reflection bound (module doc) small.
+DEFAULT_RATES: Mapping[QueryType, Tuple[float, float]] = {
+    QueryType.MACHINES: (0.2, 3.0),
+    QueryType.MACHINETYPES: (1.0, 6.0),
+    QueryType.FACTORY: (1.0, 6.0),
+}
 
 DROP_REASONS = (
     "oversize",
@@ -91,18 +107,16 @@ DROP_REASONS = (
     "stale",
     "replay",
     "rate_limited",
-    "amplification",
     "no_snapshot",
     "internal_error",
     "send_error",
 )
 
-_CURSORS = 1024
 #: rejected datagrams are summed into at most one log line per reason per this many seconds
 REJECT_LOG_SECONDS = 10.0
 #: reasons that are normal operation (a busy peer, a starting engine): logged at INFO, the rest
 #: (junk, strangers, wrong keys and spaces, replays) at WARNING
-_ROUTINE_REASONS = frozenset({"rate_limited", "amplification", "no_snapshot", "send_error"})
+_ROUTINE_REASONS = frozenset({"rate_limited", "no_snapshot", "send_error"})
 _PEERS_NAMED = 8
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
@@ -158,9 +172,8 @@ class Responder:
         space: str,
         allowed_peers: Callable[[], Set[str]],
         space_key: Optional[bytes] = None,
-        max_reply_ratio: int = DEFAULT_MAX_REPLY_RATIO,
-        machines_rate_per_peer: float = DEFAULT_MACHINES_RATE,
-        machines_burst: float = DEFAULT_MACHINES_BURST,
+        rates: Optional[Mapping[QueryType, Tuple[float, float]]] = None,
+        limit_loopback: bool = False,
         replay_window: float = auth.DEFAULT_WINDOW,
         reject_log_seconds: float = REJECT_LOG_SECONDS,
     ) -> None:
@@ -169,10 +182,11 @@ class Responder:
         #: (space, space key): replaced whole by reconfigure(), read once per datagram
         self._settings: Tuple[str, Optional[bytes]] = (space, space_key)
         self.allowed_peers = allowed_peers
-        self.max_reply_ratio = max_reply_ratio
-        self._buckets = _TokenBuckets(machines_rate_per_peer, machines_burst)
+        limits = {**DEFAULT_RATES, **(rates or {})}
+        #: one token bucket per query type, each keyed by peer
+        self._buckets = {kind: _TokenBuckets(*limits[kind]) for kind in QueryType}
+        self.limit_loopback = limit_loopback
         self._replay = auth.ReplayGuard(replay_window)
-        self._cursors: "OrderedDict[Tuple[str, str], int]" = OrderedDict()
         self._cache: Dict[QueryType, Tuple[FactorySnapshot, Tuple[Template, ...]]] = {}
         self._counts: Dict[str, int] = {reason: 0 for reason in DROP_REASONS}
         self._received = self._answered = self._sent = 0
@@ -201,8 +215,6 @@ class Responder:
             return False
         old_space, old_key = self._settings
         self._settings = (space, space_key)  # one reference swap: never half old, half new
-        with self._lock:
-            self._cursors.clear()
         changes = []
         if space != old_space:
             changes.append(f"space {old_space} -> {space}")
@@ -256,13 +268,17 @@ class Responder:
             except ProtocolError as error:
                 raise _Drop("replay" if "replayed" in str(error) else "stale",
                             str(error)) from None
-        if query.query_type is QueryType.MACHINES and not self._buckets.take(peer, now):
-            raise _Drop("rate_limited", "machines_query")
+        if ((self.limit_loopback or not _is_loopback(peer))
+                and not self._buckets[query.query_type].take(peer, now)):
+            raise _Drop("rate_limited", query.query_type.value)
         snapshot = self.snapshot_provider()
         if snapshot is None or snapshot.space != space:
             raise _Drop("no_snapshot", "the engine has not published a snapshot (of this space) yet")
         templates = self._templates(query.query_type, snapshot)
-        return self._within_budget(templates, query, peer, len(datagram), now, space_key)
+        replies = [t.fill(query.cookie, now) for t in templates]
+        if space_key is not None:
+            replies = [auth.sign(r, space_key) for r in replies]
+        return replies
 
     def _templates(self, query_type: QueryType, snapshot: FactorySnapshot
                    ) -> Tuple[Template, ...]:
@@ -272,34 +288,6 @@ class Responder:
         templates = render_replies(query_type, snapshot)
         self._cache[query_type] = (snapshot, templates)
         return templates
-
-    def _within_budget(self, templates: Tuple[Template, ...], query: Query, peer: str,
-                       request_bytes: int, now: float, space_key: Optional[bytes]) -> List[bytes]:
-        """The replies that fit ``max_reply_ratio x request_bytes``, continuing per cookie."""
-        replies = [t.fill(query.cookie, now) for t in templates]
-        if space_key is not None:
-            replies = [auth.sign(r, space_key) for r in replies]
-        budget = self.max_reply_ratio * request_bytes
-        if sum(len(r) for r in replies) <= budget:
-            return replies
-        key = (peer, query.cookie)
-        start = self._cursors.pop(key, 0) % len(replies)
-        chosen: List[bytes] = []
-        used = 0
-        index = start
-        while len(chosen) < len(replies):
-            reply = replies[index]
-            if used + len(reply) > budget:
-                break
-            chosen.append(reply)
-            used += len(reply)
-            index = (index + 1) % len(replies)
-        if not chosen:
-            raise _Drop("amplification", f"{len(replies[start])} bytes for {request_bytes}")
-        self._cursors[key] = index
-        while len(self._cursors) > _CURSORS:
-            self._cursors.popitem(last=False)
-        return chosen
 
     def _drop(self, reason: str, peer: str, detail: str) -> None:
         with self._lock:
@@ -470,6 +458,13 @@ def _reject_line(reason: str, count: int, seconds: float, peers: Dict[str, int],
     noun = "datagram" if count == 1 else "datagrams"
     return (f"responder: {count} {noun} rejected as {reason} (no reply){over}, from {sources}; "
             f"e.g. {peer}: {example}")
+
+
+def _is_loopback(peer: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
 
 
 class _Drop(Exception):

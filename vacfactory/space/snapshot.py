@@ -31,8 +31,12 @@ class MachineStatus:
     """One slot of the factory: a ``machine_status`` reply (``vac machines`` shows these).
 
     Times are epoch seconds; None where Vac sends ``null`` (a free slot has no uuid, no
-    machinetype and no times). ``machine_model`` is ``vm`` for us (Vac also knew ``docker``
-    and ``singularity``).
+    machinetype and no times). The fields mean what they mean in Vac 03.01:
+    ``machine_model`` is the machinetype's model (``cernvm3``, ``vm-raw``, ...); a slot never
+    used has 0 processors and 0.0 HS06; ``cpu_percentage`` is the recent CPU use (between the
+    factory's last two observations) summed over the VM's processors, so a busy 8-processor
+    VM shows about 800. ``cpu_efficiency`` is vacfactory's additive field: CPU seconds /
+    (wall seconds x processors) over the VM's life so far (Vac peers ignore it).
     """
 
     machine: str
@@ -43,7 +47,7 @@ class MachineStatus:
     created_time: Optional[float] = None
     started_time: Optional[float] = None
     heartbeat_time: Optional[float] = None
-    num_processors: int = 1
+    num_processors: int = 0
     cpu_seconds: Optional[float] = None
     cpu_percentage: Optional[float] = None
     hs06: Optional[float] = None
@@ -51,6 +55,7 @@ class MachineStatus:
     #: when the shutdown message was written (Vac: its ctime)
     shutdown_time: Optional[float] = None
     fqan: Optional[str] = None
+    cpu_efficiency: Optional[float] = None
 
 
 @dataclass(frozen=True)

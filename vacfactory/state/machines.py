@@ -286,7 +286,9 @@ class MachineStore:
         return replace(machine, started=started)
 
     def write_heartbeat(self, machine: Machine, time: float, cpu_seconds: float) -> Machine:
-        heartbeat = Heartbeat(time=time, cpu_seconds=cpu_seconds)
+        heartbeat = Heartbeat(time=time, cpu_seconds=cpu_seconds,
+                              cpu_percentage=recent_cpu_percentage(machine.heartbeat, time,
+                                                                   cpu_seconds))
         # rewritten every cycle for every VM: atomic, but not worth an fsync each time
         atomic_write_json(os.path.join(machine.path, "heartbeat"), to_json(heartbeat), sync=False)
         return replace(machine, heartbeat=heartbeat)
@@ -361,3 +363,17 @@ def latest_by_slot(machines: Iterable[Machine]) -> Dict[int, Machine]:
         if current is None or (machine.live, machine.record.created) > (current.live, current.record.created):
             by_slot[machine.record.slot] = machine
     return by_slot
+
+
+def recent_cpu_percentage(previous: Optional[Heartbeat], time: float,
+                          cpu_seconds: float) -> Optional[float]:
+    """Vac's heartbeat figure: CPU seconds used since ``previous`` per wall second, x 100 (a
+    busy 4-processor VM: ~400). None without an earlier observation to compare with; an
+    observation less than a second after the previous one keeps the previous figure (a
+    destroy right after a round must not turn a steady figure into noise)."""
+    if previous is None:
+        return None
+    wall = time - previous.time
+    if wall < 1.0:
+        return previous.cpu_percentage
+    return round(100.0 * max(cpu_seconds - previous.cpu_seconds, 0.0) / wall, 1)

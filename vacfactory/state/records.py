@@ -58,10 +58,15 @@ class Started:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """The factory's last observation of a running VM (not the VM's own heartbeat file)."""
+    """The factory's last observation of a running VM (not the VM's own heartbeat file).
+
+    ``cpu_percentage`` is Vac's heartbeat figure: CPU use since the previous observation, in
+    percent summed over the VM's processors (None for the first observation).
+    """
 
     time: float
     cpu_seconds: float
+    cpu_percentage: Optional[float] = None
 
 
 @dataclass(frozen=True)
