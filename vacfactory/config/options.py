@@ -706,6 +706,22 @@ def _rule_fqan(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_gocdb_sitename(c: DefaultContext) -> Optional[str]:
+    site = c.values.get("gocdb_sitename")
+    if site is None:
+        return None
+    # APEL's rules for Site, applied to a sync record that is valid apart from it (job and
+    # sync records share Site's rules; cloud records carry the same text as SiteName)
+    record = {"Site": site, "NumberOfJobs": "0", "Month": "1", "Year": "2026"}
+    try:
+        apel.validate_fields(apel.SYNC, record, now=0.0)
+    except apel.FieldInvalid as error:
+        if error.field != "Site":
+            raise  # the probe record itself is wrong: a bug here, not in the configuration
+        return f"{error.reason}: APEL refuses such a record, so no VM could be accounted"
+    return None
+
+
 def _rule_nfs_transport(c: DefaultContext) -> Optional[str]:
     if (c.values["mjf_transport"] == "nfs" and machinetype_startable(c.values)
             and c.settings.get("nfs_exporter") == "none"):
@@ -742,6 +758,9 @@ RULES: Tuple[Rule, ...] = (
          "apel_send = yes needs apel_broker_host."),
     Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),
          _rule_joboutputs, "joboutputs_max_file_bytes may not exceed joboutputs_max_total_bytes."),
+    Rule(S, "gocdb_sitename", ("gocdb_sitename",), _rule_gocdb_sitename,
+         "gocdb_sitename must pass APEL's rules for Site (printable ASCII, at most 255 characters, "
+         "no '%%')."),
     Rule(S, "syslog_server", ("syslog_server",), _rule_port("syslog_server"),
          "syslog_server's port must be 1-65535."),
     Rule(S, "syslog_forward", ("syslog_forward",), _rule_port("syslog_forward"),
