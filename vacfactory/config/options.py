@@ -321,6 +321,19 @@ OPTIONS: Tuple[Option, ...] = (
         ("ganesha", "userspace nfs-ganesha"),
         ("exportfs", "the kernel NFS server"))),
            default="ganesha", vac=False, doc="How machine directories are exported to VMs over NFS."),
+    Option("joboutputs_nfs_filesystem", S, Choice(choices=("ext4", "tmpfs", "none"), choice_docs=(
+        ("ext4", "a sparse file machines/<uuid>/joboutputs.img formatted ext4 and loop-mounted "
+                 "(costs the state disk what the VM writes, at most the cap plus ext4's overhead)"),
+        ("tmpfs", "a size-limited tmpfs (no loop device; costs RAM, lost with a host reboot)"),
+        ("none", "a plain directory, only trimmed every few seconds: a writer that keeps a file "
+                 "open can fill the state disk"))),
+           default="ext4", vac=False,
+           doc="Each NFS VM's joboutputs is a filesystem of its own of joboutputs_max_total_bytes "
+               "(and joboutputs_max_files plus 64 inodes), so a VM writing over NFS gets ENOSPC at "
+               "its cap even if it keeps a file open. When the VM is cleaned, the files within the "
+               "caps are copied out, the filesystem is unmounted and its image deleted. Needs root "
+               "and mount (ext4: loop devices and mkfs.ext4). Read when the daemon starts; "
+               "unused with nfs_exporter = none."),
     Option("joboutputs_max_file_bytes", S, _BYTES, default=10485760, vac=False,
            doc="Largest single file a VM may write into joboutputs."),
     Option("joboutputs_max_total_bytes", S, _BYTES, default=104857600, vac=False,
