@@ -26,6 +26,7 @@ from typing import Iterator, List
 
 import pytest
 
+from tests.integration.mounts import mounts_under, unmount_under
 from tests.integration.test_exports_ganesha import (
     NFS4_OK,
     NFS4ERR_DQUOT,
@@ -55,12 +56,6 @@ STATE_FS_BYTES = 64 * MiB
 CHUNK = 64 * 1024
 
 
-def _mounts_under(root: str) -> List[str]:
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
-    return [p for p in points if p.startswith(root + "/")]
-
-
 def _loops_of(root: str) -> List[str]:
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
     return [line for line in out.splitlines() if root in line]
@@ -79,11 +74,10 @@ def root() -> Iterator[str]:
     run(["mount", "-t", "tmpfs", "-o", f"size={STATE_FS_BYTES},mode=0755", "tmpfs", state])
     try:
         yield state
-        leaked = [p for p in _mounts_under(top) if p != state]
+        leaked = [p for p in mounts_under(top) if p != state]
         loops = _loops_of(top)
     finally:
-        for point in sorted(_mounts_under(top), reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+        unmount_under(top)
         shutil.rmtree(top, ignore_errors=True)
     assert leaked == [] and loops == [], f"left behind: mounts {leaked}, loop devices {loops}"
 
@@ -322,7 +316,7 @@ def test_a_restart_keeps_a_live_vms_mount_and_remounts_one_a_reboot_lost(root: s
     restarted = VMBoundary(exporter=NullExporter(), limits=LIMITS, jobfs=jobfs)
     restarted.start(None, [machine])
     assert is_mounted(machine.joboutputs_dir)
-    assert _mounts_under(machine.path) == [machine.joboutputs_dir]  # kept, not stacked
+    assert mounts_under(machine.path) == [machine.joboutputs_dir]  # kept, not stacked
     run(["umount", machine.joboutputs_dir])  # what a host reboot does
     assert os.listdir(machine.joboutputs_dir) == []
     restarted.start(None, [machine])
