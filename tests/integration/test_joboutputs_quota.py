@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from typing import Iterator, List
 
 import pytest
@@ -87,11 +88,12 @@ def _free(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _machine(state: str, uuid: str = "00000000-0000-4000-8000-00000000000a") -> Machine:
-    record = VMRecord(uuid=uuid, name="vf-00.example.com", slot=0, factory="vf.example.com",
+def _machine(state: str, slot: int = 0, address: str = VM_ADDR) -> Machine:
+    uuid = f"00000000-0000-4000-8000-{slot:012x}"
+    record = VMRecord(uuid=uuid, name=f"vf-{slot:02d}.example.com", slot=slot, factory="vf.example.com",
                       space="vac01.example.com", machinetype="nfs", machine_model="cernvm3",
                       processors=1, memory_mb=512, created=1.0, shutdown_time=2.0,
-                      mjf_transport="nfs", address=VM_ADDR, token="ab" * 16)
+                      mjf_transport="nfs", address=address, token=f"{slot + 10:02x}" * 16)
     machine = MachineStore(state).prepare(record, {"total_cpu": "1"}, {"job_id": uuid})
     return machine
 
@@ -197,56 +199,70 @@ def ganesha(root: str) -> Iterator[GaneshaExporter]:
     exporter.stop_server()
 
 
-def test_ganesha_serves_the_limited_filesystem_and_an_nfs_writer_gets_nospc(
-        root: str, ganesha: GaneshaExporter) -> None:
-    machine = _machine(root)
-    uuid = machine.uuid
-    boundary = VMBoundary(exporter=ganesha, limits=LIMITS, jobfs=JobOutputsFS("ext4", LIMITS))
-    boundary.publish(machine)
-    assert is_mounted(machine.joboutputs_dir)
-    image_size = os.stat(image_path(machine.joboutputs_dir)).st_size
-
-    # what the VM sees over NFS is the small filesystem, not the state disk
-    out = nfs_compound(VM_ADDR, [putrootfh(), lookup(uuid), lookup("joboutputs"), getattr_space()],
-                       port=PORT)
-    assert out.status == NFS4_OK
-    avail, _, total = out.results[-1][2]  # type: ignore[misc]
-    assert CAP <= avail and total <= image_size
-    features = nfs_compound(VM_ADDR, [putrootfh(), lookup(uuid), lookup("machinefeatures"),
-                                      getattr_space()], port=PORT)
-    assert features.results[-1][2][2] == STATE_FS_BYTES  # type: ignore[index]
-
-    # a file the VM writes lands in the mounted filesystem and is read back over NFS
-    _write_file(machine.joboutputs_dir, joboutputs.SHUTDOWN_MESSAGE, b"200 Success\n")
-    reply = nfs_compound(VM_ADDR, [putrootfh(), lookup(uuid), lookup("joboutputs"),
-                                   lookup(joboutputs.SHUTDOWN_MESSAGE), read(4096)], port=PORT)
-    assert reply.status == NFS4_OK and reply.results[-1][2] == b"200 Success\n"
-
-    # a writer over NFS (as the squashed identity) fills its file until the server says no
-    path = os.path.join(machine.joboutputs_dir, "payload")
-    _write_file(machine.joboutputs_dir, "payload", b"")
+def _nfs_fill(machine: Machine, name: str) -> int:
+    """Write ``name`` in the VM's joboutputs over NFS (from its address, squashed) until the
+    server refuses; the bytes written. The file is made by the host: OPEN needs NFSv4 client
+    state, which WRITE with the anonymous stateid does not."""
+    path = os.path.join(machine.joboutputs_dir, name)
+    _write_file(machine.joboutputs_dir, name, b"")
     os.chown(path, 65534, 65534)
-    free_before = _free(root)
-    offset, status, chunk = 0, NFS4_OK, b"z" * (256 * 1024)
-    while status == NFS4_OK:
-        reply = nfs_compound(VM_ADDR, [putrootfh(), lookup(uuid), lookup("joboutputs"),
-                                       lookup("payload"), write(offset, chunk)], port=PORT)
-        status = reply.status
-        if status == NFS4_OK:
-            offset += reply.results[-1][2]  # type: ignore[operator]
+    offset, chunk = 0, b"z" * (256 * 1024)
+    while True:
+        reply = nfs_compound(machine.record.address, [putrootfh(), lookup(machine.uuid), lookup("joboutputs"),
+                                                      lookup(name), write(offset, chunk)], port=PORT)
+        if reply.status != NFS4_OK:
+            assert reply.status in (NFS4ERR_NOSPC, NFS4ERR_DQUOT), reply
+            return offset
+        offset += reply.results[-1][2]  # type: ignore[operator]
         assert offset <= STATE_FS_BYTES, "no limit over NFS"
-    assert status in (NFS4ERR_NOSPC, NFS4ERR_DQUOT)
-    assert CAP - MiB <= offset <= CAP + SIZE_TOLERANCE
-    assert free_before - _free(root) <= image_size
 
-    # the VM ends: exports withdrawn, the fs released (ganesha holds nothing open on it)
-    boundary.withdraw(machine)
-    assert uuid not in ganesha.exports
-    assert not is_mounted(machine.joboutputs_dir)
-    assert not os.path.exists(image_path(machine.joboutputs_dir))
-    # what is within the caps is kept on the state disk; the oversize payload is not
-    assert sorted(os.listdir(machine.joboutputs_dir)) == [joboutputs.SHUTDOWN_MESSAGE]
-    assert joboutputs.read_shutdown_message(machine.joboutputs_dir, LIMITS).code == 200
+
+def _nfs_space(machine: Machine, export: str) -> tuple:
+    """(space_avail, space_free, space_total) of one of the VM's exports, over NFS."""
+    reply = nfs_compound(machine.record.address, [putrootfh(), lookup(machine.uuid), lookup(export),
+                                                  getattr_space()], port=PORT)
+    assert reply.status == NFS4_OK, reply
+    return reply.results[-1][2]  # type: ignore[return-value]
+
+
+def test_ganesha_serves_the_limited_filesystems_and_nfs_writers_get_nospc(
+        root: str, ganesha: GaneshaExporter) -> None:
+    boundary = VMBoundary(exporter=ganesha, limits=LIMITS, jobfs=JobOutputsFS("ext4", LIMITS))
+    first = _machine(root, 1, "127.0.0.2")
+    boundary.publish(first)  # starts ganesha
+    second = _machine(root, 2, "127.0.0.3")
+    boundary.publish(second)  # mounted while ganesha runs: exported by a reload
+    for machine in (first, second):
+        assert is_mounted(machine.joboutputs_dir)
+        image_size = os.stat(image_path(machine.joboutputs_dir)).st_size
+        # what the VM sees over NFS is its small filesystem, not the state disk
+        avail, _, total = _nfs_space(machine, "joboutputs")
+        assert CAP <= avail and total <= image_size
+        assert _nfs_space(machine, "machinefeatures")[2] == STATE_FS_BYTES
+        # a file the VM writes lands in the mounted filesystem and is read back over NFS
+        _write_file(machine.joboutputs_dir, joboutputs.SHUTDOWN_MESSAGE, b"200 Success\n")
+        reply = nfs_compound(machine.record.address, [putrootfh(), lookup(machine.uuid), lookup("joboutputs"),
+                                                      lookup(joboutputs.SHUTDOWN_MESSAGE), read(4096)], port=PORT)
+        assert reply.status == NFS4_OK and reply.results[-1][2] == b"200 Success\n"
+        # a writer over NFS fills its file until the server says no
+        free_before = _free(root)
+        written = _nfs_fill(machine, "payload")
+        assert CAP - MiB <= written <= CAP + SIZE_TOLERANCE
+        assert free_before - _free(root) <= image_size
+    # still one client per export: the second VM cannot write into the first one's
+    reply = nfs_compound("127.0.0.3", [putrootfh(), lookup(first.uuid), lookup("joboutputs"),
+                                       lookup(joboutputs.SHUTDOWN_MESSAGE), write(0, b"x")], port=PORT)
+    assert reply.status != NFS4_OK
+
+    # the VMs end: exports withdrawn, the filesystems released (ganesha holds nothing open)
+    for machine in (first, second):
+        boundary.withdraw(machine)
+        assert machine.uuid not in ganesha.exports
+        assert not is_mounted(machine.joboutputs_dir)
+        assert not os.path.exists(image_path(machine.joboutputs_dir))
+        # what is within the caps is kept on the state disk; the oversize payload is not
+        assert sorted(os.listdir(machine.joboutputs_dir)) == [joboutputs.SHUTDOWN_MESSAGE]
+        assert joboutputs.read_shutdown_message(machine.joboutputs_dir, LIMITS).code == 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +321,26 @@ def test_release_repeated_after_a_kill_at_any_step_ends_clean(root: str, kill_at
     _end_state_is_clean(machine)
     jobfs.release(machine.joboutputs_dir)  # and once more: nothing changes
     _end_state_is_clean(machine)
+
+
+def test_a_file_still_open_at_release_does_not_block_it_nor_leak_the_loop_device(root: str) -> None:
+    machine = _machine(root)
+    jobfs = JobOutputsFS("ext4", LIMITS)
+    jobfs.create(machine.joboutputs_dir)
+    _write_file(machine.joboutputs_dir, "shutdown_message", b"200 Success\n")
+    holder = os.open(os.path.join(machine.joboutputs_dir, "held"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        jobfs.release(machine.joboutputs_dir)  # umount: busy; detached lazily
+        assert not is_mounted(machine.joboutputs_dir)
+        assert sorted(os.listdir(machine.joboutputs_dir)) == ["held", "shutdown_message"]
+        assert not os.path.exists(image_path(machine.joboutputs_dir))
+        assert _loops_of(root) != []  # the holder keeps the filesystem, as it must
+    finally:
+        os.close(holder)
+    deadline = time.monotonic() + 10
+    while _loops_of(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _loops_of(root) == []  # freed with the last holder (autoclear)
 
 
 def test_a_restart_keeps_a_live_vms_mount_and_remounts_one_a_reboot_lost(root: str) -> None:

@@ -102,3 +102,40 @@ def test_the_image_and_saved_copy_sit_beside_joboutputs(tmp_path):
     parent = os.path.dirname(directory)
     assert jobfs.image_path(directory) == os.path.join(parent, "joboutputs.img")
     assert jobfs.saved_path(directory + "/") == os.path.join(parent, "joboutputs.saved")
+
+
+@pytest.mark.parametrize("settings,kind", [
+    ("", "ext4"),  # the default: ganesha, ext4
+    ("joboutputs_nfs_filesystem = tmpfs\n", "tmpfs"),
+    ("nfs_exporter = exportfs\njoboutputs_nfs_filesystem = none\n", "none"),
+    ("nfs_exporter = none\n", "none"),  # nothing is exported: nobody writes over NFS
+])
+def test_the_daemon_makes_the_configured_kind_with_the_joboutputs_caps(tmp_path, settings, kind):
+    from vacfactory.config.hostfacts import HostFacts
+    from vacfactory.config.loader import ConfigSources, load_config
+    from vacfactory.daemon import make_jobfs
+
+    main = tmp_path / "vacfactory.conf"
+    main.write_text("[settings]\nvac_space = vac01.example.com\nfactory_name = wn01.example.com\n"
+                    f"state_dir = {tmp_path / 'state'}\njoboutputs_max_total_bytes = 50000000\n"
+                    "joboutputs_max_files = 7\n" + settings)
+    config = load_config(ConfigSources.for_main_file(str(main)),
+                         host_facts=HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384))
+    made = make_jobfs(config)
+    assert made.kind == kind
+    assert (made.limits.max_total_bytes, made.limits.max_files) == (50000000, 7)
+
+
+def test_an_unknown_filesystem_kind_is_a_located_config_error(tmp_path):
+    from vacfactory.config.hostfacts import HostFacts
+    from vacfactory.config.loader import ConfigSources, load_config
+    from vacfactory.errors import ConfigErrors
+
+    main = tmp_path / "vacfactory.conf"
+    main.write_text("[settings]\nvac_space = vac01.example.com\nfactory_name = wn01.example.com\n"
+                    f"state_dir = {tmp_path / 'state'}\njoboutputs_nfs_filesystem = xfs\n")
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(ConfigSources.for_main_file(str(main)),
+                    host_facts=HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384))
+    assert any(str(e).startswith(f"{main}:5: [settings] joboutputs_nfs_filesystem: ")
+               for e in caught.value.errors), [str(e) for e in caught.value.errors]

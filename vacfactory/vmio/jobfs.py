@@ -29,7 +29,13 @@ Life cycle (each step idempotent, so a kill -9 anywhere is repaired by doing it 
    ``joboutputs/`` directory (kept until ``machines_dir_days``, like every VM's).
 
 Only ``release`` and ``remount`` act on what they find on disk, whatever the configured kind
-(a VM created with ext4 is released correctly after the site switched to ``none``).
+(a VM created with ext4 is released correctly after the site switched to ``none``). If
+something still holds a file open in the filesystem at release (its files are saved by then),
+it is detached lazily (``umount -l``) and goes, loop device and all, with the last holder.
+
+The image is sparse, not preallocated: VMs cost the state disk what they write, and creation
+pauses anyway while the state disk is nearly full; a VM writing while it is completely full
+gets I/O errors (``errors=continue`` keeps its filesystem mounted).
 """
 
 from __future__ import annotations
@@ -197,7 +203,7 @@ class JobOutputsFS:
         if is_mounted(joboutputs_dir):
             if not os.path.isdir(saved):
                 self._save(joboutputs_dir, saved)
-            self.runner(["umount", joboutputs_dir])
+            self._unmount(joboutputs_dir, label)
         if is_mounted(joboutputs_dir):  # stacked mounts: never delete under one
             raise ExportError(f"{joboutputs_dir}: still a mount point after umount")
         if os.path.lexists(image):
@@ -208,6 +214,17 @@ class JobOutputsFS:
             fsync_directory(joboutputs_dir)
             os.rmdir(saved)
         shutil.rmtree(saving_path(joboutputs_dir), ignore_errors=True)
+
+    def _unmount(self, joboutputs_dir: str, label: str) -> None:
+        """Unmount; if something still holds a file open in it (the files are saved by now),
+        detach it lazily: it goes, with its loop device, when the last holder closes."""
+        try:
+            self.runner(["umount", joboutputs_dir])
+        except ExportError as error:
+            if not is_mounted(joboutputs_dir):
+                raise
+            log.warning("%s: joboutputs filesystem busy (%s); detached lazily", label, error)
+            self.runner(["umount", "-l", joboutputs_dir])
 
     def _save(self, joboutputs_dir: str, saved: str) -> None:
         """Copy the accepted files (hostile input: no links, caps) into ``saved``, atomically."""
