@@ -27,8 +27,8 @@ from vacfactory.errors import ConfigError, ExportError, VacFactoryError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportfsExporter, ExportSpec, Exporter, GaneshaExporter, NullExporter
-from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.httpserver import METADATA_ADDRESS
+from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry
 
