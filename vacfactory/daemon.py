@@ -55,6 +55,7 @@ from vacfactory.state.machines import MachineStore
 from vacfactory.urlpolicy import UrlPolicy
 from vacfactory.vmio import syslogd
 from vacfactory.vmio.httpserver import MetadataServer, base_url
+from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.syslogd import (
     SyslogLimits,
@@ -152,7 +153,8 @@ class Daemon:
         self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
             hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config),
-                                   meta_source=lambda: vm_meta(self.factory.config))
+                                   meta_source=lambda: vm_meta(self.factory.config),
+                                   jobfs=make_jobfs(self.config))
         self.space = SpaceWatcher(lambda: self.factory.config)
         self.space.memory = RecordingSpaceMemory(self.space.memory.max_age)
         self.factory = Factory(
@@ -665,6 +667,13 @@ def make_exporter(config):
         return exports.ExportfsExporter(
             managed_prefix=os.path.join(config.settings.state_dir, "machines"))
     return exports.NullExporter()
+
+
+def make_jobfs(config) -> JobOutputsFS:
+    """Size-limited joboutputs filesystems, only where VMs write over NFS (an exporter)."""
+    s = config.settings
+    kind = s.joboutputs_nfs_filesystem if s.nfs_exporter != "none" else "none"
+    return JobOutputsFS(kind, joboutputs_limits(config))
 
 
 def joboutputs_limits(config) -> JobOutputsLimits:

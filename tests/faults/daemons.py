@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from tests.integration.mounts import unmount_under
 from tests.integration.realfactory import nfs_port_holder  # noqa: F401 - the fault tests take it from here
 from vacfactory.engine import naming
 from vacfactory.errors import HypervisorError
@@ -225,6 +226,7 @@ class FactoryUnderTest:
                 pass
         if self.nfs_exporter == "ganesha":
             self.ganesha().stop_server()
+        unmount_under(self.base)  # NFS VMs' joboutputs filesystems, kept across kills
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
 

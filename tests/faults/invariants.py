@@ -283,6 +283,10 @@ def _check_finished(ctx: Context, machines: Mapping[str, Machine], v: List[str])
             left = []
         if left:
             v.append(f"{m.name}: VM {uuid} ({m.state}) left disk files {sorted(left)}")
+        if m.cleaned is not None and (os.path.ismount(m.joboutputs_dir)
+                                      or os.path.lexists(os.path.join(m.path, "joboutputs.img"))):
+            v.append(f"{m.name}: VM {uuid} is cleaned but its joboutputs filesystem is still "
+                     "mounted or its image is left: leaked")
         if m.state == "done":
             keep = ctx.retention_seconds.get(m.record.machinetype, DEFAULT_RETENTION_SECONDS)
             age = ctx.check_time - m.finished.time

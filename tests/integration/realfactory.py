@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 import libvirt
 import pytest
 
+from tests.integration.mounts import unmount_under
 from vacfactory.engine import naming
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
@@ -120,7 +121,8 @@ class RealFactory:
         self.process = None
 
     def cleanup(self) -> None:
-        """Stop the daemon, destroy any VM of ours it left, stop the ganesha it started."""
+        """Stop the daemon, destroy any VM of ours it left, stop the ganesha it started, unmount
+        the joboutputs filesystems of NFS VMs it left running."""
         self.stop()
         try:
             for domain in self.domains():
@@ -130,6 +132,7 @@ class RealFactory:
             if os.path.isdir(ganesha):
                 GaneshaExporter(os.path.join(ganesha, "ganesha.conf"), os.path.join(ganesha, "ganesha.pid"),
                                 os.path.join(ganesha, "ganesha.log")).stop_server()
+            unmount_under(self.state_dir)  # NFS VMs' joboutputs filesystems the daemon kept
             self.hypervisor.close()
 
     def look_for_foreign_vms(self) -> None:

@@ -40,8 +40,10 @@ A_ADDR, B_ADDR, STRANGER = "127.0.0.2", "127.0.0.3", "127.0.0.9"
 # --------------------------------------------------------------------------------------------
 # a minimal NFSv4.0 client (RFC 7530 COMPOUND over ONC RPC / TCP record marking)
 
-NFS4_OK, NFS4ERR_NOENT, NFS4ERR_ACCESS = 0, 2, 13
-OP_ACCESS, OP_GETFH, OP_LOOKUP, OP_PUTROOTFH, OP_READ = 3, 10, 15, 24, 25
+NFS4_OK, NFS4ERR_NOENT, NFS4ERR_ACCESS, NFS4ERR_NOSPC, NFS4ERR_DQUOT = 0, 2, 13, 28, 69
+OP_ACCESS, OP_GETATTR, OP_GETFH, OP_LOOKUP, OP_PUTROOTFH, OP_READ, OP_WRITE = 3, 9, 10, 15, 24, 25, 38
+#: fattr4 numbers of the space attributes (RFC 7530 5.7)
+FATTR4_SPACE_AVAIL, FATTR4_SPACE_FREE, FATTR4_SPACE_TOTAL = 42, 43, 44
 ACCESS_READ, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_EXTEND = 0x1, 0x2, 0x4, 0x8
 
 
@@ -63,6 +65,16 @@ def access(mask: int) -> bytes:
 
 def read(count: int) -> bytes:  # anonymous stateid: allowed for READ in NFSv4.0
     return struct.pack(">I", OP_READ) + b"\0" * 16 + struct.pack(">QI", 0, count)
+
+
+def write(offset: int, data: bytes) -> bytes:  # anonymous stateid: allowed for WRITE in NFSv4.0
+    return struct.pack(">I", OP_WRITE) + b"\0" * 16 + struct.pack(">QI", offset, 2) + _opaque(data)
+
+
+def getattr_space() -> bytes:
+    """GETATTR of space_avail, space_free and space_total (all in the second bitmap word)."""
+    word = sum(1 << (n - 32) for n in (FATTR4_SPACE_AVAIL, FATTR4_SPACE_FREE, FATTR4_SPACE_TOTAL))
+    return struct.pack(">IIII", OP_GETATTR, 2, 0, word)
 
 
 @dataclass
@@ -138,6 +150,15 @@ def _parse_reply(data: bytes, xid: int) -> Compound:
                 value = opaque()
             elif op == OP_GETFH:
                 value = opaque()
+            elif op == OP_WRITE:
+                value = u32()  # count written
+                u32()
+                pos += 8  # committed, verifier
+            elif op == OP_GETATTR:
+                for _ in range(u32()):
+                    u32()  # the bitmap (we only ask for the space attributes)
+                attrs = opaque()
+                value = struct.unpack(f">{len(attrs) // 8}Q", attrs)  # avail, free, total
         results.append((op, op_status, value))
         if op_status != NFS4_OK:
             break

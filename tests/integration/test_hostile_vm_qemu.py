@@ -4,8 +4,9 @@ The VM (``hostile_guest.sh``, the tiny guest on TCG) mounts its joboutputs read-
 NFSv4.1 from the factory's nfs-ganesha and fills it with traps: ``shutdown_message`` as a
 symlink to a host file (whose first line is a valid ``600`` message, so following it would
 show), a FIFO named like a heartbeat file, a file over the size cap, hard links, bad names, a
-40-level tree, 300 files against a cap of 100, a device node. Meanwhile a well-behaved VM runs
-the demo pilot over HTTP with heartbeats.
+40-level tree, 300 files against a cap of 100, a device node; then it writes a file it keeps
+open (which the factory unlinks as oversize) until its own 16 MiB joboutputs filesystem
+(vmio.jobfs) refuses. Meanwhile a well-behaved VM runs the demo pilot over HTTP with heartbeats.
 
 The factory must stay up and undisturbed: the traps are removed (never followed: the host file
 is untouched), the hostile VM ends with no message rather than the host file's, the other VM
@@ -15,6 +16,7 @@ runs to its own ``200`` unharmed, and the log names what was rejected.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -33,6 +35,8 @@ GUEST = str(Path(__file__).resolve().parent / "hostile_guest.sh")
 HOST_SECRET = "600 read through a symlink: the factory followed a VM's link\n"
 MAX_FILES = 100
 MAX_FILE_BYTES = 1048576
+#: the VM's own joboutputs filesystem (vmio.jobfs); the guest's open writer tries 4 times this
+MAX_TOTAL_BYTES = 16 * 1048576
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,7 @@ def hostile_run(tiny_guest):
         nfs_exporter = ganesha
         joboutputs_max_files = {MAX_FILES}
         joboutputs_max_file_bytes = {MAX_FILE_BYTES}
+        joboutputs_max_total_bytes = {MAX_TOTAL_BYTES}
         """,
         textwrap.dedent(f"""
             [machinetype hostile]
@@ -137,13 +142,32 @@ def test_the_factory_stayed_up_and_removed_every_trap_without_following_it(hosti
             st = os.lstat(os.path.join(directory, name))
             assert stat.S_ISREG(st.st_mode), f"{name}: not a regular file"
             assert st.st_nlink == 1 and st.st_size <= MAX_FILE_BYTES, name
-            assert name not in ("shutdown_message", "heartbeat", "big", "hardlink", "small", "deep", "dev")
+            assert name not in ("shutdown_message", "heartbeat", "big", "deep", "dev", "fill")
             assert "\n" not in name and " " not in name and not name.startswith(".")
         assert len(os.listdir(directory)) <= MAX_FILES
+        # the factory removes one name of the hard-linked pair (which one: directory order); the
+        # other is then a plain file with one link, and may be kept
+        assert not {"small", "hardlink"} <= set(os.listdir(directory))
     # the log says what was rejected, naming the VM's machine directory (its UUID)
     log = hostile_run["log"]
     assert f"/{hostile.uuid}: joboutputs/shutdown_message rejected: symlink (removed)" in log, log[-3000:]
-    assert f"/{hostile.uuid}: joboutputs/small rejected: hard link (removed)" in log
+    assert re.search(rf"/{hostile.uuid}: joboutputs/(small|hardlink) rejected: hard link \(removed\)", log)
+
+
+def test_a_writer_keeping_its_file_open_over_nfs_is_stopped_at_the_vms_cap(hostile_run):
+    """The factory unlinks the oversize file, the VM goes on writing through its descriptor:
+    its joboutputs filesystem of MAX_TOTAL_BYTES refuses, so the host's disk is never filled."""
+    hostile = hostile_run["hostile"]
+    console = read(hostile.console_log)
+    found = re.search(r"HOSTILE: fill: (\d+) bytes written, then (refused|never refused)", console)
+    assert found, console[-3000:]
+    assert found.group(2) == "refused" and int(found.group(1)) <= MAX_TOTAL_BYTES, found.group(0)
+    assert f"/{hostile.uuid}: joboutputs/fill rejected: file too big" in hostile_run["log"]
+    assert f"/{hostile.uuid}: joboutputs is its own ext4 filesystem of {MAX_TOTAL_BYTES} bytes" \
+        in hostile_run["log"]
+    # released when it was cleaned: no image, no mount
+    assert not os.path.exists(os.path.join(hostile.path, "joboutputs.img"))
+    assert not os.path.ismount(hostile.joboutputs_dir)
 
 
 def test_the_hostile_vm_ends_without_the_host_files_message(hostile_run):

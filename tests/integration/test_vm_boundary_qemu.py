@@ -352,6 +352,9 @@ def test_nfs_vm_reads_every_mjf_value_and_writes_joboutputs_over_ganesha(nfs_run
     assert re.fullmatch(r"\d{10}\n", outputs.get("heartbeat", "")), outputs
     assert outputs["shutdown_message"] == "300 Nothing to do\n"
     assert (machine.finished.code, machine.finished.outcome) == (300, "abort")
+    # written over NFS into the VM's own size-limited filesystem, copied out when it was cleaned
+    assert f"/{machine.uuid}: joboutputs is its own ext4 filesystem" in nfs_run.log
+    assert not os.path.exists(os.path.join(machine.path, "joboutputs.img"))
     print(f"NFS scenario took {nfs_run.elapsed:.0f} s")
 
 

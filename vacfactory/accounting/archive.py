@@ -52,7 +52,7 @@ CLOUD_SUBDIR = "cloud"
 NOT_QUEUED_SUBDIR = "not-queued"
 SYNC_STATE_FILE = ".sync-state.json"
 
-_UUID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_UUID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _KEY_SAFE = "-._~"  # quote() keeps [A-Za-z0-9] and these; everything else is %XX
 _MAX_NAME = 255
 
@@ -72,7 +72,7 @@ class ArchivedRecord:
 
 def check_uuid(uuid: str) -> None:
     """The UUID becomes a file name: refuse anything that could escape the archive."""
-    if not _UUID_NAME.match(uuid):
+    if not _UUID_NAME.fullmatch(uuid):
         raise RecordInvalid(f"{uuid!r}: LocalJobId is not usable as a file name")
 
 
@@ -234,7 +234,7 @@ def _record_names(directory: str) -> Iterator[os.DirEntry]:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.startswith(TEMP_PREFIX):
                     continue
-                if _UUID_NAME.match(entry.name):
+                if _UUID_NAME.fullmatch(entry.name):
                     yield entry
     except FileNotFoundError:
         return

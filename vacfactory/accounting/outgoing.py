@@ -30,10 +30,10 @@ from vacfactory.errors import AccountingError
 
 log = logging.getLogger(__name__)
 
-ELEMENT_NAME = re.compile(r"^[0-9a-f]{8}/[0-9a-f]{14}$")
+ELEMENT_NAME = re.compile(r"[0-9a-f]{8}/[0-9a-f]{14}")
 _CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
-_DIRECTORY = re.compile(r"^[0-9a-f]{8}$")
-_ELEMENT_FILE = re.compile(r"^[0-9a-f]{14}$")
+_DIRECTORY = re.compile(r"[0-9a-f]{8}")
+_ELEMENT_FILE = re.compile(r"[0-9a-f]{14}")
 #: stale temporaries and locks older than these are cleared (ssmsend's own values)
 MAX_TEMP_SECONDS = 300
 MAX_LOCK_SECONDS = 600
@@ -51,7 +51,7 @@ class Backlog:
 
 def is_element_name(name: str) -> bool:
     """True if ssmsend would see this element (``8hex/14hex``)."""
-    return bool(ELEMENT_NAME.match(name))
+    return bool(ELEMENT_NAME.fullmatch(name))
 
 
 class OutgoingQueue:
@@ -159,7 +159,7 @@ def backlog_of(path: str) -> Backlog:
     oldest: Optional[int] = None
     for directory in _hex_dirs(path):
         for entry in os.listdir(os.path.join(path, directory)):
-            if _ELEMENT_FILE.match(entry):
+            if _ELEMENT_FILE.fullmatch(entry):
                 count += 1
                 stamp = int(entry[:8], 16)
                 oldest = stamp if oldest is None else min(oldest, stamp)
@@ -208,7 +208,7 @@ def _hex_dirs(path: str) -> Iterator[str]:
     except FileNotFoundError:
         return
     for name in sorted(names):
-        if _DIRECTORY.match(name):
+        if _DIRECTORY.fullmatch(name):
             yield name
 
 

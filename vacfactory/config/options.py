@@ -467,6 +467,19 @@ OPTIONS: Tuple[Option, ...] = (
         ("ganesha", "userspace nfs-ganesha"),
         ("exportfs", "the kernel NFS server"))),
            default="ganesha", vac=False, doc="How machine directories are exported to VMs over NFS."),
+    Option("joboutputs_nfs_filesystem", S, Choice(choices=("ext4", "tmpfs", "none"), choice_docs=(
+        ("ext4", "a sparse file machines/<uuid>/joboutputs.img formatted ext4 and loop-mounted "
+                 "(costs the state disk what the VM writes, at most the cap plus ext4's overhead)"),
+        ("tmpfs", "a size-limited tmpfs (no loop device; costs RAM, lost with a host reboot)"),
+        ("none", "a plain directory, only trimmed every few seconds: a writer that keeps a file "
+                 "open can fill the state disk"))),
+           default="ext4", vac=False,
+           doc="Each NFS VM's joboutputs is a filesystem of its own of joboutputs_max_total_bytes "
+               "(and joboutputs_max_files plus 64 inodes), so a VM writing over NFS gets ENOSPC at "
+               "its cap even if it keeps a file open. When the VM is cleaned, the files within the "
+               "caps are copied out, the filesystem is unmounted and its image deleted. Needs root "
+               "and mount (ext4: loop devices and mkfs.ext4). Read when the daemon starts; "
+               "unused with nfs_exporter = none."),
     Option("joboutputs_max_file_bytes", S, _BYTES, default=10485760, vac=False,
            doc="Largest single file a VM may write into joboutputs."),
     Option("joboutputs_max_total_bytes", S, _BYTES, default=104857600, vac=False,
@@ -984,6 +997,22 @@ def _rule_fqan(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_gocdb_sitename(c: DefaultContext) -> Optional[str]:
+    site = c.values.get("gocdb_sitename")
+    if site is None:
+        return None
+    # APEL's rules for Site, applied to a sync record that is valid apart from it (job and
+    # sync records share Site's rules; cloud records carry the same text as SiteName)
+    record = {"Site": site, "NumberOfJobs": "0", "Month": "1", "Year": "2026"}
+    try:
+        apel.validate_fields(apel.SYNC, record, now=0.0)
+    except apel.FieldInvalid as error:
+        if error.field != "Site":
+            raise  # the probe record itself is wrong: a bug here, not in the configuration
+        return f"{error.reason}: APEL refuses such a record, so no VM could be accounted"
+    return None
+
+
 def _rule_nfs_transport(c: DefaultContext) -> Optional[str]:
     if (c.values["mjf_transport"] == "nfs" and machinetype_startable(c.values)
             and c.settings.get("nfs_exporter") == "none"):
@@ -1031,6 +1060,9 @@ RULES: Tuple[Rule, ...] = (
          "apel_send = yes needs apel_broker_host."),
     Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),
          _rule_joboutputs, "joboutputs_max_file_bytes may not exceed joboutputs_max_total_bytes."),
+    Rule(S, "gocdb_sitename", ("gocdb_sitename",), _rule_gocdb_sitename,
+         "gocdb_sitename must pass APEL's rules for Site (printable ASCII, at most 255 characters, "
+         "no '%%')."),
     Rule(S, "syslog_server", ("syslog_server",), _rule_port("syslog_server"),
          "syslog_server's port must be 1-65535."),
     Rule(S, "syslog_forward", ("syslog_forward",), _rule_port("syslog_forward"),

@@ -58,8 +58,8 @@ DEFAULT_INFRASTRUCTURE_TYPE = "grid"
 CLOUD_TYPE = "vacfactory"
 
 _NULLS = ("", "none", "null")
-_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
-_INT = re.compile(r"^-?[0-9]+$")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+_INT = re.compile(r"-?[0-9]+")
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 
 Fields = Tuple[Tuple[str, str], ...]
@@ -390,7 +390,7 @@ def _check_text(rules: RecordRules, fields: Mapping[str, str], record: Optional[
     for key, value in fields.items():
         if key not in rules.allowed:
             raise FieldInvalid(key, "unknown field (APEL rejects the whole message)", record=record)
-        if not isinstance(value, str) or not _PRINTABLE_ASCII.match(value):
+        if not isinstance(value, str) or not _PRINTABLE_ASCII.fullmatch(value):
             raise FieldInvalid(key, f"{value!r} is not printable ASCII", record=record)
         if value != value.strip():
             raise FieldInvalid(key, f"{value!r} has leading or trailing blanks", record=record)
@@ -425,7 +425,7 @@ def _check_job(present: Mapping[str, str], times: Mapping[str, int], now: float,
 
 
 def _parse_int(key: str, value: str, record: Optional[str]) -> int:
-    if not _INT.match(value):
+    if not _INT.fullmatch(value):
         raise FieldInvalid(key, f"{value!r} is not an integer", record=record)
     return int(value)
 
@@ -442,7 +442,7 @@ def _parse_float(key: str, value: str, record: Optional[str]) -> float:
 
 def parse_datetime(key: str, value: str, record: Optional[str] = None) -> int:
     """APEL's datetime: epoch seconds or ``%Y-%m-%dT%H:%M:%SZ``; epoch seconds returned."""
-    if _INT.match(value):
+    if _INT.fullmatch(value):
         return int(value)
     try:
         return calendar.timegm(time.strptime(value, _ISO))
@@ -469,7 +469,7 @@ def parse_message(text: str) -> Message:
     ASCII, the header known, every non-blank line ``Key: value``, no key twice in a record,
     and the message must end with ``%%``.
     """
-    if not _PRINTABLE_ASCII.match(text.replace("\n", "").replace("\r", "").replace("\t", " ")):
+    if not _PRINTABLE_ASCII.fullmatch(text.replace("\n", "").replace("\r", "").replace("\t", " ")):
         raise RecordInvalid("message is not ASCII")
     header, sep, body = text.replace("\r\n", "\n").partition("\n")
     header = header.strip()
@@ -517,16 +517,16 @@ def month_of(epoch: float) -> str:
     return f"{t.tm_year:04d}{t.tm_mon:02d}"
 
 
-_MONTH = re.compile(r"^([0-9]{4})(0[1-9]|1[0-2])$")
+_MONTH = re.compile(r"([0-9]{4})(0[1-9]|1[0-2])")
 
 
 def is_month(text: str) -> bool:
-    return bool(_MONTH.match(text))
+    return bool(_MONTH.fullmatch(text))
 
 
 def parse_month(text: str) -> Tuple[int, int]:
     """``YYYYMM`` -> (year, month); ValueError if it is not a month."""
-    match = _MONTH.match(text)
+    match = _MONTH.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not a month (YYYYMM)")
     return int(match.group(1)), int(match.group(2))

@@ -2,8 +2,9 @@
 
 Publishing registers the VM with the HTTP MJF/metadata server (by address and token) and,
 for ``mjf_transport = nfs``, exports its machinefeatures/jobfeatures (read-only) and
-joboutputs (read-write) to the VM's address only. Everything read back from joboutputs goes
-through vmio.joboutputs, which treats every byte as hostile.
+joboutputs (read-write) to the VM's address only; its joboutputs is then a size-limited
+filesystem of its own (vmio.jobfs), released when the VM is cleaned. Everything read back from
+joboutputs goes through vmio.joboutputs, which treats every byte as hostile.
 
 ``vm_meta`` is what every VM is offered besides its own identity (the keys of the
 ``root_public_key`` file, see engine.rootkeys; the availability zone); the HTTP server and
@@ -25,6 +26,7 @@ from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportfsExporter, ExportSpec, Exporter, GaneshaExporter, NullExporter
 from vacfactory.vmio.httpserver import METADATA_ADDRESS
+from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry
 
@@ -41,11 +43,14 @@ class VMBoundary:
         exporter: Optional[Exporter] = None,
         limits: JobOutputsLimits = JobOutputsLimits(),
         meta_source: Callable[[], Mapping[str, str]] = dict,
+        jobfs: Optional[JobOutputsFS] = None,
     ) -> None:
         self.registry = registry if registry is not None else VMRegistry()
         self.exporter = exporter if exporter is not None else NullExporter()
         self.limits = limits
         self.meta_source = meta_source
+        #: each NFS VM's joboutputs on a filesystem of its own (vmio.jobfs); none: plain dirs
+        self.jobfs = jobfs if jobfs is not None else JobOutputsFS("none", limits)
 
     def start(self, config, live: Iterable[Machine]) -> None:
         """After a restart: re-register live VMs and make the exports match them exactly."""
@@ -60,6 +65,8 @@ class VMBoundary:
             if machine.record.address:
                 self.registry.add(endpoint(machine, self._meta(machine, meta)))
             expected[machine.uuid] = export_specs(machine)
+            if machine.record.mjf_transport == "nfs":
+                self._remount(machine)
         try:
             self.exporter.reconcile(expected)
         except ExportError as error:
@@ -72,6 +79,7 @@ class VMBoundary:
             self.registry.add(endpoint(machine, self._meta(machine, self.meta_source())))
         specs = export_specs(machine)
         if specs:
+            self.jobfs.create(machine.joboutputs_dir)
             self.exporter.set_exports(machine.uuid, specs)
 
     @property
@@ -87,6 +95,14 @@ class VMBoundary:
         self.registry.remove(machine.uuid)
         if machine.record.mjf_transport == "nfs":
             self.exporter.remove_exports(machine.uuid)
+            self.jobfs.release(machine.joboutputs_dir)  # after the export: nothing writes now
+
+    def _remount(self, machine: Machine) -> None:
+        """At start-up: an NFS VM's joboutputs filesystem mounted again if a reboot lost it."""
+        try:
+            self.jobfs.remount(machine.joboutputs_dir)
+        except (ExportError, OSError) as error:
+            log.error("%s: joboutputs filesystem cannot be mounted again: %s", machine.name, error)
 
     def shutdown_message(self, machine: Machine) -> Optional[ShutdownMessage]:
         return joboutputs.read_shutdown_message(machine.joboutputs_dir, self.limits)

@@ -3,7 +3,8 @@
 Layout of ``<state_dir>/machines/<uuid>/`` (see docs/ARCHITECTURE.md):
 ``vm.json`` (VMRecord), then ``started``, ``heartbeat``, ``finished``, ``accounted``,
 ``cleaned`` as the VM moves on, plus ``machinefeatures/``, ``jobfeatures/``, ``joboutputs/``
-(written by the VM), ``user_data``, ``console.log`` and ``disks/``.
+(written by the VM; for an NFS VM a size-limited filesystem of its own until it is cleaned,
+see vmio.jobfs, with ``joboutputs.img`` beside it), ``user_data``, ``console.log`` and ``disks/``.
 
 Crash safety: a VM directory is prepared under ``machines/.new-<uuid>`` and renamed into
 place only when complete, so a kill during preparation leaves a ``.new-`` directory that
@@ -321,6 +322,10 @@ class MachineStore:
         """Remove a finished, accounted and cleaned machine directory (retention expired)."""
         if machine.state != "done":
             raise StateError(f"refusing to delete a machine in state {machine.state}", machine=machine.name)
+        if os.path.ismount(machine.joboutputs_dir):
+            # an NFS VM's joboutputs filesystem (vmio.jobfs) is released when the VM is cleaned;
+            # removing the tree under a mount would empty it and leave the mount behind
+            raise StateError("refusing to delete: joboutputs is still a mount point", machine=machine.name)
         shutil.rmtree(machine.path, ignore_errors=True)
 
     def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
