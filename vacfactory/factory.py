@@ -33,7 +33,7 @@ from vacfactory.core import enforce, mjf, scheduler, status as core_status
 from vacfactory.core.status import supersedes
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
 from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
-from vacfactory.engine import naming, policies
+from vacfactory.engine import naming, policies, rebalance
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
@@ -652,14 +652,26 @@ class Factory:
             new = enforce.drained_shutdown_time(current, factory_shutdown)
             if new is None:
                 continue
-            machinefeatures, jobfeatures = mjf.shutdown_keys(int(new), config.settings.grace_seconds)
-            try:
-                self.store.rewrite_features(machine, machinefeatures, jobfeatures)
-            except OSError as error:
-                log.error("%s: cannot publish the new shutdown time: %s", machine.name, error)
-                continue
-            self.shutdown_times[uuid] = new
-            log.info("%s: shutdown time moved to %d (drain)", machine.name, int(new))
+            self._move_shutdown(config, machine, new, "drain")
+
+    def _move_shutdown(self, config, machine: Machine, new: float, why: str) -> None:
+        """Publish an earlier shutdown time in a running VM's MJF (pilots read it) and enforce it."""
+        machinefeatures, jobfeatures = mjf.shutdown_keys(int(new), config.settings.grace_seconds)
+        try:
+            self.store.rewrite_features(machine, machinefeatures, jobfeatures)
+        except OSError as error:
+            log.error("%s: cannot publish the new shutdown time: %s", machine.name, error)
+            return
+        self.shutdown_times[machine.uuid] = new
+        log.info("%s: shutdown time moved to %d (%s)", machine.name, int(new), why)
+
+    def _rebalance(self, config, local, view: SpaceView, now: float) -> None:
+        """Graceful rebalancing (engine.rebalance): give notice to this factory's excess VMs."""
+        original = {u: m.record.shutdown_time for u, m in self.machines.items() if m.live}
+        for rewrite in rebalance.shutdown_rewrites(config, local, original, view, now, self.rng):
+            machine = self.machines.get(rewrite.uuid)
+            if machine is not None and machine.live:
+                self._move_shutdown(config, machine, rewrite.shutdown_time, "rebalance")
 
     # -- decide and create --------------------------------------------------------------
 
@@ -680,6 +692,7 @@ class Factory:
         local = self.local_vms()
         own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
         view = self.space_view(config, own, now) if self.space_view else own
+        self._rebalance(config, local, view, now)
         try:
             load = self.load_average()
         except OSError:
