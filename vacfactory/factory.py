@@ -163,6 +163,7 @@ class Factory:
         self.machines: Dict[str, Machine] = {}
         self.shutdown_times: Dict[str, float] = {}
         self.last_finishes: Dict[str, FinishedVM] = {}
+        self.rebalancer = rebalance.Rebalancer()
         self.started_at = clock()
         #: elapsed time, to tell a step of the wall clock from time passing: time.monotonic for
         #: the real clock; an injected (test) clock brings its own partner, or none
@@ -665,13 +666,16 @@ class Factory:
         self.shutdown_times[machine.uuid] = new
         log.info("%s: shutdown time moved to %d (%s)", machine.name, int(new), why)
 
-    def _rebalance(self, config, local, view: SpaceView, now: float) -> None:
-        """Graceful rebalancing (engine.rebalance): give notice to this factory's excess VMs."""
+    def _beyond_vac(self, config, local, view: SpaceView, now: float) -> SpaceView:
+        """Adaptive backoff's memory and graceful rebalancing (engine.rebalance; both off by
+        default): give notice to this factory's excess VMs, return the view to decide on."""
         original = {u: m.record.shutdown_time for u, m in self.machines.items() if m.live}
-        for rewrite in rebalance.shutdown_rewrites(config, local, original, view, now, self.rng):
+        view, rewrites = self.rebalancer.round(config, local, original, view, now, self.rng)
+        for rewrite in rewrites:
             machine = self.machines.get(rewrite.uuid)
             if machine is not None and machine.live:
                 self._move_shutdown(config, machine, rewrite.shutdown_time, "rebalance")
+        return view
 
     # -- decide and create --------------------------------------------------------------
 
@@ -692,7 +696,7 @@ class Factory:
         local = self.local_vms()
         own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
         view = self.space_view(config, own, now) if self.space_view else own
-        self._rebalance(config, local, view, now)
+        view = self._beyond_vac(config, local, view, now)
         try:
             load = self.load_average()
         except OSError:

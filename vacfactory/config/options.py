@@ -755,7 +755,7 @@ OPTIONS: Tuple[Option, ...] = (
     # ================================================= [settings]: scheduling beyond Vac
     Option("adaptive_backoff", S, Boolean(), default=False, vac=False,
            doc="Learn how long a machinetype with no work waits after an abort: each abort the "
-               "space saw in the last 2 x adaptive_backoff_max_seconds (every factory reports "
+               "space saw in the last 4 x adaptive_backoff_max_seconds (every factory reports "
                "its latest finished VM's outcome) doubles the wait, from max(backoff_seconds, "
                "60) up to adaptive_backoff_max_seconds; the fizzle window still applies, so one "
                "probe that finds work opens the machinetype again. Off: Vac's fixed "

@@ -2,7 +2,8 @@
 
 Vac moves shares only as VMs end, so after a change of target shares (or when a machinetype's
 work comes back) the space takes about one VM lifetime to follow. Here, when a machinetype is
-over its share and another waits under its share with work, each factory moves the MJF
+over its share and another waits under its share and has shown it has work (a VM started
+after its newest abort outlived the fizzle window), each factory moves the MJF
 ``shutdowntime`` / ``shutdowntime_job`` of some of its excess VMs to ``now + notice``: their
 pilots finish the payload they run and take no new one, nothing is killed, and the freed
 processors go to the machinetype that waits.
@@ -20,11 +21,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Collection, Dict, List, Mapping, Sequence
 
-from vacfactory.core.adaptive_backoff import backoff_seconds
 from vacfactory.core.views import (
-    AdaptiveBackoff,
     LocalVM,
     MachinetypePolicy,
     MachinetypeState,
@@ -56,32 +55,16 @@ class Rewrite:
     shutdown_time: float
 
 
-def waiting_with_work(
-    mt: MachinetypePolicy,
-    state: MachinetypeState,
-    now: float,
-    adaptive: Optional[AdaptiveBackoff] = None,
-) -> bool:
-    """True if ``mt`` has shown it has work: no abort, or one VM has outlived the fizzle
-    window since the newest abort's backoff ended (a probe proved the work is back)."""
-    if not mt.startable or mt.target_share <= 0:
-        return False
-    if state.last_abort_time is None:
-        return True
-    wait = backoff_seconds(mt, state, now, adaptive)
-    return now >= state.last_abort_time + wait + mt.fizzle_seconds
-
-
 def space_excess(
     machinetypes: Sequence[MachinetypePolicy],
     space: SpaceView,
-    now: float,
-    adaptive: Optional[AdaptiveBackoff] = None,
+    shown_work: Collection[str],
 ) -> Dict[str, float]:
     """Processors each over-share machinetype should give up space-wide (empty: none).
 
     Shares are of the processors running the configured machinetypes with a share. The total
-    given up is at most what the machinetypes that wait with work lack.
+    given up is at most what the under-share machinetypes in ``shown_work`` (those that have
+    shown they have work: core.adaptive_backoff.SpaceMemory.shown_work) lack.
     """
     shared = [mt for mt in machinetypes if mt.target_share > 0]
     total_share = sum(mt.target_share for mt in shared)
@@ -96,7 +79,7 @@ def space_excess(
         diff = running[mt.name] - total * mt.target_share / total_share
         if diff > margin:
             over[mt.name] = diff
-        elif -diff > margin and waiting_with_work(mt, space.get(mt.name, _EMPTY), now, adaptive):
+        elif -diff > margin and mt.startable and mt.name in shown_work:
             lacking += -diff
     surplus = sum(over.values())
     if not over or lacking <= 0:
@@ -117,16 +100,16 @@ def plan(
     local_vms: Sequence[LocalVM],
     original_shutdown: Mapping[str, float],
     space: SpaceView,
+    shown_work: Collection[str],
     now: float,
     rng: random.Random,
-    adaptive: Optional[AdaptiveBackoff] = None,
 ) -> List[Rewrite]:
     """This factory's part of the space's rebalancing: the shutdown times to move now.
 
     ``original_shutdown`` maps each VM's uuid to the shutdown time it was created with.
     Among a machinetype's VMs, those that would otherwise run longest are asked first.
     """
-    excess = space_excess(machinetypes, space, now, adaptive)
+    excess = space_excess(machinetypes, space, shown_work)
     if not excess:
         return []
     noticed = [vm for vm in local_vms

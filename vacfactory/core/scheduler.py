@@ -324,6 +324,8 @@ def _past_backoff(
     if state.last_abort_time is None:
         return True
     wait = backoff_seconds(mt, state, now, adaptive)
+    if adaptive is not None and state.work_shown is False and state.num_before_fizzle > 0:
+        return False  # a probe is proving the work is back: one at a time
     return state.last_abort_time < now - wait - _fizzle_window(mt, state)
 
 
@@ -335,7 +337,10 @@ def _backoff_until(
 ) -> float:
     """When the backoff of a backed-off machinetype ends (for the reason text)."""
     last = state.last_abort_time if state.last_abort_time is not None else float("-inf")
-    return last + backoff_seconds(mt, state, now, adaptive) + _fizzle_window(mt, state)
+    until = last + backoff_seconds(mt, state, now, adaptive) + _fizzle_window(mt, state)
+    if adaptive is not None and state.work_shown is False and state.num_before_fizzle > 0:
+        until = max(until, now + 1.0)  # until the probe ends or outlives its fizzle window
+    return until
 
 
 def backed_off(

@@ -60,7 +60,7 @@ class AdaptiveBackoff:
 
     @property
     def window_seconds(self) -> float:
-        return 2.0 * self.max_seconds
+        return 4.0 * self.max_seconds
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,9 @@ class MachinetypeState:
     #: often the machinetype found no work lately, for adaptive backoff. Evidence that
     #: ``last_abort_time`` sums up, so it takes no part in comparing two states.
     abort_times: Tuple[float, ...] = field(default=(), compare=False)
+    #: adaptive backoff's memory: has a VM started after the newest abort outlived its fizzle
+    #: window (None: not known, no memory kept)
+    work_shown: Optional[bool] = field(default=None, compare=False)
 
 
 #: machinetype name -> its state across the space (or this factory alone)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vacfactory.core import rebalance as core_rebalance
+from vacfactory.core.adaptive_backoff import SpaceMemory
 from vacfactory.core.outcomes import Outcome, classify, parse_shutdown_message
 from vacfactory.core.scheduler import decide
 from vacfactory.core.status import supersedes
@@ -148,6 +149,8 @@ class SpaceSimulation:
             total_processors=setup.processors, host_processors=setup.processors,
             max_starting_processors=setup.processors, adaptive_backoff=policy.adaptive)
         self.shares = {t.name: t.share for t in workload.types}
+        self.fizzle = {t.name: _given(t.fizzle_seconds, setup.fizzle_seconds)
+                       for t in workload.types}
         self.mt_policies = self._mt_policies()
         self.factories = [_Factory(i) for i in range(setup.factories)]
         self.phase = [self.rng.uniform(0, setup.cycle_seconds) for _ in self.factories]
@@ -166,6 +169,11 @@ class SpaceSimulation:
         self.work_seconds = {n: 0.0 for n in names}
         self.all_error = self.all_seconds = 0.0
         self.series: List[Tuple[float, float]] = []
+        #: what every factory learns by watching the (here exact, shared) space view
+        self.memory: Optional[SpaceMemory] = None
+        if policy.adaptive is not None or policy.rebalance is not None:
+            horizon = max(7200.0, policy.adaptive.window_seconds if policy.adaptive else 0.0)
+            self.memory = SpaceMemory(horizon)
 
     def _mt_policies(self) -> List[MachinetypePolicy]:
         s = self.setup
@@ -173,8 +181,8 @@ class SpaceSimulation:
                                   machinegroup=t.name,
                                   max_wallclock_seconds=t.max_wallclock_seconds,
                                   min_wallclock_seconds=t.max_wallclock_seconds,
-                                  backoff_seconds=s.backoff_seconds,
-                                  fizzle_seconds=s.fizzle_seconds)
+                                  backoff_seconds=_given(t.backoff_seconds, s.backoff_seconds),
+                                  fizzle_seconds=self.fizzle[t.name])
                 for t in self.workload.types]
 
     # -- the event loop ---------------------------------------------------------------------
@@ -260,6 +268,10 @@ class SpaceSimulation:
                 num_before_fizzle=len(young),
                 last_abort_time=max(aborts.values()) if aborts else None,
                 abort_times=tuple(aborts.values()))
+        if self.memory is not None:
+            self.memory.observe(view, self.now)
+            if self.policy.adaptive is not None:
+                view = self.memory.remembered(view, self.fizzle, self.now)
         return view
 
     def _local(self, factory: _Factory) -> List[LocalVM]:
@@ -293,7 +305,7 @@ class SpaceSimulation:
         self.machines[name] += 1
         if work:
             self.running_work[name] += processors
-        self.young[name][uuid] = self.now + self.setup.fizzle_seconds
+        self.young[name][uuid] = self.now + self.fizzle[name]
         self._push(ends, "end", factory.index, uuid)
 
     def _finish(self, factory: _Factory, vm: _VM) -> None:
@@ -307,13 +319,16 @@ class SpaceSimulation:
             self._waste(vm, vm.ends)
         self.young[name].pop(vm.uuid, None)
         message = parse_shutdown_message(vm.message)
-        outcome = classify(message, vm.ends - vm.created, self.setup.fizzle_seconds)
+        outcome = classify(message, vm.ends - vm.created, self.fizzle[name])
         finished = FinishedVM(vm.uuid, name, vm.ends, message.code if message else None,
                               vm.message, outcome.outcome.value, vm.created)
         if supersedes(finished, factory.latest.get(name)):
             factory.latest[name] = finished
             if outcome.outcome in (Outcome.ABORT, Outcome.FIZZLE):
                 self.aborts[name][factory.index] = vm.ends
+                if self.memory is not None:
+                    self.memory.observe({name: MachinetypeState(
+                        last_abort_time=vm.ends, abort_times=(vm.ends,))}, self.now)
             else:
                 self.aborts[name].pop(factory.index, None)
 
@@ -326,12 +341,15 @@ class SpaceSimulation:
         policy = self.policy.rebalance
         assert policy is not None
         view = self.view()
+        assert self.memory is not None
+        shown = {mt.name for mt in self.mt_policies
+                 if self.memory.shown_work(mt.name, view[mt.name], mt.fizzle_seconds, self.now)}
         for factory in self.factories:
             local = self._local(factory)
             original = {vm.uuid: vm.original_shutdown for vm in factory.vms.values()}
             for rewrite in core_rebalance.plan(policy, self.setup.processors, self.mt_policies,
-                                               local, original, view, self.now,
-                                               self.notice_rng, self.policy.adaptive):
+                                               local, original, view, shown, self.now,
+                                               self.notice_rng):
                 self._notice(factory, factory.vms[rewrite.uuid], rewrite.shutdown_time)
 
     def _notice(self, factory: _Factory, vm: _VM, shutdown: float) -> None:
@@ -400,6 +418,10 @@ class SpaceSimulation:
             payloads_killed=self.killed,
             wall_seconds=wall,
         )
+
+
+def _given(value: Optional[float], default: float) -> float:
+    return default if value is None else value
 
 
 def simulate(workload: Workload, setup: SpaceSetup, policy: SchedulingPolicy) -> Figures:

@@ -66,6 +66,9 @@ class WorkloadType:
     #: the longest payload a pilot runs: the remaining payload when a VM is given notice
     payload_max_seconds: float = 3600.0
     max_wallclock_seconds: float = 48 * 3600.0
+    #: the machinetype's backoff_seconds and fizzle_seconds (None: the simulation's)
+    backoff_seconds: Optional[float] = None
+    fizzle_seconds: Optional[float] = None
 
     def lifetime(self, rng) -> float:
         mu = math.log(self.mean_hours * 3600.0) - self.sigma ** 2 / 2.0  # mean = mean_hours
