@@ -25,6 +25,10 @@ from vacfactory.sim.scenarios import BEYOND_VAC, POLICIES, SPACE, bursty_week, s
 from vacfactory.sim.spacesim import VAC, compare  # noqa: E402
 
 
+def _points(value) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
 def main() -> int:
     failures = []
     began = time.monotonic()
@@ -47,10 +51,11 @@ def main() -> int:
     converged = ours.convergence_hours
     ratio = (converged / vac.convergence_hours
              if converged is not None and vac.convergence_hours else float("nan"))
-    print(f"scheduling share change: within 2 points after {converged} h with rebalancing "
-          f"({ratio:.2f} x Vac's {vac.convergence_hours} h; goal <= 2 h), {ours.payloads_killed} "
+    print(f"scheduling share change: within 2 points after {_points(converged)} h with "
+          f"rebalancing ({ratio:.2f} x Vac's {_points(vac.convergence_hours)} h; goal <= 2 h), "
+          f"{ours.payloads_killed} "
           f"payloads killed (goal 0), largest error after convergence "
-          f"{ours.error_after_convergence} points (goal <= 2)", flush=True)
+          f"{_points(ours.error_after_convergence)} points (goal <= 2)", flush=True)
     if not (converged is not None and converged <= 2.0 and ours.payloads_killed == 0
             and ours.error_after_convergence is not None
             and ours.error_after_convergence <= 2.0):
