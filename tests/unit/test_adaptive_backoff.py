@@ -8,7 +8,12 @@ from dataclasses import replace
 
 from hypothesis import given, strategies as st
 
-from vacfactory.core.adaptive_backoff import backoff_seconds, recent_aborts
+from vacfactory.core.adaptive_backoff import (
+    MAX_REMEMBERED,
+    SpaceMemory,
+    backoff_seconds,
+    recent_aborts,
+)
 from vacfactory.core.scheduler import backed_off, backoff_remaining, decide
 from vacfactory.core.views import AdaptiveBackoff, FactoryPolicy, MachinetypePolicy, MachinetypeState
 
@@ -73,6 +78,23 @@ def test_while_a_probe_proves_the_work_no_second_one_starts_however_old_the_abor
     assert backoff_remaining(MT, probing, NOW, ADAPTIVE) == 1.0
     # once it outlived its fizzle window the machinetype fills, young VMs or not
     assert not backed_off(MT, replace(probing, work_shown=True), NOW, ADAPTIVE)
+    policy = FactoryPolicy(total_processors=2, host_processors=2, adaptive_backoff=ADAPTIVE)
+    decision = decide(policy, [MT], [], {"lhcb": probing}, 0.0, NOW, random.Random(1))
+    assert decision.reason == ("no eligible machinetype: lhcb probing: one VM at a time until "
+                               "it outlives fizzle_seconds")
+
+
+def test_a_peer_reporting_a_new_abort_in_every_answer_cannot_grow_the_memory():
+    memory = SpaceMemory(horizon_seconds=7200)
+    for i in range(2000):  # an answer every 3 s, each with another abort time
+        t = NOW + 3 * i
+        memory.observe({"lhcb": MachinetypeState(last_abort_time=t, abort_times=(t,))}, t)
+    view = memory.remembered({"lhcb": MachinetypeState(last_abort_time=NOW + 5997)},
+                             {"lhcb": 600}, NOW + 5997)
+    assert len(view["lhcb"].abort_times) == MAX_REMEMBERED
+    assert view["lhcb"].abort_times[-1] == NOW + 5997
+    # and the wait it causes is bounded by adaptive_backoff_max_seconds
+    assert backoff_seconds(MT, view["lhcb"], NOW + 5997, ADAPTIVE) == 1800
 
 
 ages = st.lists(st.floats(min_value=-100, max_value=20_000, allow_nan=False), max_size=60)

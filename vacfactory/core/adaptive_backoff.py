@@ -29,6 +29,17 @@ from vacfactory.core.views import AdaptiveBackoff, MachinetypePolicy, Machinetyp
 #: never double more often than this (2**30 is far beyond any max_seconds)
 _MAX_DOUBLINGS = 30
 
+#: abort times remembered per machinetype: the newest this many (more never change the wait,
+#: and a peer that reports a new abort time in every answer cannot grow the memory)
+MAX_REMEMBERED = 256
+
+
+def probing(state: MachinetypeState, adaptive: Optional[AdaptiveBackoff]) -> bool:
+    """True while a VM started after the newest abort is inside its fizzle window (adaptive
+    backoff starts no other VM of the machinetype until it ends or outlives the window)."""
+    return (adaptive is not None and state.last_abort_time is not None
+            and state.work_shown is False and state.num_before_fizzle > 0)
+
 
 def recent_aborts(state: MachinetypeState, now: float, window_seconds: float) -> int:
     """Latest finishes in the space that aborted within the last ``window_seconds``.
@@ -82,6 +93,9 @@ class SpaceMemory:
                 aborts.add(state.last_abort_time)
             for t in [t for t in aborts if t <= since]:
                 aborts.discard(t)
+            if len(aborts) > MAX_REMEMBERED:
+                for t in sorted(aborts)[:len(aborts) - MAX_REMEMBERED]:
+                    aborts.discard(t)
             last, seen = self._probe.get(name, (None, None))
             if state.last_abort_time != last:
                 last, seen = state.last_abort_time, None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from vacfactory.core.adaptive_backoff import backoff_seconds
+from vacfactory.core.adaptive_backoff import backoff_seconds, probing
 from vacfactory.core.views import (
     AdaptiveBackoff,
     Create,
@@ -198,6 +198,9 @@ class _Round:
                 refusals.append(f"{mt.name} share 0")
             elif shutdown is not None and not self.now + mt.min_wallclock_seconds < shutdown:
                 refusals.append(f"{mt.name} min_wallclock_seconds reaches shutdown_time")
+            elif probing(state, self.policy.adaptive_backoff):
+                refusals.append(f"{mt.name} probing: one VM at a time until it outlives "
+                                f"fizzle_seconds")
             elif not _past_backoff(mt, state, self.now, self.policy.adaptive_backoff):
                 until = _backoff_until(mt, state, self.now, self.policy.adaptive_backoff)
                 refusals.append(f"{mt.name} backing off until {clock(until)}")
@@ -324,7 +327,7 @@ def _past_backoff(
     if state.last_abort_time is None:
         return True
     wait = backoff_seconds(mt, state, now, adaptive)
-    if adaptive is not None and state.work_shown is False and state.num_before_fizzle > 0:
+    if probing(state, adaptive):
         return False  # a probe is proving the work is back: one at a time
     return state.last_abort_time < now - wait - _fizzle_window(mt, state)
 
@@ -338,7 +341,7 @@ def _backoff_until(
     """When the backoff of a backed-off machinetype ends (for the reason text)."""
     last = state.last_abort_time if state.last_abort_time is not None else float("-inf")
     until = last + backoff_seconds(mt, state, now, adaptive) + _fizzle_window(mt, state)
-    if adaptive is not None and state.work_shown is False and state.num_before_fizzle > 0:
+    if probing(state, adaptive):
         until = max(until, now + 1.0)  # until the probe ends or outlives its fizzle window
     return until
 
