@@ -97,3 +97,11 @@ def test_the_same_seed_gives_the_same_figures_and_another_seed_other_ones():
     c = simulate(workload, dataclasses.replace(setup, seed=4), OURS)
     assert dataclasses.replace(a, wall_seconds=0) == dataclasses.replace(b, wall_seconds=0)
     assert a.vms != c.vms or a.share_error != c.share_error
+
+
+def test_vms_that_fizzle_without_a_message_back_off_like_300s():
+    setup = SpaceSetup(factories=1, processors=1, backoff_seconds=10, cycle_seconds=60)
+    said = simulate(dry(), setup, VAC)
+    silent = simulate(dry(nowork_ends="fizzle"), setup, VAC)
+    # the fizzle (no message, 240-360 s < fizzle_seconds 600) is an abort too: same pace
+    assert silent.nowork_vms == said.nowork_vms == 21

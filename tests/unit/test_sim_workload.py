@@ -53,6 +53,7 @@ def test_a_workload_file_names_supplies_lifetimes_and_a_share_change():
     ('{"share_change": {"at_hours": 1, "shares": {"atlas": 0}}}', "at least one share"),
     ('{"share_change": {"at_hours": 1, "shares": {"cms": 1}}}', "shares.cms: not a configured"),
     ('{"extra": 1}', "w.json: unknown keys extra"),
+    ('{"machinetypes": {"lhcb": {"nowork_ends": 300}}}', "nowork_ends: 300 is not 300 or fizzle"),
 ])
 def test_a_bad_workload_file_is_refused_naming_the_file_and_the_entry(text, says):
     with pytest.raises(WorkloadError) as error:

@@ -295,7 +295,8 @@ class SpaceSimulation:
         if work:
             life, message = kind.lifetime(self.rng), _WORK
         else:
-            life, message = kind.nowork_seconds * self.rng.uniform(0.8, 1.2), _NO_WORK
+            life = kind.nowork_seconds * self.rng.uniform(0.8, 1.2)
+            message = _NO_WORK if kind.nowork_ends == "300" else ""  # "": no message, a fizzle
             self.nowork_vms += 1
         ends = self.now + max(min(life, shutdown - self.now), 1.0)
         vm = _VM(uuid, name, processors, self.now, ends, shutdown, shutdown, work, message)
@@ -318,7 +319,7 @@ class SpaceSimulation:
         else:
             self._waste(vm, vm.ends)
         self.young[name].pop(vm.uuid, None)
-        message = parse_shutdown_message(vm.message)
+        message = parse_shutdown_message(vm.message) if vm.message else None
         outcome = classify(message, vm.ends - vm.created, self.fizzle[name])
         finished = FinishedVM(vm.uuid, name, vm.ends, message.code if message else None,
                               vm.message, outcome.outcome.value, vm.created)

@@ -4,7 +4,8 @@ A machinetype's supply is ``steady`` (always work), ``bursty`` (work for ``on_ho
 none for ``off_hours``, repeating, starting ``phase_hours`` into the cycle) or ``drained``
 (work except from ``from_hours`` for ``for_hours``, default a day). A VM that starts while its
 machinetype has work runs its lifetime (lognormal, mean ``mean_hours``) and ends ``200``; one
-that starts when there is none ends after ``nowork_seconds`` with ``300 Nothing to do``.
+that starts when there is none ends after ``nowork_seconds`` with ``300 Nothing to do`` (or,
+with ``"nowork_ends": "fizzle"``, with no message: a fizzle).
 
 A workload file is JSON::
 
@@ -63,6 +64,8 @@ class WorkloadType:
     sigma: float = 0.5
     #: how long a VM that finds no work lives before it ends "300 Nothing to do"
     nowork_seconds: float = 300.0
+    #: how it ends: "300" (the message) or "fizzle" (no message, shorter than fizzle_seconds)
+    nowork_ends: str = "300"
     #: the longest payload a pilot runs: the remaining payload when a VM is given notice
     payload_max_seconds: float = 3600.0
     max_wallclock_seconds: float = 48 * 3600.0
@@ -124,7 +127,7 @@ def parse_workload(text: str, shares: Mapping[str, float], where: str,
     return Workload(types, hours, warmup, change)
 
 
-_TYPE_KEYS = {"supply": None, "on_hours": (0.01, 1e4), "off_hours": (0.0, 1e4),
+_TYPE_KEYS = {"supply": None, "nowork_ends": None, "on_hours": (0.01, 1e4), "off_hours": (0.0, 1e4),
               "phase_hours": (0.0, 1e4), "from_hours": (0.0, 1e5), "for_hours": (0.0, 1e5),
               "mean_hours": (0.01, 1e3), "sigma": (0.0, 3.0), "nowork_seconds": (1.0, 86400.0),
               "payload_max_seconds": (1.0, 7 * 86400.0)}
@@ -140,11 +143,15 @@ def _type(name: str, share: float, entry: Any, where: str,
     kind = entry.get("supply", "steady")
     if kind not in SUPPLIES:
         raise WorkloadError(f"{where}.supply: {kind!r} is not one of {', '.join(SUPPLIES)}")
+    ends = entry.get("nowork_ends", "300")
+    if ends not in ("300", "fizzle"):
+        raise WorkloadError(f"{where}.nowork_ends: {ends!r} is not 300 or fizzle")
     values = {key: _number(entry[key], f"{where}.{key}", *bounds)
               for key, bounds in _TYPE_KEYS.items() if bounds and key in entry}
     supply_keys = ("on_hours", "off_hours", "phase_hours", "from_hours", "for_hours")
     supply = Supply(kind, **{k: v for k, v in values.items() if k in supply_keys})
     rest = dict(defaults)
+    rest["nowork_ends"] = ends
     rest.update({k: v for k, v in values.items() if k not in supply_keys})
     return WorkloadType(name, share, supply, **rest)
 
