@@ -71,3 +71,27 @@ def test_without_the_option_no_shutdown_time_moves(tmp_path):
         assert shutdowntimes(h) == before
     finally:
         h.teardown()
+
+
+def test_adaptive_backoff_in_the_engine_remembers_each_abort_of_its_own_probes(tmp_path):
+    h, _ = build(tmp_path, "adaptive_backoff = yes\n", (("alpha", 1),))
+    try:
+        h.factory.run_round()
+        first, second = h.live()[:2]
+        h.power_off(first, "300 Nothing to do")
+        assert h.factory.run_round().created == []  # backoff_seconds = 300 (the harness's)
+        h.clock.advance(301)
+        probe = h.factory.run_round().created
+        assert len(probe) == 1  # one abort: the wait is backoff_seconds, as in Vac
+        (probe_vm,) = [m for m in h.live() if m.name == probe[0]]
+        h.power_off(probe_vm, "300 Nothing to do")  # this factory's latest finish again
+        h.factory.run_round()
+        h.clock.advance(301)
+        # two aborts remembered (VacQuery would show only the latest): the wait doubled
+        report = h.factory.run_round()
+        assert report.created == []
+        assert "alpha backing off until" in report.decision.reason
+        h.clock.advance(300)
+        assert len(h.factory.run_round().created) == 1
+    finally:
+        h.teardown()

@@ -12,8 +12,10 @@ Every factory sees the same space view and takes its own part of the space's exc
 fraction of that machinetype's processors, rounded at random so the space total is right on
 average), so no coordination is needed. VMs already given notice (current shutdown time
 earlier than the one they were created with) count against both the excess and the budget:
-at most ``max_fraction`` of the factory's processors are under notice at once. The plan only
-moves shares down to the target, never past it, so it cannot make shares oscillate.
+at most ``max_fraction`` of the factory's processors are under notice at once. The plan moves
+a share down to its target and no further (exactly on average; only the random rounding and
+VMs that end meanwhile can take it a processor or two past), so it does not make shares
+oscillate.
 """
 
 from __future__ import annotations
