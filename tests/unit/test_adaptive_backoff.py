@@ -115,3 +115,14 @@ def test_adaptive_never_starts_a_machinetype_vac_holds_back(ages, extra, before,
     # one more abort never shortens the wait
     more = aborted(*(list(ages) + [extra]), before_fizzle=before)
     assert backoff_seconds(mt, more, NOW, adaptive) >= wait
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(0, 1e9)), max_size=20))
+def test_the_space_view_keeps_every_factorys_latest_abort(aborts):
+    from vacfactory.core.status import merge_states
+
+    views = [{"lhcb": MachinetypeState(last_abort_time=t,
+                                       abort_times=() if t is None else (t,))} for t in aborts]
+    merged = merge_states(views).get("lhcb", MachinetypeState())
+    assert sorted(merged.abort_times) == sorted(t for t in aborts if t is not None)
+    assert merged.last_abort_time == max(merged.abort_times, default=None)
