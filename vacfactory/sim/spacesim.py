@@ -90,7 +90,8 @@ class Figures:
     waste_hours: float
     #: time-averaged points off target, per machinetype, while it had work
     share_error: Mapping[str, float]
-    #: the same, over the times every machinetype had work (None: never)
+    #: the largest points off target of any machinetype, time-averaged over the times every
+    #: machinetype had work (None: never)
     share_error_all_work: Optional[float]
     #: hours from the share change until every machinetype with work is within 2 points
     convergence_hours: Optional[float]
