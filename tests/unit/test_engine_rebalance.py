@@ -95,3 +95,20 @@ def test_adaptive_backoff_in_the_engine_remembers_each_abort_of_its_own_probes(t
         assert len(h.factory.run_round().created) == 1
     finally:
         h.teardown()
+
+
+def test_a_vac_sites_file_schedules_as_vac_unless_it_turns_the_options_on(tmp_path):
+    from vacfactory.config import loader
+    from vacfactory.engine import policies
+
+    path = tmp_path / "vac.conf"
+    base = ("[settings]\nvac_space = space.example.ac.uk\nfactory_name = here.example.ac.uk\n"
+            "total_processors = 4\ndomain_type = test\n{extra}\n"
+            "[machinetype atlas]\ntarget_share = 3\nroot_image = /tmp/none.img\n")
+    path.write_text(base.format(extra=""))
+    config = loader.load_config(loader.ConfigSources.for_main_file(str(path), vac=True))
+    assert not config.settings.rebalance
+    assert policies.factory_policy(config, 4).adaptive_backoff is None
+    path.write_text(base.format(extra="adaptive_backoff = yes\nadaptive_backoff_max_seconds = 900"))
+    config = loader.load_config(loader.ConfigSources.for_main_file(str(path), vac=True))
+    assert policies.factory_policy(config, 4).adaptive_backoff.max_seconds == 900
