@@ -15,8 +15,8 @@ def _ratio(value: Optional[float], base: Optional[float]) -> str:
     return f" ({value / base:.2f}x)"
 
 
-def _num(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def _num(value: Optional[float], fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
 
 
 def format_comparison(figures: Sequence[Figures]) -> List[str]:
@@ -39,7 +39,8 @@ def format_comparison(figures: Sequence[Figures]) -> List[str]:
     for label, get, fmt in rows:
         cells = []
         for i, f in enumerate(figures):
-            text = _num(get(f), fmt) + ("" if i == 0 else _ratio(get(f), get(base)))
+            missing = "never" if label == "convergence h" and f.share_change_hours is not None else "-"
+            text = _num(get(f), fmt, missing) + ("" if i == 0 else _ratio(get(f), get(base)))
             cells.append(f"{text:>{width}}")
         lines.append(f"{label:<28}" + "".join(cells))
     lines.append(f"{'run time s':<28}" + "".join(f"{f.wall_seconds:>{width}.1f}" for f in figures))

@@ -93,10 +93,13 @@ class Figures:
     #: the largest points off target of any machinetype, time-averaged over the times every
     #: machinetype had work (None: never)
     share_error_all_work: Optional[float]
-    #: hours from the share change until every machinetype with work is within 2 points
+    #: hours from the share change until every machinetype is within 2 points (counted only
+    #: while every machinetype has work; None: no change, or never)
     convergence_hours: Optional[float]
-    #: largest points off target of any machinetype after convergence (None: no change)
+    #: largest points off target of any machinetype after convergence, while all have work
     error_after_convergence: Optional[float]
+    #: when the shares changed (None: they did not)
+    share_change_hours: Optional[float]
     vms: int
     nowork_vms: int
     notices: int
@@ -169,6 +172,7 @@ class SpaceSimulation:
         self.error_seconds = {n: 0.0 for n in names}
         self.work_seconds = {n: 0.0 for n in names}
         self.all_error = self.all_seconds = 0.0
+        #: (time, worst points off target) of the samples in which every machinetype had work
         self.series: List[Tuple[float, float]] = []
         #: what every factory learns by watching the (here exact, shared) space view
         self.memory: Optional[SpaceMemory] = None
@@ -392,7 +396,7 @@ class SpaceSimulation:
         if len(with_work) == len(self.types):
             self.all_error += worst * dt
             self.all_seconds += dt
-        self.series.append((self.now, worst))
+            self.series.append((self.now, worst))
 
     def _figures(self, wall: float) -> Figures:
         convergence = after = None
@@ -414,6 +418,7 @@ class SpaceSimulation:
             share_error_all_work=self.all_error / self.all_seconds if self.all_seconds else None,
             convergence_hours=convergence,
             error_after_convergence=after,
+            share_change_hours=change.at_hours if change is not None else None,
             vms=self.vms,
             nowork_vms=self.nowork_vms,
             notices=self.notices,
