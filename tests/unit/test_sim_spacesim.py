@@ -105,3 +105,11 @@ def test_vms_that_fizzle_without_a_message_back_off_like_300s():
     silent = simulate(dry(nowork_ends="fizzle"), setup, VAC)
     # the fizzle (no message, 240-360 s < fizzle_seconds 600) is an abort too: same pace
     assert silent.nowork_vms == said.nowork_vms == 21
+
+
+def test_a_space_that_has_not_followed_the_change_yet_says_never():
+    workload = dataclasses.replace(share_change(), hours=24.5)  # half an hour after the change
+    figures = simulate(workload, SpaceSetup(factories=4, processors=4), VAC)
+    assert figures.convergence_hours is None and figures.share_change_hours == 24
+    (row,) = [line for line in format_comparison([figures]) if line.startswith("convergence h")]
+    assert row.split()[-1] == "never"
