@@ -305,10 +305,11 @@ class Daemon:
         errors = self.watcher.errors
         backoffs = {}
         states = factory.own_states(now)
+        adaptive = policies.adaptive_backoff(config)
         for mt in policies.machinetype_policies(config):
             state = states.get(mt.name)
-            if state is not None and scheduler.backed_off(mt, state, now):
-                backoffs[mt.name] = {"until": scheduler._backoff_until(mt, state),
+            if state is not None and scheduler.backed_off(mt, state, now, adaptive):
+                backoffs[mt.name] = {"until": scheduler._backoff_until(mt, state, now, adaptive),
                                      "last_abort": state.last_abort_time}
         sources = self.watcher.sources
         space = self.space.memory.last
@@ -401,7 +402,8 @@ class Daemon:
                 running[machine.record.machinetype] = (vms + 1, procs + machine.record.processors)
         view = factory.own_states(now)
         backoff = {
-            mt.name: scheduler.backoff_remaining(mt, view.get(mt.name, MachinetypeState()), now)
+            mt.name: scheduler.backoff_remaining(mt, view.get(mt.name, MachinetypeState()), now,
+                                                 policies.adaptive_backoff(config))
             for mt in policies.machinetype_policies(config)
         }
         backlog = self._backlog(config, now)

@@ -33,7 +33,7 @@ from vacfactory.core import enforce, mjf, scheduler, status as core_status
 from vacfactory.core.status import supersedes
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
 from vacfactory.core.views import Create, Decision, FinishedVM, MachinetypeState, SpaceView
-from vacfactory.engine import naming, policies
+from vacfactory.engine import naming, policies, rebalance
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
@@ -163,6 +163,7 @@ class Factory:
         self.machines: Dict[str, Machine] = {}
         self.shutdown_times: Dict[str, float] = {}
         self.last_finishes: Dict[str, FinishedVM] = {}
+        self.rebalancer = rebalance.Rebalancer()
         self.started_at = clock()
         #: elapsed time, to tell a step of the wall clock from time passing: time.monotonic for
         #: the real clock; an injected (test) clock brings its own partner, or none
@@ -652,14 +653,29 @@ class Factory:
             new = enforce.drained_shutdown_time(current, factory_shutdown)
             if new is None:
                 continue
-            machinefeatures, jobfeatures = mjf.shutdown_keys(int(new), config.settings.grace_seconds)
-            try:
-                self.store.rewrite_features(machine, machinefeatures, jobfeatures)
-            except OSError as error:
-                log.error("%s: cannot publish the new shutdown time: %s", machine.name, error)
-                continue
-            self.shutdown_times[uuid] = new
-            log.info("%s: shutdown time moved to %d (drain)", machine.name, int(new))
+            self._move_shutdown(config, machine, new, "drain")
+
+    def _move_shutdown(self, config, machine: Machine, new: float, why: str) -> None:
+        """Publish an earlier shutdown time in a running VM's MJF (pilots read it) and enforce it."""
+        machinefeatures, jobfeatures = mjf.shutdown_keys(int(new), config.settings.grace_seconds)
+        try:
+            self.store.rewrite_features(machine, machinefeatures, jobfeatures)
+        except OSError as error:
+            log.error("%s: cannot publish the new shutdown time: %s", machine.name, error)
+            return
+        self.shutdown_times[machine.uuid] = new
+        log.info("%s: shutdown time moved to %d (%s)", machine.name, int(new), why)
+
+    def _beyond_vac(self, config, local, view: SpaceView, now: float) -> SpaceView:
+        """Adaptive backoff's memory and graceful rebalancing (engine.rebalance; both off by
+        default): give notice to this factory's excess VMs, return the view to decide on."""
+        original = {u: m.record.shutdown_time for u, m in self.machines.items() if m.live}
+        view, rewrites = self.rebalancer.round(config, local, original, view, now, self.rng)
+        for rewrite in rewrites:
+            machine = self.machines.get(rewrite.uuid)
+            if machine is not None and machine.live:
+                self._move_shutdown(config, machine, rewrite.shutdown_time, "rebalance")
+        return view
 
     # -- decide and create --------------------------------------------------------------
 
@@ -680,6 +696,7 @@ class Factory:
         local = self.local_vms()
         own = core_status.machinetype_states(mt_policies, local, self.last_finishes, now)
         view = self.space_view(config, own, now) if self.space_view else own
+        view = self._beyond_vac(config, local, view, now)
         try:
             load = self.load_average()
         except OSError:

@@ -40,7 +40,9 @@ EXPECTED: Dict[str, Tuple[Tuple[int, ...], str]] = {
     "check": ((0, 1), "VACFACTORY "),
 }
 #: files the shown commands read, made under the root (a site has them)
-INPUTS = {"/etc/squid/squid.conf.in": "http_port 3128\nhttp_access allow localnet\n"}
+INPUTS = {"/etc/squid/squid.conf.in": "http_port 3128\nhttp_access allow localnet\n",
+          # `simulate --workload`: a short run of the test factory's machinetypes
+          "/etc/vacfactory-workload.json": '{"hours": 6, "warmup_hours": 1}'}
 #: how long one command may take (the space queries wait udp_timeout_seconds = 2 at most)
 COMMAND_TIMEOUT = 30.0
 

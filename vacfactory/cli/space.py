@@ -32,8 +32,11 @@ from typing import Any, Callable, List, Optional, Sequence
 from vacfactory.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_NOINPUT,
     EXIT_OK,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CommandError,
     add_json_argument,
     load_config,
     print_json,
@@ -81,9 +84,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_network_arguments(parser)
         parser.set_defaults(handler=handler)
     simulate = subparsers.add_parser(
-        "simulate", help="simulate a space of factories to measure share accuracy")
-    simulate.add_argument("--factories", type=int, default=100, help="number of factories")
-    simulate.add_argument("--processors", type=int, default=32, help="processors per factory")
+        "simulate", help="simulate a space of factories to measure share accuracy, or (with "
+                         "--workload) this configuration against a workload, beside Vac's policy")
+    simulate.add_argument("--workload", metavar="FILE",
+                          help="JSON workload file: run the configuration's machinetypes with "
+                               "Vac's policy, as configured, and with adaptive_backoff and "
+                               "rebalance on, and print the figures side by side")
+    simulate.add_argument("--factories", type=int, default=None,
+                          help="number of factories (default 100; with --workload the "
+                               "configuration's factories list, at least 1)")
+    simulate.add_argument("--processors", type=int, default=None,
+                          help="processors per factory (default 32; with --workload "
+                               "total_processors)")
     simulate.add_argument("--shares", default="5:3:2", help="target shares, e.g. 5:3:2")
     simulate.add_argument("--hours", type=float, default=4.0, help="simulated hours")
     simulate.add_argument("--warmup-hours", type=float, default=1.0,
@@ -378,7 +390,12 @@ def factory_line(reply: Reply, now: float) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if args.workload:
+        return run_simulate_workload(args)
     from vacfactory.space.simulator import SimConfig, format_result, parse_shares, simulate
+
+    args.factories = 100 if args.factories is None else args.factories
+    args.processors = 32 if args.processors is None else args.processors
 
     try:
         machinetypes = parse_shares(args.shares)
@@ -409,5 +426,40 @@ def run_simulate(args: argparse.Namespace) -> int:
         })
     else:
         for line in format_result(result):
+            print(line)
+    return EXIT_OK
+
+
+def run_simulate_workload(args: argparse.Namespace) -> int:
+    """``simulate --workload FILE``: the site's configuration, three policies side by side."""
+    from dataclasses import asdict
+
+    from vacfactory.sim.report import format_comparison
+    from vacfactory.sim.site import site_comparison
+    from vacfactory.sim.workload import WorkloadError
+
+    config = load_config(args)
+    try:
+        with open(args.workload, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except OSError as error:
+        raise CommandError(f"cannot read the workload file {args.workload}: "
+                           f"{error.strerror or error}", EXIT_NOINPUT) from None
+    factories = args.factories
+    if factories is None:
+        factories = max(1, len([f for f in config.settings.factories if f != "."]))
+    processors = args.processors or config.settings.total_processors
+    if factories < 1 or processors < 1:
+        raise CommandError("--factories and --processors must be at least 1", EXIT_USAGE)
+    try:
+        figures = site_comparison(config, text, args.workload, factories, processors, args.seed)
+    except WorkloadError as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
+    if args.json:
+        print_json([asdict(f) for f in figures])
+    else:
+        print(f"{factories} factories x {processors} processors; figures after the warm-up, "
+              f"ratios against Vac 03.01's policy")
+        for line in format_comparison(figures):
             print(line)
     return EXIT_OK

@@ -765,6 +765,33 @@ OPTIONS: Tuple[Option, ...] = (
            vac_parse=_vac_share,
            vac_reading="a negative share is read as 0, with a warning: never started (here an error)",
            vac_write="target_share = 0 for a machinetype that never starts"),
+    # ================================================= [settings]: scheduling beyond Vac
+    Option("adaptive_backoff", S, Boolean(), default=False, vac=False,
+           doc="Learn how long a machinetype with no work waits after an abort: each abort the "
+               "space saw in the last 4 x adaptive_backoff_max_seconds (every factory reports "
+               "its latest finished VM's outcome) doubles the wait, from max(backoff_seconds, "
+               "60) up to adaptive_backoff_max_seconds; the fizzle window still applies, so one "
+               "probe that finds work opens the machinetype again. Off: Vac's fixed "
+               "backoff_seconds. The processors saved go to machinetypes that have work."),
+    Option("adaptive_backoff_max_seconds", S, Integer(name="seconds", min=60), default=1800,
+           vac=False,
+           doc="The longest wait adaptive_backoff imposes after an abort; also how fast it "
+               "notices that work is back (on average within half of this)."),
+    Option("rebalance", S, Boolean(), default=False, vac=False,
+           doc="Graceful rebalancing: when a machinetype is over its target share (by more than "
+               "1 point, space-wide) and another waits under its share with work, move the MJF "
+               "shutdowntime and shutdowntime_job of this factory's part of the excess VMs to "
+               "rebalance_notice_seconds from now. Pilots finish their payload and take no new "
+               "one; no VM is killed before its (new) shutdown time. Off: shares move only as "
+               "VMs end (Vac)."),
+    Option("rebalance_notice_seconds", S, Integer(name="seconds", min=60), default=3600,
+           vac=False,
+           doc="How far ahead rebalancing moves a VM's shutdown time: at least the longest "
+               "payload a pilot runs, so none is cut short."),
+    Option("rebalance_max_percent", S, Number(name="percent", min=0, max=100), default=10.0,
+           vac=False,
+           doc="At most this percentage of the factory's processors may be in VMs given "
+               "notice by rebalancing at once (the same bound holds for the space)."),
 )
 
 #: what vacfactory writes into machinefeatures itself (a site's extra may not replace it)

@@ -19,6 +19,9 @@ Semantics are Vac 03.01's (``vacd`` steps 13-15 and ``pollFactories``), with the
   A VM is never made smaller to fit the remaining starting allowance: if the chosen VM does not
   fit, the round stops and that machinetype gets its turn when the young VMs age (making it
   smaller would fix the VM's size for its whole life because of a limit that lasts a minute).
+- With ``FactoryPolicy.adaptive_backoff`` set (off by default, and for Vac files), the wait
+  after an abort is learnt from the space's recent aborts (core.adaptive_backoff) instead of
+  the fixed ``backoff_seconds``.
   Only a configuration whose ``max_starting_processors`` is below a VM's size caps the size.
 
 The space view passed in must already include this factory's own VMs (the engine merges its
@@ -32,7 +35,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from vacfactory.core.adaptive_backoff import backoff_seconds, probing
 from vacfactory.core.views import (
+    AdaptiveBackoff,
     Create,
     Decision,
     FactoryPolicy,
@@ -193,8 +198,12 @@ class _Round:
                 refusals.append(f"{mt.name} share 0")
             elif shutdown is not None and not self.now + mt.min_wallclock_seconds < shutdown:
                 refusals.append(f"{mt.name} min_wallclock_seconds reaches shutdown_time")
-            elif not _past_backoff(mt, state, self.now):
-                refusals.append(f"{mt.name} backing off until {clock(_backoff_until(mt, state))}")
+            elif probing(state, self.policy.adaptive_backoff):
+                refusals.append(f"{mt.name} probing: one VM at a time until it outlives "
+                                f"fizzle_seconds")
+            elif not _past_backoff(mt, state, self.now, self.policy.adaptive_backoff):
+                until = _backoff_until(mt, state, self.now, self.policy.adaptive_backoff)
+                refusals.append(f"{mt.name} backing off until {clock(until)}")
             else:
                 eligible.append(mt)
         return eligible, refusals
@@ -305,24 +314,55 @@ def _fizzle_window(mt: MachinetypePolicy, state: MachinetypeState) -> float:
     return mt.fizzle_seconds if state.num_before_fizzle > 0 else 0.0
 
 
-def _past_backoff(mt: MachinetypePolicy, state: MachinetypeState, now: float) -> bool:
-    """Vac's test: no abort, or the last abort is older than backoff (+ fizzle window)."""
+def _past_backoff(
+    mt: MachinetypePolicy,
+    state: MachinetypeState,
+    now: float,
+    adaptive: Optional[AdaptiveBackoff] = None,
+) -> bool:
+    """Vac's test: no abort, or the last abort is older than backoff (+ fizzle window).
+
+    The backoff is ``backoff_seconds`` (Vac) or, with ``adaptive``, learnt from the space's
+    recent aborts (core.adaptive_backoff)."""
     if state.last_abort_time is None:
         return True
-    return state.last_abort_time < now - mt.backoff_seconds - _fizzle_window(mt, state)
+    wait = backoff_seconds(mt, state, now, adaptive)
+    if probing(state, adaptive):
+        return False  # a probe is proving the work is back: one at a time
+    return state.last_abort_time < now - wait - _fizzle_window(mt, state)
 
 
-def _backoff_until(mt: MachinetypePolicy, state: MachinetypeState) -> float:
+def _backoff_until(
+    mt: MachinetypePolicy,
+    state: MachinetypeState,
+    now: float,
+    adaptive: Optional[AdaptiveBackoff] = None,
+) -> float:
     """When the backoff of a backed-off machinetype ends (for the reason text)."""
     last = state.last_abort_time if state.last_abort_time is not None else float("-inf")
-    return last + mt.backoff_seconds + _fizzle_window(mt, state)
+    until = last + backoff_seconds(mt, state, now, adaptive) + _fizzle_window(mt, state)
+    if probing(state, adaptive):
+        until = max(until, now + 1.0)  # until the probe ends or outlives its fizzle window
+    return until
 
 
-def backed_off(mt: MachinetypePolicy, state: MachinetypeState, now: float) -> bool:
+def backed_off(
+    mt: MachinetypePolicy,
+    state: MachinetypeState,
+    now: float,
+    adaptive: Optional[AdaptiveBackoff] = None,
+) -> bool:
     """True if ``mt`` may not start a VM now because of a recent abort (for status displays)."""
-    return not _past_backoff(mt, state, now)
+    return not _past_backoff(mt, state, now, adaptive)
 
 
-def backoff_remaining(mt: MachinetypePolicy, state: MachinetypeState, now: float) -> float:
+def backoff_remaining(
+    mt: MachinetypePolicy,
+    state: MachinetypeState,
+    now: float,
+    adaptive: Optional[AdaptiveBackoff] = None,
+) -> float:
     """Seconds until ``mt`` may start again after an abort; 0 when it is not backing off."""
-    return 0.0 if _past_backoff(mt, state, now) else max(_backoff_until(mt, state) - now, 0.0)
+    if _past_backoff(mt, state, now, adaptive):
+        return 0.0
+    return max(_backoff_until(mt, state, now, adaptive) - now, 0.0)

@@ -69,6 +69,7 @@ class _Tally:
             running_machines=self.machines,
             num_before_fizzle=self.before_fizzle,
             last_abort_time=last_abort_time,
+            abort_times=() if last_abort_time is None else (last_abort_time,),
         )
 
 
@@ -97,7 +98,8 @@ def supersedes(candidate: FinishedVM, previous: Optional[FinishedVM]) -> bool:
 
 
 def merge_states(views: Iterable[Mapping[str, MachinetypeState]]) -> Dict[str, MachinetypeState]:
-    """The space's state of each machinetype: counts summed, newest abort kept."""
+    """The space's state of each machinetype: counts summed, newest abort kept, abort times
+    of every factory collected."""
     merged: Dict[str, MachinetypeState] = {}
     for view in views:
         for name, state in view.items():
@@ -112,5 +114,6 @@ def merge_states(views: Iterable[Mapping[str, MachinetypeState]]) -> Dict[str, M
                 running_machines=seen.running_machines + state.running_machines,
                 num_before_fizzle=seen.num_before_fizzle + state.num_before_fizzle,
                 last_abort_time=max(aborts) if aborts else None,
+                abort_times=seen.abort_times + state.abort_times,
             )
     return merged

@@ -6,7 +6,7 @@ space; the core (scheduler, status, enforcement) only ever sees these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
 
@@ -46,6 +46,21 @@ class FactoryPolicy:
     #: processors in VMs younger than starting_seconds may not exceed this
     max_starting_processors: int = 64
     starting_seconds: float = 60.0
+    #: learn backoff from the space's recent aborts (core.adaptive_backoff); None: Vac's rule
+    adaptive_backoff: Optional["AdaptiveBackoff"] = None
+
+
+@dataclass(frozen=True)
+class AdaptiveBackoff:
+    """Adaptive backoff settings: the wait after an abort doubles with each abort the space saw
+    within ``window_seconds``, from ``base_seconds`` up to ``max_seconds``."""
+
+    max_seconds: float = 1800.0
+    base_seconds: float = 60.0
+
+    @property
+    def window_seconds(self) -> float:
+        return 4.0 * self.max_seconds
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,13 @@ class MachinetypeState:
     num_before_fizzle: int = 0
     #: newest end time of a latest-finished VM whose end counted as an abort
     last_abort_time: Optional[float] = None
+    #: end time of every factory's latest-finished VM that aborted (one per factory): how
+    #: often the machinetype found no work lately, for adaptive backoff. Evidence that
+    #: ``last_abort_time`` sums up, so it takes no part in comparing two states.
+    abort_times: Tuple[float, ...] = field(default=(), compare=False)
+    #: adaptive backoff's memory: has a VM started after the newest abort outlived its fizzle
+    #: window (None: not known, no memory kept)
+    work_shown: Optional[bool] = field(default=None, compare=False)
 
 
 #: machinetype name -> its state across the space (or this factory alone)

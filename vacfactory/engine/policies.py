@@ -5,10 +5,10 @@ Kept in one place so the core never sees a Config and the option names stay in c
 
 from __future__ import annotations
 
-from typing import List, Mapping
+from typing import List, Mapping, Optional
 
 from vacfactory.core.mjf import MJFInput
-from vacfactory.core.views import FactoryPolicy, LocalVM, MachinetypePolicy
+from vacfactory.core.views import AdaptiveBackoff, FactoryPolicy, LocalVM, MachinetypePolicy
 from vacfactory.state.machines import Machine
 
 
@@ -26,7 +26,16 @@ def factory_policy(config, host_processors: int) -> FactoryPolicy:
         draining=bool(s.draining),
         max_starting_processors=s.max_starting_processors,
         starting_seconds=s.starting_seconds,
+        adaptive_backoff=adaptive_backoff(config),
     )
+
+
+def adaptive_backoff(config) -> Optional[AdaptiveBackoff]:
+    """The adaptive backoff settings, or None for Vac's fixed backoff_seconds (the default)."""
+    s = config.settings
+    if not s.adaptive_backoff:
+        return None
+    return AdaptiveBackoff(max_seconds=float(s.adaptive_backoff_max_seconds))
 
 
 def machinetype_policies(config) -> List[MachinetypePolicy]:

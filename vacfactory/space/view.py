@@ -64,6 +64,7 @@ def machinetype_state(status: MachinetypeStatus, abort_on_700: bool, now: float
         running_machines=int(status.running_machines),
         num_before_fizzle=int(status.num_before_fizzle),
         last_abort_time=last_abort,
+        abort_times=() if last_abort is None else (last_abort,),
     )
 
 
