@@ -413,9 +413,14 @@ class _Sender:
                         if failure:
                             return failure
                     continue
+                if batch is not None and batch.names:  # keep the queue's order: the batch first
+                    failure = self._flush(queue, destination, batch)
+                    batch = Batch(self.batch_records)
+                    if failure:
+                        queue.unlock(name)
+                        return failure
                 failure = self._deliver(queue, destination, [name], body)
                 if failure:
-                    self._release(queue, batch)
                     return failure
             if batch is not None and batch.names:
                 failure = self._flush(queue, destination, batch)
