@@ -1,4 +1,4 @@
-"""A built-in ssmsend: sign queued messages and deliver them over STOMP, at least once.
+"""A built-in ssmsend: sign queued messages and deliver them (STOMP or ARGO AMS), at least once.
 
 It copies ssmsend's algorithm (apel/ssm ``Ssm2.send_all``) and fixes its hang (apel/ssm#29):
 

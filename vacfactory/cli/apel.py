@@ -154,10 +154,12 @@ def do_sync(args: argparse.Namespace, settings: AccountingSettings, now: float) 
 def do_send(args: argparse.Namespace, settings: AccountingSettings, now: float) -> int:
     result = send_queued(settings, args.timeout, now=now)
     if args.json:
-        print_json({"sent": result.sent, "failed": result.failed, "remaining": result.remaining,
-                    "invalid": result.invalid, "error": result.error, "unreachable": result.unreachable})
+        print_json({"sent": result.sent, "messages": result.messages, "failed": result.failed,
+                    "remaining": result.remaining, "invalid": result.invalid, "error": result.error,
+                    "unreachable": result.unreachable})
     else:
-        print(f"{result.sent} sent, {result.remaining} left queued"
+        print(f"{result.sent} sent" + (f" in {result.messages} messages" if result.messages != result.sent else "")
+              + f", {result.remaining} left queued"
               + (f", {result.invalid} invalid queued elements" if result.invalid else ""))
         if result.error:
             print(f"vacfactory apel send: {result.error}", file=sys.stderr)
