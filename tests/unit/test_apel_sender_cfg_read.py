@@ -115,3 +115,24 @@ def test_a_broken_sender_cfg_shows_in_status_and_fails_the_send_without_touching
     assert read_queue(settings.outgoing_dir) == before
     assert run(settings, "status") == EXIT_OK
     assert f"sender configuration error: {cfg}:2:" in capsys.readouterr().out
+
+
+def test_config_check_reads_sender_cfg_as_the_sender_will(tmp_path):
+    from tests.unit.test_config_predict import conf, findings
+    from vacfactory.config import predict
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "sender.cfg"
+    cfg.write_text(AMS_CFG.format(path=state / "apel-outgoing").replace("protocol: AMS", "protocol: KAFKA"))
+    path = conf(tmp_path, settings=f"apel_send = yes\napel_sender_cfg = {cfg}\n")
+    errors = [f for f in findings(path) if f.severity == predict.ERROR]
+    assert [(f.option, f.line) for f in errors] == [("apel_sender_cfg", 7)]
+    assert f"{cfg}:2: [sender] protocol: 'KAFKA' is neither STOMP nor AMS" in errors[0].message
+    cert = tmp_path / "hostcert.pem"
+    cert.write_text("a certificate")
+    cfg.write_text(AMS_CFG.format(path=state / "apel-outgoing").replace(
+        "/etc/grid-security/hostkey.pem", str(tmp_path / "nokey.pem")).replace(
+        "/etc/grid-security/hostcert.pem", str(cert)))
+    errors = [f for f in findings(path) if f.severity == predict.ERROR]
+    assert [f.option for f in errors] == ["apel_sender_cfg"]
+    assert f"{tmp_path / 'nokey.pem'}: no such file (from {cfg})" in errors[0].message
