@@ -14,7 +14,8 @@
 ``plan`` scripts what the next publish requests meet, one entry each, then normal service:
 ``("status", N)`` answer N without storing; ``("stored-then", N)`` store, then answer N (a
 lost answer); ``"cut"`` read the request and close the connection without an answer;
-``("slow", S)`` store, then answer after S seconds (a client timeout).
+``("slow", S)`` store, then answer after S seconds (a client timeout); ``("body", TEXT)`` store,
+then answer 200 with TEXT (a broken or hostile answer).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: 
 _PUBLISH = re.compile(r"^/v1/projects/([^/]+)/topics/([^/:]+):publish$")
 _AUTHX509 = re.compile(r"^/v1/service-types/ams/hosts/([^/:]+):authx509$")
 
-Step = Union[str, Tuple[str, float]]
+Step = Union[str, Tuple[str, Union[float, str]]]
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(int(step[1]), "scripted failure after storing")
         if isinstance(step, tuple) and step[0] == "slow":
             time.sleep(float(step[1]))
+        if isinstance(step, tuple) and step[0] == "body":
+            body = str(step[1]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         try:
             self._json(200, {"messageIds": ids})
         except OSError:

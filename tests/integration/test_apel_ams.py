@@ -162,6 +162,18 @@ def test_a_failure_leaves_exactly_the_unconfirmed_messages_and_the_next_run_send
     assert len(arrived) == 4 + (1 if step == ("slow", 3.0) else 0)
 
 
+@pytest.mark.parametrize("answer", ["not json", "{}", '{"messageIds": []}', '{"messageIds": [1, 2]}',
+                                    '{"messageIds": ["1", "2"]}', '["1"]'])
+def test_an_answer_without_exactly_one_message_id_leaves_the_message_queued(tmp_path, certs, ams, answer):
+    settings = ams_settings(tmp_path, certs)
+    queued = fill(settings, 2)
+    ams.plan = [("body", answer)]
+    result = send_queued(settings, 20, now=time.time())
+    assert not result.ok and result.sent == 0 and result.remaining == 2
+    assert "no message id" in (result.error or "")
+    assert read_queue(settings.outgoing_dir) == queued
+
+
 def test_a_lost_answer_means_a_duplicate_never_a_loss(tmp_path, certs, ams):
     settings = ams_settings(tmp_path, certs, ams_retry=1)
     queued = fill(settings, 3)
