@@ -21,7 +21,8 @@ def undrained_note(state_dir: str, now: float) -> str:
     note = f"; last successful {state.get('protocol', '?')} send {success or 'never'}"
     error = state.get("last_error")
     if error:
-        text = str(error).replace("\n", " ")
+        # the error may quote what AMS or a broker answered: printable ASCII only, one line
+        text = "".join(c if " " <= c <= "~" else " " for c in str(error))
         note += f"; last error: {text[:_MAX_ERROR]}{'...' if len(text) > _MAX_ERROR else ''}"
     return note
 
