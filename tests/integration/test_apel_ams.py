@@ -135,6 +135,15 @@ def test_a_certificate_ams_does_not_know_sends_nothing_and_says_why(tmp_path, ce
     assert read_state(str(tmp_path / "state"))["last_error"] == result.error
 
 
+def test_an_ams_server_the_ca_bundle_does_not_trust_gets_nothing(tmp_path, certs, ams, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certs["host.pem"])  # not the CA that signed the server
+    settings = ams_settings(tmp_path, certs, ams_token=ams.token)
+    queued = fill(settings, 2)
+    result = send_queued(settings, 20, now=time.time())
+    assert not result.ok and result.unreachable and "CERTIFICATE_VERIFY_FAILED" in (result.error or "")
+    assert ams.published == [] and read_queue(settings.outgoing_dir) == queued
+
+
 @pytest.mark.parametrize("step,retry", [
     (("status", 401), 0), (("status", 409), 0), (("status", 500), 0), ("cut", 0), (("slow", 3.0), 0),
     (("status", 500), 1),
