@@ -62,7 +62,7 @@ make_venv() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   .venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import libvirt, dirq, stomp, vacfactory" || { say "venv install failed"; exit 1; }
+  .venv/bin/python -c "import libvirt, dirq, stomp, argo_ams_library, vacfactory" || { say "venv install failed"; exit 1; }
   touch "$stamp"
 }
 

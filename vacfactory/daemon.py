@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Tuple
 from vacfactory.accounting.outgoing import backlog_of
 from vacfactory.accounting.sender import send_is_due, send_queued
 from vacfactory.accounting.settings import AccountingSettings
-from vacfactory.accounting.sync import sync_if_due
+from vacfactory.accounting.sync import sync_at_stop, sync_if_due
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.core import scheduler
@@ -266,6 +266,7 @@ class Daemon:
         """Stop the servers and release the state lock; running VMs are left alone."""
         notify_systemd("STOPPING=1")
         self.factory.flush()
+        self.final_sync()
         for job in self.background:
             job.stop()
         if self.metrics is not None:
@@ -494,6 +495,16 @@ class Daemon:
             result = send_queued(settings)
             log.info("APEL sender: %d sent, %d failed, %d still queued", result.sent, result.failed,
                      result.remaining)
+
+    def final_sync(self) -> None:
+        """Sync records counting what the final flush accounted (issue 18: a start-up sync
+        alone leaves APEL seeing more jobs than the site reported)."""
+        try:
+            written = sync_at_stop(AccountingSettings.from_config(self.factory.config), self.factory.clock())
+        except (VacFactoryError, OSError) as error:
+            log.error("final APEL sync failed (the next start syncs again): %s", error)
+            return
+        log.info("APEL sync records queued at stop: %d", len(written))
 
     def ensure_syslog(self) -> None:
         """Receive the VMs' syslog when syslog_server is this factory; restart on changes."""

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from vacfactory.errors import VacFactoryError
 
+from vacfactory.accounting.health import undrained_note
 from vacfactory.accounting.outgoing import backlog_of
 from vacfactory.state.lock import StateLock
 from vacfactory.state.status import StatusFiles
@@ -233,7 +234,8 @@ def _accounting(settings: CheckSettings, now: float, problems: List[Tuple[int, s
     perfdata.append(_perf("apel_oldest_age", f"{oldest:.0f}", "s", f"{settings.apel_age_warning_seconds:.0f}", "", 0))
     if total and oldest > settings.apel_age_warning_seconds:
         cloud = f" ({counts['cloud']} of them cloud records)" if counts["cloud"] else ""
-        problems.append((WARNING, f"{total} APEL messages waiting{cloud}, the oldest for {_duration(oldest)}"))
+        problems.append((WARNING, f"{total} APEL messages waiting{cloud}, the oldest for {_duration(oldest)}"
+                             + undrained_note(settings.state_dir, now)))
 
 
 def _summary(status: Optional[dict], total: Optional[int]) -> Tuple[str, List[str]]:

@@ -116,7 +116,7 @@ CASES = [
     ("heartbeat_file with a slash", MT + "heartbeat_file = ../heartbeat\n",
      "{main}:8: [machinetype lhcb] heartbeat_file: '../heartbeat' must be a plain file name"),
     ("apel_send without a broker", "apel_send = yes\n",
-     "{main}:5: [settings] apel_send: apel_broker_host is required when apel_send = yes"),
+     "{main}:5: [settings] apel_send: apel_broker_host (or apel_sender_cfg) is required when apel_send = yes"),
     ("vacuum pipe without a URL", "[vacuum_pipe example]\ntarget_share = 1\n",
      "{main}:5: [vacuum_pipe example] vacuum_pipe_url: required option is missing"),
     ("vacuum pipe with a bad prefix", "[vacuum_pipe Example]\nvacuum_pipe_url = https://x.example.com/p.json\n",

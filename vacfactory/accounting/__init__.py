@@ -1,4 +1,4 @@
-"""APEL accounting: archive, dirq outgoing queue, sync records and the STOMP sender.
+"""APEL accounting: archive, dirq outgoing queue, sync records and the sender (STOMP or AMS).
 
 The engine's whole surface::
 
@@ -6,6 +6,7 @@ The engine's whole surface::
     result = account_vm(usage, settings, now, fizzle_seconds=...)   # then mark accounted
     results = account_vms(usages, settings, now)                    # several at once
     sync_if_due(settings, now)                                      # every cycle; daily work
+    sync_at_stop(settings, now)                                     # after the final flush
     if send_is_due(settings, last, now): send_queued(settings, timeout)
 """
 
@@ -16,7 +17,7 @@ from vacfactory.accounting.records import VMUsage
 from vacfactory.accounting.republish import RepublishResult, republish
 from vacfactory.accounting.sender import SendResult, send_is_due, send_queued
 from vacfactory.accounting.settings import AccountingSettings, BrokerSettings
-from vacfactory.accounting.sync import SyncResult, sync_if_due, sync_month, sync_records
+from vacfactory.accounting.sync import SyncResult, sync_at_stop, sync_if_due, sync_month, sync_records
 
 __all__ = [
     "AccountResult",
@@ -31,6 +32,7 @@ __all__ = [
     "republish",
     "send_is_due",
     "send_queued",
+    "sync_at_stop",
     "sync_if_due",
     "sync_month",
     "sync_records",

@@ -1,4 +1,4 @@
-"""A built-in ssmsend: sign queued messages and deliver them over STOMP, at least once.
+"""A built-in ssmsend: sign queued messages and deliver them (STOMP or ARGO AMS), at least once.
 
 It copies ssmsend's algorithm (apel/ssm ``Ssm2.send_all``) and fixes its hang (apel/ssm#29):
 
@@ -17,8 +17,12 @@ A receipt that is lost after the broker took the message means the message is se
 next time: APEL's REPLACE key makes that harmless. A message is never removed before its
 receipt, so a broker that dies mid-send loses nothing.
 
-The sender speaks STOMP only. EGI's production service moved to ARGO AMS; sites sending
-there use the real ``ssmsend`` (``protocol: AMS``) on the same queue directory.
+Transports: STOMP (here) or ARGO AMS (:mod:`vacfactory.accounting.ams`), chosen by
+``[sender] protocol`` of the site's ``sender.cfg`` (option ``apel_sender_cfg``). With
+``apel_batch`` consecutive queued job records go out packed into one message (see
+:mod:`vacfactory.accounting.batching`); all its elements are removed after its one
+confirmation, or none. Every run's outcome is kept for ``apel status`` and ``vacfactory check``
+(:mod:`vacfactory.accounting.send_state`).
 """
 
 from __future__ import annotations
@@ -35,10 +39,16 @@ from typing import Callable, List, Optional, Set, Tuple
 import stomp
 import stomp.exception
 
-from vacfactory.accounting.outgoing import OutgoingQueue
-from vacfactory.accounting.settings import AccountingSettings, BrokerSettings
-from vacfactory.accounting.smime import Signer, load_signer
-from vacfactory.core.apel import parse_message
+from vacfactory.accounting import send_state
+from vacfactory.accounting.batching import Batch
+from vacfactory.accounting.ams import AmsLink
+from vacfactory.accounting.outgoing import OutgoingQueue, backlog_of
+from vacfactory.accounting.send_errors import TimedOut as _TimedOut
+from vacfactory.accounting.send_errors import Unreachable as _Unreachable
+from vacfactory.accounting.sender_cfg import effective_broker
+from vacfactory.accounting.settings import AMS, AccountingSettings, BrokerSettings
+from vacfactory.accounting.smime import Signer, encrypt, load_signer
+from vacfactory.core.apel import JOB, parse_message
 from vacfactory.errors import AccountingError, RecordInvalid
 
 log = logging.getLogger(__name__)
@@ -71,23 +81,12 @@ class SendResult:
     unreachable: bool = False
     #: the deadline came with messages still queued (an error, CLI exit 1)
     timed_out: bool = False
+    #: messages on the wire (fewer than ``sent`` with apel_batch)
+    messages: int = 0
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.failed == 0 and self.invalid == 0
-
-
-class _Unreachable(AccountingError):
-    """No connection to the broker, or it was lost."""
-
-
-class _TimedOut(AccountingError):
-    """The overall deadline came before everything queued was confirmed."""
-
-    def __init__(self, message: str, *, between_messages: bool = False) -> None:
-        super().__init__(message)
-        #: True: no message was in flight (none failed), the rest was simply not started
-        self.between_messages = between_messages
 
 
 class _Listener(stomp.ConnectionListener):
@@ -289,13 +288,19 @@ def send_queued(
 ) -> SendResult:
     """Deliver everything queued (job queue, and the cloud queue when enabled).
 
-    Returns within about ``timeout_seconds`` whatever the broker does; what was not
+    Returns within about ``timeout_seconds`` whatever the broker or AMS does; what was not
     delivered stays queued for the next run.
     """
     started = time.monotonic()
+    wall = time.time() if now is None else now
     close_budget = min(CLOSE_BUDGET_SECONDS, timeout_seconds / 4)
     deadline = started + max(0.1, timeout_seconds - close_budget)
-    queues = _queues(settings)
+    try:
+        broker = effective_broker(settings)
+    except AccountingError as error:  # an unusable sender.cfg
+        log.error("APEL send: %s", error)
+        return SendResult(sent=0, failed=0, remaining=_pending(settings), error=str(error))
+    queues = _queues(settings, broker)
     for queue, _ in queues:
         queue.purge()
     pending = sum(queue.count() for queue, _ in queues)
@@ -303,79 +308,158 @@ def send_queued(
         log.debug("no APEL messages to send")
         return SendResult(sent=0, failed=0, remaining=0)
     try:
-        signer = load_signer(settings.broker.host_cert, settings.broker.host_key, time.time() if now is None else now)
-        link = _Link(settings.broker, deadline)
+        signer = load_signer(broker.host_cert, broker.host_key, wall)
+        link = _make_link(broker, deadline)
     except AccountingError as error:
         log.error("APEL send: %s", error)
-        return SendResult(sent=0, failed=0, remaining=pending, error=str(error))
+        return _recorded(settings, broker, wall, SendResult(sent=0, failed=0, remaining=pending, error=str(error)))
     try:
         link.open(deadline)
-    except AccountingError as error:  # _Unreachable, or a CA directory without certificates
+    except AccountingError as error:  # _Unreachable, refused, or a CA directory without certificates
         log.error("APEL send: %s", error)
         link.close(close_budget)
-        return SendResult(sent=0, failed=0, remaining=pending, error=str(error),
-                          unreachable=isinstance(error, _Unreachable))
-    sent, invalid, failure = _send_all(link, signer, queues, deadline)
+        return _recorded(settings, broker, wall, SendResult(
+            sent=0, failed=0, remaining=pending, error=str(error), unreachable=isinstance(error, _Unreachable)))
+    sender = _Sender(link, signer, broker, broker.batch_records, deadline)
+    failure = sender.send_all(queues)
     link.close(close_budget)
     remaining = sum(queue.count() for queue, _ in queues)
     in_flight = failure is not None and not (isinstance(failure, _TimedOut) and failure.between_messages)
     result = SendResult(
-        sent=sent,
+        sent=sender.sent,
         failed=1 if in_flight else 0,
         remaining=remaining,
-        invalid=invalid,
+        invalid=sender.invalid,
         error=str(failure) if failure else None,
         unreachable=isinstance(failure, _Unreachable),
         timed_out=isinstance(failure, _TimedOut),
+        messages=sender.messages,
     )
     level = logging.INFO if result.ok else logging.ERROR
-    log.log(level, "APEL send to %s: %d sent, %d failed, %d invalid, %d left queued%s", link.where, sent,
-            result.failed, invalid, remaining, f": {failure}" if failure else "")
+    log.log(level, "APEL send to %s: %d sent in %d messages, %d failed, %d invalid, %d left queued%s", link.where,
+            sender.sent, sender.messages, result.failed, sender.invalid, remaining, f": {failure}" if failure else "")
+    return _recorded(settings, broker, wall, result)
+
+
+def _pending(settings: AccountingSettings) -> int:
+    return sum(backlog_of(path).count for path in (settings.outgoing_dir, settings.cloud_queue_dir))
+
+
+def _recorded(settings: AccountingSettings, broker: BrokerSettings, now: float, result: SendResult) -> SendResult:
+    send_state.record_run(os.path.dirname(os.path.abspath(settings.outgoing_dir)), now,
+                          protocol=broker.protocol, destination=broker.destination, sent=result.sent,
+                          remaining=result.remaining, error=result.error)
     return result
 
 
-def _queues(settings: AccountingSettings) -> List[Tuple[OutgoingQueue, str]]:
-    queues = [(OutgoingQueue(settings.outgoing_dir), settings.broker.destination)]
+def _make_link(broker: BrokerSettings, deadline: float) -> "_Link | AmsLink":
+    if broker.protocol == AMS:
+        return AmsLink(broker, deadline)
+    return _Link(broker, deadline)
+
+
+def _queues(settings: AccountingSettings, broker: BrokerSettings) -> List[Tuple[OutgoingQueue, str]]:
+    queues = [(OutgoingQueue(settings.outgoing_dir), broker.destination)]
     if settings.cloud_records or os.path.isdir(settings.cloud_queue_dir):
-        queues.append((OutgoingQueue(settings.cloud_queue_dir), settings.broker.cloud_destination))
+        queues.append((OutgoingQueue(settings.cloud_queue_dir), broker.cloud_destination))
     return queues
 
 
-def _send_all(
-    link: _Link, signer: Signer, queues: List[Tuple[OutgoingQueue, str]], deadline: float
-) -> Tuple[int, int, Optional[AccountingError]]:
-    """Send element after element; stop at the first failure or at the deadline.
+class _Sender:
+    """One run over the queues: element after element (or batch after batch); stop at the
+    first failure or at the deadline. Stopping at the deadline with elements left is a
+    failure (:class:`_TimedOut`)."""
 
-    Stopping at the deadline with elements left is a failure (:class:`_TimedOut`).
-    """
-    sent = invalid = 0
-    for queue, destination in queues:
-        for name in queue.names():
-            if deadline - time.monotonic() < SEND_RESERVE_SECONDS:
-                return sent, invalid, _TimedOut(
-                    f"{link.where}: timeout reached after {sent} sent; the rest stays queued",
-                    between_messages=True)
-            if not queue.lock(name):
-                continue  # another sender has it
-            try:
-                body = queue.get_locked(name)
-                text = body.decode("ascii")
-                parse_message(text)
-            except (OSError, UnicodeDecodeError, RecordInvalid) as error:
-                log.error("%s/%s: not an APEL message, left in the queue (republish from the archive"
-                          " and remove it): %s", queue.path, name, error)
+    def __init__(self, link: "_Link | AmsLink", signer: Signer, broker: BrokerSettings, batch_records: int,
+                 deadline: float) -> None:
+        self.link = link
+        self.signer = signer
+        self.broker = broker
+        self.batch_records = batch_records
+        self.deadline = deadline
+        self.sent = self.invalid = self.messages = 0
+
+    def send_all(self, queues: List[Tuple[OutgoingQueue, str]]) -> Optional[AccountingError]:
+        for queue, destination in queues:
+            batch = Batch(self.batch_records) if self.batch_records else None
+            for name in queue.names():
+                if self.deadline - time.monotonic() < SEND_RESERVE_SECONDS:
+                    self._release(queue, batch)
+                    return _TimedOut(f"{self.link.where}: timeout reached after {self.sent} sent; the rest stays "
+                                     "queued", between_messages=True)
+                if not queue.lock(name):
+                    continue  # another sender has it
+                try:
+                    body = queue.get_locked(name)
+                    text = body.decode("ascii")
+                    message = parse_message(text)
+                except (OSError, UnicodeDecodeError, RecordInvalid) as error:
+                    log.error("%s/%s: not an APEL message, left in the queue (republish from the archive"
+                              " and remove it): %s", queue.path, name, error)
+                    queue.unlock(name)
+                    self.invalid += 1
+                    continue
+                if batch is not None and message.kind == JOB:
+                    if not batch.fits(text, len(message.records)):
+                        failure = self._flush(queue, destination, batch)
+                        if failure:
+                            queue.unlock(name)
+                            return failure
+                        batch = Batch(self.batch_records)
+                    batch.add(name, text, len(message.records))
+                    if batch.full():
+                        failure = self._flush(queue, destination, batch)
+                        batch = Batch(self.batch_records)
+                        if failure:
+                            return failure
+                    continue
+                if batch is not None and batch.names:  # keep the queue's order: the batch first
+                    failure = self._flush(queue, destination, batch)
+                    batch = Batch(self.batch_records)
+                    if failure:
+                        queue.unlock(name)
+                        return failure
+                failure = self._deliver(queue, destination, [name], body)
+                if failure:
+                    return failure
+            if batch is not None and batch.names:
+                failure = self._flush(queue, destination, batch)
+                if failure:
+                    return failure
+        return None
+
+    def _flush(self, queue: OutgoingQueue, destination: str, batch: Batch) -> Optional[AccountingError]:
+        names = list(batch.names)
+        batch.names.clear()
+        if len(names) == 1:
+            return self._deliver(queue, destination, names, batch.bodies[0].encode("ascii"))
+        return self._deliver(queue, destination, names, batch.text().encode("ascii"))
+
+    def _deliver(self, queue: OutgoingQueue, destination: str, names: List[str], body: bytes) -> Optional[AccountingError]:
+        """Sign (and encrypt), send under the first element's name, then remove all of them."""
+        try:
+            signed = self.signer.sign(body)
+            if self.broker.server_cert:
+                signed = encrypt(signed, self.broker.server_cert)
+            self.link.send(destination, signed.decode("ascii"), names[0], self.deadline)
+        except AccountingError as error:
+            for name in names:
                 queue.unlock(name)
-                invalid += 1
-                continue
-            try:
-                link.send(destination, signer.sign(body).decode("ascii"), name, deadline)
-            except AccountingError as error:
-                queue.unlock(name)
-                return sent, invalid, error
+            return error
+        for name in names:
             queue.remove_locked(name)
-            sent += 1
-            log.debug("%s: sent to %s and removed", name, destination)
-    return sent, invalid, None
+        self.sent += len(names)
+        self.messages += 1
+        log.debug("%s: sent to %s and removed%s", names[0], destination,
+                  f" with {len(names) - 1} more in one message" if len(names) > 1 else "")
+        return None
+
+    @staticmethod
+    def _release(queue: OutgoingQueue, batch: Optional[Batch]) -> None:
+        if batch is not None:
+            for name in batch.names:
+                queue.unlock(name)
+            batch.names.clear()
 
 
 def send_is_due(settings: AccountingSettings, last_attempt: Optional[float], now: float) -> bool:

@@ -28,6 +28,12 @@ DEFAULT_DESTINATION = "gLite-APEL"
 DEFAULT_CLOUD_DESTINATION = "/queue/global.accounting.cloud.CENTRAL"
 DEFAULT_CAPATH = "/etc/grid-security/certificates"
 DEFAULT_SEND_INTERVAL_SECONDS = 3600.0
+STOMP = "STOMP"
+AMS = "AMS"
+DEFAULT_AMS_PROJECT = "accounting"
+#: the AMS topic of cloud records (the grid topic is DEFAULT_DESTINATION)
+DEFAULT_AMS_CLOUD_DESTINATION = "eu-egi-cloud-accounting"
+DEFAULT_BATCH_RECORDS = 500
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,25 @@ class BrokerSettings:
     send_interval_seconds: float = DEFAULT_SEND_INTERVAL_SECONDS
     #: the daemon runs the built-in sender on a timer (otherwise ssmsend from cron does)
     send_enabled: bool = False
+    #: ``STOMP`` or ``AMS`` (sender.cfg ``[sender] protocol``)
+    protocol: str = STOMP
+    #: AMS only: the project (sender.cfg ``[messaging] ams_project``)
+    ams_project: str = DEFAULT_AMS_PROJECT
+    #: AMS only: a token instead of the X.509-to-token exchange (``[messaging] token``)
+    ams_token: Optional[str] = None
+    #: AMS: the X.509 token exchange port (SSM: always 8443); publishing is on 443
+    ams_authn_port: int = 8443
+    #: AMS: the library's per-request timeout, re-sends after a 5xx/reset/timeout, and the
+    #: sleep before each (SSM's values); re-sends are skipped when the deadline is too near
+    ams_timeout_seconds: float = 10.0
+    ams_retry: int = 1
+    ams_retry_sleep_seconds: float = 60.0
+    #: encrypt each signed message to this certificate (``[certificates] server_cert``)
+    server_cert: Optional[str] = None
+    #: the sender.cfg these values came from, None if from vacfactory.conf alone
+    sender_cfg: Optional[str] = None
+    #: pack up to this many job records into one message (0: one message per element)
+    batch_records: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,11 @@ class AccountingSettings:
             capath=str(_opt(s, "apel_capath", DEFAULT_CAPATH)),
             send_interval_seconds=float(_opt(s, "apel_send_interval_seconds", DEFAULT_SEND_INTERVAL_SECONDS)),
             send_enabled=bool(_opt(s, "apel_send", False)),
+            batch_records=int(_opt(s, "apel_batch_records", DEFAULT_BATCH_RECORDS)) if _opt(s, "apel_batch", False)
+            else 0,
+            # read by the sender itself (accounting.sender_cfg): a broken sender.cfg must never
+            # stop VMs from being accounted
+            sender_cfg=_opt(s, "apel_sender_cfg"),
         )
         return cls(
             site=str(gocdb) if gocdb else placeholder_site(space),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import subprocess
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -44,6 +45,24 @@ class Signer:
             .add_signer(self.certificate, self.key, hashes.SHA256())  # type: ignore[arg-type]
             .sign(serialization.Encoding.SMIME, [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Text])
         )
+
+
+#: how long one ``openssl smime -encrypt`` may take (a message is at most ~1 MB)
+ENCRYPT_TIMEOUT_SECONDS = 30.0
+
+
+def encrypt(signed: bytes, server_cert: str) -> bytes:
+    """Encrypt a signed message to ``server_cert`` exactly as ssmsend does
+    (``openssl smime -encrypt -aes128 SERVER_CERT``), for sites with ``server_cert`` set."""
+    try:
+        done = subprocess.run(["openssl", "smime", "-encrypt", "-aes128", server_cert], input=signed,
+                              capture_output=True, timeout=ENCRYPT_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise AccountingError(f"cannot encrypt to server_cert {server_cert}: {error}") from error
+    if done.returncode != 0:
+        reason = done.stderr.decode("ascii", "replace").strip().splitlines()[:1]
+        raise AccountingError(f"cannot encrypt to server_cert {server_cert}: {' '.join(reason) or 'openssl failed'}")
+    return done.stdout
 
 
 def load_signer(cert_path: str, key_path: str, now: float) -> Signer:

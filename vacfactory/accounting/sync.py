@@ -7,7 +7,8 @@ under ``not-queued/`` (no gocdb_sitename or hs06_per_processor at the time) neve
 ``NumberOfJobs: 0`` for this factory's own Site and SubmitHost (Vac crashes there).
 
 The daemon calls :func:`sync_if_due` every cycle; it does the work once a day and remembers
-when in ``apel-archive/.sync-state.json``.
+when in ``apel-archive/.sync-state.json``; and :func:`sync_at_stop` after its final
+accounting flush, so the last sync message of every month counts every record sent for it.
 """
 
 from __future__ import annotations
@@ -76,15 +77,15 @@ def sync_months(settings: AccountingSettings, months: Sequence[str], now: float)
     return [sync_month(settings, month, now) for month in months]
 
 
-def sync_if_due(settings: AccountingSettings, now: float) -> List[str]:
-    """Once a day: sync every month since the last sync (at least yesterday's and today's),
-    the last MAX_CATCH_UP_MONTHS of them at most.
+def sync_if_due(settings: AccountingSettings, now: float, *, force: bool = False) -> List[str]:
+    """Once a day (or now, with ``force``): sync every month since the last sync (at least
+    yesterday's and today's), the last MAX_CATCH_UP_MONTHS of them at most.
 
     Returns the queue names written, [] when not due (or queueing is disabled).
     """
     state_path = os.path.join(settings.archive_dir, archive.SYNC_STATE_FILE)
     last = _last_sync(state_path)
-    if last is not None and 0 <= now - last < SYNC_INTERVAL_SECONDS:
+    if not force and last is not None and 0 <= now - last < SYNC_INTERVAL_SECONDS:
         return []
     if not settings.queue_enabled:
         return []
@@ -97,6 +98,13 @@ def sync_if_due(settings: AccountingSettings, now: float) -> List[str]:
     os.makedirs(settings.archive_dir, exist_ok=True)
     atomic_write_json(state_path, {"last_sync": now, "months": months})
     return names
+
+
+def sync_at_stop(settings: AccountingSettings, now: float) -> List[str]:
+    """After the daemon's final accounting flush: fresh sync records counting every record
+    written until now, so APEL never holds more jobs for a month than the last sync said
+    (a start-up sync alone said 0 for a month whose VMs all ended later)."""
+    return sync_if_due(settings, now, force=True)
 
 
 def last_sync_time(settings: AccountingSettings) -> Optional[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -16,7 +17,9 @@ from vacfactory.accounting import archive
 from vacfactory.accounting.outgoing import age_seconds, backlog_of
 from vacfactory.accounting.report import monthly_report, report_lines
 from vacfactory.accounting.republish import republish
+from vacfactory.accounting.send_state import read_state
 from vacfactory.accounting.sender import DEFAULT_TIMEOUT_SECONDS, send_queued
+from vacfactory.accounting.sender_cfg import effective_broker
 from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.accounting.sync import default_month, last_sync_time, sync_months
 from vacfactory.cli.common import (
@@ -56,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_argument(p)
     p.set_defaults(handler=_runner(do_send))
 
-    p = actions.add_parser("status", help="archive count this month, queue backlog, oldest queued")
+    p = actions.add_parser("status", help="archive count this month, queue backlog, oldest queued, sender: "
+                                          "protocol, destination, last successful send")
     add_json_argument(p)
     p.set_defaults(handler=_runner(do_status))
 
@@ -150,10 +154,12 @@ def do_sync(args: argparse.Namespace, settings: AccountingSettings, now: float) 
 def do_send(args: argparse.Namespace, settings: AccountingSettings, now: float) -> int:
     result = send_queued(settings, args.timeout, now=now)
     if args.json:
-        print_json({"sent": result.sent, "failed": result.failed, "remaining": result.remaining,
-                    "invalid": result.invalid, "error": result.error, "unreachable": result.unreachable})
+        print_json({"sent": result.sent, "messages": result.messages, "failed": result.failed,
+                    "remaining": result.remaining, "invalid": result.invalid, "error": result.error,
+                    "unreachable": result.unreachable})
     else:
-        print(f"{result.sent} sent, {result.remaining} left queued"
+        print(f"{result.sent} sent" + (f" in {result.messages} messages" if result.messages != result.sent else "")
+              + f", {result.remaining} left queued"
               + (f", {result.invalid} invalid queued elements" if result.invalid else ""))
         if result.error:
             print(f"vacfactory apel send: {result.error}", file=sys.stderr)
@@ -187,7 +193,25 @@ def status(settings: AccountingSettings, now: float) -> Dict[str, Any]:
         "backlog": backlog,
         "last_sync": last_sync_time(settings),
         "built_in_sender": settings.broker.send_enabled,
+        "sender": sender_status(settings),
     }
+
+
+def sender_status(settings: AccountingSettings) -> Dict[str, Any]:
+    """Where the built-in sender sends (or would), and how its last runs went."""
+    report: Dict[str, Any] = {"sender_cfg": settings.broker.sender_cfg, "config_error": None}
+    try:
+        broker = effective_broker(settings)
+    except AccountingError as error:
+        broker = settings.broker
+        report["config_error"] = str(error)
+    state = read_state(os.path.dirname(os.path.abspath(settings.outgoing_dir)))
+    report.update(protocol=broker.protocol, host=broker.host, destination=broker.destination,
+                  ams_project=broker.ams_project if broker.protocol == "AMS" else None,
+                  batch_records=broker.batch_records, last_success=state.get("last_success"),
+                  last_attempt=state.get("last_attempt"), last_error=state.get("last_error"),
+                  queue_depth=backlog_of(settings.outgoing_dir).count)
+    return report
 
 
 def do_status(args: argparse.Namespace, settings: AccountingSettings, now: float) -> int:
@@ -204,6 +228,17 @@ def do_status(args: argparse.Namespace, settings: AccountingSettings, now: float
         print(f"{kind} queue {b['path']}: {b['queued']} queued ({b['locked']} locked){oldest}")
     last = report["last_sync"]
     print("last daily sync: " + (_utc(last) if last else "never"))
+    sender = report["sender"]
+    where = sender["destination"] + (f" (AMS project {sender['ams_project']})" if sender["ams_project"] else "")
+    print(f"sender: {sender['protocol']} to {sender['host'] or '(no host)'} {where}"
+          + (f", batches of {sender['batch_records']}" if sender["batch_records"] else "")
+          + ("" if report["built_in_sender"] else " (built-in sender off: ssmsend sends)"))
+    if sender["config_error"]:
+        print(f"sender configuration error: {sender['config_error']}")
+    success = sender["last_success"]
+    print(f"last successful send: {_utc(success) if success else 'never'}; queue depth {sender['queue_depth']}")
+    if sender["last_error"]:
+        print(f"last send error ({_utc(sender['last_attempt'])}): {sender['last_error']}")
     return EXIT_OK
 
 

@@ -540,8 +540,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("apel_cloud_records", S, Boolean(), default=False, vac=False,
            doc="Also write APEL-cloud-message v0.4 records."),
     Option("apel_send", S, Boolean(), default=False, vac=False,
-           doc="The daemon sends queued APEL records itself over STOMP. No: run ssmsend from cron "
-               "on apel-outgoing, as with Vac."),
+           doc="The daemon sends queued APEL records itself (STOMP, or ARGO AMS with "
+               "apel_sender_cfg). No: run ssmsend from cron on apel-outgoing, as with Vac."),
     Option("apel_broker_host", S, Text(name="host name", pattern=HOSTNAME_PATTERN,
                                        pattern_doc="must be a host name"),
            vac=False, doc="STOMP broker host; required with apel_send = yes."),
@@ -564,6 +564,19 @@ OPTIONS: Tuple[Option, ...] = (
            doc="CA directory for verifying the broker."),
     Option("apel_send_interval_seconds", S, Integer(name="seconds", min=1), default=3600, vac=False,
            doc="How often queued APEL records are sent."),
+    Option("apel_sender_cfg", S, _PATH, vac=False,
+           doc="The ssmsend sender.cfg the built-in sender reads (protocol STOMP or AMS, host, "
+               "certificates, destination, ams_project, token, path): set it and the built-in "
+               "sender goes exactly where ssmsend would, overriding apel_broker_host, "
+               "apel_broker_port, apel_use_ssl, apel_destination and the apel_host_* and "
+               "apel_capath options. Its path must be this factory's apel-outgoing, path_type dirq."),
+    Option("apel_batch", S, Boolean(), default=False, vac=False,
+           doc="The built-in sender packs up to apel_batch_records queued job records into one "
+               "APEL message (never over AMS's 1 MB limit). Records stay archived one by one; "
+               "republish and sync are unchanged."),
+    Option("apel_batch_records", S, Integer(name="records", min=1, max=1000), default=500, vac=False,
+           doc="Most job records in one message with apel_batch = yes (APEL's own client sends "
+               "1000)."),
     # ---------------------------------------------------------------- [settings]: monitoring
     Option("version_logger", S, _NONNEG_INT, default=1, legacy_values=(("true", 1), ("false", 0)),
            vac_parse=_vac_version_logger,
@@ -932,8 +945,8 @@ def _rule_disk_thresholds(c: DefaultContext) -> Optional[str]:
 
 
 def _rule_apel_broker(c: DefaultContext) -> Optional[str]:
-    if c.values["apel_send"] and not c.values.get("apel_broker_host"):
-        return "apel_broker_host is required when apel_send = yes"
+    if c.values["apel_send"] and not c.values.get("apel_broker_host") and not c.values.get("apel_sender_cfg"):
+        return "apel_broker_host (or apel_sender_cfg) is required when apel_send = yes"
     return None
 
 
@@ -1083,8 +1096,8 @@ RULES: Tuple[Rule, ...] = (
          "space_key and space_key_file are mutually exclusive."),
     Rule(S, "check_disk_free_critical_mb", ("check_disk_free_critical_mb", "check_disk_free_warning_mb"),
          _rule_disk_thresholds, "check_disk_free_critical_mb may not exceed check_disk_free_warning_mb."),
-    Rule(S, "apel_send", ("apel_send", "apel_broker_host"), _rule_apel_broker,
-         "apel_send = yes needs apel_broker_host."),
+    Rule(S, "apel_send", ("apel_send", "apel_broker_host", "apel_sender_cfg"), _rule_apel_broker,
+         "apel_send = yes needs apel_broker_host or apel_sender_cfg."),
     Rule(S, "joboutputs_max_file_bytes", ("joboutputs_max_file_bytes", "joboutputs_max_total_bytes"),
          _rule_joboutputs, "joboutputs_max_file_bytes may not exceed joboutputs_max_total_bytes."),
     Rule(S, "gocdb_sitename", ("gocdb_sitename",), _rule_gocdb_sitename,

@@ -178,6 +178,26 @@ def nfs_server(config: Any, locator: Locator, search_path: str = _SBIN_PATH) -> 
                             table.SETTINGS, "nfs_exporter")]
 
 
+def _sender_cfg(config: Any, locator: Locator) -> List[Finding]:
+    """apel_sender_cfg: the sender reads ssmsend's file, so check it as the sender will."""
+    from vacfactory.accounting.sender_cfg import effective_broker  # the sender's own reading
+    from vacfactory.accounting.settings import AccountingSettings
+    from vacfactory.errors import AccountingError
+
+    try:
+        broker = effective_broker(AccountingSettings.from_config(config))
+    except AccountingError as error:
+        return [locator.finding(ERROR, f"{error}: apel_send cannot send; records wait in apel-outgoing",
+                                table.SETTINGS, "apel_sender_cfg")]
+    findings: List[Finding] = []
+    for path in (broker.host_cert, broker.host_key):
+        why = _unreadable(path)
+        if why:
+            findings.append(locator.finding(ERROR, f"{why} (from {broker.sender_cfg}): apel_send cannot sign; "
+                                                   "records wait in apel-outgoing", table.SETTINGS, "apel_sender_cfg"))
+    return findings
+
+
 def apel_sender(config: Any, locator: Locator) -> List[Finding]:
     """With apel_send = yes the daemon signs and sends with these files; without them every
     send fails (the records wait in apel-outgoing)."""
@@ -185,6 +205,8 @@ def apel_sender(config: Any, locator: Locator) -> List[Finding]:
     if not s.apel_send:
         return []
     findings: List[Finding] = []
+    if getattr(s, "apel_sender_cfg", None):
+        return _sender_cfg(config, locator)
     for option in ("apel_host_cert", "apel_host_key"):
         why = _unreadable(getattr(s, option))
         if why:
