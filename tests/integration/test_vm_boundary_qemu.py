@@ -207,8 +207,9 @@ def http_run(workdir, tiny_guest) -> HttpRun:
         hb_age = now - os.stat(os.path.join(first.joboutputs_dir, "heartbeat")).st_mtime
         alive_age = now - seen.started.time if seen.finished is None else -1.0
 
-        # drain: shutdown_time 25 s from now, published in the running VMs' MJF
-        done = subprocess.run([VACFACTORY, "--config", f.config, "drain", "--at", "+25s"],
+        # drain: shutdown_time 25 s from now, published in the running VMs' MJF (within
+        # grace_seconds, so the admin confirms it with --now)
+        done = subprocess.run([VACFACTORY, "--config", f.config, "drain", "--at", "+25s", "--now"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         drain_at = int(re.search(r"shutdown_time = (\d+)", done.stdout).group(1))
