@@ -21,7 +21,7 @@ T = TypeVar("T")
 #: the factor is never above this: a deadline must still end a run that hangs
 MAX_SLOWDOWN = 8.0
 #: how long one measurement spins, and how long it stays valid
-_PROBE_SECONDS = 0.02
+_PROBE_SECONDS = 0.05
 _VALID_SECONDS = 5.0
 
 _lock = threading.Lock()

@@ -20,7 +20,7 @@ import pytest
 
 from tests.unit import http_attack
 from tests.unit.test_httpserver import make_vm, statuses
-from tests.waiting import poll
+from tests.waiting import poll, scaled
 from vacfactory.vmio.httpserver import MetadataServer
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry, new_token
 
@@ -232,10 +232,10 @@ def attack_and_measure(site: Site, seconds: float) -> Tuple[List[Tuple[str, int]
                            args=(site.port, http_attack.attackers(3, 8), seconds, child))
     attacker.start()
     try:
-        assert parent.poll(30) and parent.recv() == "ready"
+        assert parent.poll(scaled(30)) and parent.recv() == "ready"
         time.sleep(0.3)  # let the first pipelined batches and slow heads arrive
         failures, latencies = victim_requests(site.port, time.monotonic() + seconds - 0.6)
-        assert parent.poll(30)
+        assert parent.poll(scaled(30))
         tally = parent.recv()
     finally:
         attacker.join(timeout=10)
