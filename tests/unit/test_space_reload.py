@@ -279,6 +279,9 @@ def test_a_long_rounds_vms_are_answered_for_while_the_round_still_runs(site):
         assert isinstance(status, FactoryStatus)
         seen.append(status.running_machines)
         time.sleep(0.1)
+        # a slow creation is one that outlasts ~20 snapshot builds; on a loaded machine a build
+        # can take over 5 ms, so this one lasts until the pacer calls it slow
+        assert poll(daemon.snapshot_pacer.due, 5), "the snapshot pacer never called a creation slow"
         return create(spec)
 
     daemon.hypervisor.create = slow_create  # the engine calls it through the same object
