@@ -403,8 +403,15 @@ def _ours() -> set:
     return {t for t in threading.enumerate() if not t.name.startswith("hostile-")}
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> set:
+    """This process's open descriptors, as (number, what it points to)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.add((name, os.readlink(f"/proc/self/fd/{name}")))
+        except OSError:  # the directory listing's own descriptor, closed already
+            pass
+    return found
 
 
 def test_a_server_trickling_its_headers_is_cut_at_the_deadline_in_the_callers_thread(hostile):
@@ -449,7 +456,9 @@ def test_100_hostile_attempts_leave_no_thread_and_no_socket_behind(hostile, tmp_
     assert failures == {"pipe": 52, "image": 48}
     assert _ours() == threads
     assert poll(lambda: not hostile.connection_threads()), "the server still holds connections we left open"
-    assert _open_fds() == fds
+    # none left open by the attempts (one that a finalizer of an earlier test closed meanwhile
+    # is no leak: on a loaded machine the garbage collector runs at other moments)
+    assert _open_fds() - fds == set()
     assert [n for n in os.listdir(cache.directory) if not n.endswith(".json")] == []
 
 
