@@ -20,9 +20,9 @@ demo: setup
 test: setup
 	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration tests/system tests/faults $(PYTEST_ARGS)
 
-# The suite while busy loops keep every core busy (one per core, nice 0, killed by pid at the end):
-# waits follow events and scale their deadlines with the measured load (tests/waiting.py), so a
-# busy machine makes the suite slower, never red. LOADED_TESTS narrows it, e.g. LOADED_TESTS=tests/unit.
+# The suite while busy loops keep every core busy (one per core, at the tests' own priority, killed
+# by pid at the end): waits follow events and scale their deadlines with the measured load
+# (tests/waiting.py), so a busy machine makes the suite slower, never red. LOADED_TESTS narrows it, e.g. LOADED_TESTS=tests/unit.
 LOADED_TESTS ?= tests/unit tests/integration tests/system tests/faults
 HOGS ?= $(shell nproc)
 test-loaded: setup

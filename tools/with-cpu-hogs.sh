@@ -2,8 +2,8 @@
 # Run a command while CPU hogs keep every core busy: `make test-loaded` runs the suite this way
 # to prove that its waits follow events and do not depend on an idle machine.
 # Usage: tools/with-cpu-hogs.sh [-n HOGS] COMMAND [ARG...]   (HOGS defaults to the core count)
-# The hogs are plain Python busy loops at nice 0, killed by their process ids when the command
-# ends (also on Ctrl-C); the command's exit status is returned.
+# The hogs are plain Python busy loops at the caller's priority (nice 0 from a normal shell),
+# killed by their process ids when the command ends (also on Ctrl-C); its exit status is returned.
 set -u
 hogs=$(nproc)
 if [ "${1:-}" = "-n" ]; then hogs=$2; shift 2; fi
@@ -11,7 +11,7 @@ if [ "${1:-}" = "-n" ]; then hogs=$2; shift 2; fi
 python=${HOG_PYTHON:-python3}
 pids=""
 stop_hogs() {
-    for pid in $pids; do kill "$pid" 2>/dev/null; done
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null; done  # a TERM sent before exec can be lost
     for pid in $pids; do wait "$pid" 2>/dev/null; done
     pids=""
 }
