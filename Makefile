@@ -6,7 +6,7 @@ PYTEST := .venv/bin/pytest
 DEMO_SECONDS ?= 180
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration system bench faults docs clean-demo
+.PHONY: setup demo test test-loaded unit integration system bench faults docs clean-demo
 
 setup:
 	tools/setup-machine.sh
@@ -19,6 +19,14 @@ demo: setup
 # the fault suite's short profile (VACFACTORY_FAULTS_PROFILE unset = short; `make faults` = full).
 test: setup
 	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration tests/system tests/faults $(PYTEST_ARGS)
+
+# The suite while busy loops keep every core busy (one per core, at the tests' own priority, killed
+# by pid at the end): waits follow events and scale their deadlines with the measured load
+# (tests/waiting.py), so a busy machine makes the suite slower, never red. LOADED_TESTS narrows it, e.g. LOADED_TESTS=tests/unit.
+LOADED_TESTS ?= tests/unit tests/integration tests/system tests/faults
+HOGS ?= $(shell nproc)
+test-loaded: setup
+	HOG_PYTHON=$(PY) tools/with-cpu-hogs.sh -n $(HOGS) $(PYTEST) -q -p no:cacheprovider $(LOADED_TESTS) $(PYTEST_ARGS)
 
 unit:
 	$(PYTEST) -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)

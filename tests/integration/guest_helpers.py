@@ -25,6 +25,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
+from tests.waiting import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "images" / "build-tiny-guest.sh"
 DEFAULT_GUEST_DIR = REPO / "images" / "build" / "tiny-guest"
@@ -167,7 +169,7 @@ class VM:
 
     def wait_gone(self, timeout: float) -> float:
         """Seconds from start until the domain disappeared; AssertionError after timeout."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # longer while the machine is busy
         while time.monotonic() < deadline:
             if not self.exists():
                 self.gone_at = time.monotonic()
@@ -183,7 +185,7 @@ class VM:
             return ""
 
     def wait_console(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # longer while the machine is busy
         while time.monotonic() < deadline:
             if needle in self.console():
                 return
@@ -430,7 +432,7 @@ LOG { Default_Log_Level = EVENT; }
             ["ganesha.nfsd", "-F", "-f", str(self.conf), "-L", str(self.log),
              "-p", str(self.pidfile), "-N", "NIV_EVENT"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # longer while the machine is busy
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError("ganesha.nfsd exited (%s):\n%s"

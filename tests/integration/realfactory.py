@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import libvirt
-import pytest
 
 from tests.integration.mounts import unmount_under
+from tests import waiting
 from vacfactory.engine import naming
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
@@ -39,16 +39,12 @@ EXPORT_MARK = "# vacfactory-export "  # vmio.exports: one JSON line per export i
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5,
              factory: Optional["RealFactory"] = None) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """tests.waiting.wait_for that also watches for other factories' VMs on our network."""
+    def look() -> object:
         if factory is not None:
             factory.look_for_foreign_vms()
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    details = factory.diagnostics() if factory is not None else ""
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details}")
+        return condition()
+    return waiting.wait_for(look, what, timeout, interval, details=factory.diagnostics if factory else None)
 
 
 def free_udp_port() -> int:
@@ -114,7 +110,7 @@ class RealFactory:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=waiting.scaled(60))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)

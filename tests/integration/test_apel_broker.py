@@ -25,6 +25,7 @@ import pytest
 import stomp
 
 from tests.unit.test_apel_support import NOW, Pki, broker_settings, make_pki, make_settings, make_usage, read_queue
+from tests.waiting import scaled
 from vacfactory.accounting import account_vm, send_queued
 from vacfactory.core.apel import parse_message
 
@@ -41,7 +42,7 @@ CLOUD_DEST = "/queue/apel.cloud.test"
 
 
 def wait_for_port(port: int, seconds: float, process: Optional[subprocess.Popen] = None, log: str = "") -> None:
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + scaled(seconds)
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"broker exited with {process.returncode} before listening on {port}; see {log}")
@@ -160,7 +161,7 @@ class Consumer(stomp.ConnectionListener):
             self.on_each(len(self.messages))
 
     def wait_for(self, count: int, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + scaled(seconds)
         with self.condition:
             while len(self.messages) < count and time.monotonic() < deadline:
                 self.condition.wait(0.2)
@@ -201,7 +202,7 @@ def rabbit(tmp_path_factory, pki):
 
 def no_threads_left_behind(before: set, seconds: float = 3.0) -> bool:
     """The sender's stomp.py threads (I/O, heart-beat, teardown) are all gone."""
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + scaled(seconds)
     while time.monotonic() < deadline:
         if not set(threading.enumerate()) - before:
             return True
@@ -358,7 +359,7 @@ def test_broker_killed_mid_send_loses_nothing_and_the_next_run_completes(tmp_pat
         assert (second.sent, second.failed, second.remaining) == (first.remaining, 0, 0), second
         # every message the broker receipted survived the crash (persistent); nothing is missing
         expected = set(queued)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while time.monotonic() < deadline and not expected <= set(consumer.empa_ids()) | set(again.empa_ids()):
             time.sleep(0.2)
     finally:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.unit.test_apel_crash import assert_consistent
 from tests.unit.test_apel_support import NOW, make_settings, make_usage, read_queue
+from tests.waiting import scaled
 from vacfactory.core.apel import job_message
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +62,7 @@ def test_kill_minus_nine_at_random_moments_loses_nothing(tmp_path):
                 break
             lines.append(line.strip())
         if len(lines) < ahead or lines[-1] == b"done":  # it finished (or died) on its own
-            _, err = process.communicate(timeout=30)
+            _, err = process.communicate(timeout=scaled(30))
             assert process.returncode == 0 and lines[-1:] == [b"done"], err.decode()
             break
         process.send_signal(signal.SIGKILL)

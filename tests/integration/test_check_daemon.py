@@ -13,6 +13,8 @@ from typing import Iterator, Tuple
 
 import pytest
 
+from tests.waiting import scaled, wait_for
+
 VACFACTORY = str(Path(sys.executable).with_name("vacfactory"))
 
 
@@ -44,17 +46,8 @@ kernel_image = {kernel}
 
 def run_check(config: str, *extra: str) -> Tuple[int, str]:
     result = subprocess.run([VACFACTORY, "--config", config, "check", *extra], capture_output=True, text=True,
-                            timeout=60, check=False)
+                            timeout=scaled(60), check=False)
     return result.returncode, result.stdout
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Daemon:
@@ -68,7 +61,7 @@ class Daemon:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=scaled(30))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
@@ -105,7 +98,7 @@ def test_check_is_ok_for_a_live_daemon_and_critical_once_it_stopped(tmp_path, st
         code, out = run_check(config)
         return code == 0 and "2/2 processors, 2 VMs" in out
 
-    wait_for(running_two, 60, "the daemon to fill its 2 processors")
+    wait_for(running_two, "the daemon to fill its 2 processors", 60, details=daemon.output)
     code, out = run_check(config)
     assert code == 0, out
     assert out.startswith("VACFACTORY OK - 2/2 processors, 2 VMs | running_processors=2;;;0;2 running_vms=2;;;0 ")
@@ -126,7 +119,8 @@ def test_check_is_critical_for_a_live_daemon_with_a_creation_error(tmp_path, sta
     config = write_config(tmp_path, str(tmp_path / "vfops-missing-kernel"), name="vfops-broken")
     daemon = start_daemon(config)
     error_file = tmp_path / "vfops-state" / "factory-error"
-    wait_for(lambda: error_file.exists() or daemon.process.poll() is not None, 60, "a creation error")
+    wait_for(lambda: error_file.exists() or daemon.process.poll() is not None, "a creation error", 60,
+             details=daemon.output)
     assert daemon.process.poll() is None, daemon.output()
     code, out = run_check(config)
     assert code == 2, out

@@ -23,11 +23,12 @@ import textwrap
 import threading
 import time
 import uuid as uuidlib
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import pytest
 
 from tests.unit.test_imagecache import Route, ScriptedServer
+from tests.waiting import log_tail, scaled, wait_for
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
@@ -72,6 +73,7 @@ def settings_text(tmp_path, total: int, extra: str = "") -> str:
         udp_timeout_seconds = 2
         nfs_exporter = none
         cycle_seconds = 1
+        overload_per_processor = 100000
         internal_url_hosts = 127.0.0.1
         """) + textwrap.dedent(extra)
 
@@ -87,21 +89,6 @@ def machines(state_dir: str) -> List[Machine]:
         return list(MachineStore(state_dir, create=False).load_all().values())
     except Exception:  # noqa: BLE001 - the daemon may be renaming a directory right now
         return []
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float, log_path: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = ""
-            if log_path:
-                with open(log_path) as f:
-                    tail = "\n" + "".join(f.readlines()[-30:])
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{tail}")
-        time.sleep(0.2)
 
 
 def image_versions(state_dir: str) -> List[str]:
@@ -152,6 +139,7 @@ def test_run_takes_machinetypes_from_pipes_and_images_by_url_and_keeps_cached_co
         """))
     state_dir = str(tmp_path / "state")
     log_path = str(tmp_path / "daemon.log")
+    tail = log_tail(log_path)
     with open(log_path, "w") as log:
         process = subprocess.Popen([VACFACTORY, "--config", str(config), "run"], stdout=log,
                                    stderr=subprocess.STDOUT)
@@ -161,7 +149,7 @@ def test_run_takes_machinetypes_from_pipes_and_images_by_url_and_keeps_cached_co
         # site's machinetype, and one (under the URL policy: 127.0.0.1 is an internal_url_hosts
         # mirror) that both pipes share; a pipe is never served the site's trusted copy
         for machinetype in ("local", "vo-prod", "vb-prod"):
-            wait_for(lambda: started_of(state_dir, machinetype), f"a running {machinetype} VM", 60, log_path)
+            wait_for(lambda: started_of(state_dir, machinetype), f"a running {machinetype} VM", 60, details=tail)
         full_downloads = [s for s in server.requests_to("/vfpipes.img") if "If-None-Match" not in s.headers]
         assert len(full_downloads) == 2
         site_v1, pipes_v1 = f"{url_key(image_url)}-1.img", f"{url_key(image_url, checked=True)}-1.img"
@@ -173,13 +161,13 @@ def test_run_takes_machinetypes_from_pipes_and_images_by_url_and_keeps_cached_co
         assert paths["local"] == os.path.join(state_dir, "imagecache", site_v1)
         assert paths["vo-prod"] == paths["vb-prod"] == os.path.join(state_dir, "imagecache", pipes_v1)
         wait_for(lambda: any(s.headers.get("If-None-Match") == '"i1"' for s in server.requests_to("/vfpipes.img")),
-                 "a conditional revalidation of the image", 30, log_path)
+                 "a conditional revalidation of the image", 30, details=tail)
         assert len([s for s in server.requests_to("/vfpipes.img") if "If-None-Match" not in s.headers]) == 2
 
         # a new image: a new version, used by the VMs created from then on
         server.routes["/vfpipes.img"] = Route(IMAGE_V2, etag='"i2"')
         changed = time.time()
-        wait_for(lambda: started_of(state_dir, "local", changed, "-2.img"), "a VM on the new image", 30, log_path)
+        wait_for(lambda: started_of(state_dir, "local", changed, "-2.img"), "a VM on the new image", 30, details=tail)
         assert f"{url_key(image_url)}-2.img" in image_versions(state_dir)
         with open(os.path.join(state_dir, "imagecache", f"{url_key(image_url)}-2.img"), "rb") as f:
             assert f.read() == IMAGE_V2
@@ -187,29 +175,29 @@ def test_run_takes_machinetypes_from_pipes_and_images_by_url_and_keeps_cached_co
         # a changed pipe is picked up (cache_seconds is at least 60); a failing one keeps its cache
         server.routes["/vo.json"] = Route(pipe_document(image_url, "prod", "new"), etag='"vo2"')
         server.routes["/vb.json"] = Route(status=503)
-        wait_for(lambda: started_of(state_dir, "vo-new"), "a VM of the new pipe machinetype vo-new", 120, log_path)
+        wait_for(lambda: started_of(state_dir, "vo-new"), "a VM of the new pipe machinetype vo-new", 120, details=tail)
         wait_for(lambda: log_has(log_path, r"pipe vb \(.*\): cannot fetch: HTTP 503.*keeping the cached copy"),
-                 "the failed fetch of pipe vb", 30, log_path)
+                 "the failed fetch of pipe vb", 30, details=tail)
         failed = time.time()
         wait_for(lambda: started_of(state_dir, "vb-prod", failed), "a vb-prod VM after the failed fetch", 30,
-                 log_path)
+                 details=tail)
         assert "vb-prod" in {m.record.machinetype for m in started_of(state_dir, "vb-prod", failed)}
 
         # the image server goes away: the cached image keeps serving
         server.stop()
         wait_for(lambda: log_has(log_path, r"vfpipes\.img: cannot refresh the image .*using the cached copy"),
-                 "the failed revalidation", 30, log_path)
+                 "the failed revalidation", 30, details=tail)
         outage = time.time()
         wait_for(lambda: started_of(state_dir, "local", outage, "-2.img"), "a VM created during the outage", 30,
-                 log_path)
+                 details=tail)
     finally:
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
+        code = process.wait(timeout=scaled(60))
     assert code == 0
     with open(log_path) as f:
         text = f.read()
     assert "Traceback" not in text and "creation of a" not in text  # no creation ever failed
-    assert time.monotonic() - began < 200
+    assert time.monotonic() - began < scaled(200)
 
 
 # --------------------------------------------------------------------------- in this process
@@ -262,12 +250,12 @@ def test_prune_images_keeps_the_versions_live_vms_use(tmp_path, server, test_dri
     def end(uuid: str) -> None:
         test_driver.destroy(uuid)
         round_()  # finishes it and starts a replacement
-        assert images.wait_idle(30)  # its revalidation (image_check_seconds = 0) is done
+        assert images.wait_idle(scaled(30))  # its revalidation (image_check_seconds = 0) is done
 
     try:
         round_()
         assert daemon.factory.last_report.waiting == ["imaged"]  # downloading in the background
-        assert images.wait_idle(30)
+        assert images.wait_idle(scaled(30))
         assert daemon.factory.wake.is_set()  # the finished download woke the engine
         round_()
         v1 = os.path.basename(images.current(url))
@@ -333,12 +321,12 @@ def test_sigterm_accounts_a_vm_that_just_ended_and_leaves_the_others_running(tmp
         daemon.start()
         helper = threading.Thread(target=end_one_then_sigterm, daemon=True)
         helper.start()
-        give_up = time.monotonic() + 90  # only if SIGTERM never arrived
+        give_up = time.monotonic() + scaled(90)  # only if SIGTERM never arrived
         try:
             daemon.run(until=lambda: time.monotonic() > give_up)
         finally:
             daemon.close()
-        helper.join(10)
+        helper.join(scaled(10))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -373,7 +361,7 @@ def test_reloaded_metrics_port_vacmon_and_image_settings_apply_without_a_restart
     def receiver() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         return sock
 
     kernel = tmp_path / "vmlinux"
@@ -390,7 +378,7 @@ def test_reloaded_metrics_port_vacmon_and_image_settings_apply_without_a_restart
         daemon.start()
         daemon.factory.run_round()
         daemon._after_round()
-        with urllib.request.urlopen(f"http://127.0.0.1:{old_port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{old_port}/metrics", timeout=scaled(5)) as response:
             assert b"vacfactory_total_processors 1" in response.read()
         assert json.loads(first.recvfrom(65536)[0])["message_type"] in ("factory_status", "machinetype_status")
 
@@ -401,10 +389,10 @@ def test_reloaded_metrics_port_vacmon_and_image_settings_apply_without_a_restart
         daemon.factory.run_round()  # reads the new configuration
         daemon._after_round()
         daemon.run_periodic(force=True)  # as the periodic jobs do within a minute
-        with urllib.request.urlopen(f"http://127.0.0.1:{new_port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{new_port}/metrics", timeout=scaled(5)) as response:
             assert b"vacfactory_total_processors 1" in response.read()
         with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(f"http://127.0.0.1:{old_port}/metrics", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{old_port}/metrics", timeout=scaled(5))
         assert json.loads(second.recvfrom(65536)[0])["message_type"] in ("factory_status", "machinetype_status")
         assert (daemon.images.check_seconds, daemon.images.timeout) == (77, 33)
     finally:

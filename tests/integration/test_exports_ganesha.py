@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+from tests.waiting import scaled
 from vacfactory.errors import ExportError
 from vacfactory.vmio.exports import (
     CommandResult,
@@ -341,7 +342,7 @@ def test_dead_ganesha_is_restarted_with_the_current_exports(site: Site) -> None:
     pid = site.exporter.running_pid()
     assert pid is not None
     os.kill(pid, 9)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while site.exporter.running_pid() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert site.exporter.running_pid() is None

@@ -25,6 +25,7 @@ from typing import Dict
 
 import pytest
 
+from tests.waiting import scaled
 from vacfactory.engine import naming
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
@@ -88,7 +89,7 @@ class DaemonUnderTest:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=scaled(60))
         self.process = None
 
     def machines(self) -> Dict[str, Machine]:
@@ -168,11 +169,12 @@ def test_two_processors_run_vms_to_completion_refill_promptly_and_drain_clean(da
     assert len(gaps) >= 3
     median = statistics.median(gaps)
     print(f"refill gaps: median {median:.2f} s, max {max(gaps):.2f} s")
-    assert max(gaps) < 15, f"refill gaps {gaps} (cycle_seconds is 60: events must drive refills)"
-    # a generous bound that still proves the stop event drives the refill (a periodic round
-    # would give a median near cycle_seconds / 2 = 30 s) yet tolerates a busy CI host; the real
-    # figure (median < 1 s) is measured and printed with its goal by `make bench`
-    assert median < 5, f"median refill gap {median:.2f} s of {gaps}"
+    # generous bounds, stretched on a busy host but capped well below what periodic rounds
+    # would give (a median near cycle_seconds / 2 = 30 s), so they still prove that the stop
+    # event drives the refill; the real figure (median < 1 s) is measured and printed with its
+    # goal by `make bench`
+    assert max(gaps) < min(scaled(15), 45), f"refill gaps {gaps} (cycle_seconds is 60: events must drive refills)"
+    assert median < min(scaled(5), 20), f"median refill gap {median:.2f} s of {gaps}"
 
     drain(d)
     wait_for(lambda: not d.domains() and all(m.state == "done" for m in d.machines().values()), 90,

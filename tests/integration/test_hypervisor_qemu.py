@@ -28,6 +28,7 @@ from typing import Callable, Iterator, List, Optional
 
 import pytest
 
+from tests.waiting import scaled
 from vacfactory.errors import HypervisorError
 from vacfactory.hypervisor import (
     DiskSpec,
@@ -81,7 +82,7 @@ class Events:
                 self._cond.notify_all()
 
     def wait_for(self, uuid_: str, kind: str, timeout: float = BOOT_TIMEOUT) -> DomainEvent:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         with self._cond:
             while True:
                 for event in self.items:
@@ -151,7 +152,7 @@ def console(spec: VMSpec) -> str:
 
 
 def wait_for_console(spec: VMSpec, text: str, timeout: float = BOOT_TIMEOUT) -> str:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         content = console(spec)
         if text in content:
@@ -170,7 +171,7 @@ def test_tiny_guest_runs_powers_off_and_is_gone(hv, tiny_guest, vm_dir, record_p
     create_seconds = start(hv, spec)
     timing(record_property, "createXML", create_seconds)
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + scaled(20)
     running = None
     while time.monotonic() < deadline:
         running = next((d for d in hv.list_domains() if d.uuid == spec.uuid), None)
@@ -749,7 +750,7 @@ class PrivateLibvirtd:
              "/usr/sbin/libvirtd", "--timeout=120"],
             env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + scaled(15)
         while not os.path.exists(self.socket):
             assert self.process.poll() is None, "private libvirtd exited; see libvirtd.log"
             assert time.monotonic() < deadline, "private libvirtd did not create its socket"

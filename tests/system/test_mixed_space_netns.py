@@ -37,6 +37,7 @@ from typing import Iterator, Optional
 import pytest
 
 from tests.system.netns import NetnsLab, NetnsUnavailable, netns_problem
+from tests.waiting import scaled
 
 pytestmark = pytest.mark.system
 
@@ -129,7 +130,7 @@ class Mixed:
             return ""
 
     def wait(self, predicate, what: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             value = predicate()
             if value:

@@ -61,6 +61,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from tests.system.netns import Host, NetnsLab, NetnsUnavailable, netns_problem
+from tests.waiting import scaled, wait_for
 from vacfactory.engine.spacewatch import QUERY_SECONDS, stale_after
 
 pytestmark = pytest.mark.system
@@ -606,13 +607,13 @@ def test_a_stop_signal_is_not_held_up_by_a_query_round_waiting_for_silent_peers(
     seen = len(a.log_lines())
     a.start()
     assert a.process is not None
-    deadline = time.time() + 30.0
-    while not any("responder listening" in line for line in a.log_lines()[seen:]):
-        assert time.time() < deadline and a.process.poll() is None, a.log_lines()[seen:]
-        time.sleep(0.05)
+    def listening() -> bool:
+        assert a.process.poll() is None, a.log_lines()[seen:]
+        return any("responder listening" in line for line in a.log_lines()[seen:])
+    wait_for(listening, "a's responder to listen", 30, interval=0.05, details=lambda: "\n".join(a.log_lines()[seen:]))
     signalled = time.monotonic()
     os.kill(a.process.pid, signal.SIGTERM)
-    code = a.process.wait(timeout=30)
+    code = a.process.wait(timeout=scaled(30))
     took = time.monotonic() - signalled
     print(f"\na stopped {took:.2f} s after SIGTERM (UDP deadline {UDP_TIMEOUT:g} s)")
     assert code == 0, a.log_lines()[seen:]

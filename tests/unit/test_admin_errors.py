@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import pytest
 
+from tests.waiting import scaled
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import MachineStore
 
@@ -118,7 +119,7 @@ def _env() -> Dict[str, str]:
 
 def vacfactory(*args: str, user: bool = False, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "vacfactory.cli.main", *args]
-    return subprocess.run((NOBODY if user else []) + command, capture_output=True, text=True, timeout=60,
+    return subprocess.run((NOBODY if user else []) + command, capture_output=True, text=True, timeout=scaled(60),
                           env=_env(), cwd=cwd or "/")
 
 
@@ -337,7 +338,7 @@ def test_a_closed_stdout_ends_quietly_with_141(site, argv):
     os.close(read_end)  # `| head` that has already exited
     try:
         result = subprocess.run([sys.executable, "-m", "vacfactory.cli.main", "-c", site.conf, *argv],
-                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, env=_env())
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=scaled(60), env=_env())
     finally:
         os.close(write_end)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
@@ -350,7 +351,7 @@ def test_config_is_accepted_after_the_verb_and_from_the_environment(site):
     assert after.returncode == 0, after.stderr
     env = dict(_env(), VACFACTORY_CONFIG=site.conf)
     from_env = subprocess.run([sys.executable, "-m", "vacfactory.cli.main", "status", "--json"],
-                              capture_output=True, text=True, timeout=60, env=env)
+                              capture_output=True, text=True, timeout=scaled(60), env=env)
     assert from_env.returncode == 0, from_env.stderr
     assert f'"state_dir": "{site.state}"' in from_env.stdout and f'"state_dir": "{site.state}"' in after.stdout
 

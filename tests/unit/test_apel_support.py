@@ -9,7 +9,6 @@ import ipaddress
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -294,11 +293,3 @@ def _next_frame(buffer: bytes) -> Optional[Tuple[Tuple[str, Dict[str, str], str]
         if end < 0:
             return None
     return (lines[0].rstrip("\r"), headers, buffer[start:end].decode("utf-8")), buffer[end + 1:]
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.02)

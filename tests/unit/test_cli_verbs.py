@@ -15,6 +15,7 @@ import uuid as uuidlib
 
 import pytest
 
+from tests.waiting import log_tail, scaled, wait_for
 from vacfactory import __version__
 from vacfactory.cli.main import main
 from vacfactory.cli.run import clear_stale_pidfile, pid_alive
@@ -189,18 +190,7 @@ def test_a_pid_file_of_a_dead_or_foreign_process_is_stale(tmp_path, capsys):
 def start_daemon(conf: str, pidfile: str, logfile: str) -> subprocess.CompletedProcess:
     """`vacfactory daemon`: the command returns once the daemon has detached."""
     return subprocess.run([VACFACTORY, "--config", conf, "daemon", "--pidfile", pidfile, "--log-file", logfile,
-                           "--log-level", "DEBUG"], capture_output=True, text=True, timeout=60)
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
+                           "--log-level", "DEBUG"], capture_output=True, text=True, timeout=scaled(60))
 
 
 def read_pid(pidfile: str):
@@ -236,8 +226,9 @@ def test_daemon_detaches_writes_its_pid_file_and_heartbeat_and_stops_on_sigterm(
     pid = wait_for(lambda: read_pid(pidfile), "the pid file")
     assert pid != os.getpid() and pid_alive(pid)
     status = StatusFiles(state_dir)
-    wait_for(lambda: (status.last_beat() or 0) >= started, "the factory heartbeat")
-    wait_for(lambda: (status.status() or {}).get("running_machines") == 4, "4 running VMs in status.json")
+    wait_for(lambda: (status.last_beat() or 0) >= started, "the factory heartbeat", details=log_tail(logfile))
+    wait_for(lambda: (status.status() or {}).get("running_machines") == 4, "4 running VMs in status.json",
+             details=log_tail(logfile))
     assert StateLock(state_dir).holder() is not None
     stop(pid)
     assert not os.path.exists(pidfile)  # released on a clean stop
@@ -252,10 +243,10 @@ def test_daemon_with_relative_paths_uses_them_from_where_it_was_started(daemon_f
     here = os.path.dirname(conf)
     result = subprocess.run([VACFACTORY, "daemon", "-c", os.path.basename(conf), "--pidfile",
                              os.path.basename(pidfile), "--log-file", os.path.basename(logfile)],
-                            capture_output=True, text=True, timeout=60, cwd=here)
+                            capture_output=True, text=True, timeout=scaled(60), cwd=here)
     assert result.returncode == 0, result.stderr
     pid = wait_for(lambda: read_pid(pidfile), "the pid file next to the configuration")
-    wait_for(lambda: StatusFiles(state_dir).last_beat(), "the heartbeat")
+    wait_for(lambda: StatusFiles(state_dir).last_beat(), "the heartbeat", details=log_tail(logfile))
     stop(pid)
     with open(logfile) as f:
         assert "vacfactory started" in f.read()
@@ -266,7 +257,7 @@ def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daem
     assert start_daemon(conf, pidfile, logfile).returncode == 0
     first = wait_for(lambda: read_pid(pidfile), "the first pid file")
     status = StatusFiles(state_dir)
-    wait_for(lambda: status.last_beat(), "the first heartbeat")
+    wait_for(lambda: status.last_beat(), "the first heartbeat", details=log_tail(logfile))
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: not pid_alive(first), "kill -9 to take effect")
     assert read_pid(pidfile) == first  # left behind
@@ -277,7 +268,8 @@ def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daem
     assert f"removed the stale pid file {pidfile} (pid {first} is not running)" in result.stderr
     assert "Traceback" not in result.stderr
     second = wait_for(lambda: (read_pid(pidfile) or first) != first and read_pid(pidfile), "the new pid file")
-    wait_for(lambda: (status.last_beat() or 0) >= restarted_at, "the restarted daemon's heartbeat")
+    wait_for(lambda: (status.last_beat() or 0) >= restarted_at, "the restarted daemon's heartbeat",
+             details=log_tail(logfile))
 
     refused = start_daemon(conf, pidfile, logfile)
     assert refused.returncode == 1
@@ -293,7 +285,7 @@ def test_daemon_after_kill_9_breaks_the_stale_pid_file_and_refuses_a_second_daem
 def test_run_with_an_invalid_configuration_exits_78_naming_file_line_and_option(tmp_path):
     conf = write_conf(tmp_path, extra="udp_timeout_seconds = forever")
     line = next(n for n, text in enumerate(open(conf).read().splitlines(), 1) if "forever" in text)
-    result = subprocess.run([VACFACTORY, "--config", conf, "run"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([VACFACTORY, "--config", conf, "run"], capture_output=True, text=True, timeout=scaled(60))
     assert result.returncode == 78, result.stderr
     assert f"{conf}:{line}:" in result.stderr and "[settings] udp_timeout_seconds" in result.stderr
     assert "'forever'" in result.stderr and "Traceback" not in result.stderr
@@ -310,17 +302,17 @@ def test_run_creates_vms_on_the_test_driver_and_stops_cleanly_on_sigterm(tmp_pat
     try:
         status = StatusFiles(state_dir)
         wait_for(lambda: (status.status() or {}).get("running_machines") == 4, "4 running VMs in status.json",
-                 timeout=60.0)  # the first round waits for the first space query; a loaded host is slow
+                 timeout=60.0, details=log_tail(stderr.name))  # the first round waits for the first space query
         assert (status.last_beat() or 0) >= started
         assert StateLock(state_dir).holder() == proc.pid
 
         second = subprocess.run([VACFACTORY, "--config", conf, "run", "--seconds", "5"],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=scaled(60))
         assert second.returncode == 1  # one engine per state directory
         assert f"another vacfactory daemon (pid {proc.pid})" in second.stderr
 
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.wait(timeout=scaled(60))
     finally:
         if proc.poll() is None:
             proc.kill()

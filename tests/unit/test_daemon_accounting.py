@@ -17,9 +17,11 @@ import time
 from typing import Iterator, List
 
 import pytest
+from dirq.QueueSimple import QueueSimple
 
 from tests.unit.engine_harness import HOST, Clock, close_daemons, kernel_file
-from tests.unit.test_apel_support import StompStub, make_pki, make_usage, read_queue, wait_until
+from tests.unit.test_apel_support import StompStub, make_pki, make_usage, read_queue
+from tests.waiting import wait_for
 from vacfactory.accounting import AccountingSettings, account_vm
 from vacfactory.config.loader import ConfigSources
 from vacfactory.core.apel import SYNC, parse_message
@@ -84,6 +86,12 @@ def start_daemon() -> Iterator:
     close_daemons(started)
 
 
+def queued(outgoing_dir: str) -> int:
+    """Elements in the queue, counted without locking them: the daemon's sender may hold a
+    lock on one this very moment (read_queue, which locks as ssmsend does, would fail then)."""
+    return QueueSimple(outgoing_dir).count()
+
+
 def sync_records(outgoing_dir: str) -> List[dict]:
     found = []
     for body in read_queue(outgoing_dir).values():
@@ -99,7 +107,7 @@ def test_the_daemon_syncs_once_a_day_from_its_background_job(tmp_path, start_dae
     outgoing = settings.outgoing_dir
 
     # at start-up: this month's sync record (yesterday was in the same month), with no jobs yet
-    wait_until(lambda: len(sync_records(outgoing)) == 1, 10, "the first sync record")
+    wait_for(lambda: len(sync_records(outgoing)) == 1, "the first sync record", 10)
     (first,) = sync_records(outgoing)
     assert first == {"Site": "TEST-SITE", "SubmitHost": settings.submit_host, "NumberOfJobs": "0",
                      "Month": "3", "Year": "2030"}
@@ -120,7 +128,7 @@ def test_the_daemon_syncs_once_a_day_from_its_background_job(tmp_path, start_dae
 
     # a day after the first: one new sync record, now counting the VM
     clock.advance(1)
-    wait_until(lambda: len(sync_records(outgoing)) == 2, 10, "the next day's sync record")
+    wait_for(lambda: len(sync_records(outgoing)) == 2, "the next day's sync record", 10)
     time.sleep(QUIET_SECONDS)
     records = sync_records(outgoing)
     assert len(records) == 2
@@ -145,8 +153,8 @@ def test_the_daemon_sends_on_its_timer_when_apel_send_is_on(tmp_path, start_daem
         settings = AccountingSettings.from_config(daemon.factory.config)
 
         # the first run syncs and then sends: the sync record reaches the broker, signed
-        wait_until(lambda: len(broker.messages) == 1, 15, "the first send")
-        wait_until(lambda: read_queue(settings.outgoing_dir) == {}, 5, "the sent element to leave the queue")
+        wait_for(lambda: len(broker.messages) == 1, "the first send", 15)
+        wait_for(lambda: queued(settings.outgoing_dir) == 0, "the sent element to leave the queue", 5)
         headers, body = broker.messages[0]
         assert headers["destination"] == "/queue/test.grid" and "APEL-sync-message" in body
         assert "application/x-pkcs7-signature" in body
@@ -158,8 +166,8 @@ def test_the_daemon_sends_on_its_timer_when_apel_send_is_on(tmp_path, start_daem
         assert len(read_queue(settings.outgoing_dir)) == 1 and len(broker.messages) == 1
 
         clock.advance(3600)
-        wait_until(lambda: len(broker.messages) == 2, 15, "the send an interval later")
+        wait_for(lambda: len(broker.messages) == 2, "the send an interval later", 15)
         assert "APEL-individual-job-message" in broker.messages[1][1]
-        wait_until(lambda: read_queue(settings.outgoing_dir) == {}, 5, "the queue to empty")
+        wait_for(lambda: queued(settings.outgoing_dir) == 0, "the queue to empty", 5)
         time.sleep(QUIET_SECONDS)
         assert len(broker.messages) == 2  # and nothing more until the next interval

@@ -23,11 +23,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+
+from tests.waiting import scaled, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCUMENTS = ("README.md", "docs/admin-guide.md")
@@ -43,7 +44,8 @@ EXPECTED: Dict[str, Tuple[Tuple[int, ...], str]] = {
 INPUTS = {"/etc/squid/squid.conf.in": "http_port 3128\nhttp_access allow localnet\n",
           # `simulate --workload`: a short run of the test factory's machinetypes
           "/etc/vacfactory-workload.json": '{"hours": 6, "warmup_hours": 1}'}
-#: how long one command may take (the space queries wait udp_timeout_seconds = 2 at most)
+#: how long one command may take on an idle machine (the space queries wait udp_timeout_seconds = 2
+#: at most); stretched by tests.waiting.scaled on a loaded one
 COMMAND_TIMEOUT = 30.0
 
 
@@ -185,18 +187,7 @@ def moved(root: str, path: str) -> str:
 def run(argv: List[str], root: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("VACFACTORY_CONFIG", None)
-    return subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=scaled(timeout))
 
 
 def read_pid(path: str) -> Optional[int]:
@@ -290,7 +281,7 @@ def test_shown_run_command_runs_until_sigterm(shown, tmp_path):
                  "the first heartbeat of `vacfactory run`")
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=COMMAND_TIMEOUT)
+        out, err = process.communicate(timeout=scaled(COMMAND_TIMEOUT))
     finally:
         if process.poll() is None:
             process.kill()

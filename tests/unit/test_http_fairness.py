@@ -20,6 +20,7 @@ import pytest
 
 from tests.unit import http_attack
 from tests.unit.test_httpserver import make_vm, statuses
+from tests.waiting import poll, scaled
 from vacfactory.vmio.httpserver import MetadataServer
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry, new_token
 
@@ -55,13 +56,6 @@ def site() -> Iterator[Site]:
     s = Site(2)
     yield s
     s.close()
-
-
-def wait_until(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def closed_without_answer(s: socket.socket) -> bool:
@@ -100,7 +94,7 @@ def test_a_vm_gets_its_share_and_no_more_while_another_gets_all_of_its_own() -> 
     socks: List[socket.socket] = []
     try:
         socks = [site.connect("127.0.0.3") for _ in range(5)]
-        wait_until(lambda: site.server._per_owner.get("vm:vm-1") == 5)
+        assert poll(lambda: site.server._per_owner.get("vm:vm-1") == 5)
         extra = site.connect("127.0.0.3")
         extra.settimeout(3)
         assert statuses(extra.recv(1000)) == [503]
@@ -146,10 +140,10 @@ def test_a_vm_over_a_share_that_shrank_loses_its_idle_connections() -> None:
     socks: List[socket.socket] = []
     try:
         socks = [site.connect(VICTIM) for _ in range(16)]
-        wait_until(lambda: site.server._per_owner.get("vm:vm-0") == 16)
+        assert poll(lambda: site.server._per_owner.get("vm:vm-0") == 16)
         for i in range(1, 4):
             site.registry.add(endpoint(i))
-        wait_until(lambda: site.server._per_owner.get("vm:vm-0") == 10)
+        assert poll(lambda: site.server._per_owner.get("vm:vm-0") == 10)
     finally:
         for s in socks:
             s.close()
@@ -163,7 +157,7 @@ def test_the_token_pool_is_apart_from_the_vms_shares() -> None:
     try:
         token = site.vms[0].endpoint.token
         socks = [site.connect(NOBODY) for _ in range(2)]
-        wait_until(lambda: site.server._unidentified == 2)
+        assert poll(lambda: site.server._unidentified == 2)
         third = site.connect("127.0.0.21")
         third.settimeout(3)
         assert statuses(third.recv(1000)) == [503]  # the pool is full...
@@ -238,10 +232,10 @@ def attack_and_measure(site: Site, seconds: float) -> Tuple[List[Tuple[str, int]
                            args=(site.port, http_attack.attackers(3, 8), seconds, child))
     attacker.start()
     try:
-        assert parent.poll(30) and parent.recv() == "ready"
+        assert parent.poll(scaled(30)) and parent.recv() == "ready"
         time.sleep(0.3)  # let the first pipelined batches and slow heads arrive
         failures, latencies = victim_requests(site.port, time.monotonic() + seconds - 0.6)
-        assert parent.poll(30)
+        assert parent.poll(scaled(30))
         tally = parent.recv()
     finally:
         attacker.join(timeout=10)
@@ -284,7 +278,7 @@ def test_a_pipelined_batch_of_one_vm_does_not_make_another_wait() -> None:
     try:
         for hog in hogs:  # 8000 requests of VM 1, answers left unread
             hog.sendall(batch)
-        wait_until(lambda: sum(1 for _, p in handled if p == "127.0.0.3") >= 100)
+        assert poll(lambda: sum(1 for _, p in handled if p == "127.0.0.3") >= 100)
         victim = site.connect(VICTIM)
         sent = time.monotonic()
         victim.sendall(b"GET /machinefeatures/total_cpu HTTP/1.1\r\n\r\n")

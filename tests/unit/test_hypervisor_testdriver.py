@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List
 
 import pytest
 
+from tests.waiting import poll, scaled
 from vacfactory.errors import HypervisorError
 from vacfactory.hypervisor import (
     DomainEvent,
@@ -47,7 +48,7 @@ class Events:
                 self._cond.notify_all()
 
     def wait_for(self, uuid_: str, kind: str, timeout: float = 5.0) -> DomainEvent:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         with self._cond:
             while True:
                 for event in self.items:
@@ -156,9 +157,7 @@ def test_a_failing_callback_does_not_stop_event_delivery(hv):
     for spec in (first, second):
         hv.create(spec)
         hv.destroy(spec.uuid)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and sum(e.uuid == second.uuid for e in seen) < 2:
-        time.sleep(0.01)
+    poll(lambda: sum(e.uuid == second.uuid for e in seen) >= 2, 5)
     assert [e.kind for e in seen if e.uuid == second.uuid] == ["started", "stopped"]
 
 

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from tests.waiting import scaled, wait_for
 from vacfactory.errors import ImageError
 from vacfactory.imagecache import ImageCache, ImageNotReady, url_key
 from vacfactory.urlpolicy import UrlPolicy
@@ -365,7 +366,7 @@ def test_huge_slow_download_is_bounded_by_the_timeout(http_server, cache_dir):
     started = time.monotonic()
     with pytest.raises(ImageError, match="took more than"):
         cache.get(http_server.url("/slow.img"))
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < scaled(10)
     assert [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")] == []
 
 
@@ -419,9 +420,9 @@ def test_background_get_never_waits_for_a_slow_download(http_server, cache_dir):
         cache.get(url)
     with pytest.raises(ImageNotReady):
         cache.get(url)  # the second caller neither waits nor starts a second download
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < min(scaled(1.0), 3.0)  # the download takes about 4 s
     assert cache.fetching() == [url]
-    assert ready.wait(30)
+    assert ready.wait(scaled(30))
     path = cache.get(url)
     with open(path, "rb") as f:
         assert f.read() == body
@@ -436,17 +437,17 @@ def test_background_revalidation_serves_the_cached_copy_meanwhile(http_server, c
     cache = ImageCache(cache_dir, timeout=30, check_seconds=0, background=True, on_ready=ready.set)
     with pytest.raises(ImageNotReady):
         cache.get(url)
-    assert ready.wait(10)
+    assert ready.wait(scaled(10))
     ready.clear()
     old = cache.get(url)  # due for a check (check_seconds 0): revalidated in the background
-    assert cache.wait_idle(10)
+    assert cache.wait_idle(scaled(10))
     assert not ready.is_set()  # a 304 changes nothing: nobody is woken
     assert http_server.requests_to("/root.img")[-1].headers["If-None-Match"] == '"v1"'
     http_server.routes["/root.img"] = Route(IMAGE_V2, etag='"v2"', chunk_delay=0.01)
     started = time.monotonic()
     assert cache.get(url) == old  # the new version is on its way; this VM uses the old one
-    assert time.monotonic() - started < 1.0
-    assert ready.wait(30)
+    assert time.monotonic() - started < scaled(1.0)
+    assert ready.wait(scaled(30))
     new = cache.get(url)
     assert new != old and new.endswith("-2.img")
     with open(old, "rb") as f:
@@ -459,7 +460,7 @@ def test_background_failure_is_retried_only_after_retry_seconds(http_server, cac
     with caplog.at_level(logging.ERROR, logger="vacfactory.imagecache"):
         with pytest.raises(ImageNotReady):
             cache.get(url)
-        assert cache.wait_idle(10)
+        assert cache.wait_idle(scaled(10))
     assert any("HTTP 404" in r.getMessage() and "no usable cached copy" in r.getMessage() for r in caplog.records)
     with pytest.raises(ImageNotReady, match="HTTP 404.*retried in the background"):
         cache.get(url)
@@ -468,7 +469,7 @@ def test_background_failure_is_retried_only_after_retry_seconds(http_server, cac
     http_server.routes["/missing.img"] = Route(IMAGE_V1)
     with pytest.raises(ImageNotReady):
         cache.get(url)
-    assert cache.wait_idle(10)
+    assert cache.wait_idle(scaled(10))
     assert cache.get(url) == cache.current(url)
 
 
@@ -478,13 +479,13 @@ def test_background_outage_keeps_the_cached_copy_and_spaces_the_retries(http_ser
     cache = ImageCache(cache_dir, timeout=5, check_seconds=0, background=True, retry_seconds=3600)
     with pytest.raises(ImageNotReady):
         cache.get(url)
-    assert cache.wait_idle(10)
+    assert cache.wait_idle(scaled(10))
     path = cache.get(url)
-    assert cache.wait_idle(10)
+    assert cache.wait_idle(scaled(10))
     http_server.routes["/root.img"] = Route(status=503)
     for _ in range(3):
         assert cache.get(url) == path
-        assert cache.wait_idle(10)
+        assert cache.wait_idle(scaled(10))
     # download, 304, one failed revalidation, then no more until retry_seconds have passed
     assert len(http_server.requests_to("/root.img")) == 3
 
@@ -496,13 +497,11 @@ def test_prune_leaves_a_running_download_alone(http_server, cache_dir):
     cache = ImageCache(cache_dir, timeout=30, background=True)
     with pytest.raises(ImageNotReady):
         cache.get(url)
-    deadline = time.monotonic() + 10
-    while not (os.path.isdir(cache_dir) and [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")]):
-        assert time.monotonic() < deadline, "the download never started writing"
-        time.sleep(0.05)
+    wait_for(lambda: os.path.isdir(cache_dir) and [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")],
+             "the download to start writing", 10, interval=0.05)
     assert cache.prune(set()) == []
     assert [n for n in os.listdir(cache_dir) if n.startswith(".tmp-")]  # still being written
-    assert cache.wait_idle(30)
+    assert cache.wait_idle(scaled(30))
     with open(cache.get(url), "rb") as f:
         assert f.read() == body
 
@@ -550,7 +549,7 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
             for _ in range(3):
                 began = time.monotonic()
                 report = factory.run_round()
-                assert time.monotonic() - began < 2.0, "a round waited for the image download"
+                assert time.monotonic() - began < scaled(2.0), "a round waited for the image download"
                 assert report.created == [] and report.failed == [] and report.waiting == ["imaged"]
                 time.sleep(0.5)
         waits = [r for r in caplog.records if "not startable yet" in r.getMessage()]
@@ -558,7 +557,7 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
         assert StatusFiles(state_dir).error() is None  # not a creation failure
         assert StatusFiles(state_dir).status()["waiting_for_images"] == ["imaged"]
         assert factory.recorder.snapshot(name, 1, {"imaged": (0, 0)}, {}).machinetypes[0].creation_failures == 0
-        assert factory.wake.wait(30), "the finished download never woke the engine"
+        assert factory.wake.wait(scaled(30)), "the finished download never woke the engine"
         report = factory.run_round()
         assert len(report.created) == 1 and report.waiting == []
         (machine,) = [m for m in factory.machines.values() if m.live]

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.engine_harness import HOST, Clock, kernel_file, machinetype_text
+from tests.waiting import poll, scaled
 from vacfactory import __version__
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, load_config_string
@@ -364,7 +365,7 @@ def test_idle_half_requests_take_no_threads_time_out_and_do_not_block_a_scrape()
         assert threading.active_count() == threads  # no thread per connection
         status, _, body = get(s.port, "/metrics")  # served while 80 half-requests wait
         assert status == 200 and "vacfactory_running_vms" in body
-        deadline = opened + 1.0 + 3.0
+        deadline = opened + 1.0 + scaled(3.0)
         assert all(_closed_by_server(c, deadline) for c in idle)  # cut off at their timeout
         assert time.monotonic() - opened >= 0.9  # ... not before it
         assert s.open_connections == 0
@@ -381,19 +382,12 @@ def test_beyond_the_connection_cap_the_oldest_half_request_makes_room():
     try:
         idle = [_half_request(s.port) for _ in range(20)]
         assert get(s.port, "/metrics")[0] == 200  # nobody can shut a scraper out
-        wait_until(lambda: s.open_connections <= 8)
+        assert poll(lambda: s.open_connections <= 8)
         assert _closed_by_server(idle[0], time.monotonic() + 3)  # oldest went first
     finally:
         for c in idle:
             c.close()
         s.stop()
-
-
-def wait_until(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 HOSTILE = [
@@ -425,7 +419,7 @@ def test_a_hundred_hostile_attempts_leave_no_thread_and_no_connection_behind():
                 c.close()  # some vanish at once, some stay open
             assert threading.active_count() == threads
         assert get(s.port, "/metrics")[0] == 200
-        wait_until(lambda: s.open_connections == 0, timeout=5.0)
+        assert poll(lambda: s.open_connections == 0)
         assert threading.active_count() == threads
         assert get(s.port, "/metrics")[0] == 200
     finally:

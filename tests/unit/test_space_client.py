@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from tests.system import vacpeer
+from tests.waiting import scaled
 from vacfactory.space import auth
 from vacfactory.space.client import (
     CONTINUE_AFTER,
@@ -189,7 +190,7 @@ def test_a_hanging_resolver_costs_at_most_the_timeout():
 
     began = time.monotonic()
     result = resolve_all(["slow.example.org", "fast.example.org", "10.1.1.1"], resolver, 0.3)
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < min(scaled(1.0), 2.5)  # the slow lookup takes 3 s
     assert result == {"slow.example.org": None, "fast.example.org": "10.0.0.5",
                       "10.1.1.1": "10.1.1.1"}
 
@@ -221,7 +222,7 @@ def test_query_space_gathers_every_factory_and_returns_as_soon_as_complete(space
     assert sorted(result.answered) == sorted(names)
     assert result.unknown == () and result.incomplete == ()
     assert all(len(r.replies) == 2 for r in result.answered.values())
-    assert result.elapsed < 1.0
+    assert result.elapsed < min(scaled(1.0), 4.0)  # complete: not the 5 s deadline
 
 
 def test_dot_means_this_factory(space_of_three):
@@ -251,7 +252,7 @@ def test_dead_silent_and_unresolvable_factories_cost_at_most_the_deadline(space_
         took = time.monotonic() - began
     finally:
         black_hole.close()
-    assert took < 1.0 + 0.3
+    assert took < 1.0 + min(scaled(0.3), 3.0)  # not the hung lookup's 5 s
     assert sorted(result.answered) == sorted(names)
     assert set(result.unknown) == {"dead.example.ac.uk", "silent.example.ac.uk",
                                    "hung.example.ac.uk", "nxdomain.example.ac.uk"}

@@ -13,6 +13,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
+from tests.waiting import poll
 from vacfactory.space import auth
 from vacfactory.space.client import grow_receive_buffer
 from vacfactory.space.protocol import QueryType, decode, encode_query
@@ -385,9 +386,7 @@ def test_resolved_peers_allow_loopback_by_default_and_refresh_in_background():
     try:
         assert {"127.0.0.1", "::1", "10.0.0.1"} <= peers()
         answers["f1.example.ac.uk"] = ["10.0.0.9"]
-        deadline = time.monotonic() + 2.0
-        while "10.0.0.9" not in peers() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll(lambda: "10.0.0.9" in peers(), 2.0, interval=0.02)
         assert "10.0.0.9" in peers() and "10.0.0.1" not in peers()
     finally:
         peers.stop()
@@ -433,13 +432,15 @@ def test_a_live_responder_logs_a_flood_of_junk_in_a_few_summed_lines(peer, caplo
     try:
         for i in range(300):
             peer.send(b"junk %d" % i, r.address)
-        deadline = time.monotonic() + 5
-        while r.stats.dropped["malformed"] < 300 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.5)  # one more interval: the rest is summed and logged
+        assert poll(lambda: r.stats.dropped["malformed"] == 300, 5), r.stats.dropped
+
+        def logged() -> List[str]:
+            return [rec.getMessage() for rec in caplog.records if "rejected as malformed" in rec.getMessage()]
+        # within an interval more (0.3 s) the rest is summed and logged
+        poll(lambda: sum(int(line.split()[1]) for line in logged()) >= 300, 5)
     finally:
         r.stop()
-    lines = [rec.getMessage() for rec in caplog.records if "rejected as malformed" in rec.getMessage()]
+    lines = logged()
     counts = [int(line.split()[1]) for line in lines]
     assert sum(counts) == 300 and len(lines) <= 5, lines
     assert all("from 127.0.0.1 x" in line for line in lines)

@@ -23,6 +23,7 @@ import pytest
 
 from tests.unit.test_imagecache import Route, ScriptedServer
 from tests.unit.test_pipes import _self_signed
+from tests.waiting import poll, scaled
 from vacfactory import urlpolicy
 from vacfactory.config import pipes as pipelib
 from vacfactory.errors import HypervisorError, ImageError
@@ -402,17 +403,15 @@ def _ours() -> set:
     return {t for t in threading.enumerate() if not t.name.startswith("hostile-")}
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _wait(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+def _open_fds() -> set:
+    """This process's open descriptors, as (number, what it points to)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.add((name, os.readlink(f"/proc/self/fd/{name}")))
+        except OSError:  # the directory listing's own descriptor, closed already
+            pass
+    return found
 
 
 def test_a_server_trickling_its_headers_is_cut_at_the_deadline_in_the_callers_thread(hostile):
@@ -420,7 +419,7 @@ def test_a_server_trickling_its_headers_is_cut_at_the_deadline_in_the_callers_th
     started = time.monotonic()
     with pytest.raises(FetchError, match=r"took more than 0.3 s"):
         fetch(hostile.url("/trickle-headers"), FetchSettings(timeout=0.3))
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < scaled(1.0)
     assert _ours() == before  # no helper thread left behind
 
 
@@ -429,8 +428,8 @@ def test_a_background_image_fetch_ends_at_its_deadline(hostile, cache_dir):
     with pytest.raises(ImageNotReady):
         cache.get(hostile.url("/trickle-headers"))
     started = time.monotonic()
-    assert cache.wait_idle(3)
-    assert time.monotonic() - started < 1.0
+    assert cache.wait_idle(scaled(3))
+    assert time.monotonic() - started < scaled(1.0)
     with pytest.raises(ImageNotReady, match="took more than 0.3 s"):
         cache.get(hostile.url("/trickle-headers"))
 
@@ -456,8 +455,10 @@ def test_100_hostile_attempts_leave_no_thread_and_no_socket_behind(hostile, tmp_
             failures["image"] += 1
     assert failures == {"pipe": 52, "image": 48}
     assert _ours() == threads
-    assert _wait(lambda: not hostile.connection_threads()), "the server still holds connections we left open"
-    assert _open_fds() == fds
+    assert poll(lambda: not hostile.connection_threads()), "the server still holds connections we left open"
+    # none left open by the attempts (one that a finalizer of an earlier test closed meanwhile
+    # is no leak: on a loaded machine the garbage collector runs at other moments)
+    assert _open_fds() - fds == set()
     assert [n for n in os.listdir(cache.directory) if not n.endswith(".json")] == []
 
 
@@ -469,7 +470,7 @@ def test_an_endless_download_is_cut_at_the_byte_cap_and_is_an_error_not_a_wait(h
                        policy=LOOPBACK_MIRROR)
     with pytest.raises(ImageNotReady):
         cache.get(hostile.url("/huge"))
-    assert cache.wait_idle(10)
+    assert cache.wait_idle(scaled(10))
     with pytest.raises(ImageError, match="larger than the 1048576-byte limit"):
         cache.get(hostile.url("/huge"))
     assert os.listdir(cache_dir) == []

@@ -14,6 +14,7 @@ from typing import Dict, List
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.waiting import poll
 from vacfactory.state.machines import MachineStore
 from vacfactory.state.records import VMRecord
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry
@@ -75,15 +76,6 @@ class VM:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 @pytest.fixture
@@ -252,7 +244,7 @@ def test_each_vm_files_under_its_own_directory_and_strangers_are_dropped(receive
         a.send(b"<30>Jan 17 13:49:38 f-01.example.org pilot[1]: I am B, honest", to)
         b.send(b"<30>1 2024-01-17T13:49:38Z f-01 pilot 2 - - from B", to)
         stranger.send(b"<30>Jan 17 13:49:38 x y: who am I", to)
-        assert wait_for(lambda: r.stats.received == 3)
+        assert poll(lambda: r.stats.received == 3)
     finally:
         for vm in (a, b, stranger):
             vm.close()
@@ -289,7 +281,7 @@ def test_a_flooding_vm_cannot_starve_another(receiver, vms):
             # pace the test, not the VM: no datagram may be lost in the kernel, so that every
             # drop is the receiver's decision
             total = sent_a + sent_b
-            assert wait_for(lambda: r.stats.received == total), (r.stats, total)
+            assert poll(lambda: r.stats.received == total), (r.stats, total)
     finally:
         a.close()
         b.close()
@@ -407,7 +399,7 @@ def test_forwarding_sends_rfc5424_within_the_rate_limit(vms):
         vm.send(b"<38>Jan 17 13:49:38 pretend sshd[9]: Failed password for root", r.addresses[0])
         vm.send(b"<38>over the rate", r.addresses[0])
         data, _ = central.recvfrom(65535)
-        assert wait_for(lambda: r.stats.received == 2)
+        assert poll(lambda: r.stats.received == 2)
         vm.close()
     finally:
         r.stop()

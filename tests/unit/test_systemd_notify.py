@@ -25,6 +25,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
+from tests.waiting import poll, scaled, wait_for
 from vacfactory.space.client import query_space
 from vacfactory.space.protocol import QueryType
 from vacfactory.state.lock import StateLock
@@ -71,14 +72,23 @@ class FakeSystemd:
         return [when for when, s in self.received() if s == state]
 
     def wait_for(self, state: str, timeout: float, process: subprocess.Popen) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """When ``state`` first arrived; fails if the daemon exits first or it never comes."""
+        def arrived() -> List[float]:
             times = self.times_of(state)
-            if times:
-                return times[0]
-            assert process.poll() is None, f"the daemon exited ({process.returncode}) before {state}"
-            time.sleep(0.05)
-        pytest.fail(f"no {state} within {timeout} s; received {self.states()}")
+            assert times or process.poll() is None, f"the daemon exited ({process.returncode}) before {state}"
+            return times
+        return wait_for(arrived, state, timeout, interval=0.05, details=lambda: f"received {self.states()}")[0]
+
+    def wait_for_count(self, state: str, count: int, since: float, timeout: float) -> List[float]:
+        """The times of the first ``count`` ``state`` messages that arrived after ``since``."""
+        def arrived() -> List[float]:
+            return [t for t in self.times_of(state) if t >= since][:count]
+        return wait_for(lambda: len(arrived()) == count and arrived(), f"{count} x {state}", timeout,
+                        interval=0.05, details=lambda: f"received {self.states()}")
+
+    def wait_for_stopping(self) -> None:
+        """The daemon has ended: let the reader take its last datagram (if it sent one)."""
+        poll(lambda: "STOPPING=1" in self.states(), 2.0, interval=0.02)
 
     def close(self) -> None:
         self._stop.set()
@@ -122,6 +132,7 @@ def write_conf(tmp_path, udp_port: int) -> Tuple[str, str, str]:
         udp_timeout_seconds = 1
         nfs_exporter = none
         cycle_seconds = {CYCLE_SECONDS}
+        overload_per_processor = 100000
         [machinetype alpha]
         target_share = 1
         machine_model = vm-raw
@@ -143,11 +154,11 @@ def start(conf: str, tmp_path, notify_socket: str, seconds: Optional[float] = No
 
 def finish(process: subprocess.Popen, timeout: float = 60.0) -> int:
     try:
-        return process.wait(timeout)
+        return process.wait(scaled(timeout))
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        pytest.fail(f"the daemon did not exit within {timeout} s")
+        pytest.fail(f"the daemon did not exit within {scaled(timeout):.0f} s")
 
 
 def unit_watchdog_seconds() -> float:
@@ -176,12 +187,10 @@ def test_ready_once_serving_then_watchdog_every_round_then_stopping_on_sigterm(t
         assert systemd.states()[0] == "READY=1"
 
         watch_from = time.monotonic()
-        time.sleep(6 * CYCLE_SECONDS)
-        pings = [t for t in systemd.times_of("WATCHDOG=1") if t >= watch_from]
-        assert len(pings) >= 3, systemd.states()
-        gaps = [b - a for a, b in zip([watch_from] + pings, pings + [time.monotonic()])]
+        pings = systemd.wait_for_count("WATCHDOG=1", 3, watch_from, 6 * CYCLE_SECONDS)
+        gaps = [b - a for a, b in zip([watch_from] + pings, pings)]
         # a ping every round (cycle_seconds, plus the round itself), far inside WatchdogSec
-        assert max(gaps) < 3 * CYCLE_SECONDS + 1, gaps
+        assert max(gaps) < 3 * CYCLE_SECONDS + scaled(1), gaps
         assert max(gaps) < unit_watchdog_seconds() / 2
 
         process.send_signal(signal.SIGTERM)
@@ -190,7 +199,7 @@ def test_ready_once_serving_then_watchdog_every_round_then_stopping_on_sigterm(t
         if process.poll() is None:
             process.kill()
             process.wait()
-        time.sleep(0.2)  # let the reader take the last datagram
+        systemd.wait_for_stopping()
         systemd.close()
     states = systemd.states()
     assert states.count("READY=1") == 1
@@ -211,7 +220,7 @@ def test_an_abstract_namespace_notify_socket_gets_the_same_messages(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-        time.sleep(0.2)
+        systemd.wait_for_stopping()
         systemd.close()
     states = systemd.states()
     assert states[0] == "READY=1" and states[-1] == "STOPPING=1"
@@ -235,16 +244,12 @@ def test_a_notify_socket_nobody_reads_never_blocks_the_engine_or_its_stop(tmp_pa
     process = start(conf, tmp_path, address)
     try:
         status = StatusFiles(state_dir)
-        deadline = time.monotonic() + 60
-        while status.last_beat() is None:
+
+        def beat() -> Optional[float]:
             assert process.poll() is None, "the daemon died"
-            assert time.monotonic() < deadline, "no decision round within 60 s"
-            time.sleep(0.1)
-        first = status.last_beat()
-        deadline = time.monotonic() + 10 * CYCLE_SECONDS
-        while status.last_beat() == first:
-            assert time.monotonic() < deadline, "the engine stopped running rounds"
-            time.sleep(0.1)
+            return status.last_beat()
+        first = wait_for(beat, "a decision round", 60)
+        wait_for(lambda: beat() != first, "another round (the engine must not stop running them)", 10 * CYCLE_SECONDS)
         process.send_signal(signal.SIGTERM)
         assert finish(process, timeout=30) == 0
     finally:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from tests.unit.engine_harness import HOST, Clock, Harness, kernel_file, machinetype_text, settings_text
+from tests.waiting import scaled
 from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine.accountant import Accountant
@@ -141,11 +142,11 @@ class Engine:
     def round(self):
         began = time.monotonic()
         report = self.factory.run_round()
-        assert time.monotonic() - began < 2.0, "a round waited for the network"
+        assert time.monotonic() - began < scaled(2.0), "a round waited for the network"
         return report
 
     def fetched(self) -> None:
-        assert self.images.wait_idle(20), "the template download never ended"
+        assert self.images.wait_idle(scaled(20)), "the template download never ended"
 
     def live(self):
         return self.harness.live()
@@ -210,7 +211,7 @@ def engine(tmp_path):
 
     yield build
     for e in made:
-        e.images.wait_idle(30)
+        e.images.wait_idle(scaled(30))
         e.harness.teardown()
 
 
