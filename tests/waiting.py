@@ -74,7 +74,8 @@ def scaled(seconds: float) -> float:
 def poll(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01) -> Optional[T]:
     """Poll ``predicate()`` until it returns something true and return that, or its last (false)
     value once the deadline (``timeout`` on an idle machine, see :func:`scaled`) has passed."""
-    deadline = time.monotonic() + scaled(timeout)
+    stretched = scaled(timeout)  # first: measuring the load takes time of its own
+    deadline = time.monotonic() + stretched
     while True:
         value = predicate()
         if value or time.monotonic() > deadline:
