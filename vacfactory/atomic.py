@@ -61,7 +61,9 @@ def write_new_file(path: str, data: bytes, mode: int = 0o644) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (large records, signals)
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
 

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, Optional
 
 from dirq.QueueSimple import QueueSimple
 
-from vacfactory.atomic import TEMP_PREFIX
+from vacfactory.atomic import TEMP_PREFIX, write_new_file
 from vacfactory.errors import AccountingError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class OutgoingQueue:
             except OSError as error:
                 if error.errno not in _CANNOT_LINK:
                     raise
-        _write_new(tmp, data)
+        write_new_file(tmp, data)
 
     def names(self) -> Iterator[str]:
         """Element names, oldest first (dirq's own iteration)."""
@@ -183,16 +183,6 @@ def producer(path: str) -> OutgoingQueue:
         if queue is None:
             queue = _producers[path] = OutgoingQueue(path)
         return queue
-
-
-def _write_new(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:

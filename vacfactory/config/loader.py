@@ -826,7 +826,7 @@ def pipe_cache_path(state_dir: str, prefix: str) -> str:
 
 
 def pipe_meta_path(state_dir: str, prefix: str) -> str:
-    """Sidecar of a pipe cache: URL, fetch times, validators (written by vacfactory.pipefetch)."""
+    """Sidecar of a pipe cache: URL, fetch times, validators (written by vacfactory.fetch.pipefetch)."""
     return os.path.join(state_dir, PIPE_CACHE_DIR, prefix + PIPE_META_SUFFIX)
 
 
@@ -842,7 +842,7 @@ def _pipe_share(section: _Section) -> float:
 def _read_pipe_caches(merged: Dict[_Key, _Section], pipe_dir: Optional[str],
                       problems: _Problems) -> Dict[str, pipelib.PipeExpansion]:
     """Expand every pipe from its cache file. The network is never touched here: the daemon
-    refreshes the caches (vacfactory.pipefetch), so `config check` and the daemon agree."""
+    refreshes the caches (vacfactory.fetch.pipefetch), so `config check` and the daemon agree."""
     expansions: Dict[str, pipelib.PipeExpansion] = {}
     if pipe_dir is None:
         return expansions
