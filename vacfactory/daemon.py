@@ -54,7 +54,7 @@ from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
 from vacfactory.fetch.urlpolicy import UrlPolicy
 from vacfactory.vmio import syslogd
-from vacfactory.vmio.httpserver import MetadataServer, base_url
+from vacfactory.vmio.http import MetadataServer, base_url
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.syslogd import (
     SyslogLimits,

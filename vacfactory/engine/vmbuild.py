@@ -42,7 +42,7 @@ from vacfactory.hypervisor.network import slot_ip, slot_mac, slot_port
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
-from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
+from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
 
 log = logging.getLogger(__name__)
 

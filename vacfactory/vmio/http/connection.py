@@ -1,0 +1,91 @@
+"""One client connection of the VMs' HTTP server: its state, explicit, and its buffers.
+
+A connection's life (each arrow is the only way into a state; any state can be CLOSED)::
+
+    READING --(PUT/POST head)--> UPLOADING --(body stored or refused, keep-alive)--> READING
+    READING --(GET/HEAD head with a small body)--> DISCARDING --(body dropped)--> READING
+    READING | UPLOADING --(final response queued)--> CLOSING
+    CLOSING --(response sent, our side shut)--> LINGERING --(client done or 2 s)--> CLOSED
+
+Whether a connection waits in the round-robin (``queued``) is scheduling, not state: only a
+READING connection with a complete head is queued.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Optional
+
+from vacfactory.vmio.http.upload import Upload
+
+
+class ConnState(enum.Enum):
+    READING = "reading"        # between requests: idle, or a request head arriving
+    UPLOADING = "uploading"    # a PUT body is being stored into joboutputs
+    DISCARDING = "discarding"  # a GET/HEAD body (small, pointless but legal) is being dropped
+    CLOSING = "closing"        # a final response is queued: nothing more is read
+    LINGERING = "lingering"    # our side is shut; what the client still sends is dropped
+    CLOSED = "closed"
+
+    @property
+    def reads_requests(self) -> bool:
+        """Bytes from the client are part of requests (not yet the closing stage)."""
+        return self in _READS_REQUESTS
+
+    @property
+    def live(self) -> bool:
+        """Served by the loop: its responses are flushed and its interest updated."""
+        return self not in (ConnState.LINGERING, ConnState.CLOSED)
+
+
+_READS_REQUESTS = frozenset({ConnState.READING, ConnState.UPLOADING, ConnState.DISCARDING})
+
+#: the transitions the server may make; moving into the current state changes nothing
+TRANSITIONS: Dict[ConnState, FrozenSet[ConnState]] = {
+    ConnState.READING: frozenset({ConnState.UPLOADING, ConnState.DISCARDING, ConnState.CLOSING,
+                                  ConnState.CLOSED}),
+    ConnState.UPLOADING: frozenset({ConnState.READING, ConnState.CLOSING, ConnState.CLOSED}),
+    ConnState.DISCARDING: frozenset({ConnState.READING, ConnState.CLOSED}),
+    ConnState.CLOSING: frozenset({ConnState.LINGERING, ConnState.CLOSED}),
+    ConnState.LINGERING: frozenset({ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug in the server: the loop's isolation boundary closes that one connection."""
+
+
+@dataclass(eq=False)
+class Connection:
+    sock: socket.socket
+    peer: str
+    #: whose share this connection counts against: ``vm:<uuid>`` (a registered address) or
+    #: ``addr:<peer>`` (an unregistered one, only when that pool is open)
+    owner: str
+    state: ConnState = ConnState.READING
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: bytearray = field(default_factory=bytearray)
+    deadline: float = 0.0
+    head_started: Optional[float] = None
+    upload: Optional[Upload] = None
+    upload_keep_alive: bool = True
+    #: body bytes still to drop (DISCARDING, or left over when a close cut the discard short)
+    discard: int = 0
+    lingered: int = 0
+    events: int = 0
+    queued: bool = False  # waiting in the round-robin with a request to serve
+
+    def move(self, to: ConnState) -> None:
+        if to is self.state:
+            return
+        if to not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"{self.peer}: connection cannot go from {self.state.value} to {to.value}")
+        self.state = to
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing buffered either way: closing it loses nothing."""
+        return self.state is ConnState.READING and not (self.inbuf or self.out or self.queued)

@@ -1,0 +1,622 @@
+"""The VMs' HTTP server itself: sockets, the ``selectors`` loop, deadlines (the I/O part).
+
+One thread runs a ``selectors`` loop over non-blocking sockets (the stdlib
+ThreadingHTTPServer measured far slower per core and needs a thread per idle keep-alive
+connection). Requests are parsed by :mod:`.wire`, answered by :mod:`.routes`, bodies stored
+by :mod:`.upload`; who may connect and whose request goes next is :mod:`.fairness`; each
+connection's state is explicit (:class:`~.connection.ConnState`). Every connection has
+deadlines (a slow-loris head gets 10 s in total), and one bad connection can only ever close
+itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from vacfactory.errors import ExportError
+from vacfactory.vmio import joboutputs as jo
+from vacfactory.vmio.http.connection import Connection, ConnState
+from vacfactory.vmio.http.fairness import RoundRobin, Shares, unidentified
+from vacfactory.vmio.http.routes import (METADATA_ADDRESS, MJF_ADDRESS, Router, UploadTarget, error_reply,
+                                         shown)
+from vacfactory.vmio.http.upload import InFlight, Upload, open_upload_file
+from vacfactory.vmio.http.wire import MAX_DISCARD, MAX_HEAD, HTTPError, Request, head_ready, parse_head, \
+    response_bytes
+from vacfactory.vmio.joboutputs import JobOutputsLimits
+from vacfactory.vmio.registry import VMRegistry
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+#: stop reading from a client that does not read its responses
+OUT_HIGH_WATER = 1024 * 1024
+#: how long a closed connection may go on sending before we stop draining it
+LINGER_SECONDS = 2.0
+SWEEP_SECONDS = 0.5
+#: at most one warning about one address in this many seconds
+WARN_EVERY_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-connection deadlines (seconds): why a slow or silent client cannot hold us."""
+
+    head: float = 10.0         # whole request head, from its first byte (slow loris)
+    idle: float = 30.0         # keep-alive connection with no request
+    body_idle: float = 20.0    # silence in the middle of a body
+    body_min_rate: float = 65536.0  # bytes/s a body must average (plus body_idle of slack)
+    write: float = 30.0        # client not reading its response
+
+
+class MetadataServer:
+    """MJF + metadata + joboutputs over HTTP/1.1, on every address in ``bind``.
+
+    ``start()`` binds (errors raise here, in the caller) and runs the loop in a daemon thread;
+    ``stop()`` ends it and closes every socket. ``bound_addresses`` gives the real (host, port)
+    pairs, useful with port 0. ``mjf_base_url``/``metadata_base_url`` are what meta_data.json
+    tells VMs: :func:`~.routes.base_url` of the two addresses and the port VMs reach
+    (``http_port``).
+
+    Fairness (:mod:`.fairness`): each registered VM may hold its share of ``max_connections``
+    (at most ``max_connections_per_vm``); an unregistered address is closed at accept unless
+    ``max_unidentified_connections`` opens a pool for token-only clients (at most
+    ``max_connections_per_address`` each), and a connection in it that fails to identify
+    itself is closed after its answer; requests are served round-robin over VMs.
+    """
+
+    def __init__(
+        self,
+        registry: VMRegistry,
+        bind: Sequence[Tuple[str, int]],
+        limits: JobOutputsLimits = JobOutputsLimits(),
+        mjf_base_url: str = f"http://{MJF_ADDRESS}",
+        metadata_base_url: str = f"http://{METADATA_ADDRESS}",
+        *,
+        max_connections: int = 512,
+        max_connections_per_vm: int = 16,
+        max_unidentified_connections: int = 0,
+        max_connections_per_address: int = 4,
+        timeouts: Timeouts = Timeouts(),
+    ) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.router = Router(registry, mjf_base_url, metadata_base_url)
+        self.shares = Shares(registry, max_connections, max_connections_per_vm,
+                             max_unidentified_connections, max_connections_per_address)
+        self.timeouts = timeouts
+        self._bind = list(bind)
+        self._listeners: List[socket.socket] = []
+        self._conns: Dict[int, Connection] = {}
+        self._turns = RoundRobin()
+        self._in_flight = InFlight()
+        self._warned: Dict[str, float] = {}
+        self._sel: Optional[selectors.BaseSelector] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._wake_r: Optional[socket.socket] = None
+        self._wake_w: Optional[socket.socket] = None
+
+    # lifecycle -------------------------------------------------------------------------
+
+    @property
+    def bound_addresses(self) -> List[Tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self._listeners]
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise ExportError("metadata server already started")
+        sel = selectors.DefaultSelector()
+        try:
+            for host, port in self._bind:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(1024)
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ, None)
+        except OSError as e:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners = []
+            sel.close()
+            raise ExportError(f"metadata server cannot listen on {self._bind}: {e}") from e
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._sel = sel
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="vmio-http", daemon=True)
+        self._thread.start()
+        log.info("metadata/MJF server listening on %s",
+                 ", ".join(f"{h}:{p}" for h, p in self.bound_addresses))
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping.set()
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+        self._thread.join(timeout=10)
+        self._thread = None
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._turns.clear()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        log.info("metadata/MJF server stopped")
+
+    def __enter__(self) -> "MetadataServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def vm_share(self) -> int:
+        """How many connections one registered VM may hold now (:meth:`.Shares.vm_share`)."""
+        return self.shares.vm_share()
+
+    # event loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._sel is not None
+        next_sweep = time.monotonic() + SWEEP_SECONDS
+        while not self._stopping.is_set():
+            try:
+                next_sweep = self._run_once(next_sweep)
+            except Exception:  # noqa: BLE001 - the server must outlive any bug in one round
+                log.exception("metadata server loop error; continuing")
+                time.sleep(0.1)
+
+    def _run_once(self, next_sweep: float) -> float:
+        assert self._sel is not None
+        for key, mask in self._sel.select(timeout=0 if self._turns else SWEEP_SECONDS):
+            if key.data is None:
+                self._accept(key.fileobj)  # type: ignore[arg-type]
+            elif key.data == "wake":
+                try:
+                    self._wake_r.recv(64)  # type: ignore[union-attr]
+                except OSError:
+                    pass
+            else:
+                self._serve_event(key.data, mask)
+        self._serve_turn()
+        now = time.monotonic()
+        if now >= next_sweep:
+            self._sweep(now)
+            return now + SWEEP_SECONDS
+        return next_sweep
+
+    def _serve_event(self, conn: Connection, mask: int) -> None:
+        # One connection's failure must never take the server down: anything unexpected is
+        # logged with its traceback and costs only that connection.
+        try:
+            if conn.state is ConnState.LINGERING:
+                self._drain(conn)
+                return
+            if mask & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if mask & selectors.EVENT_READ and conn.state.reads_requests:
+                self._readable(conn)
+            self._update(conn)
+        except Exception:  # noqa: BLE001 - isolation boundary, see comment above
+            log.exception("%s: internal error serving a connection; closed", conn.peer)
+            self._close(conn)
+
+    def _serve_turn(self) -> None:
+        """One turn of the round-robin: one request of each owner that has one waiting."""
+        for conn in self._turns.turn():
+            try:
+                if self._has_work(conn):
+                    self._process(conn, time.monotonic())
+                self._update(conn)
+            except Exception:  # noqa: BLE001 - isolation boundary, as in _serve_event
+                log.exception("%s: internal error serving a connection; closed", conn.peer)
+                self._close(conn)
+
+    # connections -----------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            peer = _normalise_peer(addr[0])
+            owner, vm = self.shares.owner_of(peer)
+            if owner is None:
+                self._warn(peer, f"{peer}: connection from an unregistered address; closed")
+                sock.close()
+                continue
+            if self.shares.full(owner, len(self._conns)):
+                self._refuse(sock, peer, vm.name if vm is not None else peer)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, peer, owner, deadline=time.monotonic() + self.timeouts.idle)
+            self._conns[sock.fileno()] = conn
+            self.shares.add(owner)
+            self._set_events(conn, selectors.EVENT_READ)
+
+    def _refuse(self, sock: socket.socket, peer: str, who: str) -> None:
+        self._warn(peer, f"{who}: too many connections from {peer}; refused")
+        try:
+            sock.setblocking(False)
+            sock.send(response_bytes(503, b"503 too many connections\n", keep_alive=False))
+        except OSError:
+            pass
+        sock.close()
+
+    def _set_events(self, conn: Connection, wanted: int) -> None:
+        """Watch ``conn`` for ``wanted`` (0: not at all, e.g. while it waits its turn)."""
+        if wanted == conn.events or self._sel is None:
+            return
+        if wanted == 0:
+            self._sel.unregister(conn.sock)
+        elif conn.events == 0:
+            self._sel.register(conn.sock, wanted, conn)
+        else:
+            self._sel.modify(conn.sock, wanted, conn)
+        conn.events = wanted
+
+    def _close(self, conn: Connection) -> None:
+        if conn.upload is not None:
+            self._end_upload(conn)
+        if conn.state is ConnState.CLOSED:
+            return
+        if self._sel is not None and conn.events:
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.events = 0
+        self._conns.pop(conn.sock.fileno(), None)
+        self.shares.remove(conn.owner)
+        conn.move(ConnState.CLOSED)
+        conn.sock.close()  # a queued conn is skipped when its turn comes
+
+    def _linger(self, conn: Connection) -> None:
+        """Close politely after a final response: shut our side, then read and drop what
+        the client still sends for a moment, so its unread data does not turn our response
+        into a connection reset (the 'lingering close' of web servers)."""
+        if conn.state is ConnState.LINGERING:
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.move(ConnState.LINGERING)
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        self._set_events(conn, selectors.EVENT_READ)
+
+    def _drain(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > OUT_HIGH_WATER:
+            self._close(conn)
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if now > conn.deadline:
+                log.debug("%s: connection timed out", conn.peer)
+                self._close(conn)
+        self._trim_to_share()
+
+    def _trim_to_share(self) -> None:
+        """Close the idle connections of a VM holding more than its share (which shrinks as
+        VMs are registered), so that the newcomers' shares are really there."""
+        over = self.shares.over_share()
+        for conn in list(self._conns.values()):
+            if conn.owner in over and self.shares.still_over(conn.owner) and conn.idle:
+                log.debug("%s: idle connection over the VM's share closed", conn.peer)
+                self._close(conn)
+
+    def _warn(self, peer: str, message: str) -> None:
+        """Warnings about a VM's requests, at most one per address every 10 s."""
+        now = time.monotonic()
+        if now - self._warned.get(peer, -1e9) >= WARN_EVERY_SECONDS:
+            if len(self._warned) > 4096:
+                self._warned.clear()
+            self._warned[peer] = now
+            log.warning("%s", message)
+
+    # reading ---------------------------------------------------------------------------
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        self._feed(conn, data)
+
+    def _feed(self, conn: Connection, data: bytes) -> None:
+        now = time.monotonic()
+        if conn.state is ConnState.UPLOADING:
+            data = self._feed_upload(conn, data, now)
+        if conn.state is ConnState.DISCARDING and data:
+            take = min(conn.discard, len(data))
+            conn.discard -= take
+            data = data[take:]
+            if not conn.discard:
+                conn.move(ConnState.READING)
+        if data:
+            conn.inbuf += data
+            if conn.head_started is None and conn.state is ConnState.READING:
+                # any byte starts the clock of a request head, even blank lines (slow loris)
+                self._start_head_clock(conn, now)
+
+    def _start_head_clock(self, conn: Connection, now: float) -> None:
+        conn.head_started = now
+        conn.deadline = now + self.timeouts.head
+
+    @staticmethod
+    def _has_work(conn: Connection) -> bool:
+        """A complete request head (or an oversized one) to handle, and nothing that must
+        happen first; a partial head waits for more bytes."""
+        return conn.state is ConnState.READING and bool(conn.inbuf) and \
+            len(conn.out) <= OUT_HIGH_WATER and head_ready(conn.inbuf)
+
+    def _process(self, conn: Connection, now: float) -> None:
+        """Serve the first request in ``conn.inbuf``, if it is complete."""
+        # RFC 9112 2.2: ignore empty lines before a request line
+        while conn.inbuf[:2] == b"\r\n":
+            del conn.inbuf[:2]
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.inbuf) > MAX_HEAD:
+                self._send_error(conn, HTTPError(431, close=True))
+            elif conn.inbuf and conn.head_started is None:
+                self._start_head_clock(conn, now)  # the rest of a pipelined batch
+            return
+        head = bytes(conn.inbuf[:end])
+        del conn.inbuf[:end + 4]
+        conn.head_started = None
+        self._request(conn, head, now)
+        if conn.state is not ConnState.READING:
+            return
+        if conn.inbuf:
+            # the next head of a pipelined batch: its clock starts now, as its turn may come
+            # late under load (that wait is ours, not the client's)
+            self._start_head_clock(conn, now)
+        else:
+            conn.deadline = now + self.timeouts.idle
+
+    def _request(self, conn: Connection, head: bytes, now: float) -> None:
+        try:
+            request = parse_head(head)
+        except HTTPError as e:
+            self._send_error(conn, e)
+            return
+        result, note = self.router.route(conn.peer, request)
+        if note:
+            self._warn(conn.peer, f"{conn.peer}: {request.method} {shown(request.path)}"
+                                  f" refused: {note}")
+        if isinstance(result, UploadTarget):
+            self._start_upload(conn, request, result, now)
+            return
+        body_pending = request.content_length or 0
+        keep_alive = request.keep_alive
+        if unidentified(conn.owner) and result.status == 403:
+            keep_alive = False  # an unregistered address gets one try per connection
+        if body_pending > MAX_DISCARD:
+            keep_alive = False
+        elif body_pending:
+            # drop what of the body already arrived with the head, then the rest as it comes
+            take = min(body_pending, len(conn.inbuf))
+            del conn.inbuf[:take]
+            conn.discard = body_pending - take
+            if conn.discard:
+                conn.deadline = now + self.timeouts.body_idle
+        conn.out += response_bytes(result.status, result.body, result.content_type, keep_alive,
+                                   head_only=request.method == "HEAD", extra=result.extra)
+        if not keep_alive:
+            conn.move(ConnState.CLOSING)
+        elif conn.discard:
+            conn.move(ConnState.DISCARDING)
+        if request.method == "GET" and result.status >= 400:
+            log.debug("%s: GET %s -> %d", conn.peer, shown(request.path), result.status)
+
+    def _send_error(self, conn: Connection, error: HTTPError, keep_alive: bool = False) -> None:
+        reply = error_reply(error.status, error.message)
+        conn.out += response_bytes(reply.status, reply.body, keep_alive=keep_alive,
+                                   extra=reply.extra)
+        if not keep_alive:
+            conn.move(ConnState.CLOSING)
+            conn.inbuf.clear()
+
+    # uploads ---------------------------------------------------------------------------
+
+    def _start_upload(self, conn: Connection, request: Request, target: UploadTarget,
+                      now: float) -> None:
+        vm = target.vm
+        length = request.content_length
+        if length is None:
+            self._send_error(conn, HTTPError(411, "Content-Length required"))
+            return
+        limits = self.limits
+        if length > limits.max_file_bytes:
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} of {length} bytes"
+                                  f" refused: over max_file_bytes {limits.max_file_bytes}")
+            self._send_error(conn, HTTPError(413, f"over the per-file limit of "
+                                                  f"{limits.max_file_bytes} bytes"))
+            return
+        try:
+            dir_fd = jo.open_directory(vm.joboutputs_dir)
+        except OSError as e:
+            log.error("%s: joboutputs directory unusable: %s", vm.name, e.strerror)
+            self._send_error(conn, HTTPError(403, "joboutputs unavailable"))
+            return
+        try:
+            refusal = self._in_flight.refusal(vm, target.name, length, dir_fd, limits)
+            if refusal is not None:
+                os.close(dir_fd)
+                self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} refused: {refusal}")
+                self._send_error(conn, HTTPError(413, refusal))
+                return
+            fd, temp = open_upload_file(dir_fd)
+        except OSError as e:
+            os.close(dir_fd)
+            log.error("%s: cannot start joboutputs/%s: %s", vm.name, shown(target.name), e.strerror)
+            self._send_error(conn, HTTPError(500, "cannot store the file"))
+            return
+        self._in_flight.reserve(vm.uuid, length)
+        conn.upload = Upload(target, length, dir_fd, fd, temp)
+        conn.upload_keep_alive = request.keep_alive
+        conn.move(ConnState.UPLOADING)
+        conn.deadline = now + self.timeouts.body_idle
+        if request.expect_continue and length > 0:
+            conn.out += b"HTTP/1.1 100 Continue\r\n\r\n"
+        if length == 0:
+            self._finish_upload(conn)
+        elif conn.inbuf:
+            pending = bytes(conn.inbuf)
+            conn.inbuf.clear()
+            rest = self._feed_upload(conn, pending, now)
+            conn.inbuf += rest
+
+    def _feed_upload(self, conn: Connection, data: bytes, now: float) -> bytes:
+        upload = conn.upload
+        assert upload is not None
+        take = min(len(data), upload.length - upload.received)
+        try:
+            upload.write(data[:take])
+        except OSError as e:
+            status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            log.error("%s: writing joboutputs/%s failed: %s", upload.target.vm.name,
+                      shown(upload.target.name), e.strerror)
+            self._end_upload(conn)
+            self._send_error(conn, HTTPError(status, "cannot store the file"))
+            return b""
+        if upload.received >= upload.length:
+            self._finish_upload(conn)
+        else:
+            allowed = upload.started + self.timeouts.body_idle + \
+                upload.length / self.timeouts.body_min_rate
+            conn.deadline = min(now + self.timeouts.body_idle, allowed)
+        return data[take:]
+
+    def _finish_upload(self, conn: Connection) -> None:
+        upload = conn.upload
+        assert upload is not None
+        vm, name = upload.target.vm, upload.target.name
+        try:
+            upload.commit()
+        except HTTPError as e:
+            self._end_upload(conn)
+            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(name)} refused: {e.message}")
+            self._send_error(conn, e, keep_alive=conn.upload_keep_alive)
+            return
+        except OSError as e:
+            self._end_upload(conn)
+            log.error("%s: storing joboutputs/%s failed: %s", vm.name, shown(name), e.strerror)
+            self._send_error(conn, HTTPError(403 if e.errno in (errno.EISDIR, errno.ENOTDIR)
+                                             else 500, "cannot store the file"),
+                             keep_alive=conn.upload_keep_alive)
+            return
+        size = upload.received
+        self._end_upload(conn)
+        # heartbeats and logs arrive all the time; only the final message is worth INFO
+        log.log(logging.INFO if name == jo.SHUTDOWN_MESSAGE else logging.DEBUG,
+                "%s: joboutputs/%s written (%d bytes)", vm.name, shown(name), size)
+        conn.out += response_bytes(201, b"201 Created\n", keep_alive=conn.upload_keep_alive)
+        if not conn.upload_keep_alive:
+            conn.move(ConnState.CLOSING)
+
+    def _end_upload(self, conn: Connection) -> None:
+        upload = conn.upload
+        if upload is None:
+            return
+        conn.upload = None
+        upload.abandon()
+        upload.close()
+        self._in_flight.release(upload.target.vm.uuid, upload.length)
+        if conn.state is ConnState.UPLOADING:
+            conn.move(ConnState.READING)
+
+    # writing ---------------------------------------------------------------------------
+
+    def _flush(self, conn: Connection) -> None:
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent:
+                del conn.out[:sent]
+                if conn.out:
+                    conn.deadline = time.monotonic() + self.timeouts.write
+        if not conn.out and conn.state is ConnState.CLOSING:
+            self._linger(conn)
+
+    def _update(self, conn: Connection) -> None:
+        """Send what we can now; wait for writability only when something is left over.
+        Nothing to do for a connection that is lingering or closed."""
+        if not conn.state.live:
+            return
+        if conn.out:
+            self._flush(conn)
+            if not conn.state.live:
+                return
+        if self._has_work(conn):
+            self._turns.enqueue(conn)  # a request (or more) to serve when its owner's turn comes
+        if conn.state is ConnState.CLOSING and not conn.out:
+            self._linger(conn)
+            return
+        wanted = 0
+        if conn.state.reads_requests and not conn.queued and len(conn.out) <= OUT_HIGH_WATER:
+            wanted |= selectors.EVENT_READ  # read no more while a request waits its turn
+        if conn.out:
+            wanted |= selectors.EVENT_WRITE
+        if not wanted and not conn.queued:
+            self._close(conn)
+        else:
+            self._set_events(conn, wanted)
+
+
+def _normalise_peer(address: str) -> str:
+    """``::ffff:1.2.3.4`` -> ``1.2.3.4``; other addresses unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(ip)
