@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 from vacfactory.atomic import atomic_write_bytes, atomic_write_json
 from vacfactory.config import pipes as pipelib
-from vacfactory.config.loader import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
+from vacfactory.config.pipeload import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
 from vacfactory.fetch.conditional import Validators, conditional_get
 from vacfactory.fetch.safefetch import FetchError
 from vacfactory.fetch.urlpolicy import UrlPolicy
