@@ -12,7 +12,6 @@ itself.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import selectors
@@ -32,7 +31,7 @@ from vacfactory.vmio.http.upload import InFlight, Upload, open_upload_file
 from vacfactory.vmio.http.wire import MAX_DISCARD, MAX_HEAD, HTTPError, Request, head_ready, parse_head, \
     response_bytes
 from vacfactory.vmio.joboutputs import JobOutputsLimits
-from vacfactory.vmio.registry import VMRegistry
+from vacfactory.vmio.registry import VMRegistry, normalise_address
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ class MetadataServer:
             except OSError as e:
                 log.warning("accept failed: %s", e)
                 return
-            peer = _normalise_peer(addr[0])
+            peer = normalise_address(addr[0])
             owner, vm = self.shares.owner_of(peer)
             if owner is None:
                 self._warn(peer, f"{peer}: connection from an unregistered address; closed")
@@ -610,13 +609,3 @@ class MetadataServer:
             self._close(conn)
         else:
             self._set_events(conn, wanted)
-
-
-def _normalise_peer(address: str) -> str:
-    """``::ffff:1.2.3.4`` -> ``1.2.3.4``; other addresses unchanged."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return str(mapped) if mapped is not None else str(ip)
