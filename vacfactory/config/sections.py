@@ -242,15 +242,8 @@ def _classify_vac_header(header: str, where: Where, problems: Problems) -> Optio
     words = header.lower().split(None, 1)
     kind_word = words[0] if words else ""
     if kind_word in table.SECTION_KINDS and kind_word != "settings" and len(words) == 2:
-        kind, name = table.SECTION_KINDS[kind_word], words[1].strip()
-        if kind_word in table.LEGACY_SECTION_KINDS:
-            problems.warn(f"deprecated section kind: use [{table.LEGACY_SECTION_KINDS[kind_word]} {name}]",
-                          where, header)
-        if not re.fullmatch(table.SECTION_NAME_PATTERN, name):
-            what = "machinetype name" if kind == table.MACHINETYPE else "vacuum pipe prefix"
-            problems.error(f"{what} {name!r} must match {table.SECTION_NAME_PATTERN} "
-                           "(letters, digits and '-'; Vac lower-cases it)", where, header)
-        return (kind, name)
+        return _named_section(kind_word, words[1].strip(), where, header, problems,
+                              "letters, digits and '-'; Vac lower-cases it")
     if kind_word == "settings":
         why = "Vac reads only a section named exactly [settings] (section names are case-sensitive)"
     elif kind_word in table.SECTION_KINDS:
@@ -296,13 +289,20 @@ def _classify_header(header: str, where: Where, problems: Problems) -> Optional[
     if name is None:
         problems.error(f"needs a name: [{kind_word} NAME]", where, header)
         return None
+    return _named_section(kind_word, name, where, header, problems, "lower-case letters, digits and '-'")
+
+
+def _named_section(kind_word: str, name: str, where: Where, header: str, problems: Problems,
+                   name_rule: str) -> Key:
+    """(kind, name) of a named section: a legacy kind word is warned about, a name that does
+    not match the pattern (``name_rule`` says it in words) is an error."""
+    kind = table.SECTION_KINDS[kind_word]
     if kind_word in table.LEGACY_SECTION_KINDS:
         problems.warn(f"deprecated section kind: use [{table.LEGACY_SECTION_KINDS[kind_word]} {name}]",
                       where, header)
     if not re.fullmatch(table.SECTION_NAME_PATTERN, name):
         what = "machinetype name" if kind == table.MACHINETYPE else "vacuum pipe prefix"
-        problems.error(f"{what} {name!r} must match {table.SECTION_NAME_PATTERN} "
-                       "(lower-case letters, digits and '-')", where, header)
+        problems.error(f"{what} {name!r} must match {table.SECTION_NAME_PATTERN} ({name_rule})", where, header)
     return (kind, name)
 
 

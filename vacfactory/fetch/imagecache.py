@@ -57,7 +57,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
+from vacfactory.atomic import (TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries,
+                               removed_on_failure)
 from vacfactory.errors import ImageError, VacFactoryError, shorten
 from vacfactory.fetch.conditional import Validators, conditional_get
 from vacfactory.fetch.safefetch import FetchError, FetchRefused, Response
@@ -292,8 +293,7 @@ class ImageCache:
         """The usable cached copy (revalidated in the background when due), else ImageNotReady."""
         now = self.clock()
         with self._lock:
-            entry = self._read_entry(source)
-            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+            usable = self._usable_entry(source, sha256)
             if usable is not None and now - usable.checked < self.check_seconds:
                 return self._path(usable.file)
             started = self._fetch_later(source, sha256, max_bytes)
@@ -392,6 +392,13 @@ class ImageCache:
             return None
         return entry if _VERSION.match(entry.file) else None
 
+    def _usable_entry(self, source: _Source, sha256: Optional[str]) -> Optional[_Entry]:
+        return self._usable(self._read_entry(source), sha256)
+
+    def _usable(self, entry: Optional[_Entry], sha256: Optional[str]) -> Optional[_Entry]:
+        """``entry`` if its file is in place and it is the content asked for (any, or ``sha256``)."""
+        return entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+
     def _valid(self, entry: _Entry) -> bool:
         """The cached file is there and has the recorded size (cheap; not re-hashed)."""
         try:
@@ -404,7 +411,7 @@ class ImageCache:
         now = self.clock()
         with self._lock:
             entry = self._read_entry(source)
-            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+            usable = self._usable(entry, sha256)
         if usable is not None and now - usable.checked < self.check_seconds:
             return _Result(self._path(usable.file))  # a concurrent caller has just refreshed it
         with self._lock:
@@ -491,7 +498,7 @@ class ImageCache:
                 raise _Failure(f"an image of {expected} bytes does not fit: "
                                + self._no_room("before downloading"))
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{source.key}-", dir=self.directory)
-        try:
+        with removed_on_failure(tmp):
             digest = hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as f:
@@ -513,12 +520,6 @@ class ImageCache:
             got = digest.hexdigest()
             if sha256 is not None and got != sha256:
                 raise _Failure(f"sha256 of the download is {got}, not the configured {sha256}")
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         return _Download(tmp, size, got, Validators.of(response))
 
     def _no_room(self, what: str) -> str:

@@ -314,12 +314,9 @@ class MetadataServer:
         self._set_events(conn, selectors.EVENT_READ)
 
     def _drain(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.lingered += len(data)
         if not data or conn.lingered > OUT_HIGH_WATER:
             self._close(conn)
@@ -352,12 +349,8 @@ class MetadataServer:
     # reading ---------------------------------------------------------------------------
 
     def _readable(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
+        data = _receive(conn)
+        if data is None:
             return
         if not data:
             self._close(conn)
@@ -609,3 +602,13 @@ class MetadataServer:
             self._close(conn)
         else:
             self._set_events(conn, wanted)
+
+
+def _receive(conn: Connection) -> Optional[bytes]:
+    """What the client sent: None if nothing yet, ``b""`` at its end or on a socket error."""
+    try:
+        return conn.sock.recv(RECV_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
