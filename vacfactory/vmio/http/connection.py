@@ -22,35 +22,37 @@ from vacfactory.vmio.http.upload import Upload
 
 
 class ConnState(enum.Enum):
-    READING = "reading"        # between requests: idle, or a request head arriving
-    UPLOADING = "uploading"    # a PUT body is being stored into joboutputs
-    DISCARDING = "discarding"  # a GET/HEAD body (small, pointless but legal) is being dropped
-    CLOSING = "closing"        # a final response is queued: nothing more is read
-    LINGERING = "lingering"    # our side is shut; what the client still sends is dropped
-    CLOSED = "closed"
+    """Each state with what the loop asks of it on every event (plain attributes: this is
+    the server's hot path, and enum properties cost a call each)."""
 
-    @property
-    def reads_requests(self) -> bool:
-        """Bytes from the client are part of requests (not yet the closing stage)."""
-        return self in _READS_REQUESTS
+    # (label, reads_requests, live)
+    READING = ("reading", True, True)        # between requests: idle, or a head arriving
+    UPLOADING = ("uploading", True, True)    # a PUT body is being stored into joboutputs
+    DISCARDING = ("discarding", True, True)  # a GET/HEAD body (small, legal) is being dropped
+    CLOSING = ("closing", False, True)       # a final response is queued: nothing more is read
+    LINGERING = ("lingering", False, False)  # our side is shut; what the client sends is dropped
+    CLOSED = ("closed", False, False)
 
-    @property
-    def live(self) -> bool:
-        """Served by the loop: its responses are flushed and its interest updated."""
-        return self not in (ConnState.LINGERING, ConnState.CLOSED)
+    def __init__(self, label: str, reads_requests: bool, live: bool) -> None:
+        self.label = label
+        #: bytes from the client are part of requests (not yet the closing stage)
+        self.reads_requests = reads_requests
+        #: served by the loop: its responses are flushed and its interest updated
+        self.live = live
 
 
-_READS_REQUESTS = frozenset({ConnState.READING, ConnState.UPLOADING, ConnState.DISCARDING})
+# bound once: looking a member up on the enum class is slow on the hot path
+READING, UPLOADING, DISCARDING = ConnState.READING, ConnState.UPLOADING, ConnState.DISCARDING
+CLOSING, LINGERING, CLOSED = ConnState.CLOSING, ConnState.LINGERING, ConnState.CLOSED
 
 #: the transitions the server may make; moving into the current state changes nothing
 TRANSITIONS: Dict[ConnState, FrozenSet[ConnState]] = {
-    ConnState.READING: frozenset({ConnState.UPLOADING, ConnState.DISCARDING, ConnState.CLOSING,
-                                  ConnState.CLOSED}),
-    ConnState.UPLOADING: frozenset({ConnState.READING, ConnState.CLOSING, ConnState.CLOSED}),
-    ConnState.DISCARDING: frozenset({ConnState.READING, ConnState.CLOSED}),
-    ConnState.CLOSING: frozenset({ConnState.LINGERING, ConnState.CLOSED}),
-    ConnState.LINGERING: frozenset({ConnState.CLOSED}),
-    ConnState.CLOSED: frozenset(),
+    READING: frozenset({UPLOADING, DISCARDING, CLOSING, CLOSED}),
+    UPLOADING: frozenset({READING, CLOSING, CLOSED}),
+    DISCARDING: frozenset({READING, CLOSED}),
+    CLOSING: frozenset({LINGERING, CLOSED}),
+    LINGERING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
 }
 
 
@@ -65,7 +67,7 @@ class Connection:
     #: whose share this connection counts against: ``vm:<uuid>`` (a registered address) or
     #: ``addr:<peer>`` (an unregistered one, only when that pool is open)
     owner: str
-    state: ConnState = ConnState.READING
+    state: ConnState = READING
     inbuf: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
     deadline: float = 0.0
@@ -82,10 +84,10 @@ class Connection:
         if to is self.state:
             return
         if to not in TRANSITIONS[self.state]:
-            raise IllegalTransition(f"{self.peer}: connection cannot go from {self.state.value} to {to.value}")
+            raise IllegalTransition(f"{self.peer}: connection cannot go from {self.state.label} to {to.label}")
         self.state = to
 
     @property
     def idle(self) -> bool:
         """Between requests with nothing buffered either way: closing it loses nothing."""
-        return self.state is ConnState.READING and not (self.inbuf or self.out or self.queued)
+        return self.state is READING and not (self.inbuf or self.out or self.queued)

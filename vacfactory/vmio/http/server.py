@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from vacfactory.errors import ExportError
 from vacfactory.vmio import joboutputs as jo
-from vacfactory.vmio.http.connection import Connection, ConnState
+from vacfactory.vmio.http.connection import CLOSED, CLOSING, DISCARDING, LINGERING, READING, UPLOADING, Connection
 from vacfactory.vmio.http.fairness import RoundRobin, Shares, unidentified
 from vacfactory.vmio.http.routes import (METADATA_ADDRESS, MJF_ADDRESS, Router, UploadTarget, error_reply,
                                          shown)
@@ -211,7 +211,7 @@ class MetadataServer:
         # One connection's failure must never take the server down: anything unexpected is
         # logged with its traceback and costs only that connection.
         try:
-            if conn.state is ConnState.LINGERING:
+            if conn.state is LINGERING:
                 self._drain(conn)
                 return
             if mask & selectors.EVENT_WRITE:
@@ -285,7 +285,7 @@ class MetadataServer:
     def _close(self, conn: Connection) -> None:
         if conn.upload is not None:
             self._end_upload(conn)
-        if conn.state is ConnState.CLOSED:
+        if conn.state is CLOSED:
             return
         if self._sel is not None and conn.events:
             try:
@@ -295,21 +295,21 @@ class MetadataServer:
         conn.events = 0
         self._conns.pop(conn.sock.fileno(), None)
         self.shares.remove(conn.owner)
-        conn.move(ConnState.CLOSED)
+        conn.move(CLOSED)
         conn.sock.close()  # a queued conn is skipped when its turn comes
 
     def _linger(self, conn: Connection) -> None:
         """Close politely after a final response: shut our side, then read and drop what
         the client still sends for a moment, so its unread data does not turn our response
         into a connection reset (the 'lingering close' of web servers)."""
-        if conn.state is ConnState.LINGERING:
+        if conn.state is LINGERING:
             return
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
             return
-        conn.move(ConnState.LINGERING)
+        conn.move(LINGERING)
         conn.deadline = time.monotonic() + LINGER_SECONDS
         self._set_events(conn, selectors.EVENT_READ)
 
@@ -359,17 +359,17 @@ class MetadataServer:
 
     def _feed(self, conn: Connection, data: bytes) -> None:
         now = time.monotonic()
-        if conn.state is ConnState.UPLOADING:
+        if conn.state is UPLOADING:
             data = self._feed_upload(conn, data, now)
-        if conn.state is ConnState.DISCARDING and data:
+        if conn.state is DISCARDING and data:
             take = min(conn.discard, len(data))
             conn.discard -= take
             data = data[take:]
             if not conn.discard:
-                conn.move(ConnState.READING)
+                conn.move(READING)
         if data:
             conn.inbuf += data
-            if conn.head_started is None and conn.state is ConnState.READING:
+            if conn.head_started is None and conn.state is READING:
                 # any byte starts the clock of a request head, even blank lines (slow loris)
                 self._start_head_clock(conn, now)
 
@@ -381,7 +381,7 @@ class MetadataServer:
     def _has_work(conn: Connection) -> bool:
         """A complete request head (or an oversized one) to handle, and nothing that must
         happen first; a partial head waits for more bytes."""
-        return conn.state is ConnState.READING and bool(conn.inbuf) and \
+        return conn.state is READING and bool(conn.inbuf) and \
             len(conn.out) <= OUT_HIGH_WATER and head_ready(conn.inbuf)
 
     def _process(self, conn: Connection, now: float) -> None:
@@ -400,7 +400,7 @@ class MetadataServer:
         del conn.inbuf[:end + 4]
         conn.head_started = None
         self._request(conn, head, now)
-        if conn.state is not ConnState.READING:
+        if conn.state is not READING:
             return
         if conn.inbuf:
             # the next head of a pipelined batch: its clock starts now, as its turn may come
@@ -438,9 +438,9 @@ class MetadataServer:
         conn.out += response_bytes(result.status, result.body, result.content_type, keep_alive,
                                    head_only=request.method == "HEAD", extra=result.extra)
         if not keep_alive:
-            conn.move(ConnState.CLOSING)
+            conn.move(CLOSING)
         elif conn.discard:
-            conn.move(ConnState.DISCARDING)
+            conn.move(DISCARDING)
         if request.method == "GET" and result.status >= 400:
             log.debug("%s: GET %s -> %d", conn.peer, shown(request.path), result.status)
 
@@ -449,7 +449,7 @@ class MetadataServer:
         conn.out += response_bytes(reply.status, reply.body, keep_alive=keep_alive,
                                    extra=reply.extra)
         if not keep_alive:
-            conn.move(ConnState.CLOSING)
+            conn.move(CLOSING)
             conn.inbuf.clear()
 
     # uploads ---------------------------------------------------------------------------
@@ -490,7 +490,7 @@ class MetadataServer:
         self._in_flight.reserve(vm.uuid, length)
         conn.upload = Upload(target, length, dir_fd, fd, temp)
         conn.upload_keep_alive = request.keep_alive
-        conn.move(ConnState.UPLOADING)
+        conn.move(UPLOADING)
         conn.deadline = now + self.timeouts.body_idle
         if request.expect_continue and length > 0:
             conn.out += b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -548,7 +548,7 @@ class MetadataServer:
                 "%s: joboutputs/%s written (%d bytes)", vm.name, shown(name), size)
         conn.out += response_bytes(201, b"201 Created\n", keep_alive=conn.upload_keep_alive)
         if not conn.upload_keep_alive:
-            conn.move(ConnState.CLOSING)
+            conn.move(CLOSING)
 
     def _end_upload(self, conn: Connection) -> None:
         upload = conn.upload
@@ -558,8 +558,8 @@ class MetadataServer:
         upload.abandon()
         upload.close()
         self._in_flight.release(upload.target.vm.uuid, upload.length)
-        if conn.state is ConnState.UPLOADING:
-            conn.move(ConnState.READING)
+        if conn.state is UPLOADING:
+            conn.move(READING)
 
     # writing ---------------------------------------------------------------------------
 
@@ -576,7 +576,7 @@ class MetadataServer:
                 del conn.out[:sent]
                 if conn.out:
                     conn.deadline = time.monotonic() + self.timeouts.write
-        if not conn.out and conn.state is ConnState.CLOSING:
+        if not conn.out and conn.state is CLOSING:
             self._linger(conn)
 
     def _update(self, conn: Connection) -> None:
@@ -590,7 +590,7 @@ class MetadataServer:
                 return
         if self._has_work(conn):
             self._turns.enqueue(conn)  # a request (or more) to serve when its owner's turn comes
-        if conn.state is ConnState.CLOSING and not conn.out:
+        if conn.state is CLOSING and not conn.out:
             self._linger(conn)
             return
         wanted = 0
