@@ -17,14 +17,16 @@ Everything a VM sends is hostile. The parts, each with one job:
   chunked bodies;
 - :mod:`.routes` (policy): which VM is asking (address or token) and what it may read;
 - :mod:`.fairness` (policy): connection shares per VM and round-robin service;
-- :mod:`.connection`: one connection's explicit state and its transitions;
+- :mod:`.connection`: one connection's explicit state and its transitions, its deadlines;
+- :mod:`.exchange`: what the bytes of a connection mean: requests, answers, bodies;
 - :mod:`.upload` (I/O): joboutputs bodies stored atomically within the caps;
-- :mod:`.server` (I/O): sockets, the selectors loop, deadlines.
+- :mod:`.server` (I/O): sockets, the selectors loop, accepting, flushing, closing.
 """
 
 from vacfactory.vmio.http.routes import (METADATA_ADDRESS, MJF_ADDRESS, REDACTED, base_url, meta_data_document,
                                          shown)
-from vacfactory.vmio.http.server import MetadataServer, Timeouts
+from vacfactory.vmio.http.connection import Timeouts
+from vacfactory.vmio.http.server import MetadataServer
 from vacfactory.vmio.http.wire import HTTPError, Request, parse_head
 
 __all__ = ["METADATA_ADDRESS", "MJF_ADDRESS", "REDACTED", "base_url", "meta_data_document", "shown",

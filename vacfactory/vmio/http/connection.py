@@ -45,6 +45,21 @@ class ConnState(enum.Enum):
 READING, UPLOADING, DISCARDING = ConnState.READING, ConnState.UPLOADING, ConnState.DISCARDING
 CLOSING, LINGERING, CLOSED = ConnState.CLOSING, ConnState.LINGERING, ConnState.CLOSED
 
+#: stop reading from a client that does not read its responses
+OUT_HIGH_WATER = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-connection deadlines (seconds): why a slow or silent client cannot hold us."""
+
+    head: float = 10.0         # whole request head, from its first byte (slow loris)
+    idle: float = 30.0         # keep-alive connection with no request
+    body_idle: float = 20.0    # silence in the middle of a body
+    body_min_rate: float = 65536.0  # bytes/s a body must average (plus body_idle of slack)
+    write: float = 30.0        # client not reading its response
+
+
 #: the transitions the server may make; moving into the current state changes nothing
 TRANSITIONS: Dict[ConnState, FrozenSet[ConnState]] = {
     READING: frozenset({UPLOADING, DISCARDING, CLOSING, CLOSED}),

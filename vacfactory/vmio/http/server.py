@@ -2,58 +2,37 @@
 
 One thread runs a ``selectors`` loop over non-blocking sockets (the stdlib
 ThreadingHTTPServer measured far slower per core and needs a thread per idle keep-alive
-connection). Requests are parsed by :mod:`.wire`, answered by :mod:`.routes`, bodies stored
-by :mod:`.upload`; who may connect and whose request goes next is :mod:`.fairness`; each
-connection's state is explicit (:class:`~.connection.ConnState`). Every connection has
-deadlines (a slow-loris head gets 10 s in total), and one bad connection can only ever close
-itself.
+connection). What the bytes of a connection mean is :mod:`.exchange` (requests parsed by
+:mod:`.wire`, answered by :mod:`.routes`, bodies stored by :mod:`.upload`); who may connect
+and whose request goes next is :mod:`.fairness`; each connection's state is explicit
+(:class:`~.connection.ConnState`). Every connection has deadlines (a slow-loris head gets
+10 s in total), and one bad connection can only ever close itself.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from vacfactory.errors import ExportError
-from vacfactory.vmio import joboutputs as jo
-from vacfactory.vmio.http.connection import CLOSED, CLOSING, DISCARDING, LINGERING, READING, UPLOADING, Connection
-from vacfactory.vmio.http.fairness import RoundRobin, Shares, unidentified
-from vacfactory.vmio.http.routes import (METADATA_ADDRESS, MJF_ADDRESS, Router, UploadTarget, error_reply,
-                                         shown)
-from vacfactory.vmio.http.upload import InFlight, Upload, open_upload_file
-from vacfactory.vmio.http.wire import MAX_DISCARD, MAX_HEAD, HTTPError, Request, head_ready, parse_head, \
-    response_bytes
+from vacfactory.vmio.http.connection import CLOSED, CLOSING, LINGERING, OUT_HIGH_WATER, Connection, Timeouts
+from vacfactory.vmio.http.exchange import Exchange, PeerWarnings
+from vacfactory.vmio.http.fairness import RoundRobin, Shares
+from vacfactory.vmio.http.routes import METADATA_ADDRESS, MJF_ADDRESS, Router
+from vacfactory.vmio.http.wire import response_bytes
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMRegistry, normalise_address
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
-#: stop reading from a client that does not read its responses
-OUT_HIGH_WATER = 1024 * 1024
 #: how long a closed connection may go on sending before we stop draining it
 LINGER_SECONDS = 2.0
 SWEEP_SECONDS = 0.5
-#: at most one warning about one address in this many seconds
-WARN_EVERY_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Per-connection deadlines (seconds): why a slow or silent client cannot hold us."""
-
-    head: float = 10.0         # whole request head, from its first byte (slow loris)
-    idle: float = 30.0         # keep-alive connection with no request
-    body_idle: float = 20.0    # silence in the middle of a body
-    body_min_rate: float = 65536.0  # bytes/s a body must average (plus body_idle of slack)
-    write: float = 30.0        # client not reading its response
 
 
 class MetadataServer:
@@ -89,6 +68,8 @@ class MetadataServer:
         self.registry = registry
         self.limits = limits
         self.router = Router(registry, mjf_base_url, metadata_base_url)
+        self.warnings = PeerWarnings()
+        self.exchange = Exchange(self.router, limits, timeouts, self.warnings)
         self.shares = Shares(registry, max_connections, max_connections_per_vm,
                              max_unidentified_connections, max_connections_per_address)
         self.timeouts = timeouts
@@ -96,8 +77,6 @@ class MetadataServer:
         self._listeners: List[socket.socket] = []
         self._conns: Dict[int, Connection] = {}
         self._turns = RoundRobin()
-        self._in_flight = InFlight()
-        self._warned: Dict[str, float] = {}
         self._sel: Optional[selectors.BaseSelector] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -227,8 +206,8 @@ class MetadataServer:
         """One turn of the round-robin: one request of each owner that has one waiting."""
         for conn in self._turns.turn():
             try:
-                if self._has_work(conn):
-                    self._process(conn, time.monotonic())
+                if self.exchange.has_work(conn):
+                    self.exchange.process(conn, time.monotonic())
                 self._update(conn)
             except Exception:  # noqa: BLE001 - isolation boundary, as in _serve_event
                 log.exception("%s: internal error serving a connection; closed", conn.peer)
@@ -248,7 +227,7 @@ class MetadataServer:
             peer = normalise_address(addr[0])
             owner, vm = self.shares.owner_of(peer)
             if owner is None:
-                self._warn(peer, f"{peer}: connection from an unregistered address; closed")
+                self.warnings.warn(peer, f"{peer}: connection from an unregistered address; closed")
                 sock.close()
                 continue
             if self.shares.full(owner, len(self._conns)):
@@ -262,7 +241,7 @@ class MetadataServer:
             self._set_events(conn, selectors.EVENT_READ)
 
     def _refuse(self, sock: socket.socket, peer: str, who: str) -> None:
-        self._warn(peer, f"{who}: too many connections from {peer}; refused")
+        self.warnings.warn(peer, f"{who}: too many connections from {peer}; refused")
         try:
             sock.setblocking(False)
             sock.send(response_bytes(503, b"503 too many connections\n", keep_alive=False))
@@ -284,7 +263,7 @@ class MetadataServer:
 
     def _close(self, conn: Connection) -> None:
         if conn.upload is not None:
-            self._end_upload(conn)
+            self.exchange.end_upload(conn)
         if conn.state is CLOSED:
             return
         if self._sel is not None and conn.events:
@@ -337,15 +316,6 @@ class MetadataServer:
                 log.debug("%s: idle connection over the VM's share closed", conn.peer)
                 self._close(conn)
 
-    def _warn(self, peer: str, message: str) -> None:
-        """Warnings about a VM's requests, at most one per address every 10 s."""
-        now = time.monotonic()
-        if now - self._warned.get(peer, -1e9) >= WARN_EVERY_SECONDS:
-            if len(self._warned) > 4096:
-                self._warned.clear()
-            self._warned[peer] = now
-            log.warning("%s", message)
-
     # reading ---------------------------------------------------------------------------
 
     def _readable(self, conn: Connection) -> None:
@@ -355,211 +325,7 @@ class MetadataServer:
         if not data:
             self._close(conn)
             return
-        self._feed(conn, data)
-
-    def _feed(self, conn: Connection, data: bytes) -> None:
-        now = time.monotonic()
-        if conn.state is UPLOADING:
-            data = self._feed_upload(conn, data, now)
-        if conn.state is DISCARDING and data:
-            take = min(conn.discard, len(data))
-            conn.discard -= take
-            data = data[take:]
-            if not conn.discard:
-                conn.move(READING)
-        if data:
-            conn.inbuf += data
-            if conn.head_started is None and conn.state is READING:
-                # any byte starts the clock of a request head, even blank lines (slow loris)
-                self._start_head_clock(conn, now)
-
-    def _start_head_clock(self, conn: Connection, now: float) -> None:
-        conn.head_started = now
-        conn.deadline = now + self.timeouts.head
-
-    @staticmethod
-    def _has_work(conn: Connection) -> bool:
-        """A complete request head (or an oversized one) to handle, and nothing that must
-        happen first; a partial head waits for more bytes."""
-        return conn.state is READING and bool(conn.inbuf) and \
-            len(conn.out) <= OUT_HIGH_WATER and head_ready(conn.inbuf)
-
-    def _process(self, conn: Connection, now: float) -> None:
-        """Serve the first request in ``conn.inbuf``, if it is complete."""
-        # RFC 9112 2.2: ignore empty lines before a request line
-        while conn.inbuf[:2] == b"\r\n":
-            del conn.inbuf[:2]
-        end = conn.inbuf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(conn.inbuf) > MAX_HEAD:
-                self._send_error(conn, HTTPError(431, close=True))
-            elif conn.inbuf and conn.head_started is None:
-                self._start_head_clock(conn, now)  # the rest of a pipelined batch
-            return
-        head = bytes(conn.inbuf[:end])
-        del conn.inbuf[:end + 4]
-        conn.head_started = None
-        self._request(conn, head, now)
-        if conn.state is not READING:
-            return
-        if conn.inbuf:
-            # the next head of a pipelined batch: its clock starts now, as its turn may come
-            # late under load (that wait is ours, not the client's)
-            self._start_head_clock(conn, now)
-        else:
-            conn.deadline = now + self.timeouts.idle
-
-    def _request(self, conn: Connection, head: bytes, now: float) -> None:
-        try:
-            request = parse_head(head)
-        except HTTPError as e:
-            self._send_error(conn, e)
-            return
-        result, note = self.router.route(conn.peer, request)
-        if note:
-            self._warn(conn.peer, f"{conn.peer}: {request.method} {shown(request.path)}"
-                                  f" refused: {note}")
-        if isinstance(result, UploadTarget):
-            self._start_upload(conn, request, result, now)
-            return
-        body_pending = request.content_length or 0
-        keep_alive = request.keep_alive
-        if unidentified(conn.owner) and result.status == 403:
-            keep_alive = False  # an unregistered address gets one try per connection
-        if body_pending > MAX_DISCARD:
-            keep_alive = False
-        elif body_pending:
-            # drop what of the body already arrived with the head, then the rest as it comes
-            take = min(body_pending, len(conn.inbuf))
-            del conn.inbuf[:take]
-            conn.discard = body_pending - take
-            if conn.discard:
-                conn.deadline = now + self.timeouts.body_idle
-        conn.out += response_bytes(result.status, result.body, result.content_type, keep_alive,
-                                   head_only=request.method == "HEAD", extra=result.extra)
-        if not keep_alive:
-            conn.move(CLOSING)
-        elif conn.discard:
-            conn.move(DISCARDING)
-        if request.method == "GET" and result.status >= 400:
-            log.debug("%s: GET %s -> %d", conn.peer, shown(request.path), result.status)
-
-    def _send_error(self, conn: Connection, error: HTTPError, keep_alive: bool = False) -> None:
-        reply = error_reply(error.status, error.message)
-        conn.out += response_bytes(reply.status, reply.body, keep_alive=keep_alive,
-                                   extra=reply.extra)
-        if not keep_alive:
-            conn.move(CLOSING)
-            conn.inbuf.clear()
-
-    # uploads ---------------------------------------------------------------------------
-
-    def _start_upload(self, conn: Connection, request: Request, target: UploadTarget,
-                      now: float) -> None:
-        vm = target.vm
-        length = request.content_length
-        if length is None:
-            self._send_error(conn, HTTPError(411, "Content-Length required"))
-            return
-        limits = self.limits
-        if length > limits.max_file_bytes:
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} of {length} bytes"
-                                  f" refused: over max_file_bytes {limits.max_file_bytes}")
-            self._send_error(conn, HTTPError(413, f"over the per-file limit of "
-                                                  f"{limits.max_file_bytes} bytes"))
-            return
-        try:
-            dir_fd = jo.open_directory(vm.joboutputs_dir)
-        except OSError as e:
-            log.error("%s: joboutputs directory unusable: %s", vm.name, e.strerror)
-            self._send_error(conn, HTTPError(403, "joboutputs unavailable"))
-            return
-        try:
-            refusal = self._in_flight.refusal(vm, target.name, length, dir_fd, limits)
-            if refusal is not None:
-                os.close(dir_fd)
-                self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(target.name)} refused: {refusal}")
-                self._send_error(conn, HTTPError(413, refusal))
-                return
-            fd, temp = open_upload_file(dir_fd)
-        except OSError as e:
-            os.close(dir_fd)
-            log.error("%s: cannot start joboutputs/%s: %s", vm.name, shown(target.name), e.strerror)
-            self._send_error(conn, HTTPError(500, "cannot store the file"))
-            return
-        self._in_flight.reserve(vm.uuid, length)
-        conn.upload = Upload(target, length, dir_fd, fd, temp)
-        conn.upload_keep_alive = request.keep_alive
-        conn.move(UPLOADING)
-        conn.deadline = now + self.timeouts.body_idle
-        if request.expect_continue and length > 0:
-            conn.out += b"HTTP/1.1 100 Continue\r\n\r\n"
-        if length == 0:
-            self._finish_upload(conn)
-        elif conn.inbuf:
-            pending = bytes(conn.inbuf)
-            conn.inbuf.clear()
-            rest = self._feed_upload(conn, pending, now)
-            conn.inbuf += rest
-
-    def _feed_upload(self, conn: Connection, data: bytes, now: float) -> bytes:
-        upload = conn.upload
-        assert upload is not None
-        take = min(len(data), upload.length - upload.received)
-        try:
-            upload.write(data[:take])
-        except OSError as e:
-            status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-            log.error("%s: writing joboutputs/%s failed: %s", upload.target.vm.name,
-                      shown(upload.target.name), e.strerror)
-            self._end_upload(conn)
-            self._send_error(conn, HTTPError(status, "cannot store the file"))
-            return b""
-        if upload.received >= upload.length:
-            self._finish_upload(conn)
-        else:
-            allowed = upload.started + self.timeouts.body_idle + \
-                upload.length / self.timeouts.body_min_rate
-            conn.deadline = min(now + self.timeouts.body_idle, allowed)
-        return data[take:]
-
-    def _finish_upload(self, conn: Connection) -> None:
-        upload = conn.upload
-        assert upload is not None
-        vm, name = upload.target.vm, upload.target.name
-        try:
-            upload.commit()
-        except HTTPError as e:
-            self._end_upload(conn)
-            self._warn(conn.peer, f"{vm.name}: joboutputs/{shown(name)} refused: {e.message}")
-            self._send_error(conn, e, keep_alive=conn.upload_keep_alive)
-            return
-        except OSError as e:
-            self._end_upload(conn)
-            log.error("%s: storing joboutputs/%s failed: %s", vm.name, shown(name), e.strerror)
-            self._send_error(conn, HTTPError(403 if e.errno in (errno.EISDIR, errno.ENOTDIR)
-                                             else 500, "cannot store the file"),
-                             keep_alive=conn.upload_keep_alive)
-            return
-        size = upload.received
-        self._end_upload(conn)
-        # heartbeats and logs arrive all the time; only the final message is worth INFO
-        log.log(logging.INFO if name == jo.SHUTDOWN_MESSAGE else logging.DEBUG,
-                "%s: joboutputs/%s written (%d bytes)", vm.name, shown(name), size)
-        conn.out += response_bytes(201, b"201 Created\n", keep_alive=conn.upload_keep_alive)
-        if not conn.upload_keep_alive:
-            conn.move(CLOSING)
-
-    def _end_upload(self, conn: Connection) -> None:
-        upload = conn.upload
-        if upload is None:
-            return
-        conn.upload = None
-        upload.abandon()
-        upload.close()
-        self._in_flight.release(upload.target.vm.uuid, upload.length)
-        if conn.state is UPLOADING:
-            conn.move(READING)
+        self.exchange.feed(conn, data, time.monotonic())
 
     # writing ---------------------------------------------------------------------------
 
@@ -588,7 +354,7 @@ class MetadataServer:
             self._flush(conn)
             if not conn.state.live:
                 return
-        if self._has_work(conn):
+        if self.exchange.has_work(conn):
             self._turns.enqueue(conn)  # a request (or more) to serve when its owner's turn comes
         if conn.state is CLOSING and not conn.out:
             self._linger(conn)
