@@ -8,10 +8,11 @@ partial one, and a crash at any instant leaves at worst a stray ``.tmp-*`` file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 TEMP_PREFIX = ".tmp-"
 
@@ -24,7 +25,7 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, sync: bool = T
     """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-    try:
+    with removed_on_failure(tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if sync:
@@ -32,14 +33,27 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, sync: bool = T
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     if sync:
         fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def removed_on_failure(temp_path: str) -> Iterator[None]:
+    """Delete ``temp_path`` (a file being written) if the block fails, whatever the failure
+    (a signal too), and let the failure go on."""
+    try:
+        yield
+    except BaseException:
+        remove_if_present(temp_path)
+        raise
+
+
+def remove_if_present(path: str) -> None:
+    """Unlink ``path``; one that is already gone is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def atomic_write_text(path: str, text: str, mode: int = 0o644, sync: bool = True) -> None:
@@ -61,7 +75,9 @@ def write_new_file(path: str, data: bytes, mode: int = 0o644) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (large records, signals)
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
 

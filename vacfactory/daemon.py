@@ -39,10 +39,10 @@ from vacfactory.errors import HypervisorError, VacFactoryError
 from vacfactory.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
-from vacfactory.imagecache import ImageCache
+from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
 from vacfactory.metrics import MetricsServer, MetricsSnapshot
-from vacfactory.pipefetch import refresh_pipes
+from vacfactory.fetch.pipefetch import refresh_pipes
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.responder import ResolvedPeers, Responder
 from vacfactory.space.snapshot import FactorySnapshot
@@ -52,9 +52,9 @@ from vacfactory.state import kept
 from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
-from vacfactory.urlpolicy import UrlPolicy
+from vacfactory.fetch.urlpolicy import UrlPolicy
 from vacfactory.vmio import syslogd
-from vacfactory.vmio.httpserver import MetadataServer, base_url
+from vacfactory.vmio.http import MetadataServer, base_url
 from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.syslogd import (

@@ -37,7 +37,7 @@ from vacfactory.engine import naming, policies, rebalance
 from vacfactory.errors import AccountingError, HypervisorError, StateError, VacFactoryError
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.faults import checkpoint
-from vacfactory.imagecache import ImageNotReady
+from vacfactory.fetch.imagecache import ImageNotReady
 from vacfactory.logsetup import RepeatSummariser
 from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor

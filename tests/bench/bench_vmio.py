@@ -58,7 +58,7 @@ def server_process(base: str, conn, vms: int = 1) -> None:
         os.sched_setaffinity(0, {0})
     import logging
     logging.getLogger("vacfactory.vmio").setLevel(logging.ERROR)  # refusals are the point here
-    from vacfactory.vmio.httpserver import MetadataServer
+    from vacfactory.vmio.http import MetadataServer
     from vacfactory.vmio.registry import VMRegistry
 
     registry = VMRegistry()
@@ -165,7 +165,7 @@ def bench_victim_under_attack(base: str, seconds: float) -> Tuple[float, int, in
 
 
 def bench_put(base: str, rounds: int = 30) -> float:
-    from vacfactory.vmio.httpserver import MetadataServer
+    from vacfactory.vmio.http import MetadataServer
     from vacfactory.vmio.registry import VMRegistry
 
     registry = VMRegistry()

@@ -33,7 +33,7 @@ from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
-from vacfactory.imagecache import url_key
+from vacfactory.fetch.imagecache import url_key
 from vacfactory.state.machines import Machine, MachineStore
 
 pytestmark = pytest.mark.integration

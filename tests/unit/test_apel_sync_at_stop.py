@@ -11,7 +11,8 @@ from typing import Dict
 
 from tests.unit.engine_harness import HOST, Clock
 from vacfactory.engine import naming
-from tests.unit.test_apel_support import read_queue, wait_until
+from tests.unit.test_apel_support import read_queue
+from tests.waiting import wait_for
 from tests.unit.test_daemon_accounting import JOB_PAUSE, write_config
 from vacfactory.accounting import AccountingSettings
 from vacfactory.config.loader import ConfigSources
@@ -58,10 +59,10 @@ def test_the_last_sync_of_every_month_counts_every_job_record_sent(tmp_path):
     try:
         daemon.start()
         outgoing = AccountingSettings.from_config(daemon.factory.config).outgoing_dir
-        wait_until(lambda: last_sync_per_month(outgoing) == {"203003": 0}, 10, "the start-up sync")
+        wait_for(lambda: last_sync_per_month(outgoing) == {"203003": 0}, "the start-up sync", 10)
         run_vm(daemon, clock, 600)  # ends in March
         clock.now = APRIL_1_2030 + 3600
-        wait_until(lambda: len(last_sync_per_month(outgoing)) == 2, 10, "the daily sync after the month ended")
+        wait_for(lambda: len(last_sync_per_month(outgoing)) == 2, "the daily sync after the month ended", 10)
         run_vm(daemon, clock, 600)  # ends in April
         run_vm(daemon, clock, 900, destroy=False)  # ends unseen: the final flush at stop accounts it
         time.sleep(0.1)

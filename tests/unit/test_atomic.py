@@ -245,3 +245,27 @@ def test_fsync_directory_syncs_an_existing_directory_and_refuses_anything_else(t
         fsync_directory(str(tmp_path / "file"))
     with pytest.raises(FileNotFoundError):
         fsync_directory(str(tmp_path / "absent"))
+
+
+def test_a_temporary_file_is_removed_when_its_writing_fails_and_kept_when_it_succeeds(tmp_path):
+    failed, kept = tmp_path / ".tmp-failed", tmp_path / ".tmp-kept"
+    failed.write_bytes(b"half")
+    with pytest.raises(KeyboardInterrupt):  # a signal too, not only errors
+        with atomic.removed_on_failure(str(failed)):
+            raise KeyboardInterrupt
+    assert not failed.exists()
+    with pytest.raises(OSError):
+        with atomic.removed_on_failure(str(tmp_path / ".tmp-never-made")):  # nothing to remove: fine
+            raise OSError("disk full")
+    kept.write_bytes(b"whole")
+    with atomic.removed_on_failure(str(kept)):
+        pass
+    assert kept.read_bytes() == b"whole"
+
+
+def test_write_new_file_writes_a_body_larger_than_one_write(tmp_path):
+    path = str(tmp_path / "record")
+    body = os.urandom(3 << 20)  # every byte lands even where one os.write would take only part
+    write_new_file(path, body)
+    with open(path, "rb") as f:
+        assert f.read() == body

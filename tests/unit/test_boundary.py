@@ -25,7 +25,7 @@ from vacfactory.engine.boundary import VMBoundary, vm_meta
 from vacfactory.engine.rootkeys import MAX_KEY_FILE, key_file_problems, public_key_line_problem, read_public_keys
 from vacfactory.engine.vmbuild import VMBuilder
 from vacfactory.state.machines import Machine, MachineStore
-from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
+from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
 from tests.unit.engine_harness import HOST
 
 VM_ADDR = "127.0.0.2"

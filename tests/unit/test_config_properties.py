@@ -98,18 +98,18 @@ def test_line_scan_finds_every_section_and_option_configparser_finds(lines):
     """The loader's line numbers come from its own scan; it must agree with configparser."""
     import configparser
 
-    from vacfactory.config.loader import _DEFAULT_SECTION, _scan_lines
+    from vacfactory.config.sections import DEFAULT_SECTION, scan_lines
 
     text = "\n".join(lines)
     parser = configparser.RawConfigParser(strict=False, interpolation=None, empty_lines_in_values=False,
-                                          default_section=_DEFAULT_SECTION)
+                                          default_section=DEFAULT_SECTION)
     try:
         parser.read_string(text)
     except configparser.MissingSectionHeaderError:
         return
     except configparser.ParsingError:
         pass
-    headers, options = _scan_lines(text)
+    headers, options = scan_lines(text)
     assert set(headers) == set(parser.sections())
     assert set(options) == {(s, n) for s in parser.sections() for n, _ in parser.items(s, raw=True)}
 

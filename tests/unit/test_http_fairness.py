@@ -21,7 +21,7 @@ import pytest
 from tests.unit import http_attack
 from tests.unit.test_httpserver import make_vm, statuses
 from tests.waiting import poll, scaled
-from vacfactory.vmio.httpserver import MetadataServer
+from vacfactory.vmio.http import MetadataServer
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry, new_token
 
 VICTIM = "127.0.0.2"
@@ -82,7 +82,7 @@ def test_an_unregistered_address_is_closed_at_accept_even_with_a_valid_token(sit
         answer = b""
     s.close()
     assert answer == b""
-    assert site.server._per_owner == {}
+    assert site.server.shares.per_owner == {}
     vm = site.connect(VICTIM)
     vm.sendall(b"GET /machinefeatures/total_cpu HTTP/1.1\r\n\r\n")
     assert statuses(vm.recv(1000)) == [200]
@@ -94,7 +94,7 @@ def test_a_vm_gets_its_share_and_no_more_while_another_gets_all_of_its_own() -> 
     socks: List[socket.socket] = []
     try:
         socks = [site.connect("127.0.0.3") for _ in range(5)]
-        assert poll(lambda: site.server._per_owner.get("vm:vm-1") == 5)
+        assert poll(lambda: site.server.shares.per_owner.get("vm:vm-1") == 5)
         extra = site.connect("127.0.0.3")
         extra.settimeout(3)
         assert statuses(extra.recv(1000)) == [503]
@@ -140,10 +140,10 @@ def test_a_vm_over_a_share_that_shrank_loses_its_idle_connections() -> None:
     socks: List[socket.socket] = []
     try:
         socks = [site.connect(VICTIM) for _ in range(16)]
-        assert poll(lambda: site.server._per_owner.get("vm:vm-0") == 16)
+        assert poll(lambda: site.server.shares.per_owner.get("vm:vm-0") == 16)
         for i in range(1, 4):
             site.registry.add(endpoint(i))
-        assert poll(lambda: site.server._per_owner.get("vm:vm-0") == 10)
+        assert poll(lambda: site.server.shares.per_owner.get("vm:vm-0") == 10)
     finally:
         for s in socks:
             s.close()
@@ -157,7 +157,7 @@ def test_the_token_pool_is_apart_from_the_vms_shares() -> None:
     try:
         token = site.vms[0].endpoint.token
         socks = [site.connect(NOBODY) for _ in range(2)]
-        assert poll(lambda: site.server._unidentified == 2)
+        assert poll(lambda: site.server.shares.unidentified == 2)
         third = site.connect("127.0.0.21")
         third.settimeout(3)
         assert statuses(third.recv(1000)) == [503]  # the pool is full...

@@ -29,9 +29,9 @@ from vacfactory.engine.boundary import VMBoundary, nfs_meta, vm_meta
 from vacfactory.engine.vmbuild import VMBuilder, meta_data
 from vacfactory.state.machines import Machine, MachineStore
 from vacfactory.state.records import VMRecord
-from vacfactory.vmio import httpserver as hs
+from vacfactory.vmio import http as hs
 from vacfactory.vmio.exports import CommandResult, ExportfsExporter, GaneshaExporter, NullExporter
-from vacfactory.vmio.httpserver import MetadataServer, Timeouts, parse_head
+from vacfactory.vmio.http import MetadataServer, Timeouts, parse_head
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry, new_token
 
@@ -954,8 +954,8 @@ def test_the_config_drive_and_a_restarted_engine_give_the_same_nfs_keys(tmp_path
 
 def test_refused_and_logged_requests_never_show_a_token(env: Env, caplog) -> None:
     ta, tb = env.a.endpoint.token, env.b.endpoint.token
-    caplog.set_level("DEBUG", logger="vacfactory.vmio.httpserver")
-    env.server._warned.clear()
+    caplog.set_level("DEBUG", logger="vacfactory.vmio.http")
+    env.server.warnings.clear()
     attempts = [
         ("GET", f"/vm/{tb}/machinefeatures/total_cpu", A_ADDR, None),    # B's token from A
         ("PUT", f"/vm/{tb}/joboutputs/shutdown_message", A_ADDR, b"x"),
@@ -965,7 +965,7 @@ def test_refused_and_logged_requests_never_show_a_token(env: Env, caplog) -> Non
         ("PUT", f"/joboutputs/{tb}", A_ADDR, b"x" * 10),                  # as a file name
     ]
     for method, path, src, body in attempts:
-        env.server._warned.clear()
+        env.server.warnings.clear()
         request(env, method, path, src=src, body=body)
     text = caplog.text
     assert "refused" in text and hs.REDACTED in text  # the refusals were logged...

@@ -20,8 +20,8 @@ import pytest
 
 from tests.waiting import scaled, wait_for
 from vacfactory.errors import ImageError
-from vacfactory.imagecache import ImageCache, ImageNotReady, url_key
-from vacfactory.urlpolicy import UrlPolicy
+from vacfactory.fetch.imagecache import ImageCache, ImageNotReady, url_key
+from vacfactory.fetch.urlpolicy import UrlPolicy
 
 
 # --------------------------------------------------------------------------- the test server
@@ -283,7 +283,7 @@ def test_outage_with_a_cached_copy_uses_it_and_warns(http_server, cache_dir, cap
     cache = ImageCache(cache_dir, timeout=5)
     path = cache.get(url)
     http_server.stop()
-    with caplog.at_level(logging.WARNING, logger="vacfactory.imagecache"):
+    with caplog.at_level(logging.WARNING, logger="vacfactory.fetch.imagecache"):
         assert cache.get(url) == path
     assert any("using the cached copy" in r.getMessage() for r in caplog.records)
 
@@ -457,7 +457,7 @@ def test_background_revalidation_serves_the_cached_copy_meanwhile(http_server, c
 def test_background_failure_is_retried_only_after_retry_seconds(http_server, cache_dir, caplog):
     url = http_server.url("/missing.img")
     cache = ImageCache(cache_dir, timeout=10, background=True, retry_seconds=3600)
-    with caplog.at_level(logging.ERROR, logger="vacfactory.imagecache"):
+    with caplog.at_level(logging.ERROR, logger="vacfactory.fetch.imagecache"):
         with pytest.raises(ImageNotReady):
             cache.get(url)
         assert cache.wait_idle(scaled(10))

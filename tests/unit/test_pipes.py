@@ -21,7 +21,7 @@ from vacfactory.config import options as table
 from vacfactory.config import pipes
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher, load_config, pipe_cache_path, pipe_meta_path
-from vacfactory.pipefetch import RETRY_SECONDS, FetchSettings, read_meta, refresh_pipe, refresh_pipes
+from vacfactory.fetch.pipefetch import RETRY_SECONDS, FetchSettings, read_meta, refresh_pipe, refresh_pipes
 from tests.unit.test_imagecache import Route, ScriptedServer
 
 HOST = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384)

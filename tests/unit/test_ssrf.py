@@ -3,7 +3,7 @@ checked and pinned, downloads end at their deadline with nothing left running, a
 cannot fill or claim the disk (issue 13, items 1, 3a, 3b and 5).
 
 Every fetch here goes to a real server on loopback; the DNS step alone is played by
-replacing :func:`vacfactory.urlpolicy.getaddrinfo` (the rebinding test).
+replacing :func:`vacfactory.fetch.urlpolicy.getaddrinfo` (the rebinding test).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import pytest
 from tests.unit.test_imagecache import Route, ScriptedServer
 from tests.unit.test_pipes import _self_signed
 from tests.waiting import poll, scaled
-from vacfactory import urlpolicy
+from vacfactory.fetch import urlpolicy
 from vacfactory.config import pipes as pipelib
 from vacfactory.errors import HypervisorError, ImageError
 from vacfactory.hypervisor import disks
-from vacfactory.imagecache import ImageCache, ImageNotReady
-from vacfactory.pipefetch import FetchError, FetchSettings, fetch
-from vacfactory.safefetch import FetchRefused
-from vacfactory.urlpolicy import UrlPolicy, UrlRefused
+from vacfactory.fetch.imagecache import ImageCache, ImageNotReady
+from vacfactory.fetch.pipefetch import FetchError, FetchSettings, fetch
+from vacfactory.fetch.safefetch import FetchRefused
+from vacfactory.fetch.urlpolicy import UrlPolicy, UrlRefused
 
 PIPE = "pipe vo (https://vo.example.org/vo.pipe) machinetypes[0]"
 LOOPBACK_MIRROR = UrlPolicy.from_words(["127.0.0.1"])

@@ -463,3 +463,17 @@ def test_expire_does_not_follow_a_symlinked_syslog_directory(vms, tmp_path):
     os.symlink(str(elsewhere), os.path.join(vms[A_ADDR], "syslog"))
     assert expire([vms[A_ADDR], "/nonexistent/dir"], 1, time.time()).files_removed == 0
     assert victim.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# one address normalisation for the whole VM boundary (syslog and HTTP)
+
+
+def test_a_dual_stack_source_is_filed_under_the_ipv4_address_the_registry_knows(direct, vms):
+    from vacfactory.vmio.registry import normalise_address
+
+    assert normalise_address("::ffff:127.0.0.2") == "127.0.0.2"
+    assert normalise_address("fe80::1%eth0") == "fe80::1" and normalise_address("not an address") == "not an address"
+    r = direct()
+    assert r.handle(b"<13>hello from a dual-stack socket", "::ffff:" + A_ADDR, NOW) == "filed"
+    assert messages_of(vms[A_ADDR])[-1].endswith("hello from a dual-stack socket")

@@ -28,7 +28,7 @@ from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import MAX_TEMPLATE_BYTES, VMBuilder
 from vacfactory.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
-from vacfactory.imagecache import ImageCache
+from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import MachineStore
 from vacfactory.state.status import StatusFiles
 

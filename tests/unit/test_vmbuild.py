@@ -34,7 +34,7 @@ from vacfactory.engine.vmbuild import BuildError, VMBuilder
 from vacfactory.hypervisor.domainxml import domain_xml
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
-from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
+from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, MetadataServer, base_url
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, Optional
 
 from dirq.QueueSimple import QueueSimple
 
-from vacfactory.atomic import TEMP_PREFIX
+from vacfactory.atomic import TEMP_PREFIX, remove_if_present, write_new_file
 from vacfactory.errors import AccountingError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class OutgoingQueue:
                 self._stage(tmp, data, link_from)
             name = self._queue.add_path(tmp)
         except OSError as error:
-            _unlink_quietly(tmp)
+            remove_if_present(tmp)
             raise AccountingError(f"cannot queue into {self.path}: {error}") from error
         if not is_element_name(name):
             raise AccountingError(f"dirq produced {name!r}, which ssmsend would never send")
@@ -106,7 +106,7 @@ class OutgoingQueue:
             except OSError as error:
                 if error.errno not in _CANNOT_LINK:
                     raise
-        _write_new(tmp, data)
+        write_new_file(tmp, data)
 
     def names(self) -> Iterator[str]:
         """Element names, oldest first (dirq's own iteration)."""
@@ -145,7 +145,7 @@ class OutgoingQueue:
                 stale = [e.path for e in entries if e.name.startswith(TEMP_PREFIX)
                          and time.time() - e.stat().st_mtime > MAX_TEMP_SECONDS]
             for path in stale:
-                _unlink_quietly(path)
+                remove_if_present(path)
         except OSError as error:
             log.warning("%s: purge failed: %s", self.path, error)
 
@@ -183,23 +183,6 @@ def producer(path: str) -> OutgoingQueue:
         if queue is None:
             queue = _producers[path] = OutgoingQueue(path)
         return queue
-
-
-def _write_new(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _hex_dirs(path: str) -> Iterator[str]:

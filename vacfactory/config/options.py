@@ -1080,7 +1080,7 @@ def _rule_min_processors_fit(c: DefaultContext) -> Optional[str]:
 
 
 def _rule_internal_url_hosts(c: DefaultContext) -> Optional[str]:
-    from vacfactory.urlpolicy import parse_internal_hosts  # urlpolicy needs nothing from config
+    from vacfactory.fetch.urlpolicy import parse_internal_hosts  # urlpolicy needs nothing from config
 
     try:
         parse_internal_hosts(c.values["internal_url_hosts"])

@@ -18,7 +18,7 @@ so everything in it is hostile until proven otherwise:
   metacharacters), so ``root_image: "/cvmfs/x; cmd"`` is refused here, and in any case no
   value ever reaches a shell (every subprocess gets an argument list);
 - an http(s) URL must name a host and carry no credentials (``user:pw@``); which hosts it may
-  reach is decided when it is fetched (:mod:`vacfactory.urlpolicy`: public addresses only,
+  reach is decided when it is fetched (:mod:`vacfactory.fetch.urlpolicy`: public addresses only,
   unless the site lists an internal mirror), because that needs the site's allow-list and a
   name lookup. :func:`pipe_source` tells the fetcher that a value came from a pipe, and which;
 - a broken entry is skipped with a message naming ``pipe PREFIX (URL) machinetypes[N].OPTION``
@@ -28,7 +28,7 @@ Shares are split as Vac does: ``pipe target_share x entry target_share / sum of 
 target_shares`` (every entry with a valid share counts in the sum, so one broken entry never
 hands its share to the others).
 
-Fetching and caching live in :mod:`vacfactory.pipefetch`; merging with the site's own sections
+Fetching and caching live in :mod:`vacfactory.fetch.pipefetch`; merging with the site's own sections
 (which always win) in :mod:`vacfactory.config.loader`. This module does no I/O.
 """
 
@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from vacfactory.config import options as table
 from vacfactory.config.parsers import Boolean, Integer, ValueType, Words, quote
 from vacfactory.errors import VacFactoryError
-from vacfactory.urlpolicy import UrlRefused, check_url_form
+from vacfactory.fetch.urlpolicy import UrlRefused, check_url_form
 
 #: Vac 03.01's accepted options (``readConf``), plus our root_image_sha256 (safer, additive)
 WHITELIST = frozenset({
@@ -335,7 +335,7 @@ def _ignored_messages(where: str, entries: Tuple[Any, ...]) -> List[str]:
 def pipe_source(config: Any, machinetype: str, option: str) -> Optional[str]:
     """``pipe PREFIX (URL) machinetypes[N]`` if ``option`` of ``machinetype`` came from a
     vacuum pipe document (the site's own sections win and are not pipe values), else None.
-    Downloads of such values are checked by :mod:`vacfactory.urlpolicy`."""
+    Downloads of such values are checked by :mod:`vacfactory.fetch.urlpolicy`."""
     origins = getattr(config, "origins", {}).get(f"{table.MACHINETYPE} {machinetype}", {})
     origin = origins.get(option)
     return origin if isinstance(origin, str) and origin.startswith("pipe ") else None

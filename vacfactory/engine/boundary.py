@@ -25,7 +25,7 @@ from vacfactory.errors import ExportError, VacFactoryError
 from vacfactory.state.machines import Machine
 from vacfactory.vmio import joboutputs
 from vacfactory.vmio.exports import ExportfsExporter, ExportSpec, Exporter, GaneshaExporter, NullExporter
-from vacfactory.vmio.httpserver import METADATA_ADDRESS
+from vacfactory.vmio.http import METADATA_ADDRESS
 from vacfactory.vmio.jobfs import JobOutputsFS
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 from vacfactory.vmio.registry import VMEndpoint, VMRegistry

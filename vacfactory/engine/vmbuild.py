@@ -5,7 +5,7 @@
 - ``user_data``: the rendered contextualization (core.userdata), with an optional proxy.
   A template given as an http(s) URL (usual with Vac and vacuum pipes) comes from the image
   cache, like a root image by URL: the daemon's cache never makes the engine wait for the
-  network (see vacfactory.imagecache). The copy at hand is used while a due revalidation (a
+  network (see vacfactory.fetch.imagecache). The copy at hand is used while a due revalidation (a
   conditional GET at most every ``image_check_seconds``) runs in the background; a server that
   is down leaves the cached copy in use; with no copy yet the machinetype is not startable this
   round (``ImageNotReady``), which is not a failed creation. ``##user_data_url##`` is the URL.
@@ -39,10 +39,10 @@ from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor import disks
 from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
 from vacfactory.hypervisor.network import slot_ip, slot_mac, slot_port
-from vacfactory.imagecache import ImageCache
+from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
-from vacfactory.vmio.httpserver import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
+from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
 
 log = logging.getLogger(__name__)
 

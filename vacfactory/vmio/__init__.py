@@ -1,7 +1,7 @@
 """The boundary with the VMs: everything a VM reads or writes passes through here.
 
 - :mod:`.registry` — which VM is which: endpoints indexed by private address and by token.
-- :mod:`.httpserver` — MJF (``169.254.169.253``) and metadata (``169.254.169.254``) over
+- :mod:`.http` — MJF (``169.254.169.253``) and metadata (``169.254.169.254``) over
   HTTP/1.1, plus ``PUT /joboutputs/NAME``; one selectors thread, bounded everything.
 - :mod:`.joboutputs` — the VM's ``joboutputs`` directory read as hostile input
   (``read_shutdown_message``, ``heartbeat_mtime``, ``scan``, ``enforce_limits``).

@@ -26,6 +26,17 @@ _TOKEN = re.compile(r"[0-9a-f]{32,128}")
 _UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 
+def normalise_address(address: str) -> str:
+    """A source address as the registry knows it: ``::ffff:1.2.3.4`` (a dual-stack socket)
+    as ``1.2.3.4``, a scope (``%eth0``) dropped; text that is no address unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(ip)
+
+
 def new_token() -> str:
     """A fresh per-VM token: 128 random bits from the OS CSPRNG, as 32 lower-case hex digits."""
     return secrets.token_hex(TOKEN_BYTES)

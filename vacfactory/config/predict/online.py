@@ -124,7 +124,7 @@ def bind_problem(protocol: str, port: int) -> Optional[Tuple[int, str]]:
 def host_names(config: Any, locator: Locator, timeout: float = RESOLVE_TIMEOUT) -> List[Finding]:
     """Host names the daemon will look up: vacuum pipe servers, root_image and user_data
     servers, and the other factories of the space."""
-    from vacfactory.config.loader import pipe_cache_path
+    from vacfactory.config.pipeload import pipe_cache_path
 
     wanted: List[Tuple[str, str, str, str, str]] = []  # host, severity, section, option, consequence
     for prefix, pipe in config.vacuum_pipes.items():

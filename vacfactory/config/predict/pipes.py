@@ -15,7 +15,7 @@ from .findings import WARNING, Finding, Locator
 def pipes(config: Any, locator: Locator) -> List[Finding]:
     """The last fetch error of each pipe that still has a cached copy (without one, the loader
     already says the pipe defines nothing yet, and why)."""
-    from vacfactory.config.loader import pipe_cache_path, pipe_meta_path
+    from vacfactory.config.pipeload import pipe_cache_path, pipe_meta_path
 
     findings: List[Finding] = []
     state = config.settings.state_dir

@@ -3,7 +3,7 @@
 :func:`open_url` is the only way vacfactory downloads pipes, root images and user_data
 templates:
 
-- the URL and every redirect go through :class:`vacfactory.urlpolicy.UrlPolicy`, which
+- the URL and every redirect go through :class:`vacfactory.fetch.urlpolicy.UrlPolicy`, which
   resolves the host once; the connection is made to exactly the approved address (the
   request still carries the name in ``Host`` and in TLS SNI, and the certificate is checked
   against the name), so DNS rebinding cannot swap the address between check and connect;
@@ -33,7 +33,7 @@ from typing import Dict, Iterator, Mapping, Optional
 
 from vacfactory import __version__
 from vacfactory.errors import VacFactoryError
-from vacfactory.urlpolicy import HostNotFound, Target, UrlPolicy, UrlRefused
+from vacfactory.fetch.urlpolicy import HostNotFound, Target, UrlPolicy, UrlRefused
 
 #: the grid's CA directory, used when no CA path is configured and it exists (as Vac did)
 GRID_CA_PATH = "/etc/grid-security/certificates"

@@ -2,7 +2,8 @@
 
 ``refresh_pipes(config, state_dir, now)`` looks at every ``[vacuum_pipe PREFIX]``, and for each
 one whose cache is older than the document's ``cache_seconds`` downloads the document (a
-conditional GET with the ETag and Last-Modified of the last download), validates it with
+conditional GET with the ETag and Last-Modified of the last download,
+:mod:`vacfactory.fetch.conditional`), validates it with
 :mod:`vacfactory.config.pipes`, and replaces ``<state_dir>/pipescache/<prefix>.pipe``
 atomically. The configuration loader expands pipes from that cache only, and the config
 watcher notices the new file, so `vacfactory config check`, the CLI and the daemon always
@@ -29,9 +30,10 @@ from typing import Any, Dict, List, Optional
 
 from vacfactory.atomic import atomic_write_bytes, atomic_write_json
 from vacfactory.config import pipes as pipelib
-from vacfactory.config.loader import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
-from vacfactory.safefetch import FetchError, open_url
-from vacfactory.urlpolicy import UrlPolicy
+from vacfactory.config.pipeload import PIPE_CACHE_SUFFIX, PIPE_META_SUFFIX, pipe_cache_path, pipe_meta_path
+from vacfactory.fetch.conditional import Validators, conditional_get
+from vacfactory.fetch.safefetch import FetchError
+from vacfactory.fetch.urlpolicy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -66,37 +68,29 @@ class Fetched:
     """The result of one conditional GET: ``body`` None means 304 Not Modified."""
 
     body: Optional[bytes]
-    etag: Optional[str] = None
-    last_modified: Optional[str] = None
+    validators: Validators = Validators()
 
 
-def fetch(url: str, settings: FetchSettings, etag: Optional[str] = None,
-          last_modified: Optional[str] = None) -> Fetched:
+def fetch(url: str, settings: FetchSettings, held: Optional[Validators] = None) -> Fetched:
     """GET ``url`` within ``settings.timeout`` seconds in total (headers included) and
-    ``max_bytes`` of body, in the caller's thread: :mod:`vacfactory.safefetch` bounds every
-    socket call by the time left, so nothing is left running after the deadline.
+    ``max_bytes`` of body, in the caller's thread: :mod:`vacfactory.fetch.safefetch` bounds every
+    socket call by the time left, so nothing is left running after the deadline. With
+    ``held`` (the validators of the cached copy) the GET is conditional.
 
     ``file://`` URLs (allowed for vacuum_pipe_url) are read from the local disk. The pipe's
     URL is the admin's (its host is trusted); every redirect must pass ``settings.policy``.
     """
     if url.lower().startswith("file://"):
         return _fetch_file(url, settings.max_bytes)
-    headers = {}
-    if etag:
-        headers["If-None-Match"] = etag
-    if last_modified:
-        headers["If-Modified-Since"] = last_modified
-    with open_url(url, settings.policy, settings.timeout, settings.ca_path, headers, checked=False) as response:
-        if response.status == 304:
-            return Fetched(None, etag, last_modified)
-        if response.status != 200:
-            raise FetchError(f"HTTP {response.status} {response.reason or ''}".strip())
+    with conditional_get(url, held, settings.policy, settings.timeout, settings.ca_path, checked=False) as response:
+        if response is None:
+            return Fetched(None, held or Validators())
         body = bytearray()
         for chunk in response.iter_body(_CHUNK):
             body += chunk
             if len(body) > settings.max_bytes:
                 raise FetchError(f"more than {settings.max_bytes} bytes")
-        return Fetched(bytes(body), response.header("ETag"), response.header("Last-Modified"))
+        return Fetched(bytes(body), Validators.of(response))
 
 
 def _fetch_file(url: str, max_bytes: int) -> Fetched:
@@ -165,8 +159,7 @@ def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float
     os.makedirs(os.path.dirname(cache), mode=0o755, exist_ok=True)
     same_url = cache_exists and meta.get("url") == url
     try:
-        fetched = fetch(url, settings, meta.get("etag") if same_url else None,
-                        meta.get("last_modified") if same_url else None)
+        fetched = fetch(url, settings, Validators(meta.get("etag"), meta.get("last_modified")) if same_url else None)
     except FetchError as error:
         return [_failed(meta_path, meta, now, where, f"cannot fetch: {error}", cache_exists)]
     if fetched.body is None:
@@ -189,7 +182,7 @@ def refresh_pipe(state_dir: str, prefix: str, url: str, share: float, now: float
         log.info("%s: cached %d machinetypes (%s)", where, expansion.entry_count,
                  ", ".join(m.name for m in expansion.machinetypes) or "none")
     meta = {"url": url, "fetched": now, "attempted": now, "error": None, "cache_seconds": document.cache_seconds,
-            "etag": fetched.etag, "last_modified": fetched.last_modified}
+            "etag": fetched.validators.etag, "last_modified": fetched.validators.last_modified}
     atomic_write_json(meta_path, meta)
     return list(expansion.problems)
 

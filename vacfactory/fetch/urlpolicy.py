@@ -10,7 +10,7 @@ itself. A site-internal mirror is allowed by listing it in ``internal_url_hosts`
 name (that name, whatever it resolves to) or an address or CIDR network (any name that
 resolves into it). Credentials in a URL (``user:pw@host``) are refused from pipes.
 
-The check returns the addresses it approved; the fetcher (:mod:`vacfactory.safefetch`)
+The check returns the addresses it approved; the fetcher (:mod:`vacfactory.fetch.safefetch`)
 connects to exactly those, so a name that resolves differently a moment later (DNS
 rebinding) cannot swap in an internal address. URLs the admin writes in a configuration file
 are trusted for their first host (the admin's choice), but every redirect, from any URL, is

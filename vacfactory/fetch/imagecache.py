@@ -5,10 +5,9 @@ shared read-only by all VMs.
 verified image. For a local path it only verifies (existence, and the sha256 if given). For
 a URL it keeps a cached copy under ``<state_dir>/imagecache/`` and:
 
-- revalidates it with a conditional GET (``If-None-Match`` with the stored ETag,
-  ``If-Modified-Since`` with the stored Last-Modified; Vac required Last-Modified and sent
-  only the file's mtime), at most every ``check_seconds``; a 304 reuses the cache;
-- fetches through :func:`vacfactory.safefetch.open_url`: one deadline of ``timeout`` seconds
+- revalidates it with a conditional GET (:mod:`vacfactory.fetch.conditional`: the stored
+  ETag and Last-Modified), at most every ``check_seconds``; a 304 reuses the cache;
+- fetches through :func:`vacfactory.fetch.safefetch.open_url`: one deadline of ``timeout`` seconds
   over the whole download (headers included), redirects checked by ``policy`` and never
   https -> http; a URL a vacuum pipe gave (``get(..., pipe=...)``) is itself checked by
   ``policy`` (public hosts only, unless the site lists a mirror) and cached apart from the same
@@ -58,10 +57,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from vacfactory.atomic import TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries
+from vacfactory.atomic import (TEMP_PREFIX, atomic_write_json, fsync_directory, remove_stale_temporaries,
+                               removed_on_failure)
 from vacfactory.errors import ImageError, VacFactoryError, shorten
-from vacfactory.safefetch import FetchError, FetchRefused, Response, open_url
-from vacfactory.urlpolicy import UrlPolicy
+from vacfactory.fetch.conditional import Validators, conditional_get
+from vacfactory.fetch.safefetch import FetchError, FetchRefused, Response
+from vacfactory.fetch.urlpolicy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,7 @@ class _Download:
     path: str
     size: int
     sha256: str
-    etag: Optional[str]
-    last_modified: Optional[str]
+    validators: Validators
 
 
 class _Failure(Exception):
@@ -214,7 +214,7 @@ class ImageCache:
         ``max_bytes`` (small files such as user_data templates) refuses a larger download;
         with no usable copy that is an :class:`ImageError`, not :class:`ImageNotReady`,
         because waiting does not fix a wrong file. ``pipe`` names the vacuum pipe entry that
-        gave a URL: it is then fetched under :attr:`policy` (see :mod:`vacfactory.urlpolicy`),
+        gave a URL: it is then fetched under :attr:`policy` (see :mod:`vacfactory.fetch.urlpolicy`),
         and a refusal is an ImageError naming that entry.
         """
         if sha256 is not None:
@@ -293,8 +293,7 @@ class ImageCache:
         """The usable cached copy (revalidated in the background when due), else ImageNotReady."""
         now = self.clock()
         with self._lock:
-            entry = self._read_entry(source)
-            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+            usable = self._usable_entry(source, sha256)
             if usable is not None and now - usable.checked < self.check_seconds:
                 return self._path(usable.file)
             started = self._fetch_later(source, sha256, max_bytes)
@@ -393,6 +392,13 @@ class ImageCache:
             return None
         return entry if _VERSION.match(entry.file) else None
 
+    def _usable_entry(self, source: _Source, sha256: Optional[str]) -> Optional[_Entry]:
+        return self._usable(self._read_entry(source), sha256)
+
+    def _usable(self, entry: Optional[_Entry], sha256: Optional[str]) -> Optional[_Entry]:
+        """``entry`` if its file is in place and it is the content asked for (any, or ``sha256``)."""
+        return entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+
     def _valid(self, entry: _Entry) -> bool:
         """The cached file is there and has the recorded size (cheap; not re-hashed)."""
         try:
@@ -405,7 +411,7 @@ class ImageCache:
         now = self.clock()
         with self._lock:
             entry = self._read_entry(source)
-            usable = entry if entry is not None and self._valid(entry) and sha256 in (None, entry.sha256) else None
+            usable = self._usable(entry, sha256)
         if usable is not None and now - usable.checked < self.check_seconds:
             return _Result(self._path(usable.file))  # a concurrent caller has just refreshed it
         with self._lock:
@@ -448,7 +454,8 @@ class ImageCache:
                 log.info("%s: cached as %s (%d bytes, sha256 %s)", source, self._path(name), download.size,
                          download.sha256)
             self._write_entry(source, _Entry(url=source.url, file=name, size=download.size, sha256=download.sha256,
-                                             etag=download.etag, last_modified=download.last_modified, checked=now,
+                                             etag=download.validators.etag,
+                                             last_modified=download.validators.last_modified, checked=now,
                                              policy=source.checked))
         return self._path(name)
 
@@ -467,19 +474,12 @@ class ImageCache:
                   max_bytes: int) -> Optional[_Download]:
         """GET the source (conditionally if ``cached``) into a temp file; None on 304."""
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        headers = {}
-        if cached is not None:
-            if cached.etag:
-                headers["If-None-Match"] = cached.etag
-            if cached.last_modified:
-                headers["If-Modified-Since"] = cached.last_modified
+        held = Validators(cached.etag, cached.last_modified) if cached is not None else None
         try:
-            with open_url(source.url, self.policy, self.timeout, self.ca_path, headers,
-                          checked=source.checked) as response:
-                if response.status == 304 and cached is not None:
+            with conditional_get(source.url, held, self.policy, self.timeout, self.ca_path,
+                                 checked=source.checked) as response:
+                if response is None:
                     return None
-                if response.status != 200:
-                    raise _Failure(f"HTTP {response.status} {response.reason or ''}".strip())
                 return self._receive(source, response, sha256, max_bytes)
         except FetchRefused as error:
             raise _Permanent(f"refused: {error}") from None
@@ -498,7 +498,7 @@ class ImageCache:
                 raise _Failure(f"an image of {expected} bytes does not fit: "
                                + self._no_room("before downloading"))
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{source.key}-", dir=self.directory)
-        try:
+        with removed_on_failure(tmp):
             digest = hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as f:
@@ -520,13 +520,7 @@ class ImageCache:
             got = digest.hexdigest()
             if sha256 is not None and got != sha256:
                 raise _Failure(f"sha256 of the download is {got}, not the configured {sha256}")
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return _Download(tmp, size, got, response.header("ETag"), response.header("Last-Modified"))
+        return _Download(tmp, size, got, Validators.of(response))
 
     def _no_room(self, what: str) -> str:
         return (f"stopped {what}: {self.directory} would have less than the {self.reserve_bytes >> 20} MiB "
