@@ -228,6 +228,10 @@ _Key = Tuple[str, Optional[str]]
 # --------------------------------------------------------------------------- reading one file
 
 
+def _first_line(lines: Optional[List[int]]) -> Optional[int]:
+    return lines[0] if lines else None
+
+
 def _scan_lines(text: str) -> Tuple[Dict[str, List[int]], Dict[Tuple[str, str], List[int]]]:
     """Line numbers of section headers and options, following configparser's rules.
 
@@ -310,7 +314,7 @@ def _parse_text(text: str, source: str, override: bool, problems: _Problems) -> 
     header_lines, option_lines = _scan_lines(text)
     sections: List[_Section] = []
     for header in parser.sections():
-        hwhere = _Where(source, (header_lines.get(header) or [None])[0])
+        hwhere = _Where(source, _first_line(header_lines.get(header)))
         key = _classify_header(header, hwhere, problems)
         if key is None:
             continue
@@ -318,7 +322,7 @@ def _parse_text(text: str, source: str, override: bool, problems: _Problems) -> 
         for optname, raw in parser.items(header, raw=True):
             if not optname:
                 continue  # "= value": already reported as a parse error
-            linenos = option_lines.get((header, optname)) or [None]
+            linenos: List[Optional[int]] = [*option_lines.get((header, optname), [])] or [None]
             owhere = _Where(source, linenos[-1])
             if len(linenos) > 1:
                 problems.error(f"given twice in this section (first at line {linenos[0]})",
@@ -773,7 +777,8 @@ def _build(merged: Dict[_Key, _Section], host: HostFacts, problems: _Problems, f
     problems.sort([st.path for st in stamps] or [fallback.source or ""])
     if problems.errors:
         return None
-    settings = Settings(**s.values, **{k: frozen_mapping(v) for k, v in settings_families.items()})
+    families: Dict[str, Any] = {k: frozen_mapping(v) for k, v in settings_families.items()}
+    settings = Settings(**s.values, **families)
     return Config(
         settings=settings,
         machinetypes=frozen_mapping(machinetypes),
@@ -799,7 +804,7 @@ def _make_machinetype(name: str, m: _Evaluated, settings_families: Dict[str, Dic
     for row in table.options_of(table.MACHINETYPE):
         if row.relative_to_files:
             values[row.name] = _resolve_files(base, values.get(row.name))
-    families: Dict[str, Mapping[str, Any]] = {}
+    families: Dict[str, Any] = {}
     for family in table.families_of(table.MACHINETYPE):
         combined = dict(settings_families.get(family.attribute, {}))
         combined.update(m.families.get(family.attribute, {}))
@@ -1015,6 +1020,7 @@ def _make_pipe(section: _Section, host: HostFacts, settings: Mapping[str, Any],
         raw[name] = entry.raw
     if problems.errors:
         return None, origins
+    assert section.name is not None  # a [vacuum_pipe] header always names its prefix
     return VacuumPipe(prefix=section.name, options=frozen_mapping(raw), **evaluated.values), origins
 
 

@@ -194,7 +194,8 @@ def json_to_text(value: Any, vtype: ValueType) -> str:
         if not all(isinstance(item, str) and item and item.split() == [item] for item in value):
             raise ValueError("must be a list of words (strings without spaces)")
         return " ".join(value)
-    kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    kinds: Dict[type, str] = {dict: "an object", list: "a list"}
+    kind = kinds.get(type(value), type(value).__name__)
     raise ValueError(f"must be a {vtype.name}, not {kind}")
 
 
