@@ -40,6 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import Boolean, Integer, ValueType, Words, quote
 from vacfactory.errors import VacFactoryError
@@ -333,7 +334,7 @@ def _ignored_messages(where: str, entries: Tuple[Any, ...]) -> List[str]:
             for option, index in ignored.items()]
 
 
-def pipe_source(config: Any, machinetype: str, option: str) -> Optional[str]:
+def pipe_source(config: Config, machinetype: str, option: str) -> Optional[str]:
     """``pipe PREFIX (URL) machinetypes[N]`` if ``option`` of ``machinetype`` came from a
     vacuum pipe document (the site's own sections win and are not pipe values), else None.
     Downloads of such values are checked by :mod:`vacfactory.urlpolicy`."""
