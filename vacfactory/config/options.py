@@ -840,6 +840,10 @@ VAC_SYNTAX: Tuple[VacDifference, ...] = (
                   "fix the line"),
     VacDifference("text that is not UTF-8", "read as Latin-1, with a warning (Vac is Python 2 and reads "
                   "bytes)", "an error", "UTF-8 text"),
+    VacDifference("root_device = sde, or root_device = scratch_device in a vm-raw machinetype",
+                  "an error naming the option (Vac 03.01 loads any a-z 0-9 name, and libvirt then refuses "
+                  "every VM of the machinetype: the IDE bus has four places, hdX/sdX share them)", "the same",
+                  "vdX or xvdX (virtio), or hda to hdd, sda to sdd (IDE), one disk each"),
 )
 
 
