@@ -114,3 +114,21 @@ def test_the_longest_factory_name_gives_valid_vm_names():
     assert values.check_factory_name(name) == name and len(name) == 124
     values.check_domain_name(name.replace(".", "-251.", 1))
     values.check_hostname(name.replace(".", "-251.", 1))
+
+
+@pytest.mark.parametrize("root_device, scratch_device", [("xvda", "xvdb"), ("vdaa", "sdb"), ("hda", "hdd")])
+def test_libvirt_takes_the_domain_the_engine_builds_with_these_devices(tmp_path, root_device, scratch_device):
+    """End to end: the loader, the engine's builder (real qcow2 disks) and libvirt's test driver."""
+    import subprocess
+
+    from tests.unit.test_vmbuild import Site, accepted_by_libvirt, build
+
+    site = Site(str(tmp_path))
+    base = site.write("base.img", b"")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "1M"], check=True)
+    config = site.configure("disk_gb_per_processor = 1\n", f"root_image = base.img\nroot_device = {root_device}\n"
+                            f"scratch_device = {scratch_device}\n", kernel=False)
+    _, spec = build(site, config, processors=1)
+    assert [(d.target_dev, d.bus) for d in spec.disks] == [
+        (root_device, values.disk_bus(root_device)), (scratch_device, values.disk_bus(scratch_device))]
+    assert accepted_by_libvirt(spec)
