@@ -58,6 +58,14 @@ class ConfigErrors(ConfigError):
         return "\n".join(str(e) for e in self.errors)
 
 
+class InvalidValue(VacFactoryError, ValueError):
+    """A value broke one of the rules of ``core/values.py`` (a device, name, path, address).
+
+    Also a ValueError, so that a parser's caller that reports ValueErrors with the file and
+    line (the configuration loader) reports these the same way.
+    """
+
+
 class StateError(VacFactoryError):
     """A machine directory or other state file is missing, unreadable or inconsistent."""
 

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from vacfactory.config.model import Config
 from vacfactory.errors import VacFactoryError
 
 from vacfactory.accounting.health import undrained_note
@@ -66,7 +67,7 @@ class CheckSettings:
     shutdown_time: Optional[float] = None
 
     @classmethod
-    def from_config(cls, config: Any, max_age: float = DEFAULT_MAX_AGE) -> "CheckSettings":
+    def from_config(cls, config: Config, max_age: float = DEFAULT_MAX_AGE) -> "CheckSettings":
         s = config.settings
         return cls(
             state_dir=s.state_dir, libvirt_uri=s.libvirt_uri, total_processors=s.total_processors,

@@ -43,7 +43,7 @@ def test_markdown_has_one_heading_per_option_row():
 def test_markdown_shows_defaults_types_and_vac_flag():
     text = docs.markdown()
     assert "### `total_processors`\n\ntype: integer; default: this host's processor count (/proc/cpuinfo); " \
-           "values: &gt;= 1; deprecated names: cpu_total; Vac: yes" in text
+           "values: 1 to 252; deprecated names: cpu_total; Vac: yes" in text
     assert "### `libvirt_uri`\n\ntype: string; default: qemu:///system; Vac: no (vacfactory only)" in text
 
 

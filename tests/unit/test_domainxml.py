@@ -303,7 +303,7 @@ def test_an_interface_address_must_be_ipv4():
 
     from vacfactory.hypervisor.base import InterfaceSpec
 
-    with pytest.raises(ValueError, match="bad IPv4"):
+    with pytest.raises(ValueError, match="not an IPv4 address"):
         InterfaceSpec(network="vacfactory", mac="56:4d:a9:fe:a9:04", ip="169.254.169.4; reboot")
 
 

@@ -91,7 +91,7 @@ def test_malicious_root_image_is_refused_and_the_rest_of_the_pipe_works():
     ("heartbeat_file", "a/b", "must be a plain file name"),
     ("cvmfs_repositories", {"a": 1}, "must be a list, not an object"),
     ("cvmfs_repositories", ["a b"], "must be a list of words"),
-    ("root_device", "vda;", "may contain only a-z and 0-9"),
+    ("root_device", "vda;", "must be a guest disk device"),
     ("root_image_sha256", "12ab", "must be 64 hexadecimal digits"),
     ("accounting_fqan", None, "must not be null"),
     ("user_data_option_x", "line\x00", "must not contain control characters"),

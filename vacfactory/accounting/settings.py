@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from vacfactory.config.model import Config
 from vacfactory.core.apel import (
     DEFAULT_INFRASTRUCTURE_DESCRIPTION,
     DEFAULT_INFRASTRUCTURE_TYPE,
@@ -124,7 +125,7 @@ class AccountingSettings:
         return os.path.join(parent, "apel-cloud-outgoing")
 
     @classmethod
-    def from_config(cls, config: Any) -> "AccountingSettings":
+    def from_config(cls, config: Config) -> "AccountingSettings":
         """Map the configuration's ``[settings]`` options onto accounting.
 
         Site is ``gocdb_sitename``, else Vac's placeholder (the space minus its first label).

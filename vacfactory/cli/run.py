@@ -23,6 +23,7 @@ import sys
 import tempfile
 from typing import Optional, Tuple
 
+from vacfactory.config.model import Settings
 from vacfactory.cli.common import (
     EXIT_CANTCREAT,
     EXIT_CONFIG,
@@ -71,7 +72,7 @@ def _sources(args: argparse.Namespace):
     return config_sources(args)
 
 
-def log_destination(args: argparse.Namespace, settings, detached: bool) -> Tuple[str, Optional[str]]:
+def log_destination(args: argparse.Namespace, settings: Settings, detached: bool) -> Tuple[str, Optional[str]]:
     """(log_to, log file): --log-file wins, then the log_to option; a detached daemon has no
     stderr, so log_to = stderr means its log_file there."""
     if args.log_file:

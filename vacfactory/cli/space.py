@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
+from vacfactory.config.model import Config
 from vacfactory.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -140,7 +141,7 @@ class SpaceSettings:
     local_name: str
 
 
-def space_settings(args: argparse.Namespace, config: Any) -> SpaceSettings:
+def space_settings(args: argparse.Namespace, config: Config) -> SpaceSettings:
     """Map the configuration and the command line onto :class:`SpaceSettings`."""
     settings = config.settings
     factories = list(getattr(args, "factories", None) or getattr(settings, "factories", None)
@@ -168,7 +169,7 @@ _NOUN = {QueryType.MACHINES: "machines", QueryType.MACHINETYPES: "machinetypes",
          QueryType.FACTORY: "factory status"}
 
 
-def _run(args: argparse.Namespace, config: Any, query_type: QueryType,
+def _run(args: argparse.Namespace, config: Config, query_type: QueryType,
          line: Callable[[Reply, float], str],
          select: Callable[[List[Reply]], List[Reply]] = lambda replies: replies) -> int:
     try:
@@ -259,7 +260,7 @@ def no_answer_hints(result: SpaceReplies, silent: Sequence[str],
     return hints
 
 
-def network_machines(args: argparse.Namespace, config: Any) -> int:
+def network_machines(args: argparse.Namespace, config: Config) -> int:
     """``vacfactory machines -a|FACTORY...``: Vac's ``vac machines`` over the network (every
     factory in ``factories`` unless some are named)."""
     return _run(args, config, QueryType.MACHINES, machine_line)

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
+from vacfactory.config.model import Config
 from vacfactory.cli.common import EXIT_OK, CommandError, EXIT_NOINPUT, add_json_argument, load_config, print_json
 
 #: status.json older than this (seconds) is reported as stale: the daemon stopped or hangs
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def gather(config: Any, now: float) -> Dict[str, Any]:
+def gather(config: Config, now: float) -> Dict[str, Any]:
     """Everything ``status`` shows, as plain values (also the --json output)."""
     from vacfactory.accounting.outgoing import backlog_of
     from vacfactory.monitoring import APEL_QUEUES

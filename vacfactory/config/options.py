@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.parsers import (
-    FQDN_PATTERN,
     TRUE_WORDS,
     HOSTNAME_PATTERN,
     Boolean,
@@ -33,7 +32,7 @@ from vacfactory.config.parsers import (
     ValueType,
     Words,
 )
-from vacfactory.core import apel, mjf
+from vacfactory.core import apel, mjf, values
 
 SETTINGS = "settings"
 MACHINETYPE = "machinetype"
@@ -265,12 +264,8 @@ _BYTES = Integer(name="bytes", min=1)
 _SECONDS = Integer(name="seconds", min=0)
 _NAME = Text()
 _PATH = Path()
-_INTERFACE = Text(
-    name="interface name",
-    pattern=r"[A-Za-z0-9_.-]{1,15}",
-    pattern_doc="must be a Linux interface name: 1 to 15 of A-Z a-z 0-9 _ . -",
-)
-_DEVICE = Text(name="device name", pattern=r"[a-z0-9]+", pattern_doc="may contain only a-z and 0-9")
+_INTERFACE = Text(name="interface name", check=values.check_interface_name, pattern_doc=values.INTERFACE_NAME_DOC)
+_DEVICE = Text(name="device name", check=values.check_guest_disk_device, pattern_doc=values.GUEST_DISK_DEVICE_DOC)
 _FILE_NAME = Text(
     name="file name",
     pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
@@ -293,8 +288,8 @@ OPTIONS: Tuple[Option, ...] = (
            required=True,
            doc="Name of the Vac space this factory belongs to, a DNS-like name such as "
                "vac01.example.com. Factories answer VacQuery requests only for their own space."),
-    Option("factory_name", S, Text(name="host name", pattern=FQDN_PATTERN,
-                                   pattern_doc="must be a fully qualified domain name (contain a dot)"),
+    Option("factory_name", S, Text(name="host name", check=values.check_factory_name,
+                                   pattern_doc=values.FACTORY_NAME_DOC),
            default=Computed("this host's name (os.uname().nodename)", lambda c: c.host.fqdn), vac=False,
            doc="Name of this factory in the space: VM names (<short>-NN.<domain>), the APEL "
                "SubmitHost (<space>/vacfactory-<name>), the factory field of VacQuery replies (peers "
@@ -334,11 +329,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("cpu_mode", S, Choice(choices=("host-passthrough", "host-model", "none")),
            default="host-passthrough", vac=False,
            doc="CPU model given to VMs; 'none' leaves it to libvirt (use it with domain_type = qemu)."),
-    Option("total_processors", S, _POSITIVE_INT, aliases=("cpu_total",),
+    Option("total_processors", S, Integer(min=1, max=values.VM_SLOTS), aliases=("cpu_total",),
            default=Computed("this host's processor count (/proc/cpuinfo)", lambda c: c.host.cpu_count),
            doc="Processors this factory may give to VMs. More than the host has is an error, "
                "except with domain_type = test.",
-           vac_parse=Integer(min=0).parse,
+           vac_parse=Integer(min=0, max=values.VM_SLOTS).parse,
            vac_reading="0 is accepted and gives VMs no processors, so no VM starts (here the least is 1; "
                        "write draining = yes to stop starting VMs)",
            vac_write="draining = yes to start no VMs; total_processors is at least 1"),
@@ -451,8 +446,8 @@ OPTIONS: Tuple[Option, ...] = (
            ignored="the private VM network is always checked every minute and repaired (recreated "
                    "if it differs, its DHCP table updated in place while VMs use it)"),
     # ---------------------------------------------------------------- [settings]: network, I/O
-    Option("network_name", S, Text(pattern=r"[A-Za-z0-9_.-]+",
-                                   pattern_doc="may contain only A-Z a-z 0-9 _ . -"),
+    Option("network_name", S, Text(name="network name", check=values.check_network_name,
+                                   pattern_doc=values.NETWORK_NAME_DOC),
            default="vacfactory", vac=False, doc="Name of the libvirt NAT network of the VMs."),
     Option("network_bridge", S, _INTERFACE, default="vacbr0", vac=False,
            doc="Linux bridge of that network."),
@@ -898,6 +893,10 @@ VAC_SYNTAX: Tuple[VacDifference, ...] = (
                   "fix the line"),
     VacDifference("text that is not UTF-8", "read as Latin-1, with a warning (Vac is Python 2 and reads "
                   "bytes)", "an error", "UTF-8 text"),
+    VacDifference("root_device = sde, or root_device = scratch_device in a vm-raw machinetype",
+                  "an error naming the option (Vac 03.01 loads any a-z 0-9 name, and libvirt then refuses "
+                  "every VM of the machinetype: the IDE bus has four places, hdX/sdX share them)", "the same",
+                  "vdX or xvdX (virtio), or hda to hdd, sda to sdd (IDE), one disk each"),
 )
 
 
@@ -1010,6 +1009,24 @@ def _rule_kernel_parts(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_disk_places(c: DefaultContext) -> Optional[str]:
+    """The disks the engine gives a VM of this machinetype (engine/vmbuild.py) each need
+    their own place: a CernVM's ISO is on hdc, a config drive on hdd, vm-raw's scratch disk
+    on scratch_device."""
+    disks = [(c.values["root_device"], "root_device")]
+    if c.values["machine_model"] in ("cernvm3", "cernvm4"):
+        disks.append((values.CERNVM_ISO_DEVICE, "the CernVM ISO"))
+    else:
+        disks.append((c.values["scratch_device"], "scratch_device"))
+    if c.values["config_drive"]:
+        disks.append((values.CONFIG_DRIVE_DEVICE, "the config drive"))
+    clash = values.disk_clash([(device, values.disk_bus(device)) for device, _ in disks])
+    if clash is None:
+        return None
+    (first, first_role), (second, second_role) = disks[clash[0]], disks[clash[1]]
+    return f"{first} ({first_role}) and {second} ({second_role}) would be the same disk"
+
+
 def _rule_not_startable(c: DefaultContext) -> Optional[str]:
     if not machinetype_startable(c.values):
         return (f"machine_model {c.values['machine_model']} is understood but vacfactory starts only "
@@ -1116,6 +1133,9 @@ RULES: Tuple[Rule, ...] = (
          vac_severity="warning", vac_replacement=lambda c: None),
     Rule(M, "root_image", ("root_image", "kernel_image", "machine_model", "target_share"), _rule_boot_image,
          "A startable machinetype needs root_image or kernel_image.", vac_severity="warning"),
+    Rule(M, "root_device", ("root_device", "scratch_device", "machine_model", "config_drive"), _rule_disk_places,
+         "root_device, scratch_device (vm-raw), the CernVM ISO (hdc) and the config drive (hdd) must be "
+         "different disks (on IDE, hdX and sdX with the same letter are the same place)."),
     Rule(M, "kernel_image", ("kernel_image", "initrd_image", "kernel_cmdline"), _rule_kernel_parts,
          "initrd_image and kernel_cmdline need kernel_image."),
     Rule(M, "accounting_fqan", ("accounting_fqan",), _rule_fqan,

@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
+
+from vacfactory.core.values import FQDN_PATTERN, HOSTNAME_PATTERN  # noqa: F401 (re-exported)
 
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
 _FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
@@ -75,6 +77,8 @@ class Text(ValueType):
     allow_empty: bool = False
     max_length: Optional[int] = None
     lower: bool = False
+    #: a rule of core/values.py the value must pass too (its message says what is wrong)
+    check: Optional[Callable[[str], Any]] = None
 
     def parse(self, text: str) -> str:
         _check_text(text, self.multiline)
@@ -85,6 +89,8 @@ class Text(ValueType):
         value = text.lower() if self.lower else text
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
             raise ValueError(f"{quote(text)} {self.pattern_doc or 'must match ' + self.pattern}")
+        if self.check is not None:
+            self.check(value)
         return value
 
     def constraints(self) -> str:
@@ -342,7 +348,5 @@ class RegexText(ValueType):
         return "a Python regular expression"
 
 
-HOSTNAME_PATTERN = r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-FQDN_PATTERN = r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
 
 

@@ -40,6 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import Boolean, Integer, ValueType, Words, quote
 from vacfactory.errors import VacFactoryError
@@ -194,7 +195,8 @@ def json_to_text(value: Any, vtype: ValueType) -> str:
         if not all(isinstance(item, str) and item and item.split() == [item] for item in value):
             raise ValueError("must be a list of words (strings without spaces)")
         return " ".join(value)
-    kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    kinds: Dict[type, str] = {dict: "an object", list: "a list"}
+    kind = kinds.get(type(value), type(value).__name__)
     raise ValueError(f"must be a {vtype.name}, not {kind}")
 
 
@@ -332,7 +334,7 @@ def _ignored_messages(where: str, entries: Tuple[Any, ...]) -> List[str]:
             for option, index in ignored.items()]
 
 
-def pipe_source(config: Any, machinetype: str, option: str) -> Optional[str]:
+def pipe_source(config: Config, machinetype: str, option: str) -> Optional[str]:
     """``pipe PREFIX (URL) machinetypes[N]`` if ``option`` of ``machinetype`` came from a
     vacuum pipe document (the site's own sections win and are not pipe values), else None.
     Downloads of such values are checked by :mod:`vacfactory.fetch.urlpolicy`."""

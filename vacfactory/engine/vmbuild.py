@@ -31,7 +31,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 from vacfactory import __version__
 from vacfactory.config import pipes
-from vacfactory.core import mjf, userdata
+from vacfactory.core import mjf, userdata, values
 from vacfactory.engine import policies
 from vacfactory.engine.boundary import nfs_meta, vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
@@ -301,8 +301,8 @@ def max_root_image_bytes(settings, mt) -> int:
 
 
 def bus_for(device: str) -> str:
-    """Vac's rule: virtio for vdX devices, IDE otherwise (hdX, as CernVM images expect)."""
-    return "virtio" if device.startswith("vd") else "ide"
+    """Vac's rule (core/values.py): virtio for vdX and xvdX devices, IDE otherwise."""
+    return values.disk_bus(device)
 
 
 def is_url(value: Optional[str]) -> bool:

@@ -7,17 +7,19 @@ can be tested against the libvirt ``test:///default`` driver or a fake.
 
 The specs validate themselves on construction: they end up in domain XML and in qemu-img
 argument lists, so a bad value must fail here, early and with a clear message, rather than as
-an obscure libvirt error (or worse, as an option injected into a command line).
+an obscure libvirt error (or worse, as an option injected into a command line). The rules for
+single values are those of ``core/values.py``, which the option table uses too, so a spec
+never refuses what the configuration accepted; a refusal is an ``InvalidValue``.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import uuid as uuidlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, List, Optional, Protocol, Tuple
+
+from vacfactory.core import values
+from vacfactory.errors import InvalidValue
 
 from .network import NetworkSpec, check_port
 
@@ -50,40 +52,14 @@ class DomainState(str, Enum):
 #: the kinds a DomainEvent can carry
 EVENT_KINDS = ("started", "stopped", "shutdown", "crashed", "suspended", "resumed", "other")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
-_TARGET_DEV = re.compile(r"\A(vd|sd|hd)[a-z]{1,2}\Z")
-_TAG = re.compile(r"\A[A-Za-z0-9_.-]{1,31}\Z")
-_MAC = re.compile(r"\A[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
-_NETWORK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
 def check_path(what: str, path: str) -> str:
-    """Return ``path`` if it is safe to hand to libvirt or a subprocess, else ValueError.
-
-    Absolute (so it can never be read as an option, and never depends on our cwd) and free of
-    control characters (which XML 1.0 cannot carry and which have no business in a path).
-    """
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{what}: path must be a non-empty string, got {path!r}")
-    if not path.startswith("/"):
-        raise ValueError(f"{what}: path must be absolute: {path!r}")
-    if _CONTROL.search(path):
-        raise ValueError(f"{what}: path contains control characters: {path!r}")
-    return path
+    """Return ``path`` if it is safe to hand to libvirt or a subprocess (core/values.py)."""
+    return values.check_absolute_path(path, what)
 
 
 def check_uuid(value: str) -> str:
-    """Return the canonical lower-case form of a UUID string, ValueError if it is not one."""
-    try:
-        return str(uuidlib.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValueError(f"not a UUID: {value!r}") from exc
-
-
-def _check_text(what: str, value: str) -> None:
-    if _CONTROL.search(value):
-        raise ValueError(f"{what}: contains control characters: {value!r}")
+    """Return the canonical lower-case form of a UUID string; InvalidValue if it is not one."""
+    return values.check_uuid(value)
 
 
 @dataclass(frozen=True)
@@ -99,16 +75,12 @@ class DiskSpec:
 
     def __post_init__(self) -> None:
         check_path("disk", self.path)
-        if not _TARGET_DEV.match(self.target_dev):
-            raise ValueError(f"disk {self.path}: bad target_dev {self.target_dev!r}")
-        if self.fmt not in ("qcow2", "raw"):
-            raise ValueError(f"disk {self.path}: fmt must be qcow2 or raw, not {self.fmt!r}")
-        if self.device not in ("disk", "cdrom"):
-            raise ValueError(f"disk {self.path}: device must be disk or cdrom, not {self.device!r}")
-        if self.bus not in ("virtio", "sata", "ide"):
-            raise ValueError(f"disk {self.path}: bus must be virtio, sata or ide, not {self.bus!r}")
+        where = f"disk {self.path}"
+        _one_of(where, "fmt", self.fmt, ("qcow2", "raw"))
+        _one_of(where, "device", self.device, ("disk", "cdrom"))
+        values.check_disk_target(self.target_dev, self.bus, where)
         if self.device == "cdrom" and self.bus == "virtio":
-            raise ValueError(f"disk {self.path}: a cdrom cannot be on the virtio bus")
+            raise InvalidValue(f"{where}: a cdrom cannot be on the virtio bus")
 
 
 @dataclass(frozen=True)
@@ -127,22 +99,15 @@ class InterfaceSpec:
     port: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not _NETWORK_NAME.match(self.network):
-            raise ValueError(f"interface: bad network name {self.network!r}")
+        values.check_network_name(self.network, "interface network")
         if self.port is not None:
             check_port(self.port)
             if not self.anti_spoofing or self.ip is None:
                 # a slot port is only ever used with its filter: never an unfiltered NIC
-                raise ValueError(f"interface {self.port}: a slot port needs anti_spoofing and ip")
+                raise InvalidValue(f"interface {self.port}: a slot port needs anti_spoofing and ip")
         if self.ip is not None:
-            try:
-                ipaddress.IPv4Address(self.ip)
-            except ValueError:
-                raise ValueError(f"interface: bad IPv4 address {self.ip!r}") from None
-        if not _MAC.match(self.mac):
-            raise ValueError(f"interface: bad MAC address {self.mac!r}")
-        if int(self.mac[:2], 16) & 1:
-            raise ValueError(f"interface: {self.mac} is a multicast MAC address")
+            values.check_ipv4(self.ip, "interface address")
+        values.check_mac(self.mac, "interface")
 
 
 @dataclass(frozen=True)
@@ -161,8 +126,7 @@ class FilesystemSpec:
 
     def __post_init__(self) -> None:
         check_path("filesystem", self.source_dir)
-        if not _TAG.match(self.tag):
-            raise ValueError(f"filesystem {self.source_dir}: bad mount tag {self.tag!r}")
+        values.check_mount_tag(self.tag, f"filesystem {self.source_dir}")
 
 
 @dataclass(frozen=True)
@@ -185,33 +149,35 @@ class VMSpec:
     boot: str = "hd"  # hd | cdrom, when there is no kernel
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(f"VM name {self.name!r} is not a valid domain name")
+        values.check_domain_name(self.name, "VM name")
         check_uuid(self.uuid)
-        if not isinstance(self.vcpus, int) or self.vcpus < 1:
-            raise ValueError(f"{self.name}: vcpus must be a positive integer, got {self.vcpus!r}")
-        if not isinstance(self.memory_mib, int) or self.memory_mib < 1:
-            raise ValueError(f"{self.name}: memory_mib must be positive, got {self.memory_mib!r}")
-        if self.domain_type not in ("kvm", "qemu", "test"):
-            raise ValueError(f"{self.name}: domain_type must be kvm, qemu or test")
-        if self.cpu_mode not in ("host-passthrough", "host-model", "none"):
-            raise ValueError(f"{self.name}: bad cpu_mode {self.cpu_mode!r}")
-        if self.boot not in ("hd", "cdrom"):
-            raise ValueError(f"{self.name}: boot must be hd or cdrom, not {self.boot!r}")
+        for what in ("vcpus", "memory_mib"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidValue(f"{self.name}: {what} must be a positive integer, got {value!r}")
+        _one_of(self.name, "domain_type", self.domain_type, ("kvm", "qemu", "test"))
+        _one_of(self.name, "cpu_mode", self.cpu_mode, ("host-passthrough", "host-model", "none"))
+        _one_of(self.name, "boot", self.boot, ("hd", "cdrom"))
         for what in ("console_log", "kernel", "initrd"):
             value = getattr(self, what)
             if value is not None:
                 check_path(f"{self.name} {what}", value)
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
-            raise ValueError(f"{self.name}: initrd and cmdline need a kernel")
+            raise InvalidValue(f"{self.name}: initrd and cmdline need a kernel")
         if self.cmdline is not None:
-            _check_text(f"{self.name} cmdline", self.cmdline)
-        targets = [d.target_dev for d in self.disks]
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"{self.name}: duplicate disk target_dev in {targets}")
+            values.check_single_line(self.cmdline, f"{self.name} cmdline")
+        clash = values.disk_clash([(d.target_dev, d.bus) for d in self.disks])
+        if clash:
+            first, second = (self.disks[i].target_dev for i in clash)
+            raise InvalidValue(f"{self.name}: disks {first} and {second} would be the same disk")
         tags = [f.tag for f in self.filesystems]
         if len(set(tags)) != len(tags):
-            raise ValueError(f"{self.name}: duplicate filesystem tag in {tags}")
+            raise InvalidValue(f"{self.name}: duplicate filesystem tag in {tags}")
+
+
+def _one_of(where: str, what: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidValue(f"{where}: {what} must be {' or '.join(allowed)}, not {value!r}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Tuple
 
-from ..errors import HypervisorError
+from ..core import values
+from ..errors import HypervisorError, InvalidValue
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,6 @@ __all__ = [
 #: slots 0..MAX_SLOT map to .1 .. .252; .253 and .254 are the factory's, .255 is broadcast
 MAX_SLOT = 251
 
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_BRIDGE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")  # IFNAMSIZ - 1
-_HOSTNAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,252})\Z")
 _MAC = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 #: the host side of slot N's NIC: a persistent tap the factory owns (see ensure_tap)
 SLOT_PORT_PREFIX = "vfslot"
@@ -70,10 +68,7 @@ _FORWARD_MODES = ("nat", "route", "open")
 
 
 def _ipv4(what: str, value: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(value)
-    except (ipaddress.AddressValueError, ValueError) as exc:
-        raise ValueError(f"{what}: not an IPv4 address: {value!r}") from exc
+    return ipaddress.IPv4Address(values.check_ipv4(value, what))
 
 
 @dataclass(frozen=True)
@@ -90,38 +85,35 @@ class NetworkSpec:
     forward_dev: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(f"network: bad name {self.name!r}")
-        if not _BRIDGE.match(self.bridge):
-            raise ValueError(f"network {self.name}: bad bridge name {self.bridge!r}")
+        values.check_network_name(self.name, "network")
+        values.check_interface_name(self.bridge, f"network {self.name} bridge")
         address = _ipv4(f"network {self.name} address", self.address)
         if not isinstance(self.prefix, int) or not 8 <= self.prefix <= 30:
-            raise ValueError(f"network {self.name}: prefix must be 8..30, got {self.prefix!r}")
+            raise InvalidValue(f"network {self.name}: prefix must be 8..30, got {self.prefix!r}")
         subnet = ipaddress.IPv4Network(f"{address}/{self.prefix}", strict=False)
         for extra in self.extra_addresses:
             _ipv4(f"network {self.name} extra address", extra)
         macs, ips = set(), set()
         for entry in self.dhcp_hosts:
             if len(entry) != 3:
-                raise ValueError(f"network {self.name}: DHCP host is not (mac, ip, name): {entry!r}")
+                raise InvalidValue(f"network {self.name}: DHCP host is not (mac, ip, name): {entry!r}")
             mac, ip, hostname = entry
             if not _MAC.match(mac):
-                raise ValueError(f"network {self.name}: DHCP MAC must be lower-case: {mac!r}")
+                raise InvalidValue(f"network {self.name}: DHCP MAC must be lower-case: {mac!r}")
+            values.check_mac(mac, f"network {self.name} DHCP host")
             if _ipv4(f"network {self.name} DHCP host", ip) not in subnet:
-                raise ValueError(f"network {self.name}: DHCP host {ip} is outside {subnet}")
-            if not _HOSTNAME.match(hostname):
-                raise ValueError(f"network {self.name}: bad DHCP host name {hostname!r}")
+                raise InvalidValue(f"network {self.name}: DHCP host {ip} is outside {subnet}")
+            values.check_hostname(hostname, f"network {self.name} DHCP host name")
             if mac in macs or ip in ips:
-                raise ValueError(f"network {self.name}: duplicate DHCP MAC or IP in {entry!r}")
+                raise InvalidValue(f"network {self.name}: duplicate DHCP MAC or IP in {entry!r}")
             macs.add(mac)
             ips.add(ip)
         if self.forward is not None and self.forward not in _FORWARD_MODES:
-            raise ValueError(f"network {self.name}: forward must be in {_FORWARD_MODES} or None")
+            raise InvalidValue(f"network {self.name}: forward must be in {_FORWARD_MODES} or None")
         if self.forward_dev is not None:
             if self.forward is None:
-                raise ValueError(f"network {self.name}: forward_dev needs a forward mode")
-            if not _BRIDGE.match(self.forward_dev):
-                raise ValueError(f"network {self.name}: bad forward_dev {self.forward_dev!r}")
+                raise InvalidValue(f"network {self.name}: forward_dev needs a forward mode")
+            values.check_interface_name(self.forward_dev, f"network {self.name} forward_dev")
 
 
 def network_xml(spec: NetworkSpec) -> str:
@@ -245,13 +237,12 @@ def slot_port(slot: int) -> str:
 
 def check_port(port: str) -> str:
     if not isinstance(port, str) or not _SLOT_PORT.match(port):
-        raise ValueError(f"bad slot port name {port!r}")
+        raise InvalidValue(f"bad slot port name {port!r}")
     return port
 
 
 def _check_bridge(bridge: str) -> None:
-    if not _BRIDGE.match(bridge):
-        raise ValueError(f"bad bridge name {bridge!r}")
+    values.check_interface_name(bridge, "bridge")
 
 
 def _ip_command() -> str:

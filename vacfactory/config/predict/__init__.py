@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+from vacfactory.config.model import Config
+
 from .capacity import memory, processors, shares
 from .comments import inline_comments
 from .files import MAX_TEMPLATE_BYTES, ImageProbe, apel_sender, keys, machinetype_files, nfs_server, state_dir
@@ -57,7 +59,7 @@ def default_probes() -> HostProbes:
     return HostProbes(memory_mb=memory_total_mb(), image_format=image_format, qemu_user=find_qemu_user())
 
 
-def predict(config: Any, files: Sequence[str], probes: Optional[HostProbes] = None) -> List[Finding]:
+def predict(config: Config, files: Sequence[str], probes: Optional[HostProbes] = None) -> List[Finding]:
     """Every offline finding about a valid configuration (not the `` #`` scan: see
     :func:`inline_comments`, which also runs on configurations that do not load)."""
     probes = probes or default_probes()

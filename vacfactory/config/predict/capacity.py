@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 
 from .findings import WARNING, Finding, Locator
 
 
-def _active(config: Any) -> List[Any]:
+def _active(config: Config) -> List[Any]:
     """Machinetypes the scheduler may start: a VM model and a share above 0."""
     return [mt for mt in config.machinetypes.values() if mt.startable and mt.target_share > 0]
 
@@ -19,7 +20,7 @@ def _largest_vm(s: Any) -> int:
     return min(s.processors_per_superslot, s.max_starting_processors, s.total_processors)
 
 
-def shares(config: Any, locator: Locator) -> List[Finding]:
+def shares(config: Config, locator: Locator) -> List[Finding]:
     """Warn when no machinetype can ever be started because every share is 0."""
     startable = [mt for mt in config.machinetypes.values() if mt.startable]
     if not startable or _active(config):
@@ -30,7 +31,7 @@ def shares(config: Any, locator: Locator) -> List[Finding]:
                                      "be started", f"{table.MACHINETYPE} {first}", "target_share")]
 
 
-def processors(config: Any, locator: Locator) -> List[Finding]:
+def processors(config: Config, locator: Locator) -> List[Finding]:
     """Processors that can never be used: VM sizes capped below max_processors, machinetypes
     whose min_processors never fits, and a last partial superslot no machinetype can use."""
     s = config.settings
@@ -68,7 +69,7 @@ def processors(config: Any, locator: Locator) -> List[Finding]:
     return findings
 
 
-def memory(config: Any, locator: Locator, host_mb: int) -> List[Finding]:
+def memory(config: Config, locator: Locator, host_mb: int) -> List[Finding]:
     """Memory of the configured VMs against total_memory_mb (a cap: processors go unused) and
     against the host's memory (overcommit, which vac.conf(5) allows: a warning only)."""
     s = config.settings

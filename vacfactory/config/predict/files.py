@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from typing import Any, Callable, List, Optional
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import is_url
 from vacfactory.errors import VacFactoryError
@@ -53,7 +54,7 @@ def state_dir(path: str, locator: Locator) -> List[Finding]:
 ImageProbe = Callable[[str], str]
 
 
-def machinetype_files(config: Any, locator: Locator, image_format: ImageProbe) -> List[Finding]:
+def machinetype_files(config: Config, locator: Locator, image_format: ImageProbe) -> List[Finding]:
     """root_image, kernel_image, initrd_image, user_data and user_data_file_* of every
     machinetype exist and are readable; a vm-raw root image is a qcow2 or raw image.
 
@@ -126,7 +127,7 @@ def _image_problem(path: str, image_format: ImageProbe) -> Optional[str]:
     return None
 
 
-def keys(config: Any, locator: Locator) -> List[Finding]:
+def keys(config: Config, locator: Locator) -> List[Finding]:
     """root_public_key readable (else VMs get no ssh key, as in Vac; a missing file at the
     default path is not worth a word: most hosts have no root key); space_key_file readable."""
     s = config.settings
@@ -165,7 +166,7 @@ _SBIN_PATH = os.pathsep.join([os.defpath, "/usr/sbin", "/sbin", "/usr/local/sbin
 NFS_PROGRAMS = {"ganesha": "ganesha.nfsd", "exportfs": "exportfs"}
 
 
-def nfs_server(config: Any, locator: Locator, search_path: str = _SBIN_PATH) -> List[Finding]:
+def nfs_server(config: Config, locator: Locator, search_path: str = _SBIN_PATH) -> List[Finding]:
     """A machinetype with mjf_transport = nfs needs nfs_exporter's program installed (found on
     ``search_path``), or every VM of it fails at creation when its directories are exported."""
     program = NFS_PROGRAMS.get(config.settings.nfs_exporter)
@@ -178,7 +179,7 @@ def nfs_server(config: Any, locator: Locator, search_path: str = _SBIN_PATH) -> 
                             table.SETTINGS, "nfs_exporter")]
 
 
-def _sender_cfg(config: Any, locator: Locator) -> List[Finding]:
+def _sender_cfg(config: Config, locator: Locator) -> List[Finding]:
     """apel_sender_cfg: the sender reads ssmsend's file, so check it as the sender will."""
     from vacfactory.accounting.sender_cfg import effective_broker  # the sender's own reading
     from vacfactory.accounting.settings import AccountingSettings
@@ -198,7 +199,7 @@ def _sender_cfg(config: Any, locator: Locator) -> List[Finding]:
     return findings
 
 
-def apel_sender(config: Any, locator: Locator) -> List[Finding]:
+def apel_sender(config: Config, locator: Locator) -> List[Finding]:
     """With apel_send = yes the daemon signs and sends with these files; without them every
     send fails (the records wait in apel-outgoing)."""
     s = config.settings

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 
 ERROR = "error"
@@ -51,7 +52,7 @@ class Locator:
     instead (found by scanning the files), or for a pipe's machinetype the pipe's section.
     """
 
-    def __init__(self, config: Any, files: Sequence[str]) -> None:
+    def __init__(self, config: Config, files: Sequence[str]) -> None:
         self.config = config
         self.files = list(files)
         self._headers: Optional[Dict[str, Tuple[str, int]]] = None

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import is_url
 
@@ -30,7 +31,7 @@ KNOWN_URIS = ("qemu:///system", "qemu:///session", "test:///default", "lxc:///sy
 _FACTORY_ADDRESSES = ("169.254.169.253", "169.254.169.254")
 
 
-def libvirt(config: Any, locator: Locator, timeout: float = LIBVIRT_TIMEOUT) -> List[Finding]:
+def libvirt(config: Config, locator: Locator, timeout: float = LIBVIRT_TIMEOUT) -> List[Finding]:
     """libvirt answers at libvirt_uri (read-only, one round trip)."""
     from vacfactory.monitoring import answer_within
 
@@ -64,7 +65,7 @@ def daemon_pid(state_dir: str) -> Optional[int]:
         return None
 
 
-def wanted_ports(config: Any) -> List[Tuple[str, str, int, str]]:
+def wanted_ports(config: Config) -> List[Tuple[str, str, int, str]]:
     """(option, protocol, port, what) of every port the daemon binds."""
     s = config.settings
     ports = [("http_port", "tcp", s.http_port, "the MJF and metadata HTTP server"),
@@ -77,7 +78,7 @@ def wanted_ports(config: Any) -> List[Tuple[str, str, int, str]]:
     return ports
 
 
-def ports(config: Any, locator: Locator) -> List[Finding]:
+def ports(config: Config, locator: Locator) -> List[Finding]:
     """Each port the daemon binds is free (tested by binding it, then closing at once)."""
     pid = daemon_pid(config.settings.state_dir)
     if pid is not None:
@@ -121,7 +122,7 @@ def bind_problem(protocol: str, port: int) -> Optional[Tuple[int, str]]:
 # --------------------------------------------------------------------------- host names
 
 
-def host_names(config: Any, locator: Locator, timeout: float = RESOLVE_TIMEOUT) -> List[Finding]:
+def host_names(config: Config, locator: Locator, timeout: float = RESOLVE_TIMEOUT) -> List[Finding]:
     """Host names the daemon will look up: vacuum pipe servers, root_image and user_data
     servers, and the other factories of the space."""
     from vacfactory.config.pipeload import pipe_cache_path
@@ -198,6 +199,6 @@ def resolve_all(hosts: Sequence[str], timeout: float) -> Dict[str, str]:
     return result
 
 
-def predict_online(config: Any, locator: Locator) -> List[Finding]:
+def predict_online(config: Config, locator: Locator) -> List[Finding]:
     """Every online finding."""
     return libvirt(config, locator) + ports(config, locator) + host_names(config, locator)

@@ -7,12 +7,13 @@ import os
 import time
 from typing import Any, Dict, List
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 
 from .findings import WARNING, Finding, Locator
 
 
-def pipes(config: Any, locator: Locator) -> List[Finding]:
+def pipes(config: Config, locator: Locator) -> List[Finding]:
     """The last fetch error of each pipe that still has a cached copy (without one, the loader
     already says the pipe defines nothing yet, and why)."""
     from vacfactory.config.pipeload import pipe_cache_path, pipe_meta_path

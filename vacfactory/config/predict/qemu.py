@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
+from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import is_url
 
@@ -36,7 +37,7 @@ def find_qemu_user(names: Sequence[str] = ("libvirt-qemu", "qemu")) -> Optional[
     return None
 
 
-def qemu_access(config: Any, locator: Locator, qemu: Optional[QemuUser]) -> List[Finding]:
+def qemu_access(config: Config, locator: Locator, qemu: Optional[QemuUser]) -> List[Finding]:
     """Every directory above the VMs' disks, root images, kernels and initrds must be
     searchable by qemu's user: libvirt chowns the files, never the directories, and
     otherwise refuses to start the domain ("Cannot access storage file ... Permission
