@@ -41,7 +41,7 @@ from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
 from vacfactory.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
-from vacfactory.metrics import MetricsServer, MetricsSnapshot
+from vacfactory.view.metrics import MetricsServer, MetricsSnapshot
 from vacfactory.pipefetch import refresh_pipes
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.responder import ResolvedPeers, Responder

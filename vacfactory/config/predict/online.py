@@ -32,7 +32,7 @@ _FACTORY_ADDRESSES = ("169.254.169.253", "169.254.169.254")
 
 def libvirt(config: Any, locator: Locator, timeout: float = LIBVIRT_TIMEOUT) -> List[Finding]:
     """libvirt answers at libvirt_uri (read-only, one round trip)."""
-    from vacfactory.monitoring import answer_within
+    from vacfactory.view.monitoring import answer_within
 
     uri = config.settings.libvirt_uri
     try:
