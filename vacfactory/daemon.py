@@ -188,7 +188,7 @@ class Daemon:
         self.peers: Optional[ResolvedPeers] = None
         self.metrics: Optional[MetricsServer] = None
         self.metrics_snapshot: Optional[MetricsSnapshot] = None
-        self.page = StatusPage(settings.state_dir)
+        self.page = StatusPage(settings.state_dir, clock=clock)
         self._backlog_cache = None
         self._efficiency_cache = None
         self.vacmon = VacMonSender(settings.vacmon_hostport) if settings.vacmon_hostport else None

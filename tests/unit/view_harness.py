@@ -65,7 +65,6 @@ class ViewDaemon:
     def __init__(self, config_path: str, clock: Optional[Clock] = None) -> None:
         self.clock = clock or Clock()
         self.daemon = Daemon(ConfigSources.for_main_file(config_path), host_facts=HOST, clock=self.clock)
-        self.daemon.page.clock = self.clock
         self.daemon.start()
 
     @property

@@ -24,10 +24,11 @@ import logging
 import math
 import os
 import re
-from dataclasses import astuple, dataclass, field
+import time
+from dataclasses import astuple, dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from vacfactory.atomic import atomic_write_json
+from vacfactory.atomic import atomic_write_json, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PAGE_HOURS = 24
 MAX_CODES = 8
 MAX_NAME = 64
 #: documented bound on disk use: a week of points of one machinetype, worst case
-WEEK_BYTES_PER_MACHINETYPE = 3 * 1024 * 1024
+WEEK_BYTES_PER_MACHINETYPE = 4 * 1024 * 1024
 _FILE_RE = re.compile(r"([0-9]{1,12})\.json\Z")
 
 
@@ -112,7 +113,9 @@ Point = Tuple[int, Dict[str, Sample]]
 class HistoryStore:
     """The bounded, crash-safe series. One writer (the status page's thread)."""
 
-    def __init__(self, directory: str, sync: bool = True) -> None:
+    def __init__(self, directory: str, sync: bool = True, now: Optional[float] = None) -> None:
+        """Reads the points of the day before ``now`` (default: the wall clock); files from
+        the future (a clock stepped back) are ignored, and deleted by the next new hour."""
         self.directory = directory
         self.sync = sync
         #: the last PAGE_HOURS of points, oldest first
@@ -120,7 +123,8 @@ class HistoryStore:
         self._hour: Optional[int] = None
         self._hour_points: List[Point] = []
         os.makedirs(directory, mode=0o755, exist_ok=True)
-        self._load()
+        remove_stale_temporaries(directory)  # a kill -9 mid-write leaves one
+        self._load(time.time() if now is None else now)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -152,17 +156,15 @@ class HistoryStore:
             log.warning("history: %s: skipped (%s)", path, error)
             return []
 
-    def _load(self) -> None:
-        hours = self._hours_on_disk()
-        if not hours:
-            return
-        newest = hours[-1]
+    def _load(self, now: float) -> None:
+        current = int(now) - int(now) % HOUR_SECONDS
+        hours = [h for h in self._hours_on_disk() if current - PAGE_HOURS * HOUR_SECONDS < h <= current]
         for hour in hours:
-            if hour > newest - PAGE_HOURS * HOUR_SECONDS:
-                self.points.extend(self._read_hour(hour))
+            self.points.extend(self._read_hour(hour))
         self.points.sort(key=lambda p: p[0])
-        self._hour = newest
-        self._hour_points = [p for p in self.points if p[0] - p[0] % HOUR_SECONDS == newest]
+        if hours:
+            self._hour = hours[-1]
+            self._hour_points = [p for p in self.points if p[0] - p[0] % HOUR_SECONDS == hours[-1]]
 
     # -- writing ----------------------------------------------------------------------
 
@@ -173,7 +175,8 @@ class HistoryStore:
         """The point of the minute containing ``now`` (replacing one already there)."""
         minute = int(now) - int(now) % POINT_SECONDS
         hour = minute - minute % HOUR_SECONDS
-        point = (minute, {name[:MAX_NAME]: sample for name, sample in samples.items()})
+        point = (minute, {name[:MAX_NAME]: replace(sample, outcomes=_bounded_outcomes(sample.outcomes))
+                          for name, sample in samples.items()})
         if hour != self._hour:
             self._hour, self._hour_points = hour, []
             self._prune(hour)

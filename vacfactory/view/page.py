@@ -64,7 +64,7 @@ class StatusPage:
     def __init__(self, state_dir: str, clock: Callable[[], float] = time.time, sync: bool = True) -> None:
         self.state_dir = state_dir
         self.clock = clock
-        self.history = HistoryStore(os.path.join(state_dir, "history"), sync=sync)
+        self.history = HistoryStore(os.path.join(state_dir, "history"), sync=sync, now=clock())
         self.status_bytes: Optional[bytes] = None
         self.history_bytes: bytes = self._encode_history()
         self._facts: Optional[EngineFacts] = None
