@@ -5,7 +5,7 @@ Paths (GET or HEAD; every answer is read-only and carries a Content-Security-Pol
 the page load only its own files and talk only to this listener):
 
 - ``/`` (and ``/status``): the page (static HTML, shipped in the package);
-- ``/status.js``, ``/status.css``: its one script and its style sheet;
+- ``/status.js``, ``/status.css``, ``/favicon.svg``: its one script, its style sheet, its icon;
 - ``/status.json``: the live document (vacfactory/view/document.py; docs/status-page.md);
 - ``/history.json``: the last 24 h of per-machinetype points (vacfactory/view/history.py);
 - ``/machine/UUID``: what ``vacfactory machine UUID`` prints (full UUIDs only), as text.
@@ -45,7 +45,8 @@ _UUID_RE = re.compile(r"/machine/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4
 STATIC = {"/": ("status.html", "text/html; charset=utf-8"),
           "/status": ("status.html", "text/html; charset=utf-8"),
           "/status.js": ("status.js", "text/javascript; charset=utf-8"),
-          "/status.css": ("status.css", "text/css; charset=utf-8")}
+          "/status.css": ("status.css", "text/css; charset=utf-8"),
+          "/favicon.svg": ("favicon.svg", "image/svg+xml")}
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 
