@@ -35,8 +35,9 @@ from vacfactory.view.history import PAGE_HOURS, POINT_SECONDS, HistoryStore
 
 log = logging.getLogger(__name__)
 
-#: the page refreshes itself every few seconds; more often than this it is not rebuilt
-MIN_BUILD_SECONDS = 0.2
+#: the page refreshes itself every 3 s, top every 2 s: more often than this the documents are
+#: not rebuilt (a fill can end many rounds a second; the builds must not compete with them)
+MIN_BUILD_SECONDS = 1.0
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 HEADERS = (("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
@@ -65,6 +66,7 @@ class StatusPage:
     def __init__(self, state_dir: str, clock: Callable[[], float] = time.time, sync: bool = True) -> None:
         self.state_dir = state_dir
         self.clock = clock
+        self.min_build_seconds = MIN_BUILD_SECONDS
         self.history = HistoryStore(os.path.join(state_dir, "history"), sync=sync, now=clock())
         self.status_bytes: Optional[bytes] = None
         self.history_bytes: bytes = self._encode_history()
@@ -108,7 +110,7 @@ class StatusPage:
                 self.build()
             except Exception:  # noqa: BLE001 - the page must outlive a bug in one build
                 log.exception("status page: build failed; the last documents stay served")
-            self._stopping.wait(MIN_BUILD_SECONDS)
+            self._stopping.wait(self.min_build_seconds)
 
     def build(self) -> None:
         """Rebuild /status.json from the last facts; add the minute's point when it is due."""
