@@ -138,18 +138,28 @@
   }
 
   // one small chart: series = [{name, color, values}] over times; optional shaded backoff
+  // x: the last 24 h, or from the first point (at least the last 15 minutes) on a young factory
   function chart(title, times, series, maxY, shade) {
-    const W = 330, H = 90, now = Date.now() / 1000, x0 = now - DAY;
-    const X = t => ((t - x0) / DAY * W).toFixed(1), Y = v => (H - 2 - v / maxY * (H - 4)).toFixed(1);
+    const W = 330, H = 90, now = Math.max(Date.now() / 1000, times.length ? times[times.length - 1] + 60 : 0);
+    const x0 = Math.min(now - 900, Math.max(now - DAY, times.length ? times[0] : now));
+    const span = now - x0;
+    const X = t => ((t - x0) / span * W).toFixed(1), Y = v => (H - 12 - v / maxY * (H - 14)).toFixed(1);
     const box = el("div", null, "chart");
     box.appendChild(el("h3", title));
     const s = svg("svg", {width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img"});
     s.dataset.chart = title;
     s.appendChild(svg("rect", {x: 0, y: 0, width: W, height: H, fill: "#fff", stroke: "#ccc"}));
     if (shade) times.forEach((t, i) => {
-      if (shade[i]) s.appendChild(svg("rect", {x: X(t - 60), y: 0, width: Math.max(1, W * 60 / DAY), height: H,
+      if (shade[i]) s.appendChild(svg("rect", {x: X(t), y: 0, width: Math.max(1, W * 60 / span), height: H - 10,
                                               fill: "#fbd", "data-series": "backoff"}));
     });
+    const label = (x, anchor, text) => {
+      const node = svg("text", {x: x, y: H - 2, "font-size": 9, fill: "#888", "text-anchor": anchor});
+      node.textContent = text;
+      s.appendChild(node);
+    };
+    label(2, "start", new Date(x0 * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}));
+    label(W - 2, "end", "now");
     const legend = el("div", null, "legend");
     for (const one of series) {
       let points = [];
