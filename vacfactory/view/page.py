@@ -67,7 +67,9 @@ class StatusPage:
         self.state_dir = state_dir
         self.clock = clock
         self.min_build_seconds = MIN_BUILD_SECONDS
-        self.history = HistoryStore(os.path.join(state_dir, "history"), sync=sync, now=clock())
+        self.sync = sync
+        #: read at start(): the daemon holds the state directory's lock by then
+        self.history: Optional[HistoryStore] = None
         self.status_bytes: Optional[bytes] = None
         self.history_bytes: bytes = self._encode_history()
         self._facts: Optional[EngineFacts] = None
@@ -89,6 +91,9 @@ class StatusPage:
     # -- the page's thread ------------------------------------------------------------
 
     def start(self) -> None:
+        """Read the history (kept over restarts) and start the page's thread."""
+        self.history = HistoryStore(os.path.join(self.state_dir, "history"), sync=self.sync, now=self.clock())
+        self.history_bytes = self._encode_history()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="status-page", daemon=True)
         self._thread.start()
@@ -115,7 +120,7 @@ class StatusPage:
     def build(self) -> None:
         """Rebuild /status.json from the last facts; add the minute's point when it is due."""
         facts = self._facts
-        if facts is None:
+        if facts is None or self.history is None:
             return
         now = self.clock()
         try:
@@ -132,6 +137,7 @@ class StatusPage:
 
     def _add_point(self, doc: dict, now: float, minute: int) -> None:
         samples = document.history_samples(doc, self._started, self._outcomes)
+        assert self.history is not None
         try:
             self.history.add(now, samples)
         except OSError as error:
@@ -144,8 +150,9 @@ class StatusPage:
 
     def _encode_history(self) -> bytes:
         now = self.clock()
+        series = self.history.series(now - PAGE_HOURS * 3600) if self.history is not None else {}
         return json.dumps({"format": document.FORMAT, "time": now, "point_seconds": POINT_SECONDS,
-                           "machinetypes": self.history.series(now - PAGE_HOURS * 3600)},
+                           "machinetypes": series},
                           separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     # -- serving (the listener's thread) ----------------------------------------------

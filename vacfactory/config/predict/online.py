@@ -70,7 +70,7 @@ def wanted_ports(config: Any) -> List[Tuple[str, str, int, str]]:
     ports = [("http_port", "tcp", s.http_port, "the MJF and metadata HTTP server"),
              ("udp_port", "udp", s.udp_port, "the VacQuery responder")]
     if s.metrics_port:
-        ports.append(("metrics_port", "tcp", s.metrics_port, "the /metrics endpoint"))
+        ports.append(("metrics_port", "tcp", s.metrics_port, "the /metrics endpoint and status page"))
     host, _, port = (s.syslog_server or "").rpartition(":")
     if host in _FACTORY_ADDRESSES and port.isdigit():
         ports.append(("syslog_server", "udp", int(port), "the VMs' syslog receiver"))
