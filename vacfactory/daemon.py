@@ -41,9 +41,6 @@ from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
 from vacfactory.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
-from vacfactory.view.feed import engine_facts
-from vacfactory.view.metrics import MetricsServer, MetricsSnapshot
-from vacfactory.view.page import StatusPage
 from vacfactory.pipefetch import refresh_pipes
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.responder import ResolvedPeers, Responder
@@ -55,6 +52,9 @@ from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
 from vacfactory.urlpolicy import UrlPolicy
+from vacfactory.view.feed import engine_facts
+from vacfactory.view.metrics import MetricsServer, MetricsSnapshot
+from vacfactory.view.page import StatusPage
 from vacfactory.vmio import syslogd
 from vacfactory.vmio.httpserver import MetadataServer, base_url
 from vacfactory.vmio.joboutputs import JobOutputsLimits
