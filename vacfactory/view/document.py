@@ -51,20 +51,21 @@ def _share(value: float, total: float) -> float:
 
 
 def machinetypes(facts: EngineFacts) -> List[dict]:
+    configured = facts.machinetypes()
     running: Dict[str, Tuple[int, int]] = {}
     for machine in facts.machines:
         if machine.live:
             vms, procs = running.get(machine.record.machinetype, (0, 0))
             running[machine.record.machinetype] = (vms + 1, procs + machine.record.processors)
-    local_total = sum(m.running_hs06 for m in facts.machinetypes)
-    space_total = sum(m.space_running_hs06 for m in facts.machinetypes)
+    local_total = sum(m.running_hs06 for m in configured)
+    space_total = sum(m.space_running_hs06 for m in configured)
     metrics = {m.machinetype: m for m in facts.metrics.machinetypes} if facts.metrics else {}
     efficiency = dict(facts.metrics.cpu_efficiency) if facts.metrics else {}
     outcomes: Dict[str, Dict[str, int]] = {}
     for o in facts.metrics.outcomes if facts.metrics else ():
         outcomes.setdefault(o.machinetype, {})[o.code] = outcomes.get(o.machinetype, {}).get(o.code, 0) + o.count
     result = []
-    for mt in facts.machinetypes:
+    for mt in configured:
         counted = metrics.get(mt.name)
         result.append({
             "name": mt.name,

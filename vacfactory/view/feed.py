@@ -1,9 +1,10 @@
-"""The engine's side of the status page: what one round hands over, taken in a few microseconds.
+"""The engine's side of the status page: what one round hands over, in a few microseconds.
 
 :func:`engine_facts` runs in the engine thread after a round (one call from the daemon) and
-only gathers references and small per-machinetype figures into a frozen :class:`EngineFacts`:
-``Machine`` objects are frozen, so the status page's own thread can turn them into rows,
-JSON and time-series points without holding the engine up or racing it.
+only gathers references to frozen values (``Machine``, the ``Config``, the finishes) and
+copies of a few small dicts into a frozen :class:`EngineFacts`; shares, backoffs and rows are
+computed from them in the status page's own thread, so the page neither holds the engine up
+nor races it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
 from vacfactory.core import scheduler
-from vacfactory.core.views import MachinetypeState
+from vacfactory.core import status as core_status
+from vacfactory.core.views import FinishedVM, MachinetypeState
 from vacfactory.engine import policies
 from vacfactory.state.machines import Machine
 from vacfactory.view.metrics import MetricsSnapshot
@@ -46,18 +48,36 @@ class FactoryFacts:
 
 @dataclass(frozen=True)
 class EngineFacts:
+    """One round's facts: references to frozen values and copies of small dicts only."""
+
     time: float
-    factory: str
-    total_processors: int
+    config: object
     machines: Tuple[Machine, ...]
+    #: machine uuid -> its current shutdown time (a drain moves it)
+    shutdown_times: Mapping[str, float]
+    last_finishes: Mapping[str, FinishedVM]
     creation_failures: Mapping[str, dict]
-    machinetypes: Tuple[MachinetypeFacts, ...]
+    #: the other factories' machinetype states as the last query round left them (no own part)
+    remote: Mapping[str, MachinetypeState]
     space: Tuple[FactoryFacts, ...]
     metrics: Optional[MetricsSnapshot]
 
+    @property
+    def factory(self) -> str:
+        return self.config.settings.factory_name
 
-def _shares(states: Mapping[str, MachinetypeState]) -> Mapping[str, float]:
-    return {name: state.running_hs06 for name, state in states.items()}
+    @property
+    def total_processors(self) -> int:
+        return self.config.settings.total_processors
+
+    def machinetypes(self) -> Tuple[MachinetypeFacts, ...]:
+        """Shares and backoff per configured machinetype (the page's thread computes them)."""
+        local = [policies.local_vm(m, self.shutdown_times.get(m.uuid, m.record.shutdown_time))
+                 for m in self.machines if m.live]
+        own = core_status.machinetype_states(policies.machinetype_policies(self.config), local,
+                                             self.last_finishes, self.time)
+        space = core_status.merge_states([own, self.remote]) if self.remote else own
+        return machinetype_facts(self.config, own, space, self.time)
 
 
 def machinetype_facts(config, own: Mapping[str, MachinetypeState], space: Mapping[str, MachinetypeState],
@@ -101,19 +121,18 @@ def space_facts(watcher, config, now: float) -> Tuple[FactoryFacts, ...]:
 
 
 def engine_facts(daemon) -> EngineFacts:
-    """What the status page needs from the daemon after a round (engine thread)."""
+    """What the status page needs from the daemon after a round (engine thread: copies only)."""
     factory = daemon.factory
     config = factory.config
     now = factory.clock()
-    own = factory.own_states(now)
-    space = daemon.space.view(config, own, now)
     return EngineFacts(
         time=now,
-        factory=config.settings.factory_name,
-        total_processors=config.settings.total_processors,
+        config=config,
         machines=tuple(factory.machines.values()),
+        shutdown_times=dict(factory.shutdown_times),
+        last_finishes=dict(factory.last_finishes),
         creation_failures=dict(factory.creation_failures),
-        machinetypes=machinetype_facts(config, own, space, now),
+        remote=daemon.space.view(config, {}, now),
         space=space_facts(daemon.space, config, daemon.space.clock()),
         metrics=daemon.metrics_snapshot,
     )
