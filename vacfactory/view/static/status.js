@@ -166,7 +166,8 @@
       const flush = () => {
         if (points.length === 1) points.push(points[0].replace(/^[0-9.]+/, m => (+m + 1).toFixed(1)));
         if (points.length) s.appendChild(svg("polyline", {points: points.join(" "), fill: "none", stroke: one.color,
-                                                          "stroke-width": 1.5, "data-series": one.name}));
+                                                          "stroke-width": 1.5, "stroke-dasharray": one.dash || "none",
+                                                          "data-series": one.name}));
         points = [];
       };
       times.forEach((t, i) => {
@@ -193,7 +194,7 @@
       box.appendChild(chart(name + ": shares", h.time, [
         {name: "target", color: COLORS[0], values: h.target_share},
         {name: "here", color: COLORS[1], values: h.share},
-        {name: "space", color: COLORS[2], values: h.space_share}], 1, h.backoff));
+        {name: "space", color: COLORS[2], values: h.space_share, dash: "4 3"}], 1, h.backoff));
       const allCodes = {};
       h.outcomes.forEach(o => Object.keys(o).forEach(c => { allCodes[c] = true; }));
       const perCode = Object.keys(allCodes).sort().map((c, i) => ({
