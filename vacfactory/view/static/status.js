@@ -172,6 +172,7 @@
       };
       times.forEach((t, i) => {
         const v = one.values[i];
+        if (i > 0 && t - times[i - 1] > 120) flush();  // the daemon was not running: no line across
         if (v === null || v === undefined) flush(); else points.push(X(t) + "," + Y(Math.min(v, maxY)));
       });
       flush();
