@@ -7,7 +7,6 @@ console stays clean."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -17,7 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from tests.unit.view_harness import ViewDaemon, free_port, wait_for, write_config
+from tests.unit.view_harness import ViewDaemon, free_port, write_config
 from vacfactory.cli.main import main
 from vacfactory.space.responder import Responder
 from vacfactory.space.snapshot import FactorySnapshot, MachinetypeStatus

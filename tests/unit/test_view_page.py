@@ -13,7 +13,7 @@ import urllib.error
 
 import pytest
 
-from tests.unit.view_harness import ViewDaemon, free_port, wait_for, write_config
+from tests.unit.view_harness import ViewDaemon, free_port, write_config
 from vacfactory.cli.main import main
 from vacfactory.space.responder import Responder
 from vacfactory.space.snapshot import FactorySnapshot, MachinetypeStatus

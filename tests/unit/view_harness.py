@@ -11,7 +11,7 @@ import socket
 import textwrap
 import time
 import urllib.request
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 from tests.unit.engine_harness import HOST, Clock, close_daemons, kernel_file
 from vacfactory.config.loader import ConfigSources
