@@ -6,7 +6,8 @@ drains the factory the way an admin would (`vacfactory drain --at +10s`: shutdow
 runtime override file), so running pilots see the earlier shutdowntime_job in their MJF and
 stop with their own outcome, waits until every VM has ended and been accounted, stops the
 nfs-ganesha the factory started for its NFS machinetype (it would go on holding
-169.254.169.254:2049), and prints what happened.
+169.254.169.254:2049), and prints what happened. While it runs, the factory's status page is
+at the address it prints first (metrics_port in conf/demo.conf).
 """
 
 from __future__ import annotations
@@ -155,6 +156,14 @@ def drain(daemon: Daemon) -> int:
     return when
 
 
+def status_page_url(daemon: Daemon) -> Optional[str]:
+    """The status page's address, once the daemon's admin listener is up (metrics_port)."""
+    if daemon.metrics is None:
+        return None
+    host, port = daemon.metrics.address
+    return f"http://{host}:{port}/"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(REPO, "conf", "demo.conf"))
@@ -177,6 +186,9 @@ def main() -> int:
     link_machinetype_files(daemon)
     daemon.install_signal_handlers()
     daemon.start()
+    page = status_page_url(daemon)
+    print(f"status page: {page} (or `vacfactory -c {args.config} top`)" if page
+          else "status page: none (metrics_port is 0 or its port is taken: see the log)", flush=True)
     started = time.time()
     events: "collections.Counter[str]" = collections.Counter()
     worker = threading.Thread(target=daemon.run, name="engine", daemon=True)
@@ -196,7 +208,7 @@ def main() -> int:
                     events["created"] += 1
                     if m.finished:
                         events[m.finished.outcome] += 1
-            text = table(daemon, started, events)
+            text = table(daemon, started, events) + (f"\nstatus page: {page}" if page else "")
             print(("\033[H\033[2J" + text) if interactive else text + "\n", flush=True)
             if not draining and time.time() - started >= args.seconds:
                 drained_at = drain(daemon)

@@ -17,7 +17,7 @@ say() { echo "setup: $*" >&2; }
 PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc
   dnsmasq-base iptables iproute2 kmod cpio nfs-ganesha nfs-ganesha-vfs rabbitmq-server
-  genisoimage openssl python3-venv logrotate
+  genisoimage openssl python3-venv logrotate tmux chromium chromium-driver
 )
 
 install_packages() {

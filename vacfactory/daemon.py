@@ -41,7 +41,6 @@ from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
-from vacfactory.metrics import MetricsServer, MetricsSnapshot
 from vacfactory.fetch.pipefetch import refresh_pipes
 from vacfactory.space.auth import load_space_key
 from vacfactory.space.responder import ResolvedPeers, Responder
@@ -53,6 +52,9 @@ from vacfactory.state.lock import StateLock
 from vacfactory.state.machines import Machine
 from vacfactory.state.machines import MachineStore
 from vacfactory.fetch.urlpolicy import UrlPolicy
+from vacfactory.view.feed import engine_facts
+from vacfactory.view.metrics import MetricsServer, MetricsSnapshot
+from vacfactory.view.page import StatusPage
 from vacfactory.vmio import syslogd
 from vacfactory.vmio.http import MetadataServer, base_url
 from vacfactory.vmio.jobfs import JobOutputsFS
@@ -188,6 +190,7 @@ class Daemon:
         self.peers: Optional[ResolvedPeers] = None
         self.metrics: Optional[MetricsServer] = None
         self.metrics_snapshot: Optional[MetricsSnapshot] = None
+        self.page = StatusPage(settings.state_dir, clock=clock)
         self._backlog_cache = None
         self._efficiency_cache = None
         self.vacmon = VacMonSender(settings.vacmon_hostport) if settings.vacmon_hostport else None
@@ -214,6 +217,7 @@ class Daemon:
         self.lock.acquire()
         self.factory.start()
         self.publish_snapshot()
+        self.page.start()
         self.run_periodic(force=True)  # the responder answers from here on
         self.space.start()
         self._wait_for_space(self.config.settings.udp_timeout_seconds + 2.0)
@@ -256,6 +260,7 @@ class Daemon:
         if self.factory.config is not self._responder_config:
             self.run_job("responder", self.ensure_responder)  # a reload: not in a minute
         self.publish_metrics()
+        self.page.feed(engine_facts(self))
         self.run_periodic()
         notify_systemd("WATCHDOG=1")
 
@@ -271,6 +276,7 @@ class Daemon:
             job.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        self.page.stop()
         if self.syslog is not None:
             self.syslog.stop()
         if self.vacmon is not None:
@@ -460,9 +466,11 @@ class Daemon:
         return self._backlog_cache[1]
 
     def ensure_metrics(self) -> None:
-        """Serve /metrics on metrics_port; a reload that changes the port moves it (0: none)."""
+        """Serve /metrics and the status page on metrics_port; a reload that changes the port
+        or metrics_address moves it (port 0: none)."""
         port = self.factory.config.settings.metrics_port
-        if self.metrics is not None and self.metrics.requested_port == port:
+        address = self.factory.config.settings.metrics_address
+        if self.metrics is not None and (self.metrics.requested_port, self.metrics.bind_address) == (port, address):
             return
         if self.metrics is not None:
             self.metrics.stop()
@@ -470,11 +478,11 @@ class Daemon:
             log.info("metrics endpoint stopped (metrics_port changed)")
         if not port:
             return
-        server = MetricsServer(port, lambda: self.metrics_snapshot)
+        server = MetricsServer(port, lambda: self.metrics_snapshot, address=address, pages=self.page.answer)
         try:
             server.start()
         except OSError as error:
-            log.error("metrics endpoint cannot bind 127.0.0.1:%d: %s", port, error)
+            log.error("metrics endpoint cannot bind %s:%d: %s", address, port, error)
             return
         self.metrics = server
 

@@ -41,7 +41,7 @@ from vacfactory.fetch.imagecache import ImageNotReady
 from vacfactory.logsetup import RepeatSummariser
 from vacfactory.state import kept
 from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
-from vacfactory.metrics import MetricsRecorder
+from vacfactory.view.metrics import MetricsRecorder
 from vacfactory.state.machines import Machine, MachineStore, finished_vm
 from vacfactory.state.records import Finished
 from vacfactory.state.status import StatusFiles

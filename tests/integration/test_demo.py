@@ -92,6 +92,7 @@ def test_demo_exits_0_and_prints_its_summary(demo):
     assert done.returncode == 0, output(done)
     print(f"the demo took {elapsed:.0f} s")
     assert "vacfactory demo:" in done.stdout, output(done)  # the live table
+    assert "status page: http://127.0.0.1:9105/" in done.stdout, output(done)
     summary = done.stdout[done.stdout.rfind("demo summary"):]
     print(summary)
     assert done.stdout.count("demo summary") == 1, output(done)

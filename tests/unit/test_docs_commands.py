@@ -143,6 +143,7 @@ def write_config(root: str, state: str) -> str:
             udp_port = {free_port(socket.SOCK_DGRAM)}
             udp_timeout_seconds = 2
             http_port = {free_port(socket.SOCK_STREAM)}
+            metrics_port = {free_port(socket.SOCK_STREAM)}
             syslog_server =
             nfs_exporter = none
             cycle_seconds = 1

@@ -20,7 +20,7 @@ from vacfactory.cli import evidence as cli
 from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK
 from vacfactory.cli.main import main
 from vacfactory.core.apel import VMUsage
-from vacfactory.evidence import AmbiguousMachine, UnknownMachine, collect, find_machine, format_evidence
+from vacfactory.view.evidence import AmbiguousMachine, UnknownMachine, collect, find_machine, format_evidence
 from vacfactory.state.kept import keep_overlay
 from vacfactory.state.machines import MachineStore
 from vacfactory.state.records import Accounted, Finished, VMRecord

@@ -20,7 +20,7 @@ from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, load_config_string
 from vacfactory.daemon import Daemon
 from vacfactory.engine.spacewatch import stale_after
-from vacfactory.metrics import (
+from vacfactory.view.metrics import (
     MachinetypeMetrics,
     MetricsRecorder,
     MetricsServer,
@@ -204,7 +204,7 @@ def test_metrics_port_option_defaults_to_off():
 def test_efficiency_syslog_and_kept_overlays_are_rendered():
     import dataclasses
 
-    from vacfactory.metrics import MetricsSnapshot, render
+    from vacfactory.view.metrics import MetricsSnapshot, render
 
     snapshot = dataclasses.replace(
         MetricsSnapshot(factory="f1.example.org", total_processors=4),

@@ -15,9 +15,9 @@ import time
 import pytest
 
 from tests.waiting import scaled
-from vacfactory import monitoring
+from vacfactory.view import monitoring
 from vacfactory.accounting.outgoing import OutgoingQueue
-from vacfactory.monitoring import CRITICAL, OK, UNKNOWN, WARNING, CheckSettings, run_check
+from vacfactory.view.monitoring import CRITICAL, OK, UNKNOWN, WARNING, CheckSettings, run_check
 from vacfactory.space import protocol
 from vacfactory.space.snapshot import FactorySnapshot, FactoryStatus, MachineStatus, MachinetypeStatus
 from vacfactory.space.vacmon import VacMonSender, cycle_messages, finished_message, send_vacmon

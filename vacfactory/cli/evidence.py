@@ -15,7 +15,7 @@ import sys
 
 from vacfactory.cli.common import EXIT_FAILURE, EXIT_OK, add_json_argument, load_config, print_json
 from vacfactory.errors import StateError
-from vacfactory.evidence import DEFAULT_LINES, LIBVIRT_LOG_DIR, collect, format_evidence
+from vacfactory.view.evidence import DEFAULT_LINES, LIBVIRT_LOG_DIR, collect, format_evidence
 from vacfactory.vmio.joboutputs import JobOutputsLimits
 
 

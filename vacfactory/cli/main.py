@@ -29,6 +29,7 @@ VERB_MODULES = (
     "vacfactory.cli.run",
     "vacfactory.cli.status",
     "vacfactory.cli.machines",
+    "vacfactory.cli.top",
     "vacfactory.cli.evidence",
     "vacfactory.cli.config_cmd",
     "vacfactory.cli.space",

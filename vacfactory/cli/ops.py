@@ -6,7 +6,7 @@
   (no new VMs; running ones finish on their own). ``drain --at TIME`` sets
   ``shutdown_time``: running VMs see the new ``shutdowntime`` in their machine/job features
   and are stopped by then, and only VMs that fit before it are started.
-- ``check`` is a Nagios/NRPE plugin (see :mod:`vacfactory.monitoring`): one line, exit
+- ``check`` is a Nagios/NRPE plugin (see :mod:`vacfactory.view.monitoring`): one line, exit
   0/1/2/3. It opens libvirt read-only and gives it ``--libvirt-timeout`` seconds.
 - ``squid-conf IN OUT`` is Vac's: a copy of IN plus ``acl localnet src IP/32`` for every
   factory of the space and ``cache_peer IP sibling 3128 3130 default`` for every other one;
@@ -270,7 +270,7 @@ def _report_effect(args: argparse.Namespace, result: Optional[Dict[str, Any]] = 
 def _ping_libvirt(uri: str, timeout: float) -> Optional[str]:
     """None if ``uri`` answers a read-only round trip within ``timeout`` seconds, else why not
     (through the hypervisor adapter: only it imports libvirt)."""
-    from vacfactory.monitoring import answer_within
+    from vacfactory.view.monitoring import answer_within
 
     try:
         from vacfactory.hypervisor.libvirt_hv import ping_read_only
@@ -280,7 +280,7 @@ def _ping_libvirt(uri: str, timeout: float) -> Optional[str]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from vacfactory import monitoring
+    from vacfactory.view import monitoring
     from vacfactory.config import loader
     from vacfactory.errors import ConfigError
 

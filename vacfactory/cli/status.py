@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 def gather(config: Config, now: float) -> Dict[str, Any]:
     """Everything ``status`` shows, as plain values (also the --json output)."""
     from vacfactory.accounting.outgoing import backlog_of
-    from vacfactory.monitoring import APEL_QUEUES
+    from vacfactory.view.monitoring import APEL_QUEUES
     from vacfactory.state.lock import StateLock
     from vacfactory.state.machines import MachineStore
     from vacfactory.state.status import StatusFiles

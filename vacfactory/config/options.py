@@ -586,8 +586,15 @@ OPTIONS: Tuple[Option, ...] = (
                                                  pattern_doc="must be host.domain:port"), lower=True),
            default=(), doc="VacMon collectors that receive factory and machinetype status messages."),
     Option("metrics_port", S, Integer(name="port", min=0, max=65535), default=0, vac=False,
-           doc="TCP port of the Prometheus text endpoint GET /metrics, bound to 127.0.0.1 only "
-               "(scrape it through a local agent or a reverse proxy). 0: no endpoint."),
+           doc="TCP port of the admin listener: the Prometheus text endpoint GET /metrics and the "
+               "read-only status page (GET /, /status.json, /history.json; see docs/status-page.md), "
+               "bound to metrics_address (scrape it through a local agent or a reverse proxy). "
+               "0: no listener."),
+    Option("metrics_address", S, Text(pattern=r"[0-9]{1,3}(\.[0-9]{1,3}){3}",
+                                      pattern_doc="must be an IPv4 address"), default="127.0.0.1", vac=False,
+           doc="IPv4 address the admin listener of metrics_port binds: 127.0.0.1 (the default) for "
+               "this host only, a site monitoring network's address to show /metrics and the status "
+               "page there (read-only, no secrets; anyone who can reach it sees what the factory runs)."),
     Option("check_disk_free_warning_mb", S, Integer(name="MiB", min=0), default=10240, vac=False,
            doc="`vacfactory check` warns when the file system of state_dir has less free space "
                "than this (MiB)."),

@@ -154,6 +154,10 @@ class SpaceMemory:
         last = self._last.get(name)
         return last is not None and now - last[1] <= self.max_age
 
+    def answers(self) -> Dict[str, Tuple[Dict[str, MachinetypeState], float]]:
+        """factory -> (its machinetype states, when received): a copy, for the status page."""
+        return dict(self._last)
+
     def age(self, name: str, now: float) -> float:
         """Seconds since ``name`` last answered (infinite if never)."""
         last = self._last.get(name)

@@ -33,7 +33,7 @@ _FACTORY_ADDRESSES = ("169.254.169.253", "169.254.169.254")
 
 def libvirt(config: Config, locator: Locator, timeout: float = LIBVIRT_TIMEOUT) -> List[Finding]:
     """libvirt answers at libvirt_uri (read-only, one round trip)."""
-    from vacfactory.monitoring import answer_within
+    from vacfactory.view.monitoring import answer_within
 
     uri = config.settings.libvirt_uri
     try:
@@ -71,7 +71,7 @@ def wanted_ports(config: Config) -> List[Tuple[str, str, int, str]]:
     ports = [("http_port", "tcp", s.http_port, "the MJF and metadata HTTP server"),
              ("udp_port", "udp", s.udp_port, "the VacQuery responder")]
     if s.metrics_port:
-        ports.append(("metrics_port", "tcp", s.metrics_port, "the /metrics endpoint"))
+        ports.append(("metrics_port", "tcp", s.metrics_port, "the /metrics endpoint and status page"))
     host, _, port = (s.syslog_server or "").rpartition(":")
     if host in _FACTORY_ADDRESSES and port.isdigit():
         ports.append(("syslog_server", "udp", int(port), "the VMs' syslog receiver"))

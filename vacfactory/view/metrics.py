@@ -2,11 +2,12 @@
 
 The engine (through :class:`MetricsRecorder`, which counts events as they happen) produces a
 :class:`MetricsSnapshot`; :func:`render` turns it into the Prometheus text exposition format
-(version 0.0.4); :class:`MetricsServer` answers ``GET /metrics`` on ``127.0.0.1:<metrics_port>``
-by calling a provider for a fresh snapshot, from one thread with deadlines and a connection cap
-(any local process can connect: it must not be able to pile up threads or hold the endpoint). The endpoint binds the loopback address only: the
-figures say what a site runs, so they are published through a local agent or proxy, never
-directly. No dependency on prometheus_client: the format is a few lines of text.
+(version 0.0.4); :class:`MetricsServer` answers ``GET /metrics`` on ``<metrics_address>:<metrics_port>``
+(default 127.0.0.1) by calling a provider for a fresh snapshot, and hands every other path to an
+optional page handler (the status page, vacfactory/view/page.py), from one thread with deadlines and a connection cap
+(any local process can connect: it must not be able to pile up threads or hold the endpoint). By default the endpoint binds the loopback address
+only: the figures say what a site runs, so they are published through a local agent or proxy,
+or on a site's monitoring network (``metrics_address``), never to the world. No dependency on prometheus_client: the format is a few lines of text.
 
 Metric names (all ``vacfactory_``): ``running_vms``, ``running_processors`` (per machinetype),
 ``total_processors``, ``vm_outcomes_total`` (per machinetype, code and outcome, since start),
@@ -38,6 +39,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BIND_ADDRESS = "127.0.0.1"
 MAX_REQUEST_HEAD = 8192
 _TEXT = "text/plain; charset=utf-8"
+#: what a page handler returns: (HTTP status, body, content type, extra headers)
+PageAnswer = Tuple[int, bytes, str, Tuple[Tuple[str, str], ...]]
 
 
 @dataclass(frozen=True)
@@ -275,8 +278,12 @@ class MetricsServer:
     """
 
     def __init__(self, port: int, provider: Callable[[], MetricsSnapshot], *,
-                 timeout: float = 5.0, max_connections: int = 64) -> None:
+                 timeout: float = 5.0, max_connections: int = 64, address: str = BIND_ADDRESS,
+                 pages: Optional[Callable[[str], Optional[PageAnswer]]] = None) -> None:
+        """``pages``: path -> (status, body, content type, extra headers), or None for 404."""
         self.requested_port = port
+        self.bind_address = address
+        self.pages = pages
         self.provider = provider
         self.timeout = timeout
         self.max_connections = max_connections
@@ -307,7 +314,7 @@ class MetricsServer:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((BIND_ADDRESS, self.requested_port))
+            listener.bind((self.bind_address, self.requested_port))
             listener.listen(128)
             listener.setblocking(False)
         except OSError:
@@ -322,7 +329,8 @@ class MetricsServer:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", BIND_ADDRESS, self.port)
+        log.info("metrics on http://%s:%d/metrics%s", self.bind_address, self.port,
+                 ", the status page on /" if self.pages else "")
 
     def stop(self) -> None:
         if self._thread is None:
@@ -417,14 +425,28 @@ class MetricsServer:
         if method not in (b"GET", b"HEAD"):
             return _response(405, b"only GET and HEAD\n", _TEXT, True)
         with_body = method == b"GET"
-        if target.split(b"?", 1)[0] != b"/metrics":
-            return _response(404, b"not found: try /metrics\n", _TEXT, with_body)
+        path = target.split(b"?", 1)[0]
+        if path != b"/metrics":
+            return self._page(path, with_body)
         try:
             body = render(self.provider()).encode("utf-8")
         except Exception as error:  # noqa: BLE001 - a provider bug must give a 500, not a dead server
             log.error("metrics provider failed: %s", error)
             return _response(500, b"metrics unavailable\n", _TEXT, with_body)
         return _response(200, body, CONTENT_TYPE, with_body)
+
+    def _page(self, path: bytes, with_body: bool) -> bytes:
+        answer = None
+        if self.pages is not None:
+            try:
+                answer = self.pages(path.decode("ascii", "replace"))
+            except Exception as error:  # noqa: BLE001 - a page bug must give a 500, not a dead server
+                log.error("status page failed on %r: %s", path[:100], error)
+                return _response(500, b"page unavailable\n", _TEXT, with_body)
+        if answer is None:
+            return _response(404, b"not found: try /metrics\n", _TEXT, with_body)
+        status, body, content_type, headers = answer
+        return _response(status, body, content_type, with_body, headers)
 
     def _write(self, conn: _Conn) -> None:
         try:
@@ -452,10 +474,13 @@ class MetricsServer:
 
 
 
-def _response(status: int, body: bytes, content_type: str, with_body: bool) -> bytes:
+def _response(status: int, body: bytes, content_type: str, with_body: bool,
+              headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-              431: "Request Header Fields Too Large", 500: "Internal Server Error"}[status]
+              431: "Request Header Fields Too Large", 500: "Internal Server Error",
+              503: "Service Unavailable"}[status]
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (f"HTTP/1.0 {status} {reason}\r\nServer: vacfactory/{__version__}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
             f"Connection: close\r\n\r\n").encode("ascii")
     return head + body if with_body else head
