@@ -102,6 +102,7 @@ class Settings:
     version_logger: int
     vacmon_hostport: Tuple[str, ...]
     metrics_port: int
+    metrics_address: str
     check_disk_free_warning_mb: int
     check_disk_free_critical_mb: int
     check_apel_backlog_warning_seconds: int
