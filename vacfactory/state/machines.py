@@ -26,6 +26,8 @@ from vacfactory.atomic import (
     remove_stale_temporaries,
     write_new_file,
 )
+from vacfactory.core import lifecycle
+from vacfactory.core.lifecycle import Event, VMState
 from vacfactory.core.status import supersedes
 from vacfactory.core.views import FinishedVM
 from vacfactory.errors import StateError
@@ -80,6 +82,16 @@ class Machine:
         if self.accounted is not None and self.cleaned is not None:
             return "done"
         return "finished"
+
+    @property
+    def phase(self) -> VMState:
+        """Its lifecycle state (core.lifecycle), from the records it has."""
+        return lifecycle.state_of(self.started is not None, self.finished is not None,
+                                  self.accounted is not None, self.cleaned is not None)
+
+    def check(self, event: Event) -> lifecycle.Transition:
+        """The lifecycle transition ``event`` makes; LifecycleError if its state forbids it."""
+        return lifecycle.step(self.phase, event, machine=self.name)
 
     @property
     def live(self) -> bool:
@@ -278,6 +290,8 @@ class MachineStore:
     # -- moving a VM through its life -----------------------------------------------------
 
     def mark_started(self, machine: Machine, time: float) -> Machine:
+        """Record the domain's start (or move it with a step of the clock: a running VM)."""
+        machine.check(Event.CLOCK_STEPPED if machine.started is not None else Event.DOMAIN_STARTED)
         started = Started(time=time)
         # Atomic but not fsynced: a killed daemon loses nothing (the page cache survives it),
         # and the kernel writes it back within ~30 s, long before a VM passes fizzle_seconds,
@@ -286,6 +300,7 @@ class MachineStore:
         return replace(machine, started=started)
 
     def write_heartbeat(self, machine: Machine, time: float, cpu_seconds: float) -> Machine:
+        machine.check(Event.OBSERVED)
         heartbeat = Heartbeat(time=time, cpu_seconds=cpu_seconds,
                               cpu_percentage=recent_cpu_percentage(machine.heartbeat, time,
                                                                    cpu_seconds))
@@ -294,16 +309,20 @@ class MachineStore:
         return replace(machine, heartbeat=heartbeat)
 
     def mark_finished(self, machine: Machine, finished: Finished) -> Machine:
+        machine.check(Event.DOMAIN_GONE if machine.started is not None else Event.START_FAILED)
         atomic_write_json(os.path.join(machine.path, "finished"), to_json(finished))
         if finished.outcome != "failed":
             self._update_last_finish(machine, finished)
         return replace(machine, finished=finished)
 
     def mark_accounted(self, machine: Machine, accounted: Accounted) -> Machine:
+        """Record its APEL record (or why none was due); only once, only after it finished."""
+        machine.check(Event.ACCOUNT)
         atomic_write_json(os.path.join(machine.path, "accounted"), to_json(accounted))
         return replace(machine, accounted=accounted)
 
     def mark_cleaned(self, machine: Machine, time: float) -> Machine:
+        machine.check(Event.CLEAN)
         cleaned = Cleaned(time=time)
         atomic_write_json(os.path.join(machine.path, "cleaned"), to_json(cleaned))
         return replace(machine, cleaned=cleaned)
@@ -319,8 +338,7 @@ class MachineStore:
 
     def delete(self, machine: Machine) -> None:
         """Remove a finished, accounted and cleaned machine directory (retention expired)."""
-        if machine.state != "done":
-            raise StateError(f"refusing to delete a machine in state {machine.state}", machine=machine.name)
+        machine.check(Event.EXPIRED)
         shutil.rmtree(machine.path, ignore_errors=True)
 
     def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
