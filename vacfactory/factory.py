@@ -162,7 +162,6 @@ class Factory:
         self.config = config_source.current
         self.machines: Dict[str, Machine] = {}
         self.shutdown_times: Dict[str, float] = {}
-        self.last_finishes: Dict[str, FinishedVM] = {}
         self.started_at = clock()
         #: elapsed time, to tell a step of the wall clock from time passing: time.monotonic for
         #: the real clock; an injected (test) clock brings its own partner, or none
@@ -204,12 +203,17 @@ class Factory:
         self.wake = threading.Event()
         self.stopping = threading.Event()
 
+    @property
+    def last_finishes(self) -> Dict[str, FinishedVM]:
+        """The newest-created finished VM of each machinetype (kept by the store)."""
+        return self.store.latest if self.store.latest is not None else {}
+
     # -- start-up and the loop ----------------------------------------------------------
 
     def start(self) -> None:
         """Rebuild the in-memory view from disk; the first round reconciles with libvirt."""
         self.machines = self.store.load_all(recover=True)
-        self.last_finishes = self.store.repair_last_finishes(self.machines.values())
+        self.store.repair_last_finishes(self.machines.values())
         for machine in self.machines.values():
             if machine.live:
                 self.shutdown_times[machine.uuid] = self.store.current_shutdown_time(machine)
@@ -568,11 +572,6 @@ class Factory:
             if self.on_finished is not None:
                 self.on_finished(machine)
         self.shutdown_times.pop(machine.uuid, None)
-        if finished.outcome != Outcome.FAILED.value:
-            # the same rule as the finishes/ record on disk: the newest-created finished VM
-            finish = finished_vm(machine, finished)
-            if supersedes(finish, self.last_finishes.get(finish.machinetype)):
-                self.last_finishes[finish.machinetype] = finish
 
     def _settle(self, config, now: float) -> None:
         """Account and clean every finished VM that still needs it (retried until done)."""
@@ -612,7 +611,7 @@ class Factory:
         checkpoint("clean.withdrawn")
         if not self._keep_evidence(machine, now):
             return  # retried next round: evidence is never deleted by a failed move
-        self.builder.remove_disks(machine)
+        self.hypervisor.remove_disks(machine.disks_dir)
         checkpoint("clean.disks_removed")
         self.machines[machine.uuid] = self.store.mark_cleaned(machine, now)
 
@@ -806,7 +805,7 @@ class Factory:
             checkpoint("create.published")
             self.hypervisor.create(spec)
             checkpoint("create.domain_started")
-        except (VacFactoryError, OSError) as error:
+        except (VacFactoryError, OSError, ValueError) as error:  # ValueError: a spec refused a value
             self._creation_failed(record.name, create.machinetype, error)
             self._finish(machine, self.clock(), reason="create_failed")
             if self.machines[machine.uuid].finished is not None:  # else retried next round

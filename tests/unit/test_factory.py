@@ -526,3 +526,27 @@ def test_retention_keeps_running_after_the_wall_clock_steps_back(engine):
     step(0.01 * 86400 + 30)  # its retention (864 s) has passed: deleted, not an hour later
     assert vm.uuid not in h.factory.machines
     assert not os.path.exists(vm.path)
+
+
+def test_a_value_the_spec_refuses_fails_that_one_vm_cleanly_and_the_engine_goes_on(engine, tmp_path):
+    """root_device = xvda passes the option table but not DiskSpec: it used to escape the round
+    as a ValueError and leave a prepared machine directory that every restart hit again."""
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\0" * 4096)
+    h = engine(total=2, machinetypes=[("alpha", 1, f"root_image = {base}\nroot_device = xvda\n")])
+    report = h.factory.run_round()  # does not raise
+    assert report.created == [] and report.failed == ["alpha"]
+    assert h.domains() == [] and h.live() == []
+    (machine,) = h.factory.machines.values()
+    assert machine.finished.outcome == "failed" and machine.finished.reason == "create_failed"
+    assert machine.accounted.skipped == "never started" and machine.cleaned is not None
+    assert not [e for e in os.listdir(os.path.join(h.state_dir, "machines")) if e.startswith(".new-")]
+    failure = h.factory.creation_failures["alpha"]
+    assert "xvda" in failure["reason"] and "machinetype alpha" in failure["reason"]
+    # a restart finds nothing to redo; the edit that fixes the value makes VMs again
+    h = h.restart()
+    assert h.live() == []
+    h.rewrite_config(open(h.config_path).read().replace("root_device = xvda", "root_device = vda"))
+    h.clock.advance(1)
+    assert len(h.factory.run_round().created) == 2
+    h.teardown()

@@ -131,6 +131,9 @@ class MachineStore:
         self.state_dir = state_dir
         self.machines_dir = os.path.join(state_dir, "machines")
         self.finishes_dir = os.path.join(state_dir, "finishes")
+        #: the engine's copy of finishes/ (set by repair_last_finishes at its start), kept up
+        #: to date by mark_finished: the one place the latest-finish rule is applied
+        self.latest: Optional[Dict[str, FinishedVM]] = None
         for directory in (state_dir, self.machines_dir, self.finishes_dir):
             if create:
                 os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -285,6 +288,7 @@ class MachineStore:
                     log.info("%s: finishes/%s.json brought up to date", machine.name, finish.machinetype)
                     self._write_last_finish(finish)
                     latest[finish.machinetype] = finish
+        self.latest = latest
         return latest
 
     # -- moving a VM through its life -----------------------------------------------------
@@ -344,13 +348,18 @@ class MachineStore:
     def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
         """Make ``machine`` its machinetype's latest finish unless a newer-created VM is."""
         finish = finished_vm(machine, finished)
-        path = self._last_finish_path(finish.machinetype)
-        try:
-            previous: Optional[FinishedVM] = from_json(FinishedVM, self._read_json(path), path)
-        except StateError:
-            previous = None
+        if self.latest is not None:
+            previous = self.latest.get(finish.machinetype)
+        else:
+            path = self._last_finish_path(finish.machinetype)
+            try:
+                previous = from_json(FinishedVM, self._read_json(path), path)
+            except StateError:
+                previous = None
         if supersedes(finish, previous):
             self._write_last_finish(finish)
+            if self.latest is not None:
+                self.latest[finish.machinetype] = finish
 
     def _last_finish_path(self, machinetype: str) -> str:
         return os.path.join(self.finishes_dir, machinetype + ".json")
