@@ -24,7 +24,7 @@ from tests.unit.engine_harness import (
     settings_text,
 )
 from vacfactory.errors import StateError
-from vacfactory.factory import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB
+from vacfactory.engine.factory import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB
 from vacfactory.hypervisor.base import VMSpec
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 
@@ -429,7 +429,7 @@ class FreeSpace:
 def test_creation_pauses_below_the_free_space_floor_and_resumes_when_space_returns(engine, caplog):
     h = engine(total=4)
     space = h.factory.free_space = FreeSpace(MIN_FREE_STATE_MIB - 1)
-    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    caplog.set_level(logging.INFO, logger="vacfactory.engine")
     report = h.factory.run_round()
     assert space.asked == [h.state_dir]
     assert report.created == [] and report.failed == [] and h.domains() == []
@@ -473,7 +473,7 @@ def test_a_creation_that_runs_out_of_space_pauses_creation_until_space_grows(eng
         raise OSError(errno.ENOSPC, "No space left on device")
 
     h.factory.store.prepare = full_disk
-    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    caplog.set_level(logging.INFO, logger="vacfactory.engine")
     report = h.factory.run_round()
     assert len(calls) == 1, "one creation ran out of space: the others of the round must wait"
     assert report.failed == ["alpha"] and report.created == []
@@ -508,7 +508,7 @@ def test_a_creation_out_of_space_is_retried_after_the_pause_without_more_space(e
 def test_retention_keeps_running_after_the_wall_clock_steps_back(engine):
     h = engine(total=1, machinetypes=(("alpha", 1, "machines_dir_days = 0.01\nbackoff_seconds = 0"),))
     monotonic = Clock(1000.0)
-    h.factory.monotonic = h.factory._elapsed = monotonic  # the daemon's time.monotonic
+    h.factory.clock_steps.monotonic = h.factory._elapsed = monotonic  # the daemon's time.monotonic
 
     def step(seconds: float) -> None:
         h.clock.advance(seconds)

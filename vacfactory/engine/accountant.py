@@ -25,6 +25,12 @@ class Accountant:
         """``settings`` is called each time, so a reloaded configuration takes effect."""
         self.settings = settings
 
+    @classmethod
+    def for_config(cls, source) -> "Accountant":
+        """Accounting with the settings of ``source.current`` (a config.loader.ConfigWatcher:
+        the configuration in force) at each call."""
+        return cls(lambda: AccountingSettings.from_config(source.current))
+
     def account(self, machines: Sequence[Machine], now: float) -> List[Union[Accounted, AccountingError]]:
         """Account finished VMs, in order; a VM whose record failed gets its error instead.
 
