@@ -228,7 +228,8 @@ def bench_parallel_fill(vms: int = 8) -> bool:
     return ratio <= 1.3
 
 
-def engine_fill(tmp: str, tag: str, vms: int, kernel: str, initrd: str):
+def engine_fill(tmp: str, tag: str, vms: int, kernel: str, initrd: str, uri: str = "qemu:///system",
+                domain_type: str = "qemu"):
     """An in-process engine on qemu:///system fills ``vms`` processors in one round; returns the
     specs it started and the round's wall time. Its domains are destroyed afterwards."""
     import random
@@ -247,11 +248,12 @@ def engine_fill(tmp: str, tag: str, vms: int, kernel: str, initrd: str):
     os.makedirs(directory)
     os.chmod(directory, 0o755)
     name = f"vfbpar{tag}{os.getpid()}.example.org"
-    config = write_daemon_config(directory, name, "qemu:///system", "qemu", vms,
+    config = write_daemon_config(directory, name, uri, domain_type, vms,
                                  "console=ttyS0 quiet panic=-1", kernel, initrd, 60)
     watcher = ConfigWatcher(ConfigSources.for_main_file(config), host_facts=HOST)
-    hypervisor = LibvirtHypervisor("qemu:///system")
-    hypervisor.ensure_network(network_spec(watcher.current))
+    hypervisor = LibvirtHypervisor(uri)
+    if domain_type != "test":
+        hypervisor.ensure_network(network_spec(watcher.current))
     specs = []
     create = hypervisor.create
 

@@ -62,7 +62,7 @@ class Finisher:
                     "%s: cannot record how it ended, will retry: %s", entry.name, error)
             return False
         checkpoint("finish.recorded")
-        entry.machine, entry.unrecorded, entry.seen_running = machine, None, False
+        self.vms.ended(entry, machine)
         if finished.outcome != FAILED:
             self.recorder.finished(machine.record.machinetype, finished.code, finished.outcome)
             if self.on_finished is not None:

@@ -122,6 +122,14 @@ class VMTable:
             entry.stop_time = entry.final_cpu = None
         return facts
 
+    def ended(self, entry: VMEntry, machine: Machine) -> None:
+        """``machine`` (its `finished` written) replaces the entry's, and the event facts go:
+        under the lock, so a stop event racing with the end cannot leave one behind."""
+        with self._lock:
+            entry.machine = machine
+            entry.stop_time = entry.final_cpu = None
+            entry.unrecorded, entry.seen_running = None, False
+
     def set_final_cpu(self, entry: VMEntry, cpu_seconds: float) -> None:
         with self._lock:
             entry.final_cpu = cpu_seconds
