@@ -184,3 +184,20 @@ def test_the_engine_reaches_exactly_the_checkpoints_the_lifecycle_table_names():
             with open(os.path.join(REPO, "vacfactory/engine", name)) as f:
                 used |= set(re.findall(r'checkpoint\("([a-z_.]+)"\)', f.read()))
     assert used == set(faults.POINTS)
+
+
+def test_a_stop_event_racing_with_the_end_of_a_vm_leaves_no_fact_behind(fake_engine):
+    """The event thread and the engine meet only in VMTable: facts noted while the VM is live
+    go with its end; facts noted after it are dropped (the soak once found them piling up)."""
+    factory, hv, clock = fake_engine(total=1)
+    factory.run_round()
+    (vm,) = factory.machines.values()
+    entry = factory.vms[vm.uuid]
+    factory.vms.note_stop(vm.uuid, clock(), 12.0)  # arrives while the VM is still live
+    assert (entry.stop_time, entry.final_cpu) == (clock(), 12.0)
+    ended = factory.store.mark_finished(entry.machine, factory.finisher.ending(entry, clock(), None, None))
+    factory.vms.note_stop(vm.uuid, clock(), 13.0)  # a late duplicate, before the engine took the end in
+    factory.vms.ended(entry, ended)
+    assert (entry.stop_time, entry.final_cpu, entry.seen_running) == (None, None, False)
+    factory.vms.note_stop(vm.uuid, clock() + 1, 14.0)  # and after
+    assert (entry.stop_time, entry.final_cpu) == (None, None) and not entry.live
