@@ -9,6 +9,7 @@ next start); SIGHUP makes the engine re-read the configuration at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -36,9 +37,10 @@ from vacfactory.engine.snapshot import machine_status
 from vacfactory.engine.spacewatch import SpaceWatcher
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
 from vacfactory.errors import HypervisorError, VacFactoryError
-from vacfactory.factory import Factory
+from vacfactory.engine.factory import Factory
+from vacfactory.hypervisor.addressing import NetworkSpec, slot_ip, slot_mac
+from vacfactory.hypervisor.base import Hypervisor
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
-from vacfactory.hypervisor.network import NetworkSpec, slot_ip, slot_mac
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
 from vacfactory.fetch.pipefetch import refresh_pipes
@@ -138,8 +140,9 @@ class Daemon:
         """``clock``: the wall clock of the engine and the accounting jobs (tests move it)."""
         self.host_facts = host_facts or HostFacts.probe()
         self.watcher = ConfigWatcher(sources, host_facts=self.host_facts)
-        self.config = self.watcher.current
         settings = self.config.settings
+        #: ends the engine's wait between rounds: libvirt events, signals, finished downloads
+        self.wake = threading.Event()
         self.lock = StateLock(settings.state_dir)
         self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
         self.store = MachineStore(settings.state_dir)
@@ -147,7 +150,7 @@ class Daemon:
         self.images = ImageCache(
             settings.image_cache_dir, settings.pipe_ca_path,
             settings.image_fetch_timeout_seconds, settings.image_check_seconds,
-            background=True, on_ready=lambda: self.factory.wake.set(),
+            background=True, on_ready=self.wake.set,
             policy=UrlPolicy.from_words(settings.internal_url_hosts),
             max_bytes=int(settings.image_max_download_gb * (1 << 30)),
             reserve_bytes=settings.image_download_reserve_mb << 20,
@@ -155,9 +158,9 @@ class Daemon:
         self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
             hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config),
-                                   meta_source=lambda: vm_meta(self.factory.config),
+                                   meta_source=self.vm_meta,
                                    jobfs=make_jobfs(self.config))
-        self.space = SpaceWatcher(lambda: self.factory.config)
+        self.space = SpaceWatcher(current_config(self.watcher))
         self.space.memory = RecordingSpaceMemory(self.space.memory.max_age)
         self.factory = Factory(
             config_source=self.watcher,
@@ -165,12 +168,13 @@ class Daemon:
             store=self.store,
             builder=self.builder,
             boundary=self.boundary,
-            accountant=Accountant(lambda: AccountingSettings.from_config(self.factory.config)),
+            accountant=Accountant.for_config(self.watcher),
             host_processors=self.host_facts.cpu_count,
             space_view=self.space.view,
             on_finished=self.vm_finished,
             on_created=self.vm_created,
             clock=clock,
+            wake=self.wake,
         )
         self.host_status = HostStatusReader(settings.state_dir)
         self.started_at = time.time()
@@ -211,6 +215,16 @@ class Daemon:
             Periodic("vacmon", VACMON_SECONDS, self.send_vacmon),
         ]
 
+    @property
+    def config(self):
+        """The configuration in force: the one place the daemon reads it (the watcher keeps the
+        last good one; the engine polls it at each round)."""
+        return self.watcher.current
+
+    def vm_meta(self) -> dict:
+        """The metadata the HTTP server adds for every VM, from the configuration in force."""
+        return vm_meta(self.config)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -246,8 +260,8 @@ class Daemon:
         self.factory.run(until=until, after_round=self._after_round)
 
     def _after_round(self) -> None:
-        if self.factory.config is not self._config_seen:
-            self._config_seen = self.factory.config
+        if self.config is not self._config_seen:
+            self._config_seen = self.config
             self.config_accepted_at = time.time()
         if self._sighup.is_set():
             self._sighup.clear()
@@ -257,7 +271,7 @@ class Daemon:
                      + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.config_accepted_at)))
         self.apply_image_settings()
         self.publish_snapshot()
-        if self.factory.config is not self._responder_config:
+        if self.config is not self._responder_config:
             self.run_job("responder", self.ensure_responder)  # a reload: not in a minute
         self.publish_metrics()
         self.page.feed(engine_facts(self))
@@ -301,13 +315,13 @@ class Daemon:
         """SIGHUP: re-read the configuration now (acknowledged in the log after the round;
         logging inside a signal handler could deadlock on the handler's lock)."""
         self._sighup.set()
-        self.factory.wake.set()
+        self.wake.set()
 
     def status_extra(self) -> dict:
         """What the daemon adds to status.json for `vacfactory status`: itself, the
         configuration in force, backoffs and the space."""
         factory = self.factory
-        config = factory.config
+        config = self.config
         now = factory.clock()
         errors = self.watcher.errors
         backoffs = {}
@@ -352,7 +366,7 @@ class Daemon:
 
     def ensure_network(self) -> None:
         """Create or repair the private VM network (fixed MAC -> IP per slot)."""
-        config = self.factory.config
+        config = self.config
         if not uses_network(config):
             return
         spec = network_spec(config)
@@ -363,7 +377,7 @@ class Daemon:
 
     def ensure_http(self) -> None:
         """Serve MJF/metadata on 169.254.169.253/.254 once those addresses exist."""
-        config = self.factory.config
+        config = self.config
         if self.http is not None or not uses_network(config):
             return
         port = config.settings.http_port
@@ -387,7 +401,7 @@ class Daemon:
         now = factory.clock()
         report = factory.last_report
         self.snapshot = self.snapshot_pacer.build(lambda: build_snapshot(
-            factory.config, factory.machines, factory.own_states(now), factory.last_finishes,
+            self.config, factory.machines, factory.own_states(now), factory.last_finishes,
             self.host_status.read(), now, report.time if report else 0.0, self.http is not None,
             self._efficiency(now),
         ))
@@ -400,7 +414,7 @@ class Daemon:
     def publish_metrics(self) -> None:
         """Build the /metrics snapshot in the engine thread (the HTTP thread only reads it)."""
         factory = self.factory
-        config = factory.config
+        config = self.config
         now = factory.clock()
         running = {name: (0, 0) for name in config.machinetypes}
         for machine in factory.machines.values():
@@ -439,7 +453,7 @@ class Daemon:
         last = memory.last if isinstance(memory, RecordingSpaceMemory) else None
         now = self.space.clock()
         answered = held = unknown = 0
-        for name in self.space.others(self.factory.config):
+        for name in self.space.others(self.config):
             if last is None or memory.age(name, now) > memory.max_age:
                 unknown += 1
             elif name in last.answered:
@@ -468,8 +482,8 @@ class Daemon:
     def ensure_metrics(self) -> None:
         """Serve /metrics and the status page on metrics_port; a reload that changes the port
         or metrics_address moves it (port 0: none)."""
-        port = self.factory.config.settings.metrics_port
-        address = self.factory.config.settings.metrics_address
+        port = self.config.settings.metrics_port
+        address = self.config.settings.metrics_address
         if self.metrics is not None and (self.metrics.requested_port, self.metrics.bind_address) == (port, address):
             return
         if self.metrics is not None:
@@ -488,12 +502,12 @@ class Daemon:
 
     def refresh_pipes(self) -> None:
         """Fetch due vacuum pipes into their caches; the config watcher reloads from them."""
-        for problem in refresh_pipes(self.factory.config):
+        for problem in refresh_pipes(self.config):
             log.warning("%s", problem)
 
     def accounting_jobs(self) -> None:
         """The daily APEL sync records, and the built-in sender when apel_send is on."""
-        settings = AccountingSettings.from_config(self.factory.config)
+        settings = AccountingSettings.from_config(self.config)
         now = self.factory.clock()
         written = sync_if_due(settings, now)
         if written:
@@ -508,7 +522,7 @@ class Daemon:
         """Sync records counting what the final flush accounted (issue 18: a start-up sync
         alone leaves APEL seeing more jobs than the site reported)."""
         try:
-            written = sync_at_stop(AccountingSettings.from_config(self.factory.config), self.factory.clock())
+            written = sync_at_stop(AccountingSettings.from_config(self.config), self.factory.clock())
         except (VacFactoryError, OSError) as error:
             log.error("final APEL sync failed (the next start syncs again): %s", error)
             return
@@ -516,7 +530,7 @@ class Daemon:
 
     def ensure_syslog(self) -> None:
         """Receive the VMs' syslog when syslog_server is this factory; restart on changes."""
-        s = self.factory.config.settings
+        s = self.config.settings
         wanted = (receiver_address(s.syslog_server), s.syslog_forward, s.syslog_max_bytes_per_vm,
                   s.syslog_rate_per_vm, s.syslog_burst_per_vm)
         if self.syslog is not None and wanted == self._syslog_settings:
@@ -524,7 +538,7 @@ class Daemon:
         if self.syslog is not None:
             self.syslog.stop()
             self.syslog = None
-        if wanted[0] is None or not uses_network(self.factory.config):
+        if wanted[0] is None or not uses_network(self.config):
             return
         receiver = SyslogReceiver(
             [wanted[0]], registry_resolver(self.boundary.registry),
@@ -540,7 +554,7 @@ class Daemon:
 
     def expire_evidence(self) -> None:
         """Retention of VM syslog files and kept disks (machine directories: the engine)."""
-        s = self.factory.config.settings
+        s = self.config.settings
         now = time.time()
         syslogd.expire([m.path for m in list(self.factory.machines.values())], s.syslog_days, now)
         for path in kept.expire_kept(s.state_dir, now):
@@ -548,7 +562,7 @@ class Daemon:
 
     def apply_image_settings(self) -> None:
         """The image cache follows configuration reloads (its next download uses them)."""
-        s = self.factory.config.settings
+        s = self.config.settings
         self.images.ca_path = s.pipe_ca_path
         self.images.timeout = s.image_fetch_timeout_seconds
         self.images.check_seconds = s.image_check_seconds
@@ -560,12 +574,12 @@ class Daemon:
         """Delete cached image versions no live VM's overlay reads any more."""
         in_use = {m.record.root_image_path for m in self.factory.machines.values()
                   if m.cleaned is None and m.record.root_image_path}
-        in_use |= kept.kept_backing_files(self.factory.config.settings.state_dir)
+        in_use |= kept.kept_backing_files(self.config.settings.state_dir)
         for path in self.images.prune(in_use):
             log.info("image cache: removed %s", path)
 
     def send_vacmon(self) -> None:
-        wanted = tuple(self.factory.config.settings.vacmon_hostport)
+        wanted = tuple(self.config.settings.vacmon_hostport)
         if (self.vacmon.hostports if self.vacmon is not None else ()) != wanted:  # reloaded
             if self.vacmon is not None:
                 self.vacmon.close()
@@ -587,7 +601,7 @@ class Daemon:
         changed udp_port by binding the new port before the old one closes. If the new key
         cannot be read or the new port cannot be bound, the responder keeps serving as it was.
         """
-        config = self.factory.config
+        config = self.config
         s = config.settings
         self._responder_config = config
         if self.peers is None or set(self.peers.names) != set(self._peer_names(s)):
@@ -629,7 +643,7 @@ class Daemon:
 
     def enforce_joboutputs_limits(self) -> None:
         """VMs writing over NFS bypass the HTTP caps: trim their joboutputs regularly."""
-        config = self.factory.config
+        config = self.config
         for machine in list(self.factory.machines.values()):
             if machine.live and machine.record.mjf_transport == "nfs":
                 mt = config.machinetypes.get(machine.record.machinetype)
@@ -638,6 +652,12 @@ class Daemon:
 
 #: slots 0..251 map to 169.254.169.1-.252; .253 and .254 are the MJF and metadata addresses
 MAX_SLOTS = 252
+
+
+def current_config(source) -> Callable[[], object]:
+    """A callable giving ``source``'s configuration in force (``source.current``), for the
+    collaborators that read it at each use (a reload takes effect without rewiring)."""
+    return functools.partial(getattr, source, "current")
 
 
 def network_spec(config) -> NetworkSpec:
@@ -661,7 +681,7 @@ def network_spec(config) -> NetworkSpec:
     )
 
 
-def describe_hypervisor(hypervisor: LibvirtHypervisor, domain_type: str) -> str:
+def describe_hypervisor(hypervisor: Hypervisor, domain_type: str) -> str:
     """The machinefeatures `hypervisor` value; empty if libvirtd cannot be asked right now."""
     try:
         return f"{hypervisor.describe()} {domain_type}"

@@ -1,7 +1,8 @@
 """Named crash points for the fault-injection suite (tests/faults/, `make faults`).
 
 The engine calls :func:`checkpoint` between every two writes of creating, destroying,
-finishing, accounting and cleaning a VM. Normally nothing happens. With the environment
+finishing, accounting and cleaning a VM (the actions of core/lifecycle.py's table name
+them). Normally nothing happens. With the environment
 variable ``VACFACTORY_CRASH_AT=NAME[:N]`` the process kills itself with SIGKILL the N-th time
 (default 1) it reaches the checkpoint NAME - exactly what a power cut or kill -9 at that
 instant does - so tests can prove that a restart loses and duplicates nothing.
@@ -13,19 +14,13 @@ import os
 import signal
 from typing import Dict, Optional, Tuple
 
-#: every checkpoint name the engine uses, in the order a VM's life reaches them
-POINTS = (
-    "create.prepared",        # machine directory in place, nothing published
-    "create.published",       # exports/registry done, no domain
-    "create.domain_started",  # domain running, `started` not written
-    "destroy.before",         # decided to kill, domain still running
-    "destroy.after",          # domain destroyed, `finished` not written
-    "finish.recorded",        # `finished` written, nothing accounted
-    "account.written",        # APEL record archived and queued, `accounted` not written
-    "account.marked",         # `accounted` written, exports and disks still there
-    "clean.withdrawn",        # exports withdrawn, disks still there
-    "clean.disks_removed",    # disks removed, `cleaned` not written
-)
+from vacfactory.core import lifecycle
+
+#: every checkpoint name the engine uses, in the order a VM's life reaches them, derived from
+#: the lifecycle table (vacfactory/core/lifecycle.py, each action's before/after): create.prepared,
+#: create.published, create.domain_started, destroy.before, destroy.after, finish.recorded,
+#: account.written, account.marked, clean.withdrawn, clean.disks_removed
+POINTS = lifecycle.checkpoints()
 
 _armed: Optional[Tuple[str, int]] = None
 _counts: Dict[str, int] = {}

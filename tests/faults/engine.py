@@ -19,14 +19,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine import naming
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.factory import Factory, RoundReport
+from vacfactory.engine.factory import Factory, RoundReport
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
 
@@ -203,15 +202,13 @@ def make_engine(directory: str, total: int, machinetypes: Dict[str, Dict[str, st
     clock, monotonic = Clock(start), Clock(1000.0)
     watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=HOST)
     hypervisor = LibvirtHypervisor("test:///default")
-    holder = {}
     kwargs = dict(
         config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
         builder=VMBuilder(state_dir), boundary=VMBoundary(),
-        accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config)),
+        accountant=Accountant.for_config(watcher),
         host_processors=64, clock=clock, load_average=lambda: 0.0, rng=random.Random(seed),
     )
     factory = Factory(monotonic=monotonic, **kwargs)
-    holder["factory"] = factory
     factory.start()
     return Engine(factory, hypervisor, clock, monotonic, state_dir, name, config_path, fate)
 

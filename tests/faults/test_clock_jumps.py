@@ -31,7 +31,7 @@ from typing import Dict, List
 
 from tests.faults import invariants, profile
 from tests.faults.engine import Guest, fake_kernel, make_engine
-from vacfactory.factory import RETENTION_SECONDS
+from vacfactory.engine.factory import RETENTION_SECONDS
 
 HEARTBEAT_SECONDS = 120
 FIZZLE = 300

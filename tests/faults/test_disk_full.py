@@ -37,7 +37,7 @@ from tests.faults.daemons import (
     make_root_image,
     wait_for,
 )
-from vacfactory.factory import MIN_FREE_STATE_MIB
+from vacfactory.engine.factory import MIN_FREE_STATE_MIB
 
 FULL_SECONDS = profile.pick(12.0, 40.0)
 #: room for the factory's working set above the floor below which it pauses creation

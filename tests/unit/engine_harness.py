@@ -17,14 +17,13 @@ import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
-from vacfactory.accounting.settings import AccountingSettings
 from vacfactory.config.hostfacts import HostFacts
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine import naming
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.factory import Factory
+from vacfactory.engine.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import MachineStore
 
@@ -141,20 +140,18 @@ def make_harness(
     watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=host)
     state_dir = watcher.current.settings.state_dir
     hypervisor = LibvirtHypervisor("test:///default")
-    holder = {}
     factory = Factory(
         config_source=watcher,
         hypervisor=hypervisor,
         store=MachineStore(state_dir),
         builder=VMBuilder(state_dir),
         boundary=VMBoundary(),
-        accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config)),
+        accountant=Accountant.for_config(watcher),
         host_processors=64,
         clock=clock,
         load_average=lambda: 0.0,
         rng=random.Random(7),
     )
-    holder["factory"] = factory
     factory.start()
     return Harness(factory, hypervisor, clock, config_path, state_dir, name)
 

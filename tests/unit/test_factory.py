@@ -24,7 +24,7 @@ from tests.unit.engine_harness import (
     settings_text,
 )
 from vacfactory.errors import StateError
-from vacfactory.factory import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB
+from vacfactory.engine.factory import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB
 from vacfactory.hypervisor.base import VMSpec
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 
@@ -429,7 +429,7 @@ class FreeSpace:
 def test_creation_pauses_below_the_free_space_floor_and_resumes_when_space_returns(engine, caplog):
     h = engine(total=4)
     space = h.factory.free_space = FreeSpace(MIN_FREE_STATE_MIB - 1)
-    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    caplog.set_level(logging.INFO, logger="vacfactory.engine")
     report = h.factory.run_round()
     assert space.asked == [h.state_dir]
     assert report.created == [] and report.failed == [] and h.domains() == []
@@ -473,7 +473,7 @@ def test_a_creation_that_runs_out_of_space_pauses_creation_until_space_grows(eng
         raise OSError(errno.ENOSPC, "No space left on device")
 
     h.factory.store.prepare = full_disk
-    caplog.set_level(logging.INFO, logger="vacfactory.factory")
+    caplog.set_level(logging.INFO, logger="vacfactory.engine")
     report = h.factory.run_round()
     assert len(calls) == 1, "one creation ran out of space: the others of the round must wait"
     assert report.failed == ["alpha"] and report.created == []
@@ -508,7 +508,7 @@ def test_a_creation_out_of_space_is_retried_after_the_pause_without_more_space(e
 def test_retention_keeps_running_after_the_wall_clock_steps_back(engine):
     h = engine(total=1, machinetypes=(("alpha", 1, "machines_dir_days = 0.01\nbackoff_seconds = 0"),))
     monotonic = Clock(1000.0)
-    h.factory.monotonic = h.factory._elapsed = monotonic  # the daemon's time.monotonic
+    h.factory.clock_steps.monotonic = h.factory._elapsed = monotonic  # the daemon's time.monotonic
 
     def step(seconds: float) -> None:
         h.clock.advance(seconds)
@@ -526,3 +526,27 @@ def test_retention_keeps_running_after_the_wall_clock_steps_back(engine):
     step(0.01 * 86400 + 30)  # its retention (864 s) has passed: deleted, not an hour later
     assert vm.uuid not in h.factory.machines
     assert not os.path.exists(vm.path)
+
+
+def test_a_value_the_spec_refuses_fails_that_one_vm_cleanly_and_the_engine_goes_on(engine, tmp_path):
+    """root_device = xvda passes the option table but not DiskSpec: it used to escape the round
+    as a ValueError and leave a prepared machine directory that every restart hit again."""
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\0" * 4096)
+    h = engine(total=2, machinetypes=[("alpha", 1, f"root_image = {base}\nroot_device = xvda\n")])
+    report = h.factory.run_round()  # does not raise
+    assert report.created == [] and report.failed == ["alpha"]
+    assert h.domains() == [] and h.live() == []
+    (machine,) = h.factory.machines.values()
+    assert machine.finished.outcome == "failed" and machine.finished.reason == "create_failed"
+    assert machine.accounted.skipped == "never started" and machine.cleaned is not None
+    assert not [e for e in os.listdir(os.path.join(h.state_dir, "machines")) if e.startswith(".new-")]
+    failure = h.factory.creation_failures["alpha"]
+    assert "xvda" in failure["reason"] and "machinetype alpha" in failure["reason"]
+    # a restart finds nothing to redo; the edit that fixes the value makes VMs again
+    h = h.restart()
+    assert h.live() == []
+    h.rewrite_config(open(h.config_path).read().replace("root_device = xvda", "root_device = vda"))
+    h.clock.advance(1)
+    assert len(h.factory.run_round().created) == 2
+    h.teardown()

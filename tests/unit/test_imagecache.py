@@ -518,7 +518,7 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
     from vacfactory.engine.accountant import Accountant
     from vacfactory.engine.boundary import VMBoundary
     from vacfactory.engine.vmbuild import VMBuilder
-    from vacfactory.factory import Factory
+    from vacfactory.engine.factory import Factory
     from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
     from vacfactory.state.machines import MachineStore
     from vacfactory.state.status import StatusFiles
@@ -545,7 +545,7 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
     images.on_ready = factory.wake.set
     factory.start()
     try:
-        with caplog.at_level(logging.INFO, logger="vacfactory.factory"):
+        with caplog.at_level(logging.INFO, logger="vacfactory.engine"):
             for _ in range(3):
                 began = time.monotonic()
                 report = factory.run_round()

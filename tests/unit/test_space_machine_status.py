@@ -77,7 +77,7 @@ def test_the_engine_records_recent_cpu_and_sends_lifetime_efficiency_apart(harne
     machine = store.write_heartbeat(machine, start + 100.0, 50.0)
     machine = store.write_heartbeat(machine, start + 110.0, 60.0)  # 10 CPU-s in 10 s
     assert machine.heartbeat.cpu_percentage == 100.0
-    h.factory.machines[machine.uuid] = machine
+    h.factory.vms[machine.uuid].machine = machine
     (reply,) = [r for r in machine_replies(h, start + 110.0) if r["uuid"] == machine.uuid]
     assert reply["cpu_percentage"] == 100.0
     assert reply["cpu_efficiency"] == pytest.approx(60.0 / 110.0, abs=0.001)

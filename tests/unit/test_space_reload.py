@@ -22,6 +22,7 @@ from tests.unit.engine_harness import HOST, kernel_file, machinetype_text
 from tests.waiting import poll, scaled
 from vacfactory.config.loader import ConfigSources
 from vacfactory.daemon import Daemon
+from vacfactory.engine import creation
 from vacfactory.engine.snapshot import SnapshotPacer
 from vacfactory.space import auth
 from vacfactory.space.client import SpaceReplies, query_space
@@ -264,9 +265,11 @@ def test_reconfigure_applies_the_new_key_and_space_from_the_next_datagram():
 # -- task: VMs created during a long round are visible before it ends -----------------------------
 
 
-def test_a_long_rounds_vms_are_answered_for_while_the_round_still_runs(site):
-    """8 VMs in one round, each taking 100 ms to start: before each creation, the responder
-    already reports every VM created before it in that round."""
+def test_a_long_rounds_vms_are_answered_for_while_the_round_still_runs(site, monkeypatch):
+    """8 VMs in one round, each taking 100 ms to start, one at a time (as on a host where the
+    engine starts one creation at once): once the first has started, the responder reports
+    every VM of the round (each is prepared before any starts), while the round still runs."""
+    monkeypatch.setattr(creation, "MAX_PARALLEL_CREATIONS", 1)
     port = free_udp_port()
     site.write(space="s.example.org", port=port, key_file=site.key_file("space", "k"), total=8)
     daemon = site.start()
@@ -288,7 +291,8 @@ def test_a_long_rounds_vms_are_answered_for_while_the_round_still_runs(site):
     before = daemon.snapshot_pacer.builds
     report = daemon.factory.run_round()
     assert len(report.created) == 8
-    assert seen == list(range(8)), seen
+    # all 8 are prepared (live) before the first starts; each start republishes the snapshot
+    assert seen == [0] + [8] * 7, seen
     assert daemon.snapshot_pacer.builds - before == 8  # one per creation, none wasted
     daemon._after_round()
     final = ask(site, port, "s.example.org", "k").answered[site.name].replies[0].status

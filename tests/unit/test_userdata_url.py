@@ -26,7 +26,7 @@ from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import MAX_TEMPLATE_BYTES, VMBuilder
-from vacfactory.factory import Factory
+from vacfactory.engine.factory import Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import MachineStore

@@ -371,14 +371,15 @@ def test_vm_raw_gets_an_overlay_root_and_a_scratch_disk_of_disk_gb_per_processor
     machine, spec = build(site, config, processors=2)
 
     root, scratch = spec.disks
+    assert os.listdir(machine.disks_dir) == []  # the spec describes; the hypervisor makes them
     assert (root.path, root.target_dev, root.bus, root.device) == \
         (os.path.join(machine.disks_dir, "root.qcow2"), "vda", "virtio", "disk")
-    assert virtual_size(root.path) == 16 << 20  # an overlay on the root image
     assert (scratch.path, scratch.target_dev, scratch.bus, scratch.fmt) == \
         (os.path.join(machine.disks_dir, "scratch.qcow2"), "hdb", "ide", "qcow2")
-    assert virtual_size(scratch.path) == 3 * 2 * 10**9
     assert spec.boot == "hd" and spec.kernel is None
     assert accepted_by_libvirt(spec)
+    assert virtual_size(root.path) == 16 << 20  # an overlay on the root image
+    assert virtual_size(scratch.path) == 3 * 2 * 10**9
 
 
 def test_vm_raw_without_disk_gb_per_processor_gets_no_scratch_disk(site: Site) -> None:
@@ -387,6 +388,7 @@ def test_vm_raw_without_disk_gb_per_processor_gets_no_scratch_disk(site: Site) -
     config = site.configure(machinetype="root_image = base.img\n", kernel=False)
     machine, spec = build(site, config, processors=2)
     assert [d.target_dev for d in spec.disks] == ["vda"]
+    assert accepted_by_libvirt(spec)
     assert sorted(os.listdir(machine.disks_dir)) == ["root.qcow2"]
 
 
@@ -406,11 +408,11 @@ def test_cernvm_boots_the_root_image_iso_from_cdrom_with_an_empty_root_disk_on_r
         (iso, "cdrom", "raw", True, "hdc", "ide")
     assert (root.path, root.device, root.fmt, root.target_dev, root.bus) == \
         (os.path.join(machine.disks_dir, "root.qcow2"), "disk", "qcow2", "hda", "ide")
-    assert virtual_size(root.path) == gb_per_processor * 2 * 10**9
     assert spec.boot == "cdrom" and spec.kernel is None
     os_el = ET.fromstring(domain_xml(spec)).find("os")
     assert os_el.find("boot").get("dev") == "cdrom"
     assert accepted_by_libvirt(spec)
+    assert virtual_size(root.path) == gb_per_processor * 2 * 10**9
     # what the VM is told it has: its root disk is its scratch space
     with open(os.path.join(machine.jobfeatures_dir, "scratch_limit_bytes")) as f:
         assert f.read() == str(gb_per_processor * 2 * 10**9)

@@ -231,7 +231,20 @@ def format_service_level(value: float) -> str:
 
 def is_fizzle(usage: VMUsage, fizzle_seconds: float) -> bool:
     """A VM that ran less than ``fizzle_seconds`` gets no record (Vac's rule)."""
-    return usage.wall_seconds < fizzle_seconds
+    return why_no_record(usage.wall_seconds, fizzle_seconds) is not None
+
+
+def why_no_record(wall_seconds: Optional[float], fizzle_seconds: float) -> Optional[str]:
+    """Vac's rule, in one place: why an ended VM gets no APEL record, or None if it gets one.
+
+    A VM that never started (``wall_seconds`` None) or ran less than ``fizzle_seconds`` (a
+    fizzle) gets none; every other VM does, whatever its outcome.
+    """
+    if wall_seconds is None:
+        return "never started"
+    if wall_seconds < fizzle_seconds:
+        return f"ran {int(wall_seconds)} s, less than fizzle_seconds ({int(fizzle_seconds)})"
+    return None
 
 
 # --------------------------------------------------------------------------- rendering

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Union
 from vacfactory.accounting.account import account_vms
 from vacfactory.accounting.records import VMUsage
 from vacfactory.accounting.settings import AccountingSettings
+from vacfactory.core.apel import why_no_record
 from vacfactory.core.outcomes import Outcome
 from vacfactory.errors import AccountingError
 from vacfactory.state.machines import Machine
@@ -23,6 +24,12 @@ class Accountant:
     def __init__(self, settings: Callable[[], AccountingSettings]) -> None:
         """``settings`` is called each time, so a reloaded configuration takes effect."""
         self.settings = settings
+
+    @classmethod
+    def for_config(cls, source) -> "Accountant":
+        """Accounting with the settings of ``source.current`` (a config.loader.ConfigWatcher:
+        the configuration in force) at each call."""
+        return cls(lambda: AccountingSettings.from_config(source.current))
 
     def account(self, machines: Sequence[Machine], now: float) -> List[Union[Accounted, AccountingError]]:
         """Account finished VMs, in order; a VM whose record failed gets its error instead.
@@ -40,16 +47,13 @@ class Accountant:
 
     @staticmethod
     def _skip(machine: Machine, now: float) -> Optional[Accounted]:
-        """Why a VM gets no record (never started, fizzled), or None if it gets one."""
+        """Why a VM gets no record (core.apel.why_no_record), or None if it gets one."""
         finished = machine.finished
         assert finished is not None, "only finished VMs are accounted"
-        if machine.started is None or finished.outcome == Outcome.FAILED.value:
-            return Accounted(time=now, skipped="never started")
-        wall = finished.end_time - machine.started.time
-        if wall < machine.record.fizzle_seconds:
-            return Accounted(time=now, skipped=f"ran {int(wall)} s, less than fizzle_seconds "
-                                               f"({int(machine.record.fizzle_seconds)})")
-        return None
+        ran = machine.started is not None and finished.outcome != Outcome.FAILED.value
+        wall = finished.end_time - machine.started.time if ran else None  # type: ignore[union-attr]
+        why = why_no_record(wall, machine.record.fizzle_seconds)
+        return None if why is None else Accounted(time=now, skipped=why)
 
 
 def usage(machine: Machine) -> VMUsage:

@@ -75,11 +75,7 @@ def mjf_input(config, record, extras: Mapping[str, str]) -> MJFInput:
     non-standard machinefeatures (host facts, syslog, the site's machinefeatures_option_XXX)."""
     s = config.settings
     mt = config.machinetypes.get(record.machinetype)
-    scratch_gb = None
-    if mt is not None and mt.machine_model in ("cernvm3", "cernvm4"):
-        scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor or 40) * record.processors
-    elif mt is not None and (mt.disk_gb_per_processor or s.disk_gb_per_processor):
-        scratch_gb = (mt.disk_gb_per_processor or s.disk_gb_per_processor) * record.processors
+    scratch_bytes = scratch_disk_bytes(s, mt, record.processors) if mt is not None else 0
     return MJFInput(
         job_id=record.uuid,
         processors=record.processors,
@@ -88,7 +84,22 @@ def mjf_input(config, record, extras: Mapping[str, str]) -> MJFInput:
         mb_per_processor=s.mb_per_processor,
         hs06_per_processor=record.hs06_per_processor,
         grace_seconds=s.grace_seconds,
-        scratch_bytes=int(scratch_gb * 1_000_000_000) if scratch_gb else 0,
+        scratch_bytes=scratch_bytes,
         max_swap_bytes=0,
         extra_machinefeatures=extras,
     )
+
+
+#: the disk of a CernVM VM (it boots from the ISO and installs onto this disk) when neither
+#: the machinetype nor the settings give disk_gb_per_processor, per processor (Vac's 40 GB)
+DEFAULT_CERNVM_DISK_GB = 40
+
+
+def scratch_disk_bytes(settings, mt, processors: int) -> int:
+    """The size of a VM's writable extra disk (0: none), the one rule for the disk the
+    hypervisor makes and the size MJF announces: ``disk_gb_per_processor`` (the machinetype's,
+    else the settings') x processors, in 10^9 bytes; a CernVM always has one (its root disk)."""
+    disk_gb = mt.disk_gb_per_processor or settings.disk_gb_per_processor
+    if mt.machine_model in ("cernvm3", "cernvm4"):
+        disk_gb = disk_gb or DEFAULT_CERNVM_DISK_GB
+    return int(disk_gb * processors * 1_000_000_000) if disk_gb else 0

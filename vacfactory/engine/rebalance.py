@@ -1,6 +1,6 @@
 """Graceful rebalancing (and adaptive backoff's memory) in the engine, once per round.
 
-The engine keeps one :class:`Rebalancer` and calls :meth:`Rebalancer.round` each round with its
+The engine keeps one :class:`Rebalancer` and calls :meth:`Rebalancer.decide_view` each round with its
 live VMs and the space view. The round returns the view to decide on (with the aborts the
 factory has seen in earlier rounds, for adaptive backoff) and the MJF shutdown time rewrites
 to carry out, which the engine publishes exactly as it publishes a drain
@@ -11,13 +11,16 @@ any shutdown time). The decisions are the core's; this module maps the configura
 from __future__ import annotations
 
 import random
-from typing import List, Mapping, Sequence, Tuple
+from typing import Iterable, List, Mapping, Sequence, Tuple
 
 from vacfactory.core import rebalance as core_rebalance
 from vacfactory.core.adaptive_backoff import SpaceMemory
 from vacfactory.core.rebalance import Rewrite
 from vacfactory.core.views import LocalVM, SpaceView
 from vacfactory.engine import policies
+from vacfactory.engine.drain import move_shutdown
+from vacfactory.engine.entries import VMEntry
+from vacfactory.state.machines import MachineStore
 
 
 class Rebalancer:
@@ -25,6 +28,19 @@ class Rebalancer:
 
     def __init__(self) -> None:
         self.memory = SpaceMemory()
+
+    def decide_view(self, store: MachineStore, live: Iterable[VMEntry], config, local_vms: Sequence[LocalVM],
+                    space: SpaceView, now: float, rng: random.Random) -> SpaceView:
+        """One round: give notice to this factory's excess VMs (their MJF shutdown times moved,
+        as a drain moves them) and return the view to decide on."""
+        entries = {entry.machine.uuid: entry for entry in live}
+        original = {uuid: entry.machine.record.shutdown_time for uuid, entry in entries.items()}
+        view, rewrites = self.round(config, local_vms, original, space, now, rng)
+        for rewrite in rewrites:
+            entry = entries.get(rewrite.uuid)
+            if entry is not None:
+                move_shutdown(store, entry, rewrite.shutdown_time, config.settings.grace_seconds, "rebalance")
+        return view
 
     def round(
         self,

@@ -10,8 +10,9 @@
   is down leaves the cached copy in use; with no copy yet the machinetype is not startable this
   round (``ImageNotReady``), which is not a failed creation. ``##user_data_url##`` is the URL.
   A template or ``user_data_file_XXX`` over ``MAX_TEMPLATE_BYTES`` is a BuildError.
-- ``domain_spec``: disks made in the machine directory (with the optional config drive, whose
-  meta_data.json is the one the HTTP server serves) and the hypervisor.VMSpec.
+- ``domain_spec``: the hypervisor.VMSpec: the domain and the disks the hypervisor makes for it
+  in the machine directory (overlay, scratch disk, the optional config drive, whose
+  meta_data.json is the one the HTTP server serves). It creates nothing itself.
 
 Every URL a VM is given uses ``http_port`` (omitted when it is 80).
 
@@ -24,6 +25,7 @@ model may instead (or also) boot a kernel directly (``kernel_image``, ``initrd_i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -36,9 +38,8 @@ from vacfactory.engine import policies
 from vacfactory.engine.boundary import nfs_meta, vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
 from vacfactory.errors import ImageError, VacFactoryError
-from vacfactory.hypervisor import disks
-from vacfactory.hypervisor.base import DiskSpec, InterfaceSpec, VMSpec
-from vacfactory.hypervisor.network import slot_ip, slot_mac, slot_port
+from vacfactory.hypervisor.addressing import slot_ip, slot_mac, slot_port
+from vacfactory.hypervisor.base import ConfigDrive, DiskSpec, InterfaceSpec, Overlay, Scratch, VMSpec
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
@@ -46,7 +47,6 @@ from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_d
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CERNVM_DISK_GB = 40
 #: largest virtual size of a root image when max_root_image_gb is unset (see max_root_image_bytes)
 DEFAULT_MAX_ROOT_IMAGE_GIB = 100
 #: largest user_data template or user_data_file_XXX (each); larger is an error, never truncated
@@ -169,30 +169,35 @@ class VMBuilder:
     # -- the domain ---------------------------------------------------------------------
 
     def domain_spec(self, config, mt, machine: Machine) -> VMSpec:
-        """Make the VM's disks in its machine directory and describe its domain."""
+        """Describe the VM's domain and the disks the hypervisor makes for it (pure: no file
+        is created here). A value the spec refuses (``root_device = xvda``) is a BuildError."""
+        try:
+            return self._domain_spec(config, mt, machine)
+        except ValueError as error:  # the spec validates itself
+            raise BuildError(f"machinetype {mt.name}: {error}") from None
+
+    def _domain_spec(self, config, mt, machine: Machine) -> VMSpec:
         s = config.settings
         record = machine.record
         disk_list = []
         boot = "hd"
         root_image = record.root_image_path
-        disk_gb = mt.disk_gb_per_processor or s.disk_gb_per_processor
+        scratch_bytes = policies.scratch_disk_bytes(s, mt, record.processors)
+        root = os.path.join(machine.disks_dir, "root.qcow2")
         if mt.machine_model in ("cernvm3", "cernvm4") and root_image:
             # IDE cdrom on hdc as Vac does: the `pc` machine type has IDE built in
             disk_list.append(DiskSpec(path=root_image, target_dev="hdc", fmt="raw", device="cdrom",
                                       readonly=True, bus="ide"))
-            root = os.path.join(machine.disks_dir, "root.qcow2")
-            disks.create_scratch(root, int((disk_gb or DEFAULT_CERNVM_DISK_GB) * record.processors * 10**9))
-            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device)))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device),
+                                      source=Scratch(scratch_bytes)))
             boot = "cdrom"
         elif root_image:
-            root = os.path.join(machine.disks_dir, "root.qcow2")
-            disks.create_overlay(root_image, root, disks.image_format(root_image, max_root_image_bytes(s, mt)))
-            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device)))
-            if disk_gb:
-                scratch = os.path.join(machine.disks_dir, "scratch.qcow2")
-                disks.create_scratch(scratch, int(disk_gb * record.processors * 10**9))
-                disk_list.append(DiskSpec(path=scratch, target_dev=mt.scratch_device,
-                                          bus=bus_for(mt.scratch_device)))
+            disk_list.append(DiskSpec(path=root, target_dev=mt.root_device, bus=bus_for(mt.root_device),
+                                      source=Overlay(root_image, max_root_image_bytes(s, mt))))
+            if scratch_bytes:
+                disk_list.append(DiskSpec(path=os.path.join(machine.disks_dir, "scratch.qcow2"),
+                                          target_dev=mt.scratch_device, bus=bus_for(mt.scratch_device),
+                                          source=Scratch(scratch_bytes)))
         if mt.config_drive:
             disk_list.append(self._config_drive(config, machine))
         interface = None
@@ -224,25 +229,15 @@ class VMBuilder:
 
     def _config_drive(self, config, machine: Machine) -> DiskSpec:
         """The config-2 ISO: the VM's user_data and the meta_data.json the HTTP server serves."""
-        from vacfactory.vmio import configdrive
-
         try:
             with open(machine.user_data_path, "rb") as f:
                 user_data = f.read()
         except FileNotFoundError:
             user_data = b""
         path = os.path.join(machine.disks_dir, "config.iso")
-        configdrive.build_config_drive(path, user_data, meta_data(config, machine.record, machine))
-        return DiskSpec(path=path, target_dev="hdd", fmt="raw", device="cdrom", readonly=True, bus="ide")
-
-    def remove_disks(self, machine: Machine) -> None:
-        """Remove the VM's disks once its domain is gone (console log and outputs stay)."""
-        try:
-            names = os.listdir(machine.disks_dir)
-        except FileNotFoundError:
-            return
-        for name in names:
-            disks.remove_disk(os.path.join(machine.disks_dir, name))
+        meta = json.dumps(meta_data(config, machine.record, machine), sort_keys=True)
+        return DiskSpec(path=path, target_dev="hdd", fmt="raw", device="cdrom", readonly=True, bus="ide",
+                        source=ConfigDrive(user_data, meta))
 
     # -- files of a machinetype ---------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The hypervisor boundary: a narrow interface and its libvirt implementation.
 
 The engine imports from here only. This package is the only place in vacfactory that imports
-``libvirt`` or runs ``qemu-img``; :class:`LibvirtHypervisor` is imported lazily so that code
-which only needs the value types (and tests of it) runs where libvirt-python is missing.
+``libvirt`` or runs ``qemu-img``; :class:`LibvirtHypervisor`, the qemu-img helpers and the
+network module (which runs ``ip``) are imported lazily, so that code which only needs the
+interface and its value types (and tests of it) imports nothing that runs subprocesses, and
+runs where libvirt-python is missing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ from .base import (
     InterfaceSpec,
     VMSpec,
 )
-from .disks import create_overlay, create_scratch, image_format, remove_disk
+from .addressing import MAX_SLOT, NetworkSpec, slot_ip, slot_mac
 from .domainxml import domain_xml
-from .network import MAX_SLOT, NetworkSpec, network_xml, slot_ip, slot_mac
+
+_LAZY = {
+    "LibvirtHypervisor": "libvirt_hv",
+    "create_overlay": "disks",
+    "create_scratch": "disks",
+    "image_format": "disks",
+    "remove_disk": "disks",
+    "network_xml": "network",
+}
 
 __all__ = [
     "EVENT_KINDS",
@@ -49,8 +59,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LibvirtHypervisor":
-        from .libvirt_hv import LibvirtHypervisor
+    if name in _LAZY:
+        import importlib
 
-        return LibvirtHypervisor
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,18 +14,22 @@ never refuses what the configuration accepted; a refusal is an ``InvalidValue``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, List, Optional, Protocol, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple, Union
 
 from vacfactory.core import values
 from vacfactory.errors import InvalidValue
 
-from .network import NetworkSpec, check_port
+from .addressing import NetworkSpec, check_port
 
 __all__ = [
     "DomainState",
     "DiskSpec",
+    "Overlay",
+    "Scratch",
+    "ConfigDrive",
+    "DiskSource",
     "InterfaceSpec",
     "FilesystemSpec",
     "VMSpec",
@@ -63,8 +67,40 @@ def check_uuid(value: str) -> str:
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """A qcow2 overlay on ``backing`` (a root image whose format qemu-img reads; one that
+    claims more than ``max_virtual_bytes`` is refused)."""
+
+    backing: str
+    max_virtual_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """An empty sparse qcow2 disk of ``size_bytes`` (guest-visible size)."""
+
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ConfigDrive:
+    """An OpenStack config-drive ISO holding ``user_data`` and ``meta_data`` (JSON text)."""
+
+    user_data: bytes
+    meta_data: str
+
+
+#: how the hypervisor makes a disk before the domain starts
+DiskSource = Union[Overlay, Scratch, ConfigDrive]
+
+
+@dataclass(frozen=True)
 class DiskSpec:
-    """One block device: an image file the factory created (overlay, scratch) or an ISO."""
+    """One block device: an image file the factory created (overlay, scratch) or an ISO.
+
+    ``source`` says how the hypervisor makes the file when it creates the domain (behind the
+    seam: the engine only describes); None means the file exists already (a root image ISO).
+    """
 
     path: str
     target_dev: str = "vda"
@@ -72,6 +108,7 @@ class DiskSpec:
     device: str = "disk"  # disk | cdrom
     readonly: bool = False
     bus: str = "virtio"  # virtio | sata | ide (cdrom: sata)
+    source: Optional[DiskSource] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_path("disk", self.path)
@@ -215,10 +252,22 @@ class DomainEvent:
 
 
 class Hypervisor(Protocol):
-    """What the engine needs from a hypervisor, and nothing more."""
+    """What the engine and the daemon need from a hypervisor, and nothing more.
+
+    The hypervisor owns a VM's disks and its slot port: ``create`` makes the disks its spec
+    describes (overlays, scratch disks, config drives) and the slot's port before starting
+    the domain, and ``remove_disks`` deletes them once the domain is gone. ``create`` may be
+    called from several threads at once (a round's creations run in parallel).
+    """
 
     def create(self, spec: VMSpec) -> None:
-        """Start a transient domain; HypervisorError on failure."""
+        """Make the spec's disks and port, start a transient domain; HypervisorError on failure."""
+
+    def remove_disks(self, directory: str) -> None:
+        """Delete every disk image in ``directory`` (the VM's domain is gone). Idempotent."""
+
+    def describe(self) -> str:
+        """The hypervisor in one line (machinefeatures), e.g. "QEMU 7.2.0 libvirt 9.0.0"."""
 
     def destroy(self, uuid: str) -> bool:
         """Hard stop; False if the domain was already gone. Idempotent."""

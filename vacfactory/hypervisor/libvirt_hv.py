@@ -72,6 +72,7 @@ import libvirt
 
 from ..errors import HypervisorError
 from . import network as net
+from . import provision
 from .base import DomainEvent, DomainInfo, DomainState, InterfaceSpec, VMSpec, check_uuid
 from .domainxml import domain_xml
 
@@ -176,6 +177,8 @@ class LibvirtHypervisor:
         self._is_test = False
         self._callback: Optional[Callable[[DomainEvent], None]] = None
         self._validated_shapes: Set[Tuple] = set()
+        #: idle connections for creations running in parallel (see create)
+        self._spares: List[libvirt.virConnect] = []
         start_event_loop()
 
     # -- connections -----------------------------------------------------------------------
@@ -291,10 +294,35 @@ class LibvirtHypervisor:
     # -- the Hypervisor interface ----------------------------------------------------------
 
     def create(self, spec: VMSpec) -> None:
-        """Start ``spec`` as a transient domain (it vanishes when it stops)."""
+        """Make the spec's disks and slot port, then start it as a transient domain (it
+        vanishes when it stops).
+
+        Thread-safe: each concurrent creation uses a connection of its own from a small pool
+        (measured here, 8 TCG domains: 8.7 s one createXML after another, 2.6 s from 8 threads
+        on one connection, 1.8 s on separate connections).
+        """
         xml = domain_xml(spec)
-        conn = self._connection()
+        self._connection()  # reconnects (and re-registers for events) after an outage
         started = time.monotonic()
+        provision.make_disks(spec)
+        conn = self._creation_connection()
+        try:
+            self._start(conn, spec, xml)
+        except BaseException:
+            # not reused after a failure (a second close of one _error closed is harmless);
+            # closed now, since the exception's traceback would keep it (and the test driver's
+            # state) alive until the garbage collector runs
+            self._close_quietly(conn)
+            raise
+        with self._lock:
+            self._spares.append(conn)
+        log.info(
+            "%s: created domain %s (%s, %d vCPU, %d MiB) in %.2f s",
+            spec.name, spec.uuid, spec.domain_type, spec.vcpus, spec.memory_mib,
+            time.monotonic() - started,
+        )
+
+    def _start(self, conn: libvirt.virConnect, spec: VMSpec, xml: str) -> None:
         if spec.interface is not None and spec.interface.port is not None:
             self._ensure_port(conn, spec.interface, spec.name)
         try:
@@ -305,11 +333,20 @@ class LibvirtHypervisor:
             self._validated_shapes.add(shape)
         except libvirt.libvirtError as exc:
             raise self._error(conn, exc, "create failed", spec.name) from exc
-        log.info(
-            "%s: created domain %s (%s, %d vCPU, %d MiB) in %.2f s",
-            spec.name, spec.uuid, spec.domain_type, spec.vcpus, spec.memory_mib,
-            time.monotonic() - started,
-        )
+
+    def _creation_connection(self) -> libvirt.virConnect:
+        """A spare connection for one creation (opened when every spare is in use)."""
+        with self._lock:
+            while self._spares:
+                conn = self._spares.pop()
+                if self._alive(conn):
+                    return conn
+                self._close_quietly(conn)
+        return self._open()
+
+    def remove_disks(self, directory: str) -> None:
+        """Delete the disk images in a VM's ``disks/`` directory once its domain is gone."""
+        provision.remove_disks(directory)
 
     def _ensure_port(self, conn: libvirt.virConnect, iface: InterfaceSpec, name: str) -> None:
         """The slot's tap on its network's bridge with clean-traffic bound for exactly its MAC
@@ -606,6 +643,9 @@ class LibvirtHypervisor:
         self._drop_events()
         with self._lock:
             conn, self._conn = self._conn, None
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            self._close_quietly(spare)
         if conn is not None:
             self._close_quietly(conn)
             log.info("%s: closed", self.uri)

@@ -27,6 +27,8 @@ from vacfactory.atomic import (
     remove_stale_temporaries,
     write_new_file,
 )
+from vacfactory.core import lifecycle
+from vacfactory.core.lifecycle import Event, VMState
 from vacfactory.core.status import supersedes
 from vacfactory.core.views import FinishedVM
 from vacfactory.errors import StateError
@@ -44,6 +46,9 @@ from vacfactory.state.records import (
 log = logging.getLogger(__name__)
 
 NEW_PREFIX = ".new-"
+#: a machine directory being deleted: renamed first, so a removal that stops half way (a kill,
+#: a file that appears meanwhile) never leaves a machine directory without its vm.json
+GONE_PREFIX = ".gone-"
 RECORD_FILES = {
     "started": Started,
     "heartbeat": Heartbeat,
@@ -83,6 +88,16 @@ class Machine:
         return "finished"
 
     @property
+    def phase(self) -> VMState:
+        """Its lifecycle state (core.lifecycle), from the records it has."""
+        return lifecycle.state_of(self.started is not None, self.finished is not None,
+                                  self.accounted is not None, self.cleaned is not None)
+
+    def check(self, event: Event) -> lifecycle.Transition:
+        """The lifecycle transition ``event`` makes; LifecycleError if its state forbids it."""
+        return lifecycle.step(self.phase, event, machine=self.name)
+
+    @property
     def live(self) -> bool:
         """True while the VM may have a domain (created or running)."""
         return self.finished is None
@@ -120,6 +135,9 @@ class MachineStore:
         self.state_dir = state_dir
         self.machines_dir = os.path.join(state_dir, "machines")
         self.finishes_dir = os.path.join(state_dir, "finishes")
+        #: the engine's copy of finishes/ (set by repair_last_finishes at its start), kept up
+        #: to date by mark_finished: the one place the latest-finish rule is applied
+        self.latest: Optional[Dict[str, FinishedVM]] = None
         for directory in (state_dir, self.machines_dir, self.finishes_dir):
             if create:
                 os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -201,6 +219,9 @@ class MachineStore:
                     log.info("%s: removing interrupted preparation", entry[len(NEW_PREFIX):])
                     shutil.rmtree(path, ignore_errors=True)
                 continue
+            if entry.startswith(GONE_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)  # a deletion that did not finish
+                continue
             if entry.startswith(".") or not os.path.isdir(path):
                 continue
             try:
@@ -274,11 +295,14 @@ class MachineStore:
                     log.info("%s: finishes/%s.json brought up to date", machine.name, finish.machinetype)
                     self._write_last_finish(finish)
                     latest[finish.machinetype] = finish
+        self.latest = latest
         return latest
 
     # -- moving a VM through its life -----------------------------------------------------
 
     def mark_started(self, machine: Machine, time: float) -> Machine:
+        """Record the domain's start (or move it with a step of the clock: a running VM)."""
+        machine.check(Event.CLOCK_STEPPED if machine.started is not None else Event.DOMAIN_STARTED)
         started = Started(time=time)
         # Atomic but not fsynced: a killed daemon loses nothing (the page cache survives it),
         # and the kernel writes it back within ~30 s, long before a VM passes fizzle_seconds,
@@ -287,6 +311,7 @@ class MachineStore:
         return replace(machine, started=started)
 
     def write_heartbeat(self, machine: Machine, time: float, cpu_seconds: float) -> Machine:
+        machine.check(Event.OBSERVED)
         heartbeat = Heartbeat(time=time, cpu_seconds=cpu_seconds,
                               cpu_percentage=recent_cpu_percentage(machine.heartbeat, time,
                                                                    cpu_seconds))
@@ -295,16 +320,20 @@ class MachineStore:
         return replace(machine, heartbeat=heartbeat)
 
     def mark_finished(self, machine: Machine, finished: Finished) -> Machine:
+        machine.check(Event.DOMAIN_GONE if machine.started is not None else Event.START_FAILED)
         atomic_write_json(os.path.join(machine.path, "finished"), to_json(finished))
         if finished.outcome != "failed":
             self._update_last_finish(machine, finished)
         return replace(machine, finished=finished)
 
     def mark_accounted(self, machine: Machine, accounted: Accounted) -> Machine:
+        """Record its APEL record (or why none was due); only once, only after it finished."""
+        machine.check(Event.ACCOUNT)
         atomic_write_json(os.path.join(machine.path, "accounted"), to_json(accounted))
         return replace(machine, accounted=accounted)
 
     def mark_cleaned(self, machine: Machine, time: float) -> Machine:
+        machine.check(Event.CLEAN)
         cleaned = Cleaned(time=time)
         atomic_write_json(os.path.join(machine.path, "cleaned"), to_json(cleaned))
         return replace(machine, cleaned=cleaned)
@@ -320,24 +349,33 @@ class MachineStore:
 
     def delete(self, machine: Machine) -> None:
         """Remove a finished, accounted and cleaned machine directory (retention expired)."""
-        if machine.state != "done":
-            raise StateError(f"refusing to delete a machine in state {machine.state}", machine=machine.name)
+        machine.check(Event.EXPIRED)
         if os.path.ismount(machine.joboutputs_dir):
             # an NFS VM's joboutputs filesystem (vmio.jobfs) is released when the VM is cleaned;
             # removing the tree under a mount would empty it and leave the mount behind
             raise StateError("refusing to delete: joboutputs is still a mount point", machine=machine.name)
-        shutil.rmtree(machine.path, ignore_errors=True)
+        gone = os.path.join(self.machines_dir, GONE_PREFIX + machine.uuid)
+        os.rename(machine.path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        if os.path.exists(gone):
+            log.warning("%s: machine directory not wholly removed yet (%s); retried at the next pass",
+                        machine.name, gone)
 
     def _update_last_finish(self, machine: Machine, finished: Finished) -> None:
         """Make ``machine`` its machinetype's latest finish unless a newer-created VM is."""
         finish = finished_vm(machine, finished)
-        path = self._last_finish_path(finish.machinetype)
-        try:
-            previous: Optional[FinishedVM] = from_json(FinishedVM, self._read_json(path), path)
-        except StateError:
-            previous = None
+        if self.latest is not None:
+            previous = self.latest.get(finish.machinetype)
+        else:
+            path = self._last_finish_path(finish.machinetype)
+            try:
+                previous = from_json(FinishedVM, self._read_json(path), path)
+            except StateError:
+                previous = None
         if supersedes(finish, previous):
             self._write_last_finish(finish)
+            if self.latest is not None:
+                self.latest[finish.machinetype] = finish
 
     def _last_finish_path(self, machinetype: str) -> str:
         return os.path.join(self.finishes_dir, machinetype + ".json")
