@@ -129,7 +129,7 @@ def engine_facts(daemon) -> EngineFacts:
         time=now,
         config=config,
         machines=tuple(factory.machines.values()),
-        shutdown_times=dict(factory.shutdown_times),
+        shutdown_times={entry.machine.uuid: entry.shutdown_time for entry in factory.vms.live()},
         last_finishes=dict(factory.last_finishes),
         creation_failures=dict(factory.creation_failures),
         remote=daemon.space.view(config, {}, now),
