@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from tests.waiting import scaled, wait_for
+from tests.waiting import poll, scaled, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCUMENTS = ("README.md", "docs/admin-guide.md")
@@ -246,7 +246,10 @@ def factory(tmp_path_factory):
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: not alive(pid), f"the daemon (pid {pid}) to stop after SIGTERM")
+            stopped = poll(lambda: not alive(pid), 30)
+            if not stopped:  # never leave a daemon behind, even when the test has failed
+                os.kill(pid, signal.SIGKILL)
+            assert stopped, f"the daemon (pid {pid}) did not stop after SIGTERM"
 
 
 def check_result(shown: Shown, result: subprocess.CompletedProcess) -> None:
