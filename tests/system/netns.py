@@ -310,3 +310,19 @@ def netns_lab(request) -> Callable[..., NetnsLab]:
         return lab
 
     return make
+
+
+def ready_lab(count: int, prefix: str = PREFIX, **kwargs) -> "NetnsLab":
+    """A lab of ``count`` hosts, set up and reachable; the caller tears it down. Namespaces that
+    cannot be had fail the test (never a skip: CI must not hide a missing component)."""
+    problem = netns_problem(prefix)
+    if problem is not None:
+        pytest.fail(f"network namespaces unavailable: {problem}")
+    lab = NetnsLab(count, prefix=prefix, **kwargs)
+    try:
+        lab.setup()
+        lab.wait_reachable()
+    except NetnsUnavailable as error:
+        lab.teardown()
+        pytest.fail(f"network namespaces unavailable: {error}")
+    return lab

@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from tests.system.netns import NetnsLab, NetnsUnavailable, netns_problem
+from tests.system.netns import NetnsLab, ready_lab
 from tests.waiting import scaled
 
 pytestmark = pytest.mark.system
@@ -146,16 +146,7 @@ class Mixed:
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory) -> Iterator[Mixed]:
-    problem = netns_problem(PREFIX)
-    if problem is not None:
-        pytest.fail(f"network namespaces unavailable: {problem}")
-    lab = NetnsLab(2, prefix=PREFIX, subnet=SUBNET)
-    try:
-        lab.setup()
-        lab.wait_reachable()
-    except NetnsUnavailable as error:
-        lab.teardown()
-        pytest.fail(f"network namespaces unavailable: {error}")
+    lab = ready_lab(2, prefix=PREFIX, subnet=SUBNET)
     group = Mixed(lab, tmp_path_factory.mktemp("mixed"))
     try:
         group.start()

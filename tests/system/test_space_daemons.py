@@ -60,7 +60,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from tests.system.netns import Host, NetnsLab, NetnsUnavailable, netns_problem
+from tests.system.netns import Host, NetnsLab, netns_problem, ready_lab
 from tests.waiting import scaled, wait_for
 from vacfactory.engine.spacewatch import QUERY_SECONDS, stale_after
 
@@ -345,16 +345,7 @@ def space(tmp_path_factory) -> Iterator[Space]:
 
     FAILS (never skips) when network namespaces are unavailable.
     """
-    problem = netns_problem(PREFIX)
-    if problem is not None:
-        pytest.fail(f"network namespaces unavailable: {problem}")
-    lab = NetnsLab(len(SPECS), prefix=PREFIX, subnet=SUBNET)
-    try:
-        lab.setup()
-        lab.wait_reachable()
-    except NetnsUnavailable as error:
-        lab.teardown()
-        pytest.fail(f"network namespaces unavailable: {error}")
+    lab = ready_lab(len(SPECS), prefix=PREFIX, subnet=SUBNET)
     group = Space(lab, tmp_path_factory.mktemp("space"))
     try:
         group.start()

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from tests.system.netns import NetnsLab, NetnsUnavailable, netns_problem
+from tests.system.netns import ready_lab
 
 pytestmark = pytest.mark.system
 
@@ -70,16 +70,7 @@ def fqdn(label: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab():
-    problem = netns_problem(PREFIX)
-    if problem is not None:
-        pytest.fail(f"network namespaces unavailable: {problem}")
-    lab = NetnsLab(3, prefix=PREFIX, subnet=SUBNET)
-    try:
-        lab.setup()
-        lab.wait_reachable()
-    except NetnsUnavailable as error:
-        lab.teardown()
-        pytest.fail(f"network namespaces unavailable: {error}")
+    lab = ready_lab(3, prefix=PREFIX, subnet=SUBNET)
     lab.hosts_file({fqdn("f1"): lab.hosts[0].ip, fqdn("f2"): lab.hosts[1].ip,
                     fqdn("outsider"): lab.hosts[2].ip})
     yield lab
