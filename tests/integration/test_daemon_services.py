@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import free_port
 from tests.waiting import log_tail, scaled, wait_for
 
 pytestmark = pytest.mark.integration
@@ -25,10 +26,6 @@ pytestmark = pytest.mark.integration
 VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

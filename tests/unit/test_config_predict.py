@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.ports import free_port
 from vacfactory.cli.common import EXIT_CONFIG, EXIT_OK
 from vacfactory.cli.main import main
 from vacfactory.config import loader, predict
@@ -348,22 +349,6 @@ def test_libvirt_test_driver_answers_and_a_typo_is_an_error_with_a_suggestion(tm
     assert "(did you mean test:///default?)" in found.message
 
 
-def free_port(kind: int) -> int:
-    """A port nothing uses, below the ephemeral range: a port the kernel hands out for bind(0)
-    may be taken a moment later by any process's outgoing connection (without SO_REUSEADDR,
-    which the probe, like the daemon, rightly sees as a conflict)."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, low)
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port found below the ephemeral range")
 
 
 def test_ports_in_use_are_errors_and_free_ones_pass(tmp_path):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
+from tests.ports import free_port
 from tests.waiting import poll, scaled, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,20 +106,6 @@ def test_the_documents_show_every_verb():
 # --------------------------------------------------------------------------- the test factory
 
 
-def free_port(kind: int) -> int:
-    """A free port below the ephemeral range (which any outgoing connection may take)."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, low)
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port found below the ephemeral range")
 
 
 def write_config(root: str, state: str) -> str:
