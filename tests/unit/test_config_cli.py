@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
+from tests.unit.test_config_loading import write
 from vacfactory.cli.common import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
 from vacfactory.cli.main import main
-
-
-def write(path, text: str) -> str:
-    path = str(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def good(tmp_path) -> str:

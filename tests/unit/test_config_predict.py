@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.unit.test_config_loading import write
 from tests.ports import free_port
 from vacfactory.cli.common import EXIT_CONFIG, EXIT_OK
 from vacfactory.cli.main import main
@@ -27,14 +28,6 @@ from vacfactory.state.lock import StateLock
 HOST = HostFacts(fqdn="wn01.example.com", cpu_count=64, mem_total_mb=65536)
 KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGfxHxj1ZCVyYtvq8Q8NRc7Rre0tJ0XyL9RLGr4tKb0b "
        "root@wn01\n")
-
-
-def write(path, text: str) -> str:
-    path = str(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def conf(tmp_path, settings: str = "", machinetypes: str = "", name: str = "vacfactory.conf",
