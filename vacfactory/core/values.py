@@ -215,3 +215,30 @@ def check_mount_tag(tag: str, what: str = "") -> str:
     if not _matches(MOUNT_TAG_PATTERN, tag):
         raise _refuse(what, tag, "is not a mount tag (1 to 31 of A-Z a-z 0-9 _ . -)")
     return tag
+
+
+# --------------------------------------------------------------------------- container images
+#: a container image reference as the Docker Engine API takes it (distribution's grammar):
+#: [registry[:port]/]path[:tag][@sha256:digest], path components lower case. Nothing else
+#: (no spaces, no options, no "..") reaches the runtime from a config file or a pipe.
+_IMAGE_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?/)"
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE_PATTERN = (rf"(?=.{{1,255}}(?:@|\Z)){_IMAGE_DOMAIN}?{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
+                           r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+DOCKER_SCHEME = "docker://"
+
+
+def check_image_reference(reference: str, what: str = "") -> str:
+    """A container image reference (``docker://`` already removed), e.g. ``busybox``,
+    ``registry.example.org:5000/lhcb/pilot:1.2`` or ``name@sha256:<64 hex>``."""
+    if not _matches(IMAGE_REFERENCE_PATTERN, reference):
+        raise _refuse(what, reference, "is not a container image reference ([registry/]name[:tag][@sha256:digest], "
+                                       "names in lower case)")
+    return reference
+
+
+def docker_image(location: str, what: str = "") -> str:
+    """The image reference in a ``root_image = docker://IMAGE[:TAG]`` value."""
+    if not isinstance(location, str) or not location.lower().startswith(DOCKER_SCHEME):
+        raise _refuse(what, location, f"must start with {DOCKER_SCHEME}")
+    return check_image_reference(location[len(DOCKER_SCHEME):], what)

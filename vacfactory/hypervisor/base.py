@@ -33,6 +33,9 @@ __all__ = [
     "InterfaceSpec",
     "FilesystemSpec",
     "VMSpec",
+    "BindSpec",
+    "ContainerSpec",
+    "MachineSpec",
     "DomainInfo",
     "DomainEvent",
     "EVENT_KINDS",
@@ -212,6 +215,64 @@ class VMSpec:
             raise InvalidValue(f"{self.name}: duplicate filesystem tag in {tags}")
 
 
+@dataclass(frozen=True)
+class BindSpec:
+    """A host directory bound into a container at ``target`` (Vac's docker ``-v``)."""
+
+    source: str
+    target: str
+    readonly: bool = True
+
+    def __post_init__(self) -> None:
+        check_path("bind source", self.source)
+        check_path(f"bind {self.source} target", self.target)
+        if "/../" in self.target + "/" or ":" in self.target or ":" in self.source:
+            raise InvalidValue(f"bind {self.source}: {self.target!r} is not a plain container path")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one container for a ``machine_model = docker`` slot.
+
+    Like a VM, it is named after its slot (the name is also its hostname) and known by the
+    factory's UUID (a label on the container: the runtime's own ID is not a UUID). It gets
+    ``processors`` x 1024 CPU shares and a memory limit of ``memory_mib``, only the listed
+    binds as host paths, no privileges, no new privileges, the runtime's default seccomp
+    profile. ``stop_grace_seconds``: a destroy stops it with SIGTERM and kills it after that.
+    """
+
+    name: str
+    uuid: str
+    image: str  # a reference without docker:// (core.values.check_image_reference)
+    command: Tuple[str, ...]
+    processors: int
+    memory_mib: int
+    binds: Tuple[BindSpec, ...] = ()
+    stop_grace_seconds: int = 10
+
+    def __post_init__(self) -> None:
+        values.check_domain_name(self.name, "container name")
+        check_uuid(self.uuid)
+        values.check_image_reference(self.image, f"{self.name} image")
+        for what in ("processors", "memory_mib"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidValue(f"{self.name}: {what} must be a positive integer, got {value!r}")
+        if not isinstance(self.stop_grace_seconds, int) or self.stop_grace_seconds < 0:
+            raise InvalidValue(f"{self.name}: stop_grace_seconds must be >= 0, got {self.stop_grace_seconds!r}")
+        if not self.command:
+            raise InvalidValue(f"{self.name}: a container needs a command")
+        for part in self.command:
+            values.check_single_line(part, f"{self.name} command")
+        targets = [b.target.rstrip("/") or "/" for b in self.binds]
+        if len(set(targets)) != len(targets):
+            raise InvalidValue(f"{self.name}: two binds at one container path in {targets}")
+
+
+#: what ``Hypervisor.create`` starts: a VM (libvirt) or a container (Docker Engine API)
+MachineSpec = Union[VMSpec, ContainerSpec]
+
+
 def _one_of(where: str, what: str, value: str, allowed: Tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidValue(f"{where}: {what} must be {' or '.join(allowed)}, not {value!r}")
@@ -260,8 +321,9 @@ class Hypervisor(Protocol):
     called from several threads at once (a round's creations run in parallel).
     """
 
-    def create(self, spec: VMSpec) -> None:
-        """Make the spec's disks and port, start a transient domain; HypervisorError on failure."""
+    def create(self, spec: "MachineSpec") -> None:
+        """Make the spec's disks and port, start a transient domain (or, for a ContainerSpec,
+        a container); HypervisorError on failure."""
 
     def remove_disks(self, directory: str) -> None:
         """Delete every disk image in ``directory`` (the VM's domain is gone). Idempotent."""
