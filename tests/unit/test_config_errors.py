@@ -321,7 +321,7 @@ def test_nfs_exporter_none_in_the_override_is_refused_at_the_nfs_machinetype(tmp
     ("nfs_exporter = ganesha\n", "root_image = x.iso\nmjf_transport = nfs\n"),
     ("nfs_exporter = exportfs\n", "root_image = x.iso\nmjf_transport = nfs\n"),
     ("nfs_exporter = none\n", "root_image = x.iso\nmjf_transport = http\n"),
-    # never started, so it never needs an export
+    # a container gets its MJF by bind mounts, so it never needs an export
     ("nfs_exporter = none\n", "machine_model = docker\nroot_image = docker://lhcb/worker\nmjf_transport = nfs\n"),
 ], ids=["ganesha", "exportfs", "http", "docker"])
 def test_nfs_mjf_loads_whenever_exports_can_be_made_or_are_not_needed(tmp_path, settings, machinetype):

@@ -11,6 +11,7 @@ from vacfactory.config import options as table
 from vacfactory.config.hostfacts import HostFacts, count_processors, memory_total_mb
 from vacfactory.config.loader import ConfigSources, load_config, load_config_string
 from vacfactory.config.model import MachineType, Settings, VacuumPipe, effective_options
+from vacfactory.errors import ConfigError
 
 HOST = HostFacts(fqdn="wn01.example.com", cpu_count=8, mem_total_mb=16384)
 
@@ -287,15 +288,52 @@ user_data = user_data
     assert (tiny.user_data, tiny.kernel_cmdline) == ("/srv/tiny/files/user_data", "console=ttyS0 quiet")
 
 
-@pytest.mark.parametrize("model", ["docker", "singularity"])
-def test_container_models_load_but_are_not_startable(tmp_path, model):
-    text = minimal(tmp_path, f"[machinetype c]\nmachine_model = {model}\nroot_image = docker://lhcb/worker\n"
-                             if model == "docker" else
-                             f"[machinetype c]\nmachine_model = {model}\nroot_image = /cvmfs/x/image\n")
+def test_singularity_loads_but_is_not_startable(tmp_path):
+    text = minimal(tmp_path, "[machinetype c]\nmachine_model = singularity\nroot_image = /cvmfs/x/image\n")
     config = load_config_string(text, HOST, source="f.conf")
     assert config.machinetypes["c"].startable is False
     assert any(w.startswith("f.conf:5: [machinetype c] machine_model:") and "never be started" in w
                for w in config.warnings)
+
+
+def test_docker_with_an_image_reference_is_startable(tmp_path):
+    text = minimal(tmp_path, "[machinetype c]\nmachine_model = docker\nroot_image = docker://lhcb/worker:1.2\n"
+                             "tmp_binds = /scratch /tmp/pilot\ncvmfs_repositories = lhcb.cern.ch\n")
+    config = load_config_string(text, HOST, source="f.conf")
+    c = config.machinetypes["c"]
+    assert (c.startable, c.root_image, c.tmp_binds) == (True, "docker://lhcb/worker:1.2", ("/scratch", "/tmp/pilot"))
+    assert config.warnings == ()
+    assert (config.settings.container_socket, config.settings.container_stop_seconds) == ("/var/run/docker.sock", 30)
+
+
+@pytest.mark.parametrize("image,why", [
+    (None, "root_image = docker://IMAGE[:TAG] is required"),
+    ("docker://LHCb/Worker", "is not a container image reference"),
+    ("docker://lhcb/worker:1 --privileged", "is not a valid URL"),
+    ("/images/lhcb.img", "must start with docker://"),
+])
+def test_docker_needs_a_valid_docker_image(tmp_path, image, why):
+    line = f"root_image = {image}\n" if image else ""
+    text = minimal(tmp_path, "[machinetype c]\nmachine_model = docker\n" + line)
+    with pytest.raises(ConfigError) as caught:
+        load_config_string(text, HOST, source="f.conf")
+    assert why in str(caught.value)
+
+
+@pytest.mark.parametrize("path", ["/", "/var/spool/joboutputs", "/etc", "/user_data/x", "/a/../b", "relative"])
+def test_tmp_binds_may_not_cover_the_containers_own_binds(tmp_path, path):
+    text = minimal(tmp_path, f"[machinetype c]\nmachine_model = docker\nroot_image = docker://w\ntmp_binds = {path}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config_string(text, HOST, source="f.conf")
+    assert "f.conf:7: [machinetype c] tmp_binds" in str(caught.value)
+
+
+def test_vm_options_in_a_docker_machinetype_are_ignored_with_a_warning(tmp_path):
+    text = minimal(tmp_path, "[machinetype c]\nmachine_model = docker\nroot_image = docker://w\n"
+                             "kernel_image = /boot/vmlinuz\n")
+    config = load_config_string(text, HOST, source="f.conf")
+    assert config.machinetypes["c"].startable is True
+    assert any("kernel_image: ignored for machine_model docker" in w for w in config.warnings), config.warnings
 
 
 def test_vm_models_are_startable(tmp_path):
@@ -422,15 +460,13 @@ def test_relative_state_dir_is_relative_to_the_file_that_sets_it(tmp_path):
 
 IGNORED_SETTINGS = {
     "volume_group": ("vac_volume_group", "VM disks are always qcow2 files in <state_dir>/machines/<uuid>/disks/"),
-    "singularity_user": ("vacsing", "vacfactory starts no containers"),
+    "singularity_user": ("vacsing", "vacfactory starts no Singularity containers"),
     "fix_networking": ("false", "the private VM network is always checked every minute and repaired"),
     "gocdb_cert_file": ("/etc/grid-security/hostcert.pem", "vacfactory never updates GOCDB"),
     "gocdb_key_file": ("/etc/grid-security/hostkey.pem", "vacfactory never updates GOCDB"),
     "version_logger": ("true", "vacfactory sends nothing to Vac's version logger"),
 }
 IGNORED_MACHINETYPE = {
-    "cvmfs_repositories": ("lhcb.cern.ch grid.cern.ch",
-                           "vacfactory starts VMs only, which mount CernVM-FS themselves"),
     "cernvm_signing_dn": ("/DC=ch/DC=cern/OU=computers/CN=cvm-sign01.cern.ch",
                           "root images are not signature-checked; pin an image with root_image_sha256"),
 }
@@ -457,12 +493,11 @@ def test_options_vac_had_that_vacfactory_ignores_load_with_one_warning_each(tmp_
         assert warning.startswith(start), (warning, start)
     # still parsed, so `config show` shows what the file says
     assert (config.settings.volume_group, config.settings.version_logger) == ("vac_volume_group", 1)
-    assert config.machinetypes["lhcb"].cvmfs_repositories == ("lhcb.cern.ch", "grid.cern.ch")
 
 
 def test_every_ignored_option_is_documented_as_ignored():
     ignored = [row for row in table.OPTIONS if row.ignored]
-    assert {row.name for row in ignored} == set(IGNORED_SETTINGS) | {"cvmfs_repositories", "image_signing_dn"}
+    assert {row.name for row in ignored} == set(IGNORED_SETTINGS) | {"image_signing_dn"}
     for row in ignored:
         assert "Accepted for compatibility with Vac and ignored (with a warning when set): " \
             in table.option_doc(row), row.name

@@ -37,6 +37,8 @@ class Settings:
     space_key_file: Optional[str]
     domain_type: str
     libvirt_uri: str
+    container_socket: str
+    container_stop_seconds: int
     cpu_mode: str
     total_processors: int
     total_memory_mb: Optional[int]

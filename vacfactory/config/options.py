@@ -46,10 +46,16 @@ RUNTIME_OVERRIDE_NAME = "runtime.conf"
 #: The machinetype option whose ``files/`` subdirectory relative paths are resolved against.
 FILES_BASE = "machinetype_path"
 
-#: Machine models vacfactory can start (as libvirt VMs).
+#: Machine models vacfactory starts as libvirt VMs.
 VM_MODELS = ("cernvm3", "cernvm4", "vm-raw")
-#: Machine models Vac also ran (as containers); understood, but never started by vacfactory.
+#: Machine models Vac also ran as containers: docker is started through the Docker Engine API
+#: (hypervisor/containers.py); singularity is understood but never started.
 CONTAINER_MODELS = ("docker", "singularity")
+#: Container models vacfactory starts.
+STARTED_CONTAINER_MODELS = ("docker",)
+#: Where a docker machinetype's container finds its files (Vac's binds); tmp_binds may not use them.
+CONTAINER_BIND_TARGETS = ("/var/spool/joboutputs", "/etc/machinefeatures", "/etc/jobfeatures", "/user_data",
+                          "/cvmfs")
 
 #: Names of machinetypes and vacuum pipe prefixes (Vac's rule; '_' separates fields on disk).
 SECTION_NAME_PATTERN = r"[a-z0-9-]+"
@@ -326,6 +332,13 @@ OPTIONS: Tuple[Option, ...] = (
                "kvm, with a warning."),
     Option("libvirt_uri", S, Text(), default="qemu:///system", vac=False,
            doc="libvirt connection URI."),
+    Option("container_socket", S, Path(), default="/var/run/docker.sock", vac=False,
+           doc="Unix socket of the Docker Engine API that runs machine_model = docker machinetypes "
+               "(Docker, or Podman's Docker-compatible service: `podman system service`). Used only "
+               "when a docker machinetype is configured."),
+    Option("container_stop_seconds", S, Integer(name="seconds", min=0, max=3600), default=30, vac=False,
+           doc="When a container is killed (wallclock, heartbeat, shutdown_time, a drain), it gets "
+               "SIGTERM and is killed this many seconds later if it has not exited."),
     Option("cpu_mode", S, Choice(choices=("host-passthrough", "host-model", "none")),
            default="host-passthrough", vac=False,
            doc="CPU model given to VMs; 'none' leaves it to libvirt (use it with domain_type = qemu)."),
@@ -379,7 +392,7 @@ OPTIONS: Tuple[Option, ...] = (
                "without a key."),
     Option("singularity_user", S, Text(name="user name"),
            doc="Unprivileged user that ran Singularity containers in Vac.",
-           ignored="vacfactory starts no containers"),
+           ignored="vacfactory starts no Singularity containers (docker ones run through the Docker Engine API)"),
     # ---------------------------------------------------------------- [settings]: the engine
     Option("state_dir", S, Path(relative_to_config=True), default="/var/lib/vacfactory", vac=False,
            not_in_override=True,
@@ -655,10 +668,10 @@ OPTIONS: Tuple[Option, ...] = (
         ("cernvm3", "a CernVM 3 ISO as a cdrom plus a scratch disk"),
         ("cernvm4", "a CernVM 4 image"),
         ("vm-raw", "a raw or qcow2 disk image, used through a qcow2 overlay"),
-        ("docker", "a Docker container (Vac only: vacfactory warns and never starts it)"),
+        ("docker", "a container from root_image = docker://IMAGE[:TAG], through the Docker Engine API"),
         ("singularity", "a Singularity container (Vac only: vacfactory warns and never starts it)"))),
            default="cernvm3", aliases=("vm_model",),
-           doc="What kind of machine this is. vacfactory starts VMs only; docker and singularity "
+           doc="What kind of machine this is. VMs and docker containers are started; singularity "
                "machinetypes load with a warning and are never started."),
     Option("root_image", M, Location(schemes=("http", "https", "docker")), relative_to_files=True,
            doc="Boot image: an absolute path, a path relative to <machinetype_path>/files/, an "
@@ -698,15 +711,17 @@ OPTIONS: Tuple[Option, ...] = (
            doc="Guest device of the root disk (virtio if it contains 'vd', else IDE)."),
     Option("scratch_device", M, _DEVICE, default="vdb", doc="Guest device of the scratch disk."),
     Option("container_command", M, Text(), default="/user_data",
-           doc="Command a container runs (docker, singularity)."),
+           doc="Command a docker container runs, split into words as a shell would (no shell runs "
+               "it). The default runs the rendered user_data, bound read-only and executable at "
+               "/user_data."),
     Option("tmp_binds", M, Words(item=Path()), default=(),
-           doc="Directories bound into docker containers as temporary space."),
+           doc="Absolute paths in a docker container that each get a private, empty scratch "
+               "directory of the factory's (kept with the container's machine directory)."),
     Option("cvmfs_repositories", M, Words(item=Text(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
                                                     pattern_doc="must be a repository name")),
-           default=(), doc="CernVM-FS repositories the machinetype needs; Vac kept them mounted on the "
-                            "host for its containers.",
-           ignored="vacfactory starts VMs only, which mount CernVM-FS themselves; the host's /cvmfs "
-                   "is not touched"),
+           default=(), doc="CernVM-FS repositories the machinetype needs. A docker container gets "
+                            "the host's /cvmfs read-only when this is set (as in Vac); VMs mount "
+                            "CernVM-FS themselves and are not affected."),
     Option("disk_gb_per_processor", M, _NONNEG_INT,
            doc="Overrides the [settings] value for this machinetype, but only downwards: a larger "
                "value is ignored with a warning (Vac's rule).",
@@ -925,8 +940,22 @@ FORBIDDEN_SECTIONS: Mapping[str, str] = {
 
 
 def machinetype_startable(values: Mapping[str, Any]) -> bool:
-    """vacfactory starts VMs only: container machinetypes are kept but never started."""
-    return values.get("machine_model") in VM_MODELS
+    """VM models and docker are started (a docker one only with a valid docker:// image);
+    singularity machinetypes are kept but never started."""
+    model = values.get("machine_model")
+    if model in STARTED_CONTAINER_MODELS:
+        return _docker_image_problem(values.get("root_image")) is None
+    return model in VM_MODELS
+
+
+def _docker_image_problem(image: Optional[str]) -> Optional[str]:
+    if not image:
+        return "root_image = docker://IMAGE[:TAG] is required"
+    try:
+        values.docker_image(image)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _rule_total_processors(c: DefaultContext) -> Optional[str]:
@@ -997,8 +1026,41 @@ def _rule_docker_image(c: DefaultContext) -> Optional[str]:
     return None
 
 
+def _rule_container_image(c: DefaultContext) -> Optional[str]:
+    if c.values["machine_model"] not in STARTED_CONTAINER_MODELS:
+        return None
+    problem = _docker_image_problem(c.values.get("root_image"))
+    if problem is not None and c.vac:
+        return f"{problem}: this machinetype is never started"
+    return problem
+
+
+def _rule_container_binds(c: DefaultContext) -> Optional[str]:
+    for path in c.values.get("tmp_binds") or ():
+        target = path.rstrip("/") or "/"
+        taken = [t for t in CONTAINER_BIND_TARGETS if target == t or t.startswith(target + "/")
+                 or target.startswith(t + "/")]
+        if target == "/" or taken or "/../" in target + "/" or "/./" in target + "/":
+            return (f"{path} is not a usable tmp_binds path (not /, no . or .., not over or under "
+                    f"{', '.join(CONTAINER_BIND_TARGETS)})")
+    return None
+
+
+#: options a docker machinetype does not use (they describe a VM's boot and disks)
+_VM_ONLY_OPTIONS = ("kernel_image", "initrd_image", "kernel_cmdline", "root_image_sha256")
+
+
+def _rule_vm_only_options(c: DefaultContext) -> Optional[str]:
+    if c.values["machine_model"] not in CONTAINER_MODELS:
+        return None
+    given = [name for name in _VM_ONLY_OPTIONS if c.values.get(name) is not None]
+    if given:
+        return f"{', '.join(given)}: ignored for machine_model {c.values['machine_model']} (VM options)"
+    return None
+
+
 def _rule_boot_image(c: DefaultContext) -> Optional[str]:
-    if machinetype_startable(c.values) and not c.values.get("root_image") and not c.values.get("kernel_image"):
+    if c.values.get("machine_model") in VM_MODELS and not c.values.get("root_image") and not c.values.get("kernel_image"):
         if c.vac:
             if not c.values.get("target_share", 0) > 0:
                 return None  # Vac never starts it either, and says nothing
@@ -1035,9 +1097,10 @@ def _rule_disk_places(c: DefaultContext) -> Optional[str]:
 
 
 def _rule_not_startable(c: DefaultContext) -> Optional[str]:
-    if not machinetype_startable(c.values):
-        return (f"machine_model {c.values['machine_model']} is understood but vacfactory starts only "
-                f"VMs ({', '.join(VM_MODELS)}): this machinetype will never be started")
+    model = c.values["machine_model"]
+    if model in CONTAINER_MODELS and model not in STARTED_CONTAINER_MODELS:
+        return (f"machine_model {model} is understood but vacfactory starts only VMs "
+                f"({', '.join(VM_MODELS)}) and docker containers: this machinetype will never be started")
     return None
 
 
@@ -1078,8 +1141,9 @@ def _rule_gocdb_sitename(c: DefaultContext) -> Optional[str]:
 
 
 def _rule_nfs_transport(c: DefaultContext) -> Optional[str]:
-    if (c.values["mjf_transport"] == "nfs" and machinetype_startable(c.values)
-            and c.settings.get("nfs_exporter") == "none"):
+    # a container gets its MJF by bind mounts: mjf_transport does not apply to it
+    if (c.values["mjf_transport"] == "nfs" and c.values["machine_model"] in VM_MODELS
+            and machinetype_startable(c.values) and c.settings.get("nfs_exporter") == "none"):
         return ("nfs needs NFS exports, but nfs_exporter = none in [settings]: set nfs_exporter = "
                 "ganesha or exportfs, or use mjf_transport = http")
     return None
@@ -1151,8 +1215,17 @@ RULES: Tuple[Rule, ...] = (
     Rule(M, "mjf_transport", ("mjf_transport", "machine_model"), _rule_nfs_transport,
          "mjf_transport = nfs needs nfs_exporter = ganesha or exportfs in [settings]."),
     Rule(M, "machine_model", ("machine_model",), _rule_not_startable,
-         "docker and singularity machinetypes load with a warning and are never started.",
+         "singularity machinetypes load with a warning and are never started.",
          severity="warning"),
+    Rule(M, "root_image", ("root_image", "machine_model"), _rule_container_image,
+         "A docker machinetype needs root_image = docker://IMAGE[:TAG], a valid image reference.",
+         vac_severity="warning"),
+    Rule(M, "tmp_binds", ("tmp_binds",), _rule_container_binds,
+         "tmp_binds paths must be absolute, not /, and not over or under the container's own binds."),
+    Rule(M, "machine_model", ("machine_model", "kernel_image", "initrd_image", "kernel_cmdline",
+                              "root_image_sha256"), _rule_vm_only_options,
+         "VM options (kernel_image, initrd_image, kernel_cmdline, root_image_sha256) in a container "
+         "machinetype give a warning: they are ignored.", severity="warning"),
     Rule(M, "disk_gb_per_processor", ("disk_gb_per_processor",), _rule_disk_downwards,
          "A machinetype's disk_gb_per_processor larger than the [settings] one is ignored with a warning.",
          severity="warning", replacement=lambda c: c.settings.get("disk_gb_per_processor")),
