@@ -3,6 +3,8 @@ detached process on libvirt's test driver: pid file, heartbeat, SIGTERM, kill -9
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -105,14 +107,26 @@ def test_machines_shows_one_line_per_slot_from_the_state_directory(populated, ca
     conf, _, _ = populated
     assert main(["--config", conf, "machines"]) == 0
     header, *lines, totals = capsys.readouterr().out.splitlines()
-    assert header.split()[:4] == ["NAME", "MACHINETYPE", "STATE", "PROCS"]
+    assert header.split()[:5] == ["NAME", "MACHINETYPE", "MODEL", "STATE", "PROCS"]
     assert len(lines) == 4
-    assert lines[0].split()[:4] == ["vfcli-00", "alpha", "Running", "1"]
-    assert lines[0].split()[4:6] == ["2.00", "hrs"] and lines[0].endswith(" 50%")
-    assert lines[1].split()[:3] == ["vfcli-01", "beta", "Shut"] and lines[1].endswith('"200 Success"')
-    assert lines[2].split()[:3] == ["vfcli-02", "alpha", "Starting"] and lines[2].endswith(" mins")
+    assert lines[0].split()[:5] == ["vfcli-00", "alpha", "vm-raw", "Running", "1"]
+    assert lines[0].split()[5:7] == ["2.00", "hrs"] and lines[0].endswith(" 50%")
+    assert lines[1].split()[:4] == ["vfcli-01", "beta", "vm-raw", "Shut"] and lines[1].endswith('"200 Success"')
+    assert lines[2].split()[:4] == ["vfcli-02", "alpha", "vm-raw", "Starting"] and lines[2].endswith(" mins")
     assert lines[3].split() == ["slot", "03", "----------", "Shut", "down"]
     assert totals == "2 VMs on 2 of 4 processors (1 running, 1 starting)"
+
+
+def test_machines_shows_containers_like_vms_with_their_model(populated, capsys):
+    conf, _, now = populated
+    store = MachineStore(os.path.join(os.path.dirname(conf), "vfcli-state"))
+    container = dataclasses.replace(record(3, now - 60, "pilots"), machine_model="docker", address=None,
+                                    mjf_transport="bind")
+    store.mark_started(store.prepare(container, {}, {}), now - 50)
+    assert main(["machines", "-c", conf]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].split()[:5] == ["vfcli-03", "pilots", "docker", "Running", "1"]
+    assert out[-1] == "2 VMs and 1 container on 3 of 4 processors (2 running, 1 starting)"
 
 
 def test_machines_shows_a_failed_creation_with_its_reason_and_counts_it(populated, capsys):
@@ -126,7 +140,7 @@ def test_machines_shows_a_failed_creation_with_its_reason_and_counts_it(populate
         "vm": failed.record.name, "reason": "kernel_image /nowhere: no such file", "count": 3, "time": now}}})
     assert main(["machines", "-c", conf]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[4].split()[:4] == ["vfcli-03", "beta", "Failed", "1"]
+    assert out[4].split()[:5] == ["vfcli-03", "beta", "vm-raw", "Failed", "1"]
     assert out[4].endswith("creation failed: kernel_image /nowhere: no such file")
     assert out[-1] == "2 VMs on 2 of 4 processors (1 running, 1 starting); 1 failed"
     assert main(["machines", "-c", conf, "--json"]) == 0

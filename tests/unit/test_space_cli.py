@@ -235,7 +235,8 @@ def test_machines_without_a_or_names_stays_local_while_the_space_answers(tmp_pat
                           extra=f"state_dir = {state}\ntotal_processors = 2\n")
     assert main(["--config", config, "machines"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1:3] == ["slot 00         ----------     Shut down", "slot 01         ----------     Shut down"]
+    assert lines[1:3] == ["slot 00         ----------             Shut down",
+                          "slot 01         ----------             Shut down"]
     assert main(["--config", config, "machines", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"slot": 0, "state": "Shut down", "name": None}, {"slot": 1, "state": "Shut down", "name": None}]

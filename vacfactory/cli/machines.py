@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-HEADER = f"{'NAME':<15} {'MACHINETYPE':<14} {'STATE':<9} {'PROCS':>5} AGE, CPU OR HOW IT ENDED"
+HEADER = f"{'NAME':<15} {'MACHINETYPE':<14} {'MODEL':<7} {'STATE':<9} {'PROCS':>5} AGE, CPU OR HOW IT ENDED"
 
 
 def machine_rows(machines: Dict[str, Machine], total_processors: int, every: bool = False,
@@ -124,6 +124,7 @@ def machine_row(machine: Machine, failures: Optional[Dict[str, dict]] = None) ->
         "name": record.name,
         "uuid": record.uuid,
         "machinetype": record.machinetype,
+        "machine_model": record.machine_model,
         "state": state,
         "processors": record.processors,
         "created": record.created,
@@ -154,7 +155,8 @@ def machine_row(machine: Machine, failures: Optional[Dict[str, dict]] = None) ->
 def format_row(row: dict, now: float) -> str:
     name = (row.get("name") or f"slot {row['slot']:02d}").split(".")[0]
     machinetype = (row.get("machinetype") or "----------")[:14]
-    line = f"{name:<15} {machinetype:<14} {row['state']:<9}"
+    model = (row.get("machine_model") or "")[:7]
+    line = f"{name:<15} {machinetype:<14} {model:<7} {row['state']:<9}"
     if row.get("name") is None:
         return line.rstrip()
     line += f" {row['processors']:5d}"
@@ -174,11 +176,17 @@ def format_row(row: dict, now: float) -> str:
 
 
 def totals_line(rows: List[dict], total_processors: int) -> str:
-    """``3 VMs on 5 of 8 processors (2 running, 1 starting); 1 failed``."""
+    """``3 VMs on 5 of 8 processors (2 running, 1 starting); 1 failed``; with containers,
+    ``2 VMs and 1 container on ...``."""
     live = [r for r in rows if r["state"] in ("Running", "Starting")]
     busy = sum(r["processors"] for r in live)
     running = sum(1 for r in live if r["state"] == "Running")
     failed = sum(1 for r in rows if r["state"] == "Failed")
-    text = (f"{len(live)} VM{'' if len(live) == 1 else 's'} on {busy} of {total_processors} processors "
+    containers = sum(1 for r in live if r.get("machine_model") == "docker")
+    vms = len(live) - containers
+    what = f"{vms} VM{'' if vms == 1 else 's'}"
+    if containers:
+        what += f" and {containers} container{'' if containers == 1 else 's'}"
+    text = (f"{what} on {busy} of {total_processors} processors "
             f"({running} running, {len(live) - running} starting)")
     return text + (f"; {failed} failed" if failed else "")

@@ -710,7 +710,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("root_device", M, _DEVICE, default="vda",
            doc="Guest device of the root disk (virtio if it contains 'vd', else IDE)."),
     Option("scratch_device", M, _DEVICE, default="vdb", doc="Guest device of the scratch disk."),
-    Option("container_command", M, Text(), default="/user_data",
+    Option("container_command", M, Text(check=values.command_words), default="/user_data",
            doc="Command a docker container runs, split into words as a shell would (no shell runs "
                "it). The default runs the rendered user_data, bound read-only and executable at "
                "/user_data."),

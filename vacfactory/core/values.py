@@ -242,3 +242,18 @@ def docker_image(location: str, what: str = "") -> str:
     if not isinstance(location, str) or not location.lower().startswith(DOCKER_SCHEME):
         raise _refuse(what, location, f"must start with {DOCKER_SCHEME}")
     return check_image_reference(location[len(DOCKER_SCHEME):], what)
+
+
+def command_words(text: str, what: str = "") -> Tuple[str, ...]:
+    """A command line split into words as a shell would (quotes kept together); no shell
+    ever runs it. Refused: unbalanced quotes, no words, control characters."""
+    import shlex
+
+    check_single_line(text, what)
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as error:
+        raise _refuse(what, text, f"does not split into words ({error})") from None
+    if not words or not words[0]:
+        raise _refuse(what, text, "has no command")
+    return words

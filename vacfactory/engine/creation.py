@@ -122,7 +122,7 @@ class Creator:
         checkpoint("create.prepared")
         entry = self.vms.add(machine)
         try:
-            spec = self.builder.domain_spec(config, mt, machine)
+            spec = self.builder.machine_spec(config, mt, machine)
             self.boundary.publish(machine)
             checkpoint("create.published")
         except CREATION_ERRORS as error:

@@ -10,9 +10,16 @@
   is down leaves the cached copy in use; with no copy yet the machinetype is not startable this
   round (``ImageNotReady``), which is not a failed creation. ``##user_data_url##`` is the URL.
   A template or ``user_data_file_XXX`` over ``MAX_TEMPLATE_BYTES`` is a BuildError.
-- ``domain_spec``: the hypervisor.VMSpec: the domain and the disks the hypervisor makes for it
-  in the machine directory (overlay, scratch disk, the optional config drive, whose
-  meta_data.json is the one the HTTP server serves). It creates nothing itself.
+- ``machine_spec``: what the hypervisor starts. For a VM, ``domain_spec``: the
+  hypervisor.VMSpec, the domain and the disks the hypervisor makes for it in the machine
+  directory (overlay, scratch disk, the optional config drive, whose meta_data.json is the one
+  the HTTP server serves). For ``machine_model = docker``, a ContainerSpec
+  (engine.containerbuild). It creates nothing itself.
+
+A docker machine has no slot address (its MJF, joboutputs and user_data are bind mounts, so
+its record's ``mjf_transport`` is "bind") and no root image file: its image is the runtime's,
+and a machinetype whose image the runtime does not have yet is not startable this round
+(``container_images(reference)`` says why; the runtime pulls it in the background).
 
 Every URL a VM is given uses ``http_port`` (omitted when it is 80).
 
@@ -29,18 +36,18 @@ import json
 import logging
 import os
 import secrets
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from vacfactory import __version__
 from vacfactory.config import pipes
 from vacfactory.core import mjf, userdata, values
-from vacfactory.engine import policies
+from vacfactory.engine import containerbuild, policies
 from vacfactory.engine.boundary import nfs_meta, vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
 from vacfactory.errors import ImageError, VacFactoryError
 from vacfactory.hypervisor.addressing import slot_ip, slot_mac, slot_port
-from vacfactory.hypervisor.base import ConfigDrive, DiskSpec, InterfaceSpec, Overlay, Scratch, VMSpec
-from vacfactory.fetch.imagecache import ImageCache
+from vacfactory.hypervisor.base import ConfigDrive, DiskSpec, InterfaceSpec, MachineSpec, Overlay, Scratch, VMSpec
+from vacfactory.fetch.imagecache import ImageCache, ImageNotReady
 from vacfactory.state.machines import Machine
 from vacfactory.state.records import VMRecord
 from vacfactory.vmio.http import METADATA_ADDRESS, MJF_ADDRESS, base_url, meta_data_document
@@ -61,9 +68,13 @@ class VMBuilder:
     """Stateless apart from the image cache that root images by URL (or path) go through."""
 
     def __init__(self, state_dir: str, images: Optional[ImageCache] = None,
-                 host_features: Optional[Mapping[str, str]] = None) -> None:
+                 host_features: Optional[Mapping[str, str]] = None,
+                 container_images: Optional[Callable[[str], Optional[str]]] = None) -> None:
         self.state_dir = state_dir
         self.images = images
+        #: reference -> None if the container runtime has the image, else why not (it pulls it
+        #: in the background); None: no container runtime, docker machinetypes wait
+        self.container_images = container_images
         #: host facts published in every VM's machinefeatures (engine.hostfacts_mjf)
         self.host_features = dict(host_features or {})
 
@@ -72,8 +83,11 @@ class VMBuilder:
     def new_record(self, config, mt, *, uuid: str, slot: int, name: str, processors: int,
                    created: float, shutdown_time: float) -> VMRecord:
         s = config.settings
-        networked = uses_network(config)
-        root_image_path = self.root_image(mt, config) if mt.root_image else None
+        container = is_container(mt)
+        networked = uses_network(config) and not container
+        if container:
+            self.container_image_ready(mt)
+        root_image_path = self.root_image(mt, config) if mt.root_image and not container else None
         return VMRecord(
             uuid=uuid,
             name=name,
@@ -90,7 +104,7 @@ class VMBuilder:
             accounting_fqan=mt.accounting_fqan,
             machinegroup=mt.machinegroup,
             fizzle_seconds=float(mt.fizzle_seconds),
-            mjf_transport=mt.mjf_transport,
+            mjf_transport="bind" if container else mt.mjf_transport,
             address=slot_ip(slot) if networked else None,
             mac=slot_mac(slot) if networked else None,
             token=secrets.token_hex(16),
@@ -111,6 +125,15 @@ class VMBuilder:
                 raise BuildError(f"machinetype {mt.name}: {error}") from None
         return self.resolve(mt, mt.root_image)
 
+    def container_image_ready(self, mt) -> None:
+        """ImageNotReady unless the container runtime has the machinetype's image."""
+        reference = containerbuild.image_reference(mt)
+        if self.container_images is None:
+            raise ImageNotReady(f"{reference}: no container runtime is connected (container_socket)")
+        why = self.container_images(reference)
+        if why is not None:
+            raise ImageNotReady(f"{reference}: {why}")
+
     def features(self, config, record: VMRecord) -> Tuple[Dict[str, str], Dict[str, str]]:
         s = config.settings
         extras = merge_extras(self.host_features, syslog_machinefeatures(s.syslog_server),
@@ -128,6 +151,7 @@ class VMBuilder:
         if mt.user_data_proxy:
             options["x509_proxy"] = self._proxy(mt, record)
         mjf_url = mjf_base_url(config)
+        paths = container_paths() if record.machine_model == "docker" else None
         substitutions = userdata.standard_substitutions(
             space=record.space,
             machinetype=record.machinetype,
@@ -135,9 +159,9 @@ class VMBuilder:
             manager_version=f"vacfactory {__version__}",
             manager_hostname=record.factory,
             uuid=record.uuid,
-            machinefeatures_url=f"{mjf_url}/machinefeatures",
-            jobfeatures_url=f"{mjf_url}/jobfeatures",
-            joboutputs_url=f"{mjf_url}/joboutputs",
+            machinefeatures_url=paths[0] if paths else f"{mjf_url}/machinefeatures",
+            jobfeatures_url=paths[1] if paths else f"{mjf_url}/jobfeatures",
+            joboutputs_url=paths[2] if paths else f"{mjf_url}/joboutputs",
             root_image_url=mt.root_image if is_url(mt.root_image) else None,
             user_data_url=mt.user_data if is_url(mt.user_data) else None,
             site=config.settings.gocdb_sitename,
@@ -167,6 +191,16 @@ class VMBuilder:
         return made.decode("ascii")
 
     # -- the domain ---------------------------------------------------------------------
+
+    def machine_spec(self, config, mt, machine: Machine) -> MachineSpec:
+        """What the hypervisor starts for ``machine``: a container for a docker machinetype,
+        else a domain. A value the spec refuses is a BuildError."""
+        if is_container(mt):
+            try:
+                return containerbuild.container_spec(config, mt, machine)
+            except VacFactoryError as error:
+                raise BuildError(str(error)) from None
+        return self.domain_spec(config, mt, machine)
 
     def domain_spec(self, config, mt, machine: Machine) -> VMSpec:
         """Describe the VM's domain and the disks the hypervisor makes for it (pure: no file
@@ -293,6 +327,17 @@ def max_root_image_bytes(settings, mt) -> int:
         return int(settings.max_root_image_gb * (1 << 30))
     disk_gb = mt.disk_gb_per_processor or settings.disk_gb_per_processor or 0
     return max(DEFAULT_MAX_ROOT_IMAGE_GIB << 30, int(disk_gb * mt.max_processors * 10**9))
+
+
+def is_container(mt) -> bool:
+    return mt.machine_model == "docker"
+
+
+def container_paths() -> Tuple[str, str, str]:
+    """Where a container finds its machinefeatures, jobfeatures and joboutputs (the
+    ##user_data_machinefeatures_url## etc. of its user_data: MJF allows a directory path)."""
+    return (containerbuild.MACHINEFEATURES_TARGET, containerbuild.JOBFEATURES_TARGET,
+            containerbuild.JOBOUTPUTS_TARGET)
 
 
 def bus_for(device: str) -> str:

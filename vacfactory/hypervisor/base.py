@@ -222,6 +222,8 @@ class BindSpec:
     source: str
     target: str
     readonly: bool = True
+    #: a private scratch directory: the hypervisor makes it (empty) before the container starts
+    scratch: bool = False
 
     def __post_init__(self) -> None:
         check_path("bind source", self.source)

@@ -189,8 +189,10 @@ class MachineStore:
         for key, value in jobfeatures.items():
             write_new_file(os.path.join(staging, "jobfeatures", key), value.encode())
         if user_data is not None:
-            # user_data may hold a proxy or site secrets: only root reads it
-            write_new_file(os.path.join(staging, "user_data"), user_data, mode=0o600)
+            # user_data may hold a proxy or site secrets: only root reads it (and a container,
+            # whose default command is /user_data, runs it)
+            mode = 0o700 if record.machine_model == "docker" else 0o600
+            write_new_file(os.path.join(staging, "user_data"), user_data, mode=mode)
         atomic_write_json(os.path.join(staging, "vm.json"), to_json(record))
 
     # -- reading --------------------------------------------------------------------------
