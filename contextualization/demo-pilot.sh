@@ -7,13 +7,16 @@
 # 1. MJF: option mjf=http: wget from the machinefeatures/jobfeatures URLs (URLs in
 #    /tmp/meta_data.json "meta", token URLs first, are preferred), joboutputs by HTTP POST;
 #    mjf=nfs: NFSv4.1 mounts of the exports /tmp/meta_data.json "meta" names (nfs_server,
-#    *_nfs_path), else of <server>:/<uuid>/{machinefeatures,jobfeatures,joboutputs}.
-#    Unset: nfs if meta_data.json names NFS exports (mjf_transport = nfs), else http.
+#    *_nfs_path), else of <server>:/<uuid>/{machinefeatures,jobfeatures,joboutputs};
+#    mjf=files: the directories the MJF "URLs" name (a docker container's binds:
+#    /etc/machinefeatures, /etc/jobfeatures, /var/spool/joboutputs).
+#    Unset: files if the MJF URL is a path, nfs if meta_data.json names NFS exports
+#    (mjf_transport = nfs), else http.
 # 2. joboutputs/mjf_report: machinefeatures/KEY=VALUE and jobfeatures/KEY=VALUE for every key.
 # 3. Work for lifetime s, writing joboutputs/<heartbeat_file> every heartbeat_interval s from
 #    the start (no heartbeat from heartbeat_stop_after s on, if set: then it sleeps until it is
 #    killed); stop early once jobfeatures/shutdowntime_job has passed.
-# 4. joboutputs/shutdown_message = outcome, then power off.
+# 4. joboutputs/shutdown_message = outcome, then power off (in a container: exit).
 # Throughout, when machinefeatures/syslog names a server, busybox syslogd forwards the pilot's
 # `logger` lines there (the factory files them under the VM's machine directory).
 set -eu
@@ -308,6 +311,10 @@ power_off() {
         say "done (VF_PILOT_NO_POWEROFF set: not powering off)"
         return 0
     fi
+    if [ "${MJF:-}" = files ]; then  # a container ends when its command exits
+        say "exiting"
+        return 0
+    fi
     say "powering off"
     poweroff -f 2>/dev/null || poweroff || true
 }
@@ -316,7 +323,10 @@ power_off() {
 
 UUID=$(value "$UUID" "")
 MACHINETYPE=$(value "$MACHINETYPE" "")
-if meta_nfs; then MJF_DEFAULT=nfs; else MJF_DEFAULT=http; fi
+case "$MF_URL" in
+    /*) MJF_DEFAULT=files ;;
+    *) if meta_nfs; then MJF_DEFAULT=nfs; else MJF_DEFAULT=http; fi ;;
+esac
 MJF=$(value "$OPT_MJF" "$MJF_DEFAULT")
 HEARTBEAT_FILE=$(value "$OPT_HEARTBEAT_FILE" heartbeat)
 is_name "$HEARTBEAT_FILE" || HEARTBEAT_FILE=heartbeat
@@ -333,7 +343,8 @@ say "uuid=$UUID machinetype=$MACHINETYPE mjf=$MJF lifetime=$LIFETIME" \
 case "$MJF" in
     http) setup_http || { power_off; exit 1; } ;;
     nfs) setup_nfs || { power_off; exit 1; } ;;
-    *) say "unknown mjf option '$MJF' (http or nfs)"; power_off; exit 1 ;;
+    files) MACHINEFEATURES=$MF_URL; JOBFEATURES=$JF_URL; JOBOUTPUTS=$JO_URL ;;
+    *) say "unknown mjf option '$MJF' (http, nfs or files)"; power_off; exit 1 ;;
 esac
 export MACHINEFEATURES JOBFEATURES JOBOUTPUTS
 
