@@ -40,7 +40,7 @@ from vacfactory.errors import HypervisorError, VacFactoryError
 from vacfactory.engine.factory import Factory
 from vacfactory.hypervisor.addressing import NetworkSpec, slot_ip, slot_mac
 from vacfactory.hypervisor.base import Hypervisor
-from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
+from vacfactory.hypervisor.runtimes import machine_hypervisor, wants_containers
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.logsetup import configure_logging  # noqa: F401 - re-exported for the CLI
 from vacfactory.fetch.pipefetch import refresh_pipes
@@ -144,8 +144,11 @@ class Daemon:
         #: ends the engine's wait between rounds: libvirt events, signals, finished downloads
         self.wake = threading.Event()
         self.lock = StateLock(settings.state_dir)
-        self.hypervisor = LibvirtHypervisor(settings.libvirt_uri)
         self.store = MachineStore(settings.state_dir)
+        live_models = [m.record.machine_model for m in self.store.load_all().values() if m.live]
+        #: libvirt, plus the container runtime when there are containers to run or watch
+        self.hypervisor, self.containers = machine_hypervisor(
+            settings, wants_containers(self.config, live_models))
         # background: the engine never waits for an image download (the watchdog, the limits)
         self.images = ImageCache(
             settings.image_cache_dir, settings.pipe_ca_path,
@@ -156,7 +159,8 @@ class Daemon:
             reserve_bytes=settings.image_download_reserve_mb << 20,
         )
         self.builder = VMBuilder(settings.state_dir, self.images, host_machinefeatures(
-            hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)))
+            hypervisor=describe_hypervisor(self.hypervisor, settings.domain_type)),
+            container_images=self.containers.image_status if self.containers is not None else None)
         self.boundary = VMBoundary(exporter=make_exporter(self.config), limits=joboutputs_limits(self.config),
                                    meta_source=self.vm_meta,
                                    jobfs=make_jobfs(self.config))
@@ -263,6 +267,9 @@ class Daemon:
         if self.config is not self._config_seen:
             self._config_seen = self.config
             self.config_accepted_at = time.time()
+            if self.containers is None and wants_containers(self.config):
+                log.warning("a docker machinetype was added by a reload: its containers start after vacfactory "
+                            "restarts and connects to container_socket %s", self.config.settings.container_socket)
         if self._sighup.is_set():
             self._sighup.clear()
             errors = self.watcher.errors

@@ -35,6 +35,7 @@ from vacfactory.daemon import network_spec
 from vacfactory.engine.naming import domain_name
 from vacfactory.engine.vmbuild import BuildError, VMBuilder
 from vacfactory.errors import ConfigErrors, ImageError
+from vacfactory.hypervisor.base import ContainerSpec
 from vacfactory.hypervisor.domainxml import domain_xml
 from vacfactory.state.machines import MachineStore
 
@@ -55,6 +56,8 @@ _CHECK_CANDIDATES = {
     values.check_factory_name: st.one_of(st.from_regex(values.FQDN_PATTERN, fullmatch=True), _NAMEISH),
     values.check_network_name: st.one_of(st.from_regex(r"[A-Za-z0-9_.-]{1,70}", fullmatch=True), _NAMEISH),
     values.check_interface_name: st.one_of(st.from_regex(r"[A-Za-z0-9_.-]{1,17}", fullmatch=True), _NAMEISH),
+    values.command_words: st.one_of(st.from_regex(r"/?[A-Za-z0-9_.-]{1,12}( [A-Za-z0-9_.-]{1,8}){0,3}", fullmatch=True),
+                                    st.from_regex(r"[a-z]{1,6} '[a-z ]{0,6}'? ?\"[a-z ]{0,6}", fullmatch=True)),
 }
 _PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x17f, blacklist_categories=("Cs",)),
                      max_size=60)
@@ -125,7 +128,8 @@ def configuration(root: str, settings_lines: str, machinetype_lines: str, model:
     return (f"[settings]\nvac_space = space.example.org\nfactory_name = f1.example.org\n"
             f"state_dir = {root}/state\nlibvirt_uri = test:///default\ndomain_type = test\n"
             f"total_processors = 4\nmb_per_processor = 100\ndisk_gb_per_processor = 1\n{settings_lines}"
-            f"[machinetype m]\ntarget_share = 1\nmachine_model = {model}\nroot_image = base.img\n"
+            f"[machinetype m]\ntarget_share = 1\nmachine_model = {model}\n"
+            f"root_image = {'docker://localhost/pilot:1' if model == 'docker' else 'base.img'}\n"
             f"{machinetype_lines}")
 
 
@@ -143,7 +147,7 @@ def build_every_spec(root: str, text: str, option: str) -> None:
     spec_of_network = network_spec(config)
     assert spec_of_network.name == config.settings.network_name
     slot = config.settings.total_processors - 1
-    builder = VMBuilder(config.settings.state_dir)
+    builder = VMBuilder(config.settings.state_dir, container_images=lambda reference: None)
     try:
         record = builder.new_record(config, mt, uuid=str(uuidlib.uuid4()), slot=slot,
                                     name=domain_name(config.settings.factory_name, slot),
@@ -151,10 +155,14 @@ def build_every_spec(root: str, text: str, option: str) -> None:
                                     created=1.8e9, shutdown_time=1.8e9 + 3600)
         machine = MachineStore(config.settings.state_dir).prepare(record, *builder.features(config, record), None)
         try:
-            spec = builder.domain_spec(config, mt, machine)
-            assert domain_xml(spec).startswith("<domain")
-            event(f"built: {len(spec.disks)} disks")
-            assert spec.disks[-1 if mt.config_drive else 0].path.startswith(config.settings.state_dir)
+            spec = builder.machine_spec(config, mt, machine)
+            if isinstance(spec, ContainerSpec):
+                event(f"built: a container with {len(spec.binds)} binds")
+                assert spec.binds[0].source == machine.joboutputs_dir
+            else:
+                assert domain_xml(spec).startswith("<domain")
+                event(f"built: {len(spec.disks)} disks")
+                assert spec.disks[-1 if mt.config_drive else 0].path.startswith(config.settings.state_dir)
         finally:
             shutil.rmtree(machine.path)
     except (BuildError, ImageError) as error:
@@ -179,13 +187,13 @@ _SETTINGS = settings(max_examples=25, deadline=None,
 
 
 @_SETTINGS
-@given(data=st.data(), model=st.sampled_from(table.VM_MODELS))
+@given(data=st.data(), model=st.sampled_from(table.VM_MODELS + table.STARTED_CONTAINER_MODELS))
 def test_every_settings_value_the_table_accepts_goes_through_the_specs(site, data, model):
     _draw_and_build(site, table.SETTINGS, data, model)
 
 
 @_SETTINGS
-@given(data=st.data(), model=st.sampled_from(table.VM_MODELS))
+@given(data=st.data(), model=st.sampled_from(table.VM_MODELS + table.STARTED_CONTAINER_MODELS))
 def test_every_machinetype_value_the_table_accepts_goes_through_the_specs(site, data, model):
     _draw_and_build(site, table.MACHINETYPE, data, model)
 

@@ -129,7 +129,8 @@ class VMBuilder:
         """ImageNotReady unless the container runtime has the machinetype's image."""
         reference = containerbuild.image_reference(mt)
         if self.container_images is None:
-            raise ImageNotReady(f"{reference}: no container runtime is connected (container_socket)")
+            raise ImageNotReady(f"{reference}: no container runtime is connected (a docker machinetype added by a "
+                                f"reload starts after a restart of vacfactory)")
         why = self.container_images(reference)
         if why is not None:
             raise ImageNotReady(f"{reference}: {why}")
