@@ -64,13 +64,14 @@ class Registered:
 class GroundTruth:
     """Start and stop times of the watched factories' domains (see the module doc)."""
 
-    def __init__(self, uri: str, poll_seconds: float = 0.5) -> None:
+    def __init__(self, uri: str, poll_seconds: float = 0.5, hv=None) -> None:
+        """``hv``: watch this hypervisor (a ContainerHypervisor) instead of libvirt at ``uri``."""
         self.uri = uri
         self.poll_seconds = poll_seconds
         self._lock = threading.RLock()
         self._factories: List[Registered] = []
         self._stopping = threading.Event()
-        self.hv = LibvirtHypervisor(uri)
+        self.hv = hv if hv is not None else LibvirtHypervisor(uri)
         self.hv.set_event_callback(self._on_event)
         self.reachable = True
         self._thread = threading.Thread(target=self._loop, name="ground-truth", daemon=True)
