@@ -907,8 +907,7 @@ VAC_SYNTAX: Tuple[VacDifference, ...] = (
                   "a value vacfactory could not parse is ignored with a warning", "an error",
                   "leave the option out"),
     VacDifference("root_image = docker://... in a machinetype that is not docker", "loads with a warning; the "
-                  "machinetype is never started", "an error", "machine_model = docker (never started by "
-                  "vacfactory), or a VM image"),
+                  "machinetype is never started", "an error", "machine_model = docker, or a VM image"),
     VacDifference("a line Python 2's parser cannot read (an indented line right after a header, "
                   "text before the first header)", "an error naming file:line (Python 2's parser raises on it "
                   "too)", "the same",
