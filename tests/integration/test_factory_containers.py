@@ -165,25 +165,33 @@ class ContainerFactory:
         return "\n".join(parts)
 
     def wait(self, condition, what: str, timeout: float = 60):
-        return waiting.wait_for(condition, what, timeout, 0.3, details=self.diagnostics)
+        """Wait for ``condition``; a daemon that died meanwhile fails the test at once."""
+        def check():
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"the daemon died (status {self.process.returncode}) while waiting for "
+                                     f"{what}\n{self.diagnostics()}")
+            return condition()
+        return waiting.wait_for(check, what, timeout, 0.3, details=self.diagnostics)
 
 
 def machinetype(name: str, user_data: str, extra: str = "", share: int = 1) -> str:
-    return textwrap.dedent(f"""\
-        [machinetype {name}]
-        target_share = {share}
-        machine_model = docker
-        root_image = {IMAGE}
-        user_data = {user_data}
-        fizzle_seconds = 1
-        backoff_seconds = 0
-        max_wallclock_seconds = 600
-        """) + textwrap.dedent(extra)
+    """A docker machinetype; ``extra`` lines (``key = value``) override the defaults."""
+    options = {"target_share": str(share), "machine_model": "docker", "root_image": IMAGE,
+               "user_data": user_data, "fizzle_seconds": "1", "backoff_seconds": "0",
+               "max_wallclock_seconds": "600"}
+    for line in textwrap.dedent(extra).splitlines():
+        if line.strip():
+            key, _, value = line.partition("=")
+            options[key.strip()] = value.strip()
+    return f"[machinetype {name}]\n" + "".join(f"{k} = {v}\n" for k, v in options.items())
+
+
+_TAGS = iter(range(1000))
 
 
 @pytest.fixture
-def factory(tmp_path, podman, request):
-    f = ContainerFactory(str(tmp_path), request.node.name[-6:].replace("[", "").replace("]", "") or "f", podman)
+def factory(tmp_path, podman):
+    f = ContainerFactory(str(tmp_path), f"t{next(_TAGS)}", podman)
     try:
         yield f
     finally:
@@ -203,12 +211,12 @@ def test_a_container_pilot_reads_its_mjf_heartbeats_ends_and_is_accounted_once_w
     first = factory.wait(lambda: [m for m in factory.of_type("pilots") if m.accounted is not None],
                          "the first container to end and be accounted", 120)[0]
     factory.stop()
-    assert first.finished is not None and first.finished.outcome == "ok", first.finished
+    assert first.finished is not None and first.finished.outcome == "success", first.finished
     assert (first.finished.code, first.finished.reason) == (200, "shutdown_message")
     assert first.record.machine_model == "docker" and first.record.address is None
     # it read its MJF from the binds, and only the image's root is there (no host path)
     seen = read(os.path.join(first.joboutputs_dir, "mjf_seen")).split()
-    assert seen == ["hs06=10", "cpus=1", f"job={first.uuid}", f"host={first.name}"]
+    assert seen == ["hs06=10.0", "cpus=1", f"job={first.uuid}", f"host={first.name}"]
     root = set(read(os.path.join(first.joboutputs_dir, "root_listing")).split())
     assert root <= {"bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "user_data", "var"}, root
     # accounted exactly once, with the CPU its cgroup used (3 s of spinning)
