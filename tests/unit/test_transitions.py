@@ -47,6 +47,12 @@ def test_the_fault_suite_kills_at_exactly_the_tables_checkpoints():
     assert ("vacfactory.faults", ["POINTS"]) in imports  # the suite's list is the table's
 
 
+def test_every_action_of_the_table_has_one_handler(fake_engine):  # noqa: F811
+    factory, _hv, _clock = fake_engine(total=1)
+    named = {action.name for _state, actions in lifecycle.TABLE.values() for action in actions}
+    assert set(factory.transitions._handlers) == named
+
+
 def test_a_life_reaches_every_checkpoint_in_the_tables_order(fake_engine, monkeypatch):  # noqa: F811
     reached = []
     monkeypatch.setattr(transitions_module, "checkpoint", reached.append)

@@ -10,8 +10,8 @@ What an action needs beyond the VM (the time, CPU seconds, why it was killed, it
 its domain, its accounting result) comes in one frozen :class:`Facts` value. A handler returns
 the entry and facts for the next action (the destroy moves the time to when it returned: the
 VM's end), or None to stop the transition where it is: the record could not be written (a
-full disk), the accounting or the withdrawal failed; the VM keeps its state and the round
-after next tries again. Other errors (preparing, starting a domain) propagate to the caller,
+full disk), the accounting or the withdrawal failed; the VM keeps its state and a later round
+tries again. Other errors (preparing, starting a domain) propagate to the caller,
 which handles them as before: the checkpoint after a failed action is never reached.
 """
 
