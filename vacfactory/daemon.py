@@ -37,7 +37,7 @@ from vacfactory.engine.snapshot import machine_status
 from vacfactory.engine.spacewatch import SpaceWatcher
 from vacfactory.engine.vmbuild import VMBuilder, uses_network
 from vacfactory.errors import HypervisorError, VacFactoryError
-from vacfactory.engine.factory import Factory
+from vacfactory.engine.factory import EngineParts, Environment, Factory
 from vacfactory.hypervisor.addressing import NetworkSpec, slot_ip, slot_mac
 from vacfactory.hypervisor.base import Hypervisor
 from vacfactory.hypervisor.runtimes import machine_hypervisor, wants_containers
@@ -167,18 +167,11 @@ class Daemon:
         self.space = SpaceWatcher(current_config(self.watcher))
         self.space.memory = RecordingSpaceMemory(self.space.memory.max_age)
         self.factory = Factory(
-            config_source=self.watcher,
-            hypervisor=self.hypervisor,
-            store=self.store,
-            builder=self.builder,
-            boundary=self.boundary,
-            accountant=Accountant.for_config(self.watcher),
-            host_processors=self.host_facts.cpu_count,
-            space_view=self.space.view,
-            on_finished=self.vm_finished,
-            on_created=self.vm_created,
-            clock=clock,
-            wake=self.wake,
+            EngineParts(config_source=self.watcher, hypervisor=self.hypervisor, store=self.store,
+                        builder=self.builder, boundary=self.boundary,
+                        accountant=Accountant.for_config(self.watcher)),
+            Environment(host_processors=self.host_facts.cpu_count, space_view=self.space.view,
+                        on_finished=self.vm_finished, on_created=self.vm_created, clock=clock, wake=self.wake),
         )
         self.host_status = HostStatusReader(settings.state_dir)
         self.started_at = time.time()

@@ -1,8 +1,8 @@
 """Named crash points for the fault-injection suite (tests/faults/, `make faults`).
 
 The engine calls :func:`checkpoint` between every two writes of creating, destroying,
-finishing, accounting and cleaning a VM (the actions of core/lifecycle.py's table name
-them). Normally nothing happens. With the environment
+finishing, accounting and cleaning a VM: the actions of core/lifecycle.py's table name them,
+and engine/transitions.py, which carries the actions out, is the only caller. Normally nothing happens. With the environment
 variable ``VACFACTORY_CRASH_AT=NAME[:N]`` the process kills itself with SIGKILL the N-th time
 (default 1) it reaches the checkpoint NAME - exactly what a power cut or kill -9 at that
 instant does - so tests can prove that a restart loses and duplicates nothing.

@@ -239,7 +239,7 @@ def engine_fill(tmp: str, tag: str, vms: int, kernel: str, initrd: str, uri: str
     from vacfactory.daemon import network_spec
     from vacfactory.engine.accountant import Accountant
     from vacfactory.engine.boundary import VMBoundary
-    from vacfactory.engine.factory import Factory
+    from vacfactory.engine.factory import EngineParts, Environment, Factory
     from vacfactory.engine.vmbuild import VMBuilder
     from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
     from vacfactory.state.machines import MachineStore
@@ -265,9 +265,10 @@ def engine_fill(tmp: str, tag: str, vms: int, kernel: str, initrd: str, uri: str
 
     hypervisor.create = recording_create
     state_dir = watcher.current.settings.state_dir
-    factory = Factory(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-                      builder=VMBuilder(state_dir), boundary=VMBoundary(), accountant=Accountant.for_config(watcher),
-                      host_processors=64, load_average=lambda: 0.0, rng=random.Random(1))
+    factory = Factory(EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                                  builder=VMBuilder(state_dir), boundary=VMBoundary(),
+                                  accountant=Accountant.for_config(watcher)),
+                      Environment(host_processors=64, load_average=lambda: 0.0, rng=random.Random(1)))
     factory.start()
     try:
         began = time.perf_counter()

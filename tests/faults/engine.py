@@ -25,7 +25,7 @@ from vacfactory.engine import naming
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.engine.factory import Factory, RoundReport
+from vacfactory.engine.factory import EngineParts, Environment, Factory, RoundReport
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import Machine, MachineStore
 
@@ -202,13 +202,12 @@ def make_engine(directory: str, total: int, machinetypes: Dict[str, Dict[str, st
     clock, monotonic = Clock(start), Clock(1000.0)
     watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=HOST)
     hypervisor = LibvirtHypervisor("test:///default")
-    kwargs = dict(
-        config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-        builder=VMBuilder(state_dir), boundary=VMBoundary(),
-        accountant=Accountant.for_config(watcher),
-        host_processors=64, clock=clock, load_average=lambda: 0.0, rng=random.Random(seed),
+    factory = Factory(
+        EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                    builder=VMBuilder(state_dir), boundary=VMBoundary(), accountant=Accountant.for_config(watcher)),
+        Environment(host_processors=64, clock=clock, monotonic=monotonic, load_average=lambda: 0.0,
+                    rng=random.Random(seed)),
     )
-    factory = Factory(monotonic=monotonic, **kwargs)
     factory.start()
     return Engine(factory, hypervisor, clock, monotonic, state_dir, name, config_path, fate)
 

@@ -23,7 +23,7 @@ from vacfactory.engine import naming
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.engine.factory import Factory
+from vacfactory.engine.factory import EngineParts, Environment, Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import MachineStore
 
@@ -141,16 +141,9 @@ def make_harness(
     state_dir = watcher.current.settings.state_dir
     hypervisor = LibvirtHypervisor("test:///default")
     factory = Factory(
-        config_source=watcher,
-        hypervisor=hypervisor,
-        store=MachineStore(state_dir),
-        builder=VMBuilder(state_dir),
-        boundary=VMBoundary(),
-        accountant=Accountant.for_config(watcher),
-        host_processors=64,
-        clock=clock,
-        load_average=lambda: 0.0,
-        rng=random.Random(7),
+        EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                    builder=VMBuilder(state_dir), boundary=VMBoundary(), accountant=Accountant.for_config(watcher)),
+        Environment(host_processors=64, clock=clock, load_average=lambda: 0.0, rng=random.Random(7)),
     )
     factory.start()
     return Harness(factory, hypervisor, clock, config_path, state_dir, name)

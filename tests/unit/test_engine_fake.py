@@ -13,18 +13,16 @@ import ast
 import inspect
 import os
 import random
-import re
 import subprocess
 import sys
 
 import pytest
 
 from tests.unit.engine_harness import HOST, Clock, kernel_file, machinetype_text, settings_text
-from vacfactory import faults
 from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
-from vacfactory.engine.factory import Factory
+from vacfactory.engine.factory import EngineParts, Environment, Factory
 from vacfactory.engine.vmbuild import VMBuilder
 from vacfactory.hypervisor.base import Hypervisor
 from vacfactory.hypervisor.fake import FakeHypervisor
@@ -50,10 +48,11 @@ def fake_engine(tmp_path):
         watcher = ConfigWatcher(ConfigSources.for_main_file(str(config_path)), host_facts=HOST)
         state_dir = watcher.current.settings.state_dir
         hypervisor = FakeHypervisor(clock)
-        factory = Factory(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-                          builder=VMBuilder(state_dir), boundary=VMBoundary(),
-                          accountant=Accountant.for_config(watcher), host_processors=64, clock=clock,
-                          load_average=lambda: 0.0, rng=random.Random(3))
+        factory = Factory(EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                                      builder=VMBuilder(state_dir), boundary=VMBoundary(),
+                                      accountant=Accountant.for_config(watcher)),
+                          Environment(host_processors=64, clock=clock, load_average=lambda: 0.0,
+                                      rng=random.Random(3)))
         factory.start()
         return factory, hypervisor, clock
 
@@ -175,15 +174,6 @@ def test_the_protocol_module_does_not_import_the_network_module():
             "print('vacfactory.hypervisor.network' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_the_engine_reaches_exactly_the_checkpoints_the_lifecycle_table_names():
-    used = set()
-    for name in os.listdir(os.path.join(REPO, "vacfactory/engine")):
-        if name.endswith(".py"):
-            with open(os.path.join(REPO, "vacfactory/engine", name)) as f:
-                used |= set(re.findall(r'checkpoint\("([a-z_.]+)"\)', f.read()))
-    assert used == set(faults.POINTS)
 
 
 def test_a_stop_event_racing_with_the_end_of_a_vm_leaves_no_fact_behind(fake_engine):

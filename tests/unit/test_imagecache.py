@@ -518,7 +518,7 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
     from vacfactory.engine.accountant import Accountant
     from vacfactory.engine.boundary import VMBoundary
     from vacfactory.engine.vmbuild import VMBuilder
-    from vacfactory.engine.factory import Factory
+    from vacfactory.engine.factory import EngineParts, Environment, Factory
     from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
     from vacfactory.state.machines import MachineStore
     from vacfactory.state.status import StatusFiles
@@ -536,10 +536,10 @@ def test_engine_round_does_not_wait_for_a_10_second_download(http_server, tmp_pa
     images = ImageCache(os.path.join(state_dir, "imagecache"), timeout=60, check_seconds=300, background=True)
     holder = {}
     factory = Factory(
-        config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-        builder=VMBuilder(state_dir, images), boundary=VMBoundary(),
-        accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config)),
-        host_processors=64, clock=Clock(), load_average=lambda: 0.0,
+        EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                    builder=VMBuilder(state_dir, images), boundary=VMBoundary(),
+                    accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config))),
+        Environment(host_processors=64, clock=Clock(), load_average=lambda: 0.0),
     )
     holder["factory"] = factory
     images.on_ready = factory.wake.set

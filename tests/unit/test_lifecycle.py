@@ -92,6 +92,16 @@ def test_crash_checkpoints_are_derived_from_the_table_in_life_order():
     )
 
 
+def test_creation_steps_happen_only_before_a_vm_has_run():
+    """Creating is three events (prepared and published on the engine's thread, started in the
+    creation pool); publishing and starting keep the VM created and write no record."""
+    assert [state for state in VMState if lifecycle.allowed(state, Event.CREATE)] == [VMState.NEW]
+    for event in (Event.PUBLISH, Event.START):
+        assert [state for state in VMState if lifecycle.allowed(state, event)] == [VMState.CREATED]
+        transition = lifecycle.step(VMState.CREATED, event)
+        assert transition.state is VMState.CREATED and all(not a.writes for a in transition.actions)
+
+
 def test_state_of_reads_the_records():
     assert lifecycle.state_of(False, False, False, False) is VMState.CREATED
     assert lifecycle.state_of(True, False, False, False) is VMState.RUNNING

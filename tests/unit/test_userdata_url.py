@@ -26,7 +26,7 @@ from vacfactory.config.loader import ConfigSources, ConfigWatcher
 from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.vmbuild import MAX_TEMPLATE_BYTES, VMBuilder
-from vacfactory.engine.factory import Factory
+from vacfactory.engine.factory import EngineParts, Environment, Factory
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.fetch.imagecache import ImageCache
 from vacfactory.state.machines import MachineStore
@@ -198,10 +198,10 @@ def engine(tmp_path):
                             clock=clock, background=True)
         holder = {}
         factory = Factory(
-            config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-            builder=VMBuilder(state_dir, images), boundary=VMBoundary(),
-            accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config)),
-            host_processors=64, clock=clock, load_average=lambda: 0.0, rng=random.Random(7),
+            EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                        builder=VMBuilder(state_dir, images), boundary=VMBoundary(),
+                        accountant=Accountant(lambda: AccountingSettings.from_config(holder["factory"].config))),
+            Environment(host_processors=64, clock=clock, load_average=lambda: 0.0, rng=random.Random(7)),
         )
         holder["factory"] = factory
         images.on_ready = factory.wake.set

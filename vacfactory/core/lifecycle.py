@@ -2,7 +2,8 @@
 
 Like h11's transition tables: no I/O, no clock. The engine gathers facts (what the hypervisor
 lists, which limits a VM crossed, whether accounting worked), turns each into an :class:`Event`
-for one VM, asks :func:`step` what that means, and carries out the returned actions in order.
+for one VM, asks :func:`step` what that means, and carries out the returned actions in order
+(engine/transitions.py: one handler per action name, the only caller of the checkpoints).
 An event that makes no sense in the VM's state (accounting a VM that has not finished,
 deleting one that is not done) is a :class:`LifecycleError`, never a silent write.
 
@@ -14,7 +15,7 @@ order a VM's life reaches them (:func:`checkpoints`).
 
 The flow of one VM::
 
-    NEW --create--> CREATED --domain_started/domain_found--> RUNNING
+    NEW --create--> CREATED --publish, start--> CREATED --domain_started/domain_found--> RUNNING
     CREATED --start_failed/domain_missing--> FINISHED (outcome failed: never accounted)
     RUNNING --limit_reached (destroy) / domain_gone--> FINISHED
     FINISHED --account--> ACCOUNTED --clean--> DONE      (or clean first: CLEANED --account--> DONE)
@@ -46,7 +47,9 @@ class VMState(str, Enum):
 class Event(str, Enum):
     """What the engine observed or decided about one VM."""
 
-    CREATE = "create"                  # the scheduler asked for this VM
+    CREATE = "create"                  # the scheduler asked for this VM: its machine directory
+    PUBLISH = "publish"                # its domain is described: publish its MJF/exports
+    START = "start"                    # start its domain (in the creation pool, one VM per thread)
     DOMAIN_STARTED = "domain_started"  # the hypervisor started its domain
     START_FAILED = "start_failed"      # preparing, publishing or starting it failed
     DOMAIN_FOUND = "domain_found"      # a domain exists whose start was never recorded (adopt)
@@ -76,7 +79,10 @@ START_DOMAIN = Action("start_domain", after="create.domain_started")
 RECORD_STARTED = Action("record_started", writes="started")
 RECORD_OBSERVATION = Action("record_observation", writes="heartbeat")
 MOVE_START = Action("move_start", writes="started")
-DESTROY = Action("destroy", before="destroy.before", after="destroy.after")
+DESTROY = Action("destroy", before="destroy.before")
+#: a kill's last observation (the destroy's end): destroy.after follows it, so a crash there
+#: ends the VM when the destroy returned, not at an older heartbeat
+RECORD_LAST_OBSERVATION = Action("record_observation", writes="heartbeat", after="destroy.after")
 RECORD_FINISHED = Action("record_finished", writes="finished", after="finish.recorded")
 WRITE_RECORD = Action("write_apel_record", after="account.written")
 MARK_ACCOUNTED = Action("mark_accounted", writes="accounted", after="account.marked")
@@ -91,14 +97,18 @@ _CLEAN = (WITHDRAW, REMOVE_DISKS, MARK_CLEANED)
 S, E = VMState, Event
 #: the whole life of a VM; anything not listed is a LifecycleError
 TABLE: Dict[Tuple[VMState, Event], Tuple[VMState, Tuple[Action, ...]]] = {
-    (S.NEW, E.CREATE): (S.CREATED, (PREPARE, PUBLISH, START_DOMAIN)),
+    # creation is three events: preparing and publishing run on the engine's thread, one VM
+    # after another (the domain is described between them), starting in a pool of threads
+    (S.NEW, E.CREATE): (S.CREATED, (PREPARE,)),
+    (S.CREATED, E.PUBLISH): (S.CREATED, (PUBLISH,)),
+    (S.CREATED, E.START): (S.CREATED, (START_DOMAIN,)),
     (S.CREATED, E.DOMAIN_STARTED): (S.RUNNING, (RECORD_STARTED,)),
     (S.CREATED, E.DOMAIN_FOUND): (S.RUNNING, (RECORD_STARTED,)),
     (S.CREATED, E.START_FAILED): (S.FINISHED, (RECORD_FINISHED,)),
     (S.CREATED, E.DOMAIN_MISSING): (S.FINISHED, (RECORD_FINISHED,)),
     (S.RUNNING, E.OBSERVED): (S.RUNNING, (RECORD_OBSERVATION,)),
     (S.RUNNING, E.CLOCK_STEPPED): (S.RUNNING, (MOVE_START,)),
-    (S.RUNNING, E.LIMIT_REACHED): (S.FINISHED, (DESTROY, RECORD_OBSERVATION, RECORD_FINISHED)),
+    (S.RUNNING, E.LIMIT_REACHED): (S.FINISHED, (DESTROY, RECORD_LAST_OBSERVATION, RECORD_FINISHED)),
     (S.RUNNING, E.DOMAIN_GONE): (S.FINISHED, (RECORD_FINISHED,)),
     (S.FINISHED, E.ACCOUNT): (S.ACCOUNTED, _ACCOUNT),
     (S.FINISHED, E.CLEAN): (S.CLEANED, _CLEAN),

@@ -4,9 +4,11 @@ Preparing (a slot, the record, MJF, user_data, the machine directory, the domain
 the VM's exports) is quick file work and runs on the engine's thread, one VM after another, so
 slots and directories never race. Starting (the hypervisor makes the disks and the slot port and
 starts the domain: 0.3-1 s each for a TCG guest) runs concurrently, at most
-``MAX_PARALLEL_CREATIONS`` at once, each on its own libvirt connection. Every creation keeps
-its crash checkpoints (create.prepared, create.published, create.domain_started) and its
-own failure handling: a VM that cannot be started is finished as failed, accounted (no record)
+``MAX_PARALLEL_CREATIONS`` at once, each on its own libvirt connection. Each step is a lifecycle
+event carried out by engine.transitions ((new, create), (created, publish), (created, start),
+then (created, domain_started) or (created, start_failed)), so every creation keeps its crash
+checkpoints (create.prepared, create.published, create.domain_started) and its own failure
+handling: a VM that cannot be started is finished as failed, accounted (no record)
 and cleaned in the same round; the others go on.
 """
 
@@ -17,20 +19,20 @@ import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
+from vacfactory.core.lifecycle import Event, LifecycleError
 from vacfactory.core.views import Create, Decision
 from vacfactory.engine import naming
 from vacfactory.engine.entries import VMEntry, VMTable
-from vacfactory.engine.ending import Finisher
 from vacfactory.engine.pause import CreationPause
 from vacfactory.engine.report import RoundReport
 from vacfactory.engine.settling import Settler
+from vacfactory.engine.transitions import Facts, NewVM, Transitions
 from vacfactory.errors import VacFactoryError
-from vacfactory.faults import checkpoint
-from vacfactory.hypervisor.base import Hypervisor, VMSpec
+from vacfactory.hypervisor.base import MachineSpec
 from vacfactory.fetch.imagecache import ImageNotReady
 from vacfactory.logsetup import RepeatSummariser
 from vacfactory.view.metrics import MetricsRecorder
-from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.machines import Machine
 from vacfactory.state.status import StatusFiles
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,11 @@ class Creator:
     """Creates VMs; remembers creation failures per machinetype (status.json) and which
     machinetypes wait for their image."""
 
-    def __init__(self, store: MachineStore, vms: VMTable, builder, boundary, hypervisor: Hypervisor,
-                 finisher: Finisher, settler: Settler, pause: CreationPause, recorder: MetricsRecorder,
-                 status: StatusFiles, clock: Callable[[], float], elapsed: Callable[[], float],
-                 on_created: Optional[Callable[[Machine], None]] = None) -> None:
-        self.store, self.vms, self.builder, self.boundary = store, vms, builder, boundary
-        self.hypervisor, self.finisher, self.settler, self.pause = hypervisor, finisher, settler, pause
+    def __init__(self, vms: VMTable, builder, transitions: Transitions, settler: Settler, pause: CreationPause,
+                 recorder: MetricsRecorder, status: StatusFiles, clock: Callable[[], float],
+                 elapsed: Callable[[], float], on_created: Optional[Callable[[Machine], None]] = None) -> None:
+        self.vms, self.builder, self.transitions = vms, builder, transitions
+        self.settler, self.pause = settler, pause
         self.recorder, self.status, self.clock = recorder, status, clock
         #: called after each VM this engine starts, mid-round (the daemon republishes its
         #: VacQuery snapshot, so a long round's VMs are not invisible to the space until it ends)
@@ -65,7 +66,7 @@ class Creator:
 
     def create_all(self, config, decision: Decision, report: RoundReport) -> None:
         failed_types: Set[str] = set()
-        ready: List[Tuple[VMEntry, VMSpec]] = []
+        ready: List[Tuple[VMEntry, MachineSpec]] = []
         for create in decision.creates:
             if create.machinetype in failed_types:
                 continue
@@ -97,7 +98,7 @@ class Creator:
         if self.pause.ran_out:
             report.paused = self.pause.why()
 
-    def _prepare(self, config, create: Create) -> Optional[Tuple[VMEntry, VMSpec]]:
+    def _prepare(self, config, create: Create) -> Optional[Tuple[VMEntry, MachineSpec]]:
         """The VM's machine directory, exports and domain description; None if it failed (then
         nothing is left of it but, once its directory exists, its failed record)."""
         mt = config.machinetypes[create.machinetype]
@@ -113,48 +114,49 @@ class Creator:
             )
             machinefeatures, jobfeatures = self.builder.features(config, record)
             user_data = self.builder.user_data(config, mt, record)
-            machine = self.store.prepare(record, machinefeatures, jobfeatures, user_data)
+            entry = self.transitions.apply(None, Event.CREATE, Facts(new=NewVM(record, machinefeatures, jobfeatures,
+                                                                               user_data)))
         except ImageNotReady:
             raise  # nothing prepared yet: create_all skips the machinetype this round
         except CREATION_ERRORS as error:
             self._failed(name, create.machinetype, error)
             return None
-        checkpoint("create.prepared")
-        entry = self.vms.add(machine)
+        if entry is None:  # refused (logged): nothing was prepared
+            return None
         try:
-            spec = self.builder.machine_spec(config, mt, machine)
-            self.boundary.publish(machine)
-            checkpoint("create.published")
+            spec = self.builder.machine_spec(config, mt, entry.machine)
+            if self.transitions.apply(entry, Event.PUBLISH) is None:
+                raise LifecycleError("its exports were not published", machine=entry.name)
         except CREATION_ERRORS as error:
             self._start_failed(entry, error)
             return None
         return entry, spec
 
-    def _start_all(self, ready: List[Tuple[VMEntry, VMSpec]]) -> Iterator[Tuple[VMEntry, Optional[BaseException]]]:
+    def _start_all(self, ready: List[Tuple[VMEntry, MachineSpec]]) -> Iterator[Tuple[VMEntry, Optional[BaseException]]]:
         """Start every domain, concurrently; yields each VM with its error (or None) as its
         start ends, so the engine records it (and the space hears of it) before the slowest."""
         workers = min(len(ready), MAX_PARALLEL_CREATIONS)
         if workers <= 1:
             for entry, spec in ready:
-                yield entry, self._start(spec)
+                yield entry, self._start(entry, spec)
             return
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vacfactory-create") as pool:
-            futures = {pool.submit(self._start, spec): entry for entry, spec in ready}
+            futures = {pool.submit(self._start, entry, spec): entry for entry, spec in ready}
             for future in as_completed(futures):
                 yield futures[future], future.result()
 
-    def _start(self, spec: VMSpec) -> Optional[BaseException]:
+    def _start(self, entry: VMEntry, spec: MachineSpec) -> Optional[BaseException]:
         try:
-            self.hypervisor.create(spec)
+            if self.transitions.apply(entry, Event.START, Facts(spec=spec)) is not None:
+                return None
         except CREATION_ERRORS as error:
             return error
-        checkpoint("create.domain_started")
-        return None
+        return LifecycleError("its domain was not started", machine=entry.name)
 
     def _started(self, entry: VMEntry) -> None:
         record = entry.machine.record
         try:
-            entry.machine = self.store.mark_started(entry.machine, self.clock())
+            self.transitions.apply(entry, Event.DOMAIN_STARTED, Facts(time=self.clock()))
         except OSError as error:  # a full disk: the next round adopts the running domain
             log.error("%s: cannot record its start, adopting it later: %s", record.name, error)
         entry.seen_running = True
@@ -170,7 +172,8 @@ class Creator:
     def _start_failed(self, entry: VMEntry, error: BaseException) -> None:
         """A prepared VM that cannot run: finished as failed, accounted and cleaned at once."""
         self._failed(entry.name, entry.machine.record.machinetype, error)
-        if self.finisher.finish(entry, self.clock(), reason="create_failed"):  # else retried next round
+        ended = Facts(time=self.clock(), reason="create_failed")
+        if self.transitions.apply(entry, Event.START_FAILED, ended):  # else retried next round
             self.settler.settle([entry], self.clock())
 
     def _free_slot(self, total_processors: int) -> Optional[int]:

@@ -1,4 +1,7 @@
-"""How and when a VM ended, and recording it (`finished`): the step every later one reads.
+"""How and when a VM ended (what `finished` records: the step every later one reads).
+
+engine.transitions writes the record (record_finished); this module says what it holds and,
+once it is written, tells the metrics and the daemon.
 
 End times come from one clock, the engine's: a stop event is stamped when it arrives; a VM
 killed by the engine ended when the destroy returned; a VM seen running at the last round that
@@ -15,9 +18,8 @@ from typing import Callable, Optional
 from vacfactory.core.efficiency import vm_efficiency
 from vacfactory.core.outcomes import KillReason, Outcome, ShutdownMessage, classify
 from vacfactory.engine.entries import VMEntry, VMTable
-from vacfactory.faults import checkpoint
 from vacfactory.view.metrics import MetricsRecorder
-from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.machines import Machine
 from vacfactory.state.records import Finished
 
 log = logging.getLogger(__name__)
@@ -34,40 +36,29 @@ def console_mtime(machine: Machine) -> Optional[float]:
 
 
 class Finisher:
-    """Writes how VMs ended. ``shutdown_message(machine)`` reads what the VM left (hostile
+    """Says how VMs ended. ``shutdown_message(machine)`` reads what the VM left (hostile
     input, engine.boundary); ``abort_on_700()`` is the setting in force; ``on_finished``
     hears about every VM that ran and ended."""
 
-    def __init__(self, store: MachineStore, vms: VMTable, recorder: MetricsRecorder,
+    def __init__(self, vms: VMTable, recorder: MetricsRecorder,
                  shutdown_message: Callable[[Machine], Optional[str]], abort_on_700: Callable[[], bool],
                  on_finished: Optional[Callable[[Machine], None]] = None) -> None:
-        self.store = store
         self.vms = vms
         self.recorder = recorder
         self.shutdown_message = shutdown_message
         self.abort_on_700 = abort_on_700
         self.on_finished = on_finished
 
-    def finish(self, entry: VMEntry, now: float, kill: Optional[KillReason] = None,
-               reason: Optional[str] = None) -> bool:
-        """Record how ``entry`` ended; False if the record could not be written (a full disk):
-        the VM then stays live in memory and this same record is written at the next try."""
-        retry = entry.unrecorded is not None
-        finished = entry.unrecorded or self.ending(entry, now, kill, reason)
-        try:
-            machine = self.store.mark_finished(entry.machine, finished)
-        except OSError as error:
-            entry.unrecorded = finished
-            log.log(logging.DEBUG if retry else logging.ERROR,
-                    "%s: cannot record how it ended, will retry: %s", entry.name, error)
-            return False
-        checkpoint("finish.recorded")
-        self.vms.ended(entry, machine)
+    def announce(self, entry: VMEntry) -> None:
+        """After its `finished` is recorded (engine.transitions): the metrics and ``on_finished``
+        hear about a VM that ran."""
+        machine = entry.machine
+        finished = machine.finished
+        assert finished is not None
         if finished.outcome != FAILED:
             self.recorder.finished(machine.record.machinetype, finished.code, finished.outcome)
             if self.on_finished is not None:
                 self.on_finished(machine)
-        return True
 
     def ending(self, entry: VMEntry, now: float, kill: Optional[KillReason], reason: Optional[str]) -> Finished:
         """How and when a VM ended, from what the engine knows now."""

@@ -2,10 +2,11 @@
 
 A round gathers facts (the configuration, the hypervisor's domains, the VMs' limits), turns
 them into lifecycle events for each VM (core.lifecycle: adopt, finish, kill, account, clean,
-expire) and carries out what the table says, then asks the core scheduler what to create and
-creates all of it (engine.creation, in parallel). The collaborators each do one step:
-engine.ending (how a VM ended), engine.settling (accounting and cleaning), engine.creation,
-engine.pause (creation waits for disk space), engine.report (status.json).
+expire) and hands each to engine.transitions, which carries out what the table says; then it
+asks the core scheduler what to create and creates all of it (engine.creation, in parallel).
+The collaborators each do one step: engine.transitions (every VM transition, with its crash
+checkpoints), engine.ending (how a VM ended), engine.settling (accounting and cleaning),
+engine.creation, engine.pause (creation waits for disk space), engine.report (status.json).
 
 Rounds run whenever a libvirt lifecycle event arrives (so a VM that powers off is replaced
 within about a second) and at least every ``cycle_seconds``. Unlike Vac (one creation per
@@ -20,7 +21,6 @@ nothing until it can see again (a libvirtd restart must not look like every VM e
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -29,26 +29,28 @@ from typing import Callable, Dict, List, Optional
 from vacfactory.core import enforce, scheduler, status as core_status
 from vacfactory.core.lifecycle import Event
 from vacfactory.core.outcomes import KillReason
-from vacfactory.core.views import Decision, FinishedVM, MachinetypeState, SpaceView
+from vacfactory.core.views import Decision, FinishedVM, MachinetypeState
 from vacfactory.engine import naming, policies, rebalance
 from vacfactory.engine.clockstep import ClockStepWatch
 from vacfactory.engine.configpoll import ConfigPoller
 from vacfactory.engine.creation import Creator
 from vacfactory.engine.ending import Finisher
 from vacfactory.engine.entries import VMEntry, VMTable
-from vacfactory.engine.pause import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB, CreationPause, free_bytes
+from vacfactory.engine.pause import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB, CreationPause
 from vacfactory.engine.drain import apply_drain
+from vacfactory.engine.parts import EngineParts, Environment
 from vacfactory.engine.report import DecisionLog, RoundReport, write_status
 from vacfactory.engine.retention import RETENTION_SECONDS, Retention
 from vacfactory.engine.settling import Settler
+from vacfactory.engine.transitions import Facts, Transitions, destroy_domain
 from vacfactory.errors import HypervisorError, VacFactoryError
-from vacfactory.faults import checkpoint
-from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, Hypervisor
+from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState
 from vacfactory.view.metrics import MetricsRecorder
-from vacfactory.state.machines import Machine, MachineStore
+from vacfactory.state.machines import Machine
 from vacfactory.state.status import StatusFiles
 
-__all__ = ["Factory", "RoundReport", "MIN_FREE_STATE_MIB", "ENOSPC_PAUSE_SECONDS", "RETENTION_SECONDS"]
+__all__ = ["Factory", "EngineParts", "Environment", "RoundReport", "MIN_FREE_STATE_MIB", "ENOSPC_PAUSE_SECONDS",
+           "RETENTION_SECONDS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +59,25 @@ HEARTBEAT_WRITE_SECONDS = 10.0
 
 
 class Factory:
-    """The lifecycle engine. Collaborators are injected so tests use real but local ones.
+    """The lifecycle engine, built from its parts (engine.parts: collaborators injected, so
+    tests use real but local ones) in an environment (clocks, host, hooks; real by default)."""
 
-    ``config_source`` has ``current`` and ``poll()`` returning an object with ``config``,
-    ``changed`` and ``errors`` (config.loader.ConfigWatcher). ``builder`` describes a VM
-    (engine.vmbuild), ``boundary`` publishes a VM's MJF/joboutputs and reads what it wrote
-    (engine.boundary), ``accountant`` writes its APEL record (engine.accountant).
-    ``space_view`` (optional) returns the space-wide view given this factory's own view.
-    ``wake`` is the event that ends the wait between rounds (the daemon shares it with the
-    image cache, whose finished downloads wake the engine).
-    """
-
-    def __init__(self, config_source, hypervisor: Hypervisor, store: MachineStore, builder, boundary, accountant,
-                 host_processors: int, clock: Callable[[], float] = time.time,
-                 load_average: Callable[[], float] = lambda: max(os.getloadavg()),
-                 space_view: Optional[Callable[[object, SpaceView, float], SpaceView]] = None,
-                 rng: Optional[random.Random] = None, on_finished: Optional[Callable[[Machine], None]] = None,
-                 on_created: Optional[Callable[[Machine], None]] = None,
-                 monotonic: Optional[Callable[[], float]] = None, free_space: Callable[[str], int] = free_bytes,
-                 wake: Optional[threading.Event] = None) -> None:
-        self.config_source, self.hypervisor, self.store, self.boundary = config_source, hypervisor, store, boundary
-        self.host_processors, self.clock, self.load_average = host_processors, clock, load_average
-        self.space_view, self.rng = space_view, rng or random.Random()
+    def __init__(self, parts: EngineParts, env: Environment = Environment()) -> None:
+        self.config_source, self.hypervisor, self.store = parts.config_source, parts.hypervisor, parts.store
+        self.boundary = parts.boundary
+        clock = self.clock = env.clock
+        self.host_processors, self.load_average = env.host_processors, env.load_average
+        self.space_view, self.rng = env.space_view, env.rng or random.Random()
         self.rebalancer = rebalance.Rebalancer()  # adaptive backoff's memory; graceful rebalancing
-        self.status = StatusFiles(store.state_dir)
+        self.status = StatusFiles(self.store.state_dir)
         self.recorder = MetricsRecorder(clock())
-        self.config_poller = ConfigPoller(config_source)
+        self.config_poller = ConfigPoller(self.config_source)
         self.config = self.config_poller.config
         self.vms = VMTable()
         self.started_at = clock()
         #: elapsed time, to tell a step of the wall clock from time passing: time.monotonic for
         #: the real clock; an injected (test) clock brings its own partner, or none
-        monotonic = monotonic if monotonic is not None else (time.monotonic if clock is time.time else None)
+        monotonic = env.monotonic if env.monotonic is not None else (time.monotonic if clock is time.time else None)
         self.clock_steps = ClockStepWatch(monotonic)
         #: measures intervals (retention): a step of the wall clock must not stop them
         self._elapsed: Callable[[], float] = monotonic or clock
@@ -99,14 +88,16 @@ class Factory:
         self.decision_log = DecisionLog()
         #: the daemon's additions to status.json (itself, the configuration, the space)
         self.status_extra: Optional[Callable[[], Dict[str, object]]] = None
-        self.pause = CreationPause(store.state_dir, self.elapsed, free_space)
-        self.finisher = Finisher(store, self.vms, self.recorder, boundary.shutdown_message, self._abort_on_700,
-                                 on_finished)
-        self.settler = Settler(store, accountant, boundary, hypervisor, self._settings)
-        self.creator = Creator(store, self.vms, builder, boundary, hypervisor, self.finisher, self.settler,
-                               self.pause, self.recorder, self.status, clock, self.elapsed, on_created)
-        self.retention = Retention(store, self.vms, self.elapsed)
-        self.wake = wake or threading.Event()
+        self.pause = CreationPause(self.store.state_dir, self.elapsed, env.free_space)
+        self.finisher = Finisher(self.vms, self.recorder, self.boundary.shutdown_message, self._abort_on_700,
+                                 env.on_finished)
+        self.transitions = Transitions(self.store, self.vms, self.hypervisor, self.boundary, self.finisher,
+                                       self._settings, clock)
+        self.settler = Settler(self.transitions, parts.accountant)
+        self.creator = Creator(self.vms, parts.builder, self.transitions, self.settler, self.pause, self.recorder,
+                               self.status, clock, self.elapsed, env.on_created)
+        self.retention = Retention(self.vms, self.transitions, self.elapsed)
+        self.wake = env.wake or threading.Event()
         self.stopping = threading.Event()
 
     # -- what others read ---------------------------------------------------------------
@@ -201,7 +192,7 @@ class Factory:
                 present = None
             for entry in self.vms.live():
                 if present is not None and entry.machine.started is not None and entry.uuid not in present:
-                    self.finisher.finish(entry, now)
+                    self.transitions.apply(entry, Event.DOMAIN_GONE, Facts(time=now))
             self.settler.settle(list(self.vms), now)
         except (VacFactoryError, OSError) as error:
             log.error("final accounting failed (it is retried at the next start): %s", error)
@@ -259,12 +250,12 @@ class Factory:
             return
         self._judge_heartbeats_from = now
         for entry in self.vms.live():
-            machine = entry.machine
-            if machine.started is not None:
+            started = entry.machine.started
+            if started is not None:
                 try:
-                    entry.machine = self.store.mark_started(machine, machine.started.time + step)
+                    self.transitions.apply(entry, Event.CLOCK_STEPPED, Facts(time=started.time + step))
                 except OSError as error:
-                    log.error("%s: cannot move its start time: %s", machine.name, error)
+                    log.error("%s: cannot move its start time: %s", entry.name, error)
 
     # -- facts about live VMs -> lifecycle events ---------------------------------------
 
@@ -275,21 +266,21 @@ class Factory:
         for domain in domains:
             if pattern.match(domain.name) and domain.uuid not in live:
                 log.warning("%s: zombie domain (uuid %s is not a live VM of ours): destroying", domain.name, domain.uuid)
-                self._destroy(domain.uuid, domain.name)
+                destroy_domain(self.hypervisor, domain.uuid, domain.name)
                 report.zombies.append(domain.name)
         for entry in sorted(self.vms.live(), key=lambda e: e.uuid):
             domain = by_uuid.get(entry.uuid)
             if entry.machine.started is None:
                 if not self._adopt(entry, domain, now, report) or domain is not None:
                     continue  # an adopted domain is watched from the next round
-            if domain is None:  # (running, domain_gone) -> record_finished
-                self.finisher.finish(entry, now)
+            if domain is None:
+                self.transitions.apply(entry, Event.DOMAIN_GONE, Facts(time=now))
                 report.finished.append(entry.name)
                 continue
             entry.seen_running = True
             heartbeat = entry.machine.heartbeat
             if domain.cpu_seconds and (heartbeat is None or now - heartbeat.time >= HEARTBEAT_WRITE_SECONDS):
-                self._observed_alive(entry, now, domain.cpu_seconds)
+                self.transitions.apply(entry, Event.OBSERVED, Facts(time=now, cpu_seconds=domain.cpu_seconds))
 
     def _adopt(self, entry: VMEntry, domain: Optional[DomainInfo], now: float, report: RoundReport) -> bool:
         """A VM whose start was never recorded: (created, domain_found) adopts it,
@@ -297,13 +288,15 @@ class Factory:
         # this process started it but could not record that (a full disk): it ran
         if domain is None and not entry.seen_running:
             log.info("%s: creation was interrupted; cleaning up", entry.name)
-            self.finisher.finish(entry, now, reason="create_failed")
+            self.transitions.apply(entry, Event.DOMAIN_MISSING, Facts(time=now, reason="create_failed"))
             return False
         log.info("%s: adopting a domain whose start was not recorded", entry.name)
         try:
-            entry.machine = self.store.mark_started(entry.machine, entry.machine.record.created)
+            adopted = self.transitions.apply(entry, Event.DOMAIN_FOUND, Facts(time=entry.machine.record.created))
         except OSError as error:  # a full disk: adopted at a later round
             log.error("%s: cannot record its start, will retry: %s", entry.name, error)
+            return False
+        if adopted is None:
             return False
         report.adopted.append(entry.name)
         return True
@@ -336,35 +329,8 @@ class Factory:
                 report.killed.append(machine.name)
 
     def _kill(self, entry: VMEntry, domain: DomainInfo, kill: KillReason, now: float) -> None:
-        entry.machine.check(Event.LIMIT_REACHED)
         log.warning("%s: killing: %s", entry.name, kill.value)
-        self.vms.set_final_cpu(entry, domain.cpu_seconds)  # destroy reports no CPU time
-        checkpoint("destroy.before")
-        self._destroy(entry.uuid, entry.name)
-        # The VM ran until the destroy returned (1-2 s for qemu, more on a busy host, and
-        # later kills of a round wait for the earlier ones): that is its end, not the
-        # round's start. Recorded as the last observation first, so a restart after a
-        # crash right here ends it then too, not at an older heartbeat.
-        stopped = max(self.clock(), now)
-        self._observed_alive(entry, stopped, domain.cpu_seconds)
-        checkpoint("destroy.after")
-        self.finisher.finish(entry, stopped, kill=kill)
-
-    def _observed_alive(self, entry: VMEntry, time_: float, cpu_seconds: float) -> None:
-        """(running, observed) -> the factory's last observation; a full disk only costs precision."""
-        machine = entry.machine
-        if machine.heartbeat is not None:
-            cpu_seconds = max(cpu_seconds, machine.heartbeat.cpu_seconds)
-        try:
-            entry.machine = self.store.write_heartbeat(machine, time_, cpu_seconds)
-        except OSError as error:
-            log.error("%s: cannot record the last observation: %s", machine.name, error)
-
-    def _destroy(self, uuid: str, name: str) -> None:
-        try:
-            self.hypervisor.destroy(uuid)
-        except HypervisorError as error:
-            log.error("%s: destroy failed: %s", name, error)
+        self.transitions.apply(entry, Event.LIMIT_REACHED, Facts(time=now, cpu_seconds=domain.cpu_seconds, kill=kill))
 
     # -- decide -------------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+from vacfactory.core.lifecycle import Event
 from vacfactory.engine.entries import VMTable
+from vacfactory.engine.transitions import Facts, Transitions
 from vacfactory.errors import StateError
-from vacfactory.state.machines import MachineStore
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,8 @@ class Retention:
     """``elapsed()``: the interval clock. A step back of the wall clock must not stop retention
     for as long as the step (the ages stay wall-clock times, as the records are)."""
 
-    def __init__(self, store: MachineStore, vms: VMTable, elapsed: Callable[[], float]) -> None:
-        self.store, self.vms, self.elapsed = store, vms, elapsed
+    def __init__(self, vms: VMTable, transitions: Transitions, elapsed: Callable[[], float]) -> None:
+        self.vms, self.transitions, self.elapsed = vms, transitions, elapsed
         self._last: Optional[float] = None
 
     def run(self, config, now: float) -> None:
@@ -32,16 +33,16 @@ class Retention:
         self._last = elapsed
         for entry in self.vms:
             machine = entry.machine
-            if machine.state != "done" or machine.finished is None:
+            if not self.transitions.allows(entry, Event.EXPIRED) or machine.finished is None:
                 continue
             mt = config.machinetypes.get(machine.record.machinetype)
             days = mt.machines_dir_days if mt is not None else DEFAULT_MACHINES_DIR_DAYS
             if days <= 0 or now - machine.finished.time < days * 86400:
                 continue
             try:
-                self.store.delete(machine)
+                deleted = self.transitions.apply(entry, Event.EXPIRED, Facts(time=now))
             except StateError as error:
                 log.error("%s", error)
                 continue
-            self.vms.remove(entry.uuid)
-            log.info("%s: machine directory deleted after %.1f days", machine.name, days)
+            if deleted is not None:
+                log.info("%s: machine directory deleted after %.1f days", machine.name, days)
