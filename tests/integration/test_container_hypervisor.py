@@ -6,16 +6,17 @@ shared by the session. Every wait follows an event or polls with a deadline (tes
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid as uuidlib
-from typing import List
+from typing import List, Optional
 
 import docker
 import pytest
 
 from tests.podman_lab import BUSYBOX
-from tests.waiting import scaled, wait_for
+from tests.waiting import poll, scaled, wait_for
 from vacfactory.errors import HypervisorError
 from vacfactory.hypervisor.base import BindSpec, ContainerSpec, DomainEvent, DomainState
 from vacfactory.hypervisor.containers import LABEL_FACTORY, LABEL_GRACE, LABEL_UUID, ContainerHypervisor
@@ -72,11 +73,23 @@ class Events:
             return [e for e in self.items if e.uuid == uuid and e.kind == kind]
 
 
-def following(hv: ContainerHypervisor) -> Events:
-    events = Events()
-    hv.set_event_callback(events)
+_PROBES = itertools.count(50)
+
+
+def following(hv: ContainerHypervisor, events: Optional[Events] = None) -> Events:
+    """Events from ``hv``, once they flow: Podman answers the events request before it reads
+    its events file, so events of the first moments can be lost; a probe container shows
+    the stream is live."""
+    if events is None:
+        events = Events()
+        hv.set_event_callback(events)
     wait_for(lambda: hv._events.connected.is_set(), "the event stream", timeout=10)
-    return events
+    for attempt in range(5):
+        probe = spec(hv.owner, next(_PROBES), "true", grace=0)
+        hv.create(probe)
+        if poll(lambda: events.of(probe.uuid, "started"), timeout=2):
+            return events
+    raise AssertionError("no started event for 5 probe containers")
 
 
 def test_binds_isolation_and_limits_seen_from_inside(hv, owner, podman, tmp_path):
@@ -273,15 +286,32 @@ def test_events_follow_a_restarted_runtime(hv, owner, podman):
     with pytest.raises(HypervisorError, match=podman.socket_path):
         hv.list_domains()
     assert not hv.ping()
+    wait_for(lambda: not hv._events.connected.is_set(), "the event stream's end noticed")
     podman.start()
     assert first.uuid in listed(hv)  # the container outlived the API service
-    wait_for(lambda: hv._events.connected.is_set(), "the event stream reopened", timeout=20)
+    following(hv, events)  # the event stream reopened
     second = spec(owner, 21, "sleep 1000", grace=0)
     hv.create(second)
     wait_for(lambda: events.of(second.uuid, "started"), "a started event after the restart")
     for s in (first, second):
         assert hv.destroy(s.uuid)
     wait_for(lambda: events.of(second.uuid, "stopped"), "a stopped event after the restart")
+    hv.close()  # stops the event thread; the next call starts it again
+    assert not hv._events.running()
+    third = spec(owner, 22, "sleep 1000", grace=0)
+    hv.create(third)
+    assert hv._events.running()
+    hv.destroy(third.uuid)
+    wait_for(lambda: events.of(third.uuid, "stopped"), "events again after close()")
+
+
+def test_destroy_a_paused_container(hv, owner, api, podman):
+    s = spec(owner, 23, "sleep 1000", grace=30)
+    hv.create(s)
+    api.pause(s.name)
+    assert listed(hv)[s.uuid].state == DomainState.PAUSED
+    assert hv.destroy(s.uuid)
+    wait_for(lambda: gone(podman, s.name), "the paused container killed and removed", timeout=10)
 
 
 def test_unreachable_runtime_is_a_hypervisor_error(tmp_path, owner):

@@ -134,13 +134,19 @@ class ContainerHypervisor:
 
     # -- the API client ---------------------------------------------------------------------
 
+    def _new_client(self) -> docker.APIClient:
+        """A client of its own (no I/O until used): creations in parallel, the event stream
+        and the engine's calls share one pool; stops and pulls, which hold a connection for
+        long, each get their own, so close() does not cut them off."""
+        try:
+            return docker.APIClient(base_url=self.url, version=API_VERSION, timeout=self.timeout, max_pool_size=16)
+        except DockerException as exc:
+            raise HypervisorError(f"cannot use the socket: {exc}", uri=self.url) from exc
+
     def _client(self) -> docker.APIClient:
         with self._lock:
             if self._client_ is None:
-                try:
-                    self._client_ = docker.APIClient(base_url=self.url, version=API_VERSION, timeout=self.timeout)
-                except DockerException as exc:
-                    raise HypervisorError(f"cannot use the socket: {exc}", uri=self.url) from exc
+                self._client_ = self._new_client()
             client = self._client_
             events = self._events
         if events is not None and not events.running():
@@ -276,7 +282,7 @@ class ContainerHypervisor:
 
     def _pull(self, reference: str) -> None:
         """Pull in the calling (background) thread; raises unless the image is then present."""
-        client = self._client()
+        client = self._new_client()
         try:
             for line in client.pull(reference, stream=True, decode=True):
                 if isinstance(line, dict) and line.get("error"):
@@ -286,6 +292,8 @@ class ContainerHypervisor:
             raise HypervisorError("the pull ended without the image", uri=self.url) from None
         except _API_ERRORS as exc:
             raise self._error("pull", exc) from exc
+        finally:
+            client.close()
 
     # -- listing ----------------------------------------------------------------------------
 
@@ -402,7 +410,7 @@ class ContainerHypervisor:
             labels = container.get("Labels") or {}
             grace = max(0, _label_int(labels, LABEL_GRACE, 10))
             thread = threading.Thread(target=self._stop, name=f"stop {_name(container)}", daemon=True,
-                                      args=(client, container["Id"], _name(container), uuid, grace, status))
+                                      args=(container["Id"], _name(container), uuid, grace, status))
             with self._lock:
                 if uuid in self._stopping:
                     continue
@@ -411,9 +419,10 @@ class ContainerHypervisor:
             log.info("%s: stopping container %s (grace %d s)", _name(container), uuid, grace)
         return alive
 
-    def _stop(self, client: docker.APIClient, container_id: str, name: str, uuid: str, grace: int,
-              status: str) -> None:
+    def _stop(self, container_id: str, name: str, uuid: str, grace: int, status: str) -> None:
+        client = None
         try:
+            client = self._new_client()
             if status == "paused":
                 client.kill(container_id)  # Podman will not stop a paused container
             elif status in _ALIVE:
@@ -421,12 +430,15 @@ class ContainerHypervisor:
             self._remove(client, container_id, name)
         except NotFound:
             pass
-        except _API_ERRORS as exc:
+        except (HypervisorError,) + _API_ERRORS as exc:
             # still alive: listed again, so the engine destroys it again
-            log.warning("%s: stopping container %s failed: %s", name, uuid, self._error("stop", exc))
+            error = exc if isinstance(exc, HypervisorError) else self._error("stop", exc)
+            log.warning("%s: stopping container %s failed: %s", name, uuid, error)
         finally:
             with self._lock:
                 self._stopping.pop(uuid, None)
+            if client is not None:
+                client.close()
 
     def stopping(self) -> List[str]:
         """UUIDs of the containers being stopped now."""
