@@ -440,11 +440,6 @@ class ContainerHypervisor:
             if client is not None:
                 client.close()
 
-    def stopping(self) -> List[str]:
-        """UUIDs of the containers being stopped now."""
-        with self._lock:
-            return list(self._stopping)
-
     # -- events -----------------------------------------------------------------------------
 
     def set_event_callback(self, callback: Callable[[DomainEvent], None]) -> None:
