@@ -201,13 +201,15 @@ def test_destroy_is_prompt_graceful_then_forced(hv, owner, podman, tmp_path):
     assert time.monotonic() - began < scaled(10)
 
 
-def test_zombie_listed_foreign_never_touched(hv, owner, podman):
+def test_zombie_listed_foreign_never_touched(hv, owner, podman, api):
     """A container of ours made by another process (a daemon before a restart) is listed, so
     the engine can destroy it; containers without our owner label never are."""
-    previous = ContainerHypervisor(podman.url, owner, nofile=10000, nproc=1000)
+    previous = ContainerHypervisor(podman.url, owner)  # the default rlimits: runc accepts them
     zombie = spec(owner, 6, "sleep 1000", grace=0)
     previous.create(zombie)
     previous.close()
+    ulimits = api.inspect_container(zombie.name)["HostConfig"]["Ulimits"]
+    assert {u["Name"]: u["Hard"] for u in ulimits} == {"RLIMIT_NOFILE": previous.nofile, "RLIMIT_NPROC": previous.nproc}
     assert listed(hv)[zombie.uuid].name == zombie.name
     foreign_uuid = str(uuidlib.uuid4())
     common = ["--ulimit", "nofile=1000:1000", "--ulimit", "nproc=100:100"]
