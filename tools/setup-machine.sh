@@ -1,7 +1,7 @@
 #!/bin/bash
 # Prepare this machine for vacfactory's demo and tests. Idempotent: each step is skipped when
 # it is already done, so `make demo` and `make test` can call it every time.
-#   1. Debian packages (libvirt, QEMU, dnsmasq, nfs-ganesha, rabbitmq-server, ...)
+#   1. Debian packages (libvirt, QEMU, dnsmasq, nfs-ganesha, rabbitmq-server, podman, ...)
 #   2. libvirtd + virtlogd running (there is no systemd on the CI machines)
 #   3. the Python venv in .venv with vacfactory installed editable
 #   4. the tiny guest image (images/build/tiny-guest)
@@ -18,6 +18,10 @@ PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc
   dnsmasq-base iptables iproute2 kmod cpio nfs-ganesha nfs-ganesha-vfs rabbitmq-server
   genisoimage openssl python3-venv logrotate tmux chromium chromium-driver
+  # containers (tests/podman_lab.py starts its own API service): podman would take crun, which
+  # fails with this machine's hybrid cgroups, so runc by name; netavark is the network stack
+  # the lab configures; busybox-static is the test image's userland
+  podman runc conmon netavark busybox-static
 )
 
 install_packages() {
@@ -62,7 +66,7 @@ make_venv() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   .venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import libvirt, dirq, stomp, argo_ams_library, vacfactory" || { say "venv install failed"; exit 1; }
+  .venv/bin/python -c "import libvirt, dirq, stomp, argo_ams_library, docker, vacfactory" || { say "venv install failed"; exit 1; }
   touch "$stamp"
 }
 

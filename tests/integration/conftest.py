@@ -1,6 +1,6 @@
-"""Shared fixtures for integration tests: the tiny guest and the libvirt URI.
+"""Shared fixtures for integration tests: the tiny guest, the libvirt URI, a Podman service.
 
-Integration tests need a running libvirtd and the tiny guest; when either is missing they
+Integration tests need a running libvirtd and the tiny guest (or podman); when one is missing they
 fail (they never skip), so a broken CI machine cannot pass silently.
 """
 
@@ -44,3 +44,21 @@ def tiny_guest() -> TinyGuest:
 def qemu_uri() -> str:
     """The libvirt URI integration tests run real (TCG) domains on."""
     return "qemu:///system"
+
+
+@pytest.fixture(scope="session")
+def podman():
+    """A private Podman API service with the busybox image (tests/podman_lab.py); stopped, with
+    every container it made, at the end of the session. Fails (never skips) without podman."""
+    from tests.podman_lab import PodmanService, missing_tools
+
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"podman lab: missing {', '.join(missing)} (tools/setup-machine.sh installs them)")
+    service = PodmanService()
+    try:
+        service.start()
+        service.import_busybox()
+        yield service
+    finally:
+        service.stop()

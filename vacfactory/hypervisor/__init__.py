@@ -1,10 +1,11 @@
-"""The hypervisor boundary: a narrow interface and its libvirt implementation.
+"""The hypervisor boundary: a narrow interface, its libvirt and container implementations.
 
 The engine imports from here only. This package is the only place in vacfactory that imports
 ``libvirt`` or runs ``qemu-img``; :class:`LibvirtHypervisor`, the qemu-img helpers and the
 network module (which runs ``ip``) are imported lazily, so that code which only needs the
 interface and its value types (and tests of it) imports nothing that runs subprocesses, and
-runs where libvirt-python is missing.
+runs where libvirt-python is missing. Likewise :class:`ContainerHypervisor` (the only importer
+of ``docker``) and :class:`RoutingHypervisor`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from .base import (
     EVENT_KINDS,
+    BindSpec,
+    ContainerSpec,
     DiskSpec,
     DomainEvent,
     DomainInfo,
@@ -20,12 +23,15 @@ from .base import (
     FilesystemSpec,
     Hypervisor,
     InterfaceSpec,
+    MachineSpec,
     VMSpec,
 )
 from .addressing import MAX_SLOT, NetworkSpec, slot_ip, slot_mac
 from .domainxml import domain_xml
 
 _LAZY = {
+    "ContainerHypervisor": "containers",
+    "RoutingHypervisor": "routing",
     "LibvirtHypervisor": "libvirt_hv",
     "create_overlay": "disks",
     "create_scratch": "disks",
@@ -36,6 +42,9 @@ _LAZY = {
 
 __all__ = [
     "EVENT_KINDS",
+    "BindSpec",
+    "ContainerHypervisor",
+    "ContainerSpec",
     "DiskSpec",
     "DomainEvent",
     "DomainInfo",
@@ -45,6 +54,7 @@ __all__ = [
     "InterfaceSpec",
     "LibvirtHypervisor",
     "MAX_SLOT",
+    "MachineSpec",
     "NetworkSpec",
     "VMSpec",
     "create_overlay",
@@ -53,6 +63,7 @@ __all__ = [
     "image_format",
     "network_xml",
     "remove_disk",
+    "RoutingHypervisor",
     "slot_ip",
     "slot_mac",
 ]

@@ -4,7 +4,8 @@ It keeps the :class:`~vacfactory.hypervisor.base.Hypervisor` contract the engine
 ``create`` makes the disks the spec describes (as small placeholder files, so cleaning and
 keeping disks are real file operations) and refuses a UUID or name already running; events
 go to the callback (from the caller's thread, as libvirt's thread would); ``destroy`` is
-idempotent. A test drives what the VMs do (:meth:`power_off`, :meth:`crash`, :meth:`pause`)
+idempotent. It takes a ``ContainerSpec`` too (a container has no disks; its vcpus are its
+processors), and ``image_status`` answers from ``image_reasons`` (no entry: present). A test drives what the VMs do (:meth:`power_off`, :meth:`crash`, :meth:`pause`)
 and the hypervisor's health (``reachable``, ``fail_creates``); ``calls`` records what the
 engine asked. Thread-safe: the engine starts domains from several threads at once.
 """
@@ -15,10 +16,18 @@ import os
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 from vacfactory.errors import HypervisorError
-from vacfactory.hypervisor.base import DomainEvent, DomainInfo, DomainState, NetworkSpec, VMSpec, check_uuid
+from vacfactory.hypervisor.base import (
+    ContainerSpec,
+    DomainEvent,
+    DomainInfo,
+    DomainState,
+    NetworkSpec,
+    VMSpec,
+    check_uuid,
+)
 
 
 class FakeHypervisor:
@@ -27,7 +36,9 @@ class FakeHypervisor:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.domains: Dict[str, DomainInfo] = {}
-        self.specs: Dict[str, VMSpec] = {}
+        self.specs: Dict[str, Union[VMSpec, ContainerSpec]] = {}
+        #: image reference -> why it is not ready (image_status); no entry: present
+        self.image_reasons: Dict[str, str] = {}
         #: False: every call fails as if libvirtd were down
         self.reachable = True
         #: a creation whose VM name contains a key fails with that message
@@ -43,7 +54,7 @@ class FakeHypervisor:
 
     # -- the Hypervisor protocol ---------------------------------------------------------
 
-    def create(self, spec: VMSpec) -> None:
+    def create(self, spec: Union[VMSpec, ContainerSpec]) -> None:
         self._check("create")
         for key, message in self.fail_creates.items():
             if key in spec.name:
@@ -52,14 +63,20 @@ class FakeHypervisor:
             if spec.uuid in self.domains or any(d.name == spec.name for d in self.domains.values()):
                 raise HypervisorError("create failed: domain exists", domain=spec.name, uri="fake:///")
             self.calls.append(f"create {spec.name}")
-        for disk in spec.disks:
+        if isinstance(spec, ContainerSpec):
+            if spec.image in self.image_reasons:
+                raise HypervisorError(f"image {spec.image} is not present", domain=spec.name, uri="fake:///")
+            vcpus = spec.processors
+        else:
+            vcpus = spec.vcpus
+        for disk in getattr(spec, "disks", ()):
             if disk.source is not None:
                 with open(disk.path, "xb") as f:  # never over an existing disk
                     f.write(type(disk.source).__name__.encode())
         with self._lock:
             self.specs[spec.uuid] = spec
             self.domains[spec.uuid] = DomainInfo(name=spec.name, uuid=spec.uuid, state=DomainState.RUNNING,
-                                                 cpu_seconds=0.0, vcpus=spec.vcpus, memory_kib=spec.memory_mib * 1024)
+                                                 cpu_seconds=0.0, vcpus=vcpus, memory_kib=spec.memory_mib * 1024)
         self._event(spec.uuid, spec.name, "started")
 
     def destroy(self, uuid: str) -> bool:
@@ -90,6 +107,10 @@ class FakeHypervisor:
             return
         for name in names:
             os.unlink(os.path.join(directory, name))
+
+    def image_status(self, reference: str) -> Optional[str]:
+        self._check("image")
+        return self.image_reasons.get(reference)
 
     def describe(self) -> str:
         self._check("describe")
