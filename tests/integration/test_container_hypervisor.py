@@ -19,7 +19,7 @@ from tests.podman_lab import BUSYBOX
 from tests.waiting import poll, scaled, wait_for
 from vacfactory.errors import HypervisorError
 from vacfactory.hypervisor.base import BindSpec, ContainerSpec, DomainEvent, DomainState
-from vacfactory.hypervisor.containers import LABEL_FACTORY, LABEL_GRACE, LABEL_UUID, ContainerHypervisor
+from vacfactory.hypervisor.containers import STOPPING_SUFFIX, LABEL_FACTORY, LABEL_GRACE, LABEL_UUID, ContainerHypervisor
 
 
 @pytest.fixture
@@ -56,7 +56,8 @@ def listed(hv: ContainerHypervisor) -> dict:
 
 
 def gone(podman, name: str) -> bool:
-    return name not in podman.containers()
+    """No container of that slot name, also none renamed while it is being stopped."""
+    return not [n for n in podman.containers() if n == name or n.startswith(name + STOPPING_SUFFIX)]
 
 
 class Events:

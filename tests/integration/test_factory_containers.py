@@ -139,7 +139,9 @@ class ContainerFactory:
         return [d for d in self.runtime.list_domains() if self.pattern.match(d.name)]
 
     def podman_names(self) -> List[str]:
-        return [n for n in self.podman.containers() if self.pattern.match(n)]
+        """Our containers on the runtime, also those being stopped (renamed: <slot>-stopping-...)."""
+        short = self.name.split(".")[0] + "-"
+        return [n for n in self.podman.containers() if n.startswith(short)]
 
     def machines(self) -> Dict[str, Machine]:
         try:
@@ -239,13 +241,13 @@ def test_wallclock_and_heartbeat_limits_stop_containers_gracefully(factory):
         factory.write_file(name, "sleeper.sh", SLEEPER)
     factory.start()
     ended = {}
-    for name, reason in (("walls", "wallclock"), ("beats", "heartbeat")):
+    for name, reason in (("walls", "wallclock"), ("beats", "heartbeat_not_updated")):
         ended[name] = factory.wait(
             lambda: [m for m in factory.of_type(name) if m.finished is not None and m.accounted is not None],
             f"a {name} container to be killed and accounted", 120)[0]
-        assert ended[name].finished.reason == reason, ended[name].finished
+        assert ended[name].finished.reason.startswith(reason), ended[name].finished
     beats = ended["beats"]
-    assert read(os.path.join(beats.joboutputs_dir, "shutdown_message")).startswith("700 Heartbeat file not updated")
+    assert (beats.finished.code, beats.finished.text) == (700, "Heartbeat file not updated")
     for machine in ended.values():
         # SIGTERM first: the pilot noted it and exited on its own (container_stop_seconds = 3)
         factory.wait(lambda: os.path.exists(os.path.join(machine.joboutputs_dir, "term")),
@@ -305,19 +307,19 @@ def test_vms_and_containers_share_the_processors_by_target_share(tmp_path, podma
                 backoff_seconds = 0
                 max_wallclock_seconds = 600
                 """),
-            uri="qemu:///system", domain_type="qemu", total=4)
+            uri="qemu:///system", domain_type="qemu", total=2)
         factory.write_file("pilots", "sleeper.sh", SLEEPER)
         factory.start()
-        live = factory.wait(lambda: (lambda ms: ms if len(ms) == 4 and all(m.started for m in ms) else None)(
-            [m for m in factory.machines().values() if m.live]), "four machines running", 180)
+        # this machine has 2 processors (a qemu factory may not have more): one of each, by share
+        live = factory.wait(lambda: (lambda ms: ms if len(ms) == 2 and all(m.started for m in ms) else None)(
+            [m for m in factory.machines().values() if m.live]), "two machines running", 180)
         models = sorted(m.record.machine_model for m in live)
-        assert models == ["docker", "docker", "vm-raw", "vm-raw"], models
-        slots = sorted(m.record.slot for m in live)
-        assert slots == [0, 1, 2, 3]
-        assert len(factory.containers()) == 2
+        assert models == ["docker", "vm-raw"], models
+        assert sorted(m.record.slot for m in live) == [0, 1]
+        assert len(factory.containers()) == 1
         out = subprocess.run([VACFACTORY, "--config", factory.config, "machines"], capture_output=True,
                              text=True, check=True).stdout
-        assert out.splitlines()[-1] == "2 VMs and 2 containers on 4 of 4 processors (4 running, 0 starting)", out
+        assert out.splitlines()[-1] == "1 VM and 1 container on 2 of 2 processors (2 running, 0 starting)", out
     finally:
         factory.cleanup()
         from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor

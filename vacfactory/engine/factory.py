@@ -164,10 +164,13 @@ class Factory:
         """Lifecycle event from the hypervisor's thread: remember facts, wake the engine.
 
         The stop is stamped with the engine's own clock (not the adapter's), so every time
-        in a VM's record comes from one source.
+        in a VM's record comes from one source; only an event found late carries its time.
         """
         if event.kind in ("shutdown", "stopped", "crashed"):
-            self.vms.note_stop(event.uuid, None if event.kind == "shutdown" else self.clock(), event.cpu_seconds)
+            # an event found late (a container that exited while the daemon was down) says when
+            # it happened, by the runtime's record on this host's clock
+            stamp = self.clock() if event.at is None else min(event.at, self.clock())
+            self.vms.note_stop(event.uuid, None if event.kind == "shutdown" else stamp, event.cpu_seconds)
         if event.kind in ("stopped", "crashed", "suspended"):
             self.wake.set()
 

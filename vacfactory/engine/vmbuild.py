@@ -44,7 +44,7 @@ from vacfactory.core import mjf, userdata, values
 from vacfactory.engine import containerbuild, policies
 from vacfactory.engine.boundary import nfs_meta, vm_meta
 from vacfactory.engine.hostfacts_mjf import merge_extras, syslog_machinefeatures, syslog_substitutions
-from vacfactory.errors import ImageError, VacFactoryError
+from vacfactory.errors import HypervisorError, ImageError, VacFactoryError
 from vacfactory.hypervisor.addressing import slot_ip, slot_mac, slot_port
 from vacfactory.hypervisor.base import ConfigDrive, DiskSpec, InterfaceSpec, MachineSpec, Overlay, Scratch, VMSpec
 from vacfactory.fetch.imagecache import ImageCache, ImageNotReady
@@ -131,7 +131,10 @@ class VMBuilder:
         if self.container_images is None:
             raise ImageNotReady(f"{reference}: no container runtime is connected (a docker machinetype added by a "
                                 f"reload starts after a restart of vacfactory)")
-        why = self.container_images(reference)
+        try:
+            why = self.container_images(reference)
+        except HypervisorError as error:  # the runtime is down: the machinetype waits
+            raise ImageNotReady(f"{reference}: {error}") from None
         if why is not None:
             raise ImageNotReady(f"{reference}: {why}")
 

@@ -312,6 +312,9 @@ class DomainEvent:
     kind: str
     time: float
     cpu_seconds: Optional[float] = None
+    #: when it really happened, for an event found late (a container that exited while no
+    #: process followed the runtime's events): the runtime's record; None: as it arrives
+    at: Optional[float] = None
 
 
 class Hypervisor(Protocol):

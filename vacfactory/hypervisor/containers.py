@@ -8,7 +8,13 @@ restarted daemon knows everything it needs from the runtime alone.
 
 A container is a transient domain to the engine: one that has exited is not listed (and is
 removed here; its binds are the factory's directories and stay), and ``destroy`` returns at
-once while a thread stops it (SIGTERM, SIGKILL after the grace period) and removes it.
+once while a thread stops it (SIGTERM, SIGKILL after the grace period) and removes it. A
+container being stopped is renamed at once (its slot's name is free for the next machine);
+its slot name stays in a label, which is the name it is listed under.
+
+An exited container found by a listing (it ended while nobody followed the events: the
+daemon was down) gives a ``stopped`` event that carries the exit time the runtime recorded
+(``DomainEvent.at``), so the engine ends it then, not at its last sign of life.
 
 Facts measured on this project's machine (Podman 4.3.1 service, runc, cgroupfs, cgroup v1):
 
@@ -28,9 +34,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import threading
 import time
+from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import docker
@@ -56,6 +64,10 @@ LABEL_UUID = "org.vacfactory.uuid"
 LABEL_GRACE = "org.vacfactory.grace"
 LABEL_PROCESSORS = "org.vacfactory.processors"
 LABEL_MEMORY = "org.vacfactory.memory_mib"
+#: the slot name (the container's own name changes while it is being stopped)
+LABEL_NAME = "org.vacfactory.name"
+#: the name a container takes while it is stopped: the slot's name is free at once
+STOPPING_SUFFIX = "-stopping-"
 DEFAULT_NOFILE = 20000
 DEFAULT_NPROC = 4096
 
@@ -112,8 +124,11 @@ class ContainerHypervisor:
 
     def __init__(self, socket: str = DEFAULT_SOCKET, owner: str = "vacfactory", *,
                  nofile: Optional[int] = None, nproc: Optional[int] = None,
-                 timeout: float = 30.0, pull_retry_seconds: float = 300.0) -> None:
+                 timeout: float = 30.0, pull_retry_seconds: float = 300.0, remove_exited: bool = True) -> None:
+        """``remove_exited=False``: an observer (a test's ground truth) that leaves exited
+        containers for the factory's own hypervisor to find."""
         self.url = socket_url(socket)
+        self.remove_exited = remove_exited
         self.owner = values.check_domain_name(owner, "container owner")
         self.nofile = _rlimit("nofile", nofile, resource.RLIMIT_NOFILE, DEFAULT_NOFILE)
         self.nproc = _rlimit("nproc", nproc, resource.RLIMIT_NPROC, DEFAULT_NPROC)
@@ -182,6 +197,12 @@ class ContainerHypervisor:
             raise HypervisorError(f"not a container: {type(spec).__name__}", domain=getattr(spec, "name", None),
                                   uri=self.url)
         for bind in spec.binds:
+            if bind.scratch:  # a private scratch directory (tmp_binds): made here, empty
+                try:
+                    os.makedirs(bind.source, mode=0o755, exist_ok=True)
+                except OSError as error:
+                    raise HypervisorError(f"scratch directory {bind.source}: {error.strerror or error}",
+                                          domain=spec.name, uri=self.url) from None
             if not os.path.isdir(bind.source) and not os.path.isfile(bind.source):
                 # the runtime would make a missing source itself (Docker does), as root
                 raise HypervisorError(f"bind source {bind.source} does not exist", domain=spec.name, uri=self.url)
@@ -222,7 +243,8 @@ class ContainerHypervisor:
             # max-size); a pilot's results come through joboutputs
             log_config=docker.types.LogConfig(type="none"),
         )
-        labels = {LABEL_FACTORY: self.owner, LABEL_UUID: spec.uuid, LABEL_GRACE: str(spec.stop_grace_seconds),
+        labels = {LABEL_FACTORY: self.owner, LABEL_UUID: spec.uuid, LABEL_NAME: spec.name,
+                  LABEL_GRACE: str(spec.stop_grace_seconds),
                   LABEL_PROCESSORS: str(spec.processors), LABEL_MEMORY: str(spec.memory_mib)}
         for attempt in (1, 2):
             try:
@@ -331,9 +353,13 @@ class ContainerHypervisor:
                 continue
             if status in _ALIVE:
                 alive.append((container, uuid, _ALIVE[status]))
-            else:  # exited, dead, or never started by a process that died: gone for the engine
+            elif self.remove_exited:  # exited, dead, or never started by a process that died
                 log.info("%s: container %s %s: removing it", name, uuid, status)
+                exited_at = self._exit_time(client, container["Id"]) if status not in _NOT_STARTED else None
                 self._remove(client, container["Id"], name)
+                if exited_at is not None:
+                    self._deliver(DomainEvent(uuid=uuid, name=name, kind="stopped", time=time.time(),
+                                              cpu_seconds=self._forget_cpu(uuid), at=exited_at))
         cpu = self._cpu_seconds(client, [c["Id"] for c, _, _ in alive])
         now = time.monotonic()
         result = []
@@ -389,6 +415,25 @@ class ContainerHypervisor:
 
     # -- stopping ---------------------------------------------------------------------------
 
+    def _exit_time(self, client: docker.APIClient, container_id: str) -> Optional[float]:
+        """When the runtime says the container exited (epoch seconds), or None."""
+        try:
+            state = client.inspect_container(container_id).get("State") or {}
+        except _API_ERRORS:
+            return None
+        return parse_api_time(state.get("FinishedAt"))
+
+    def _forget_cpu(self, uuid: str) -> Optional[float]:
+        with self._lock:
+            last = self._last_cpu.pop(uuid, None)
+        return None if last is None else last[0]
+
+    def _deliver(self, event: DomainEvent) -> None:
+        with self._lock:
+            callback = self._callback
+        if callback is not None:
+            callback(event)
+
     def destroy(self, uuid: str) -> bool:
         """Stop our container with this UUID: SIGTERM, SIGKILL after its grace period, then
         remove it, in a thread of its own. Returns at once: True if it was alive (or is
@@ -409,6 +454,7 @@ class ContainerHypervisor:
             alive = True
             labels = container.get("Labels") or {}
             grace = max(0, _label_int(labels, LABEL_GRACE, 10))
+            self._rename_stopping(client, container, uuid)
             thread = threading.Thread(target=self._stop, name=f"stop {_name(container)}", daemon=True,
                                       args=(container["Id"], _name(container), uuid, grace, status))
             with self._lock:
@@ -418,6 +464,17 @@ class ContainerHypervisor:
             thread.start()
             log.info("%s: stopping container %s (grace %d s)", _name(container), uuid, grace)
         return alive
+
+    def _rename_stopping(self, client: docker.APIClient, container: Dict[str, Any], uuid: str) -> None:
+        """Free the slot's name at once: the next machine in the slot must not wait out the
+        grace period (it is still listed by its slot name, from the label)."""
+        own = str((container.get("Names") or [""])[0]).lstrip("/")
+        if STOPPING_SUFFIX in own:
+            return
+        try:
+            client.rename(container["Id"], f"{own}{STOPPING_SUFFIX}{uuid[:8]}")
+        except _API_ERRORS as exc:  # it keeps the slot's name: a new machine there waits for it
+            log.warning("%s: cannot rename the container being stopped: %s", own, self._error("rename", exc))
 
     def _stop(self, container_id: str, name: str, uuid: str, grace: int, status: str) -> None:
         client = None
@@ -476,7 +533,8 @@ class ContainerHypervisor:
         callback = self._callback
         if callback is None:
             return
-        domain_event = DomainEvent(uuid=uuid, name=str(attributes.get("name", "")), kind=kind, time=time.time(),
+        name = str(attributes.get(LABEL_NAME) or attributes.get("name", ""))  # the slot's, if renamed
+        domain_event = DomainEvent(uuid=uuid, name=name, kind=kind, time=time.time(),
                                    cpu_seconds=cpu_seconds)
         log.debug("%s: event %s", domain_event.name, kind)
         callback(domain_event)
@@ -520,5 +578,27 @@ class ContainerHypervisor:
 
 
 def _name(container: Dict[str, Any]) -> str:
+    """The slot name: the label (a container being stopped is renamed), else its own name."""
+    labels = container.get("Labels") or {}
+    if isinstance(labels, dict) and labels.get(LABEL_NAME):
+        return str(labels[LABEL_NAME])
     names = container.get("Names") or [""]
     return str(names[0]).lstrip("/")
+
+
+_API_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
+def parse_api_time(text: Any) -> Optional[float]:
+    """Epoch seconds of an API time ("2026-12-07T15:01:59.123456789Z", nanoseconds and an
+    offset allowed); None for the zero time, garbage or anything before 2000."""
+    match = _API_TIME.fullmatch(str(text or "").strip())
+    if match is None:
+        return None
+    whole, fraction, zone = match.groups()
+    try:
+        moment = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    except ValueError:
+        return None
+    seconds = moment.timestamp() + (float("0." + fraction[:9]) if fraction else 0.0)
+    return seconds if seconds > 946684800 else None
