@@ -43,8 +43,9 @@ TOLERANCE = 1.5
 #: a container that ended while its factory was dead ends at its exit time (the runtime keeps
 #: it until the factory's hypervisor removes it), read at the restart
 END_SLACK = 2.0
-#: each container's life: sleep a random time, then end with a random outcome
-COMMAND = ("/bin/sh -c 'touch /var/spool/joboutputs/heartbeat; sleep $((RANDOM % 9)).$((RANDOM % 10)); "
+#: each container's life: sleep a random time (at least 1 s, so the truth's listings, every
+#: 0.2 s, see every container run even if its events lag), then end with a random outcome
+COMMAND = ("/bin/sh -c 'touch /var/spool/joboutputs/heartbeat; sleep $((RANDOM % 8 + 1)).$((RANDOM % 10)); "
            "case $((RANDOM % 4)) in 0|1) echo \"200 Success\" > /var/spool/joboutputs/shutdown_message;; "
            "2) echo \"300 Nothing to do\" > /var/spool/joboutputs/shutdown_message;; esac'")
 
@@ -81,8 +82,8 @@ def test_kill_9_with_containers_at_random_moments_and_every_checkpoint(private_l
         )
         # the truth watches the runtime, never removing what it sees end (the factory must find
         # what ended while it was dead, as in production)
-        truth = GroundTruth(private_libvirtd.uri, hv=ContainerHypervisor(podman.socket_path, owner=factory.name,
-                                                                          remove_exited=False))
+        truth = GroundTruth(private_libvirtd.uri, poll_seconds=0.2,
+                            hv=ContainerHypervisor(podman.socket_path, owner=factory.name, remove_exited=False))
         truth.register(factory.name, factory.state_dir)
         factories.append(factory)
         truths.append(truth)
