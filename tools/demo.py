@@ -8,6 +8,12 @@ stop with their own outcome, waits until every VM has ended and been accounted, 
 nfs-ganesha the factory started for its NFS machinetype (it would go on holding
 169.254.169.254:2049), and prints what happened. While it runs, the factory's status page is
 at the address it prints first (metrics_port in conf/demo.conf).
+
+When a container runtime is present (Podman, installed by `make setup`), the demo starts
+Podman's Docker-compatible API service on a private socket with a busybox image (the tests'
+lab, tests/podman_lab.py), and the configuration gains a third machinetype, demo-container:
+the same pilot in a container (machine_model = docker), its MJF and joboutputs bind-mounted.
+The service and its containers are removed at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import collections
 import dataclasses
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +31,7 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests.podman_lab import BUSYBOX, PodmanService, missing_tools  # noqa: E402
 from vacfactory.atomic import atomic_write_text  # noqa: E402
 from vacfactory.cli.machines import format_row, machine_rows  # noqa: E402
 from vacfactory.config.loader import ConfigSources  # noqa: E402
@@ -37,19 +45,66 @@ PILOT = os.path.join(REPO, "contextualization", "demo-pilot.sh")
 DRAIN_SECONDS = 10
 #: with --state-dir: read after the configuration, it sets state_dir (kept in the state directory)
 STATE_DIR_CONF = "demo-state-dir.conf"
+#: with a container runtime: the demo-container machinetype, read after the configuration
+#: (in demo-state/, conf/demo.conf's state_dir: git-ignored)
+CONTAINERS_CONF = os.path.join(REPO, "demo-state", "demo-containers.conf")
 
 
-def config_sources(config: str, state_dir: Optional[str]) -> ConfigSources:
+def config_sources(config: str, state_dir: Optional[str], containers: Optional[str] = None) -> ConfigSources:
     """The sources `vacfactory --config CONFIG run` reads; with ``state_dir``, plus a file read
-    after CONFIG that moves the state directory there (the runtime override follows it)."""
+    after CONFIG that moves the state directory there (the runtime override follows it); with
+    ``containers`` (a runtime's socket), plus the demo-container machinetype on it."""
     sources = ConfigSources.for_main_file(config)
-    if not state_dir:
-        return sources
-    state_dir = os.path.abspath(state_dir)
-    os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    late = os.path.join(state_dir, STATE_DIR_CONF)
-    atomic_write_text(late, f"# written by tools/demo.py --state-dir\n[settings]\nstate_dir = {state_dir}\n")
-    return dataclasses.replace(sources, late_files=sources.late_files + (late,))
+    late = []
+    if state_dir:
+        state_dir = os.path.abspath(state_dir)
+        os.makedirs(state_dir, mode=0o755, exist_ok=True)
+        late.append(os.path.join(state_dir, STATE_DIR_CONF))
+        atomic_write_text(late[-1], f"# written by tools/demo.py --state-dir\n[settings]\nstate_dir = {state_dir}\n")
+    if containers:
+        late.append(os.path.join(state_dir, "demo-containers.conf") if state_dir else CONTAINERS_CONF)
+        os.makedirs(os.path.dirname(late[-1]), mode=0o755, exist_ok=True)
+        atomic_write_text(late[-1], container_machinetype(containers))
+    return dataclasses.replace(sources, late_files=sources.late_files + tuple(late))
+
+
+def container_machinetype(socket: str) -> str:
+    """demo-container: the demo pilot in a busybox container, as demo-ok does in a VM."""
+    return f"""# written by tools/demo.py: a container runtime is present
+[settings]
+container_socket = {socket}
+container_stop_seconds = 5
+
+[machinetype demo-container]
+target_share = 1
+machine_model = docker
+root_image = docker://{BUSYBOX}
+user_data = demo-pilot.sh
+user_data_option_outcome = 200 Success
+user_data_option_lifetime = 30
+user_data_option_heartbeat_interval = 5
+heartbeat_file = heartbeat
+heartbeat_seconds = 60
+fizzle_seconds = 15
+backoff_seconds = 60
+max_wallclock_seconds = 600
+accounting_fqan = /demo/Role=NULL/Capability=NULL
+"""
+
+
+def start_container_runtime() -> Optional[PodmanService]:
+    """Podman's API service with the busybox image, or None without Podman (a VM-only demo)."""
+    if missing_tools():
+        return None
+    service = PodmanService()
+    try:
+        service.start()
+        service.import_busybox()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        print(f"no containers in this demo: the Podman service did not start: {error}", file=sys.stderr)
+        service.stop()
+        return None
+    return service
 
 
 def stop_nfs_server(daemon: Daemon) -> str:
@@ -107,10 +162,12 @@ def summarize(daemon: Daemon, since: float, backoffs: "dict[str, float]", draine
     messages = collections.Counter(m.finished.message or m.finished.reason for m in machines if m.finished)
     accounted = sum(1 for m in machines if m.accounted and m.accounted.archive)
     transports = collections.Counter((m.record.machinetype, m.record.mjf_transport) for m in machines)
+    containers = sum(1 for m in machines if m.record.machine_model == "docker")
     lines = [
         "",
         "demo summary",
-        f"  VMs created: {len(machines)}",
+        f"  VMs created: {len(machines) - containers}",
+        f"  containers created: {containers}",
         "  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
         f"  APEL records archived: {accounted}",
         "  MJF: " + ", ".join(f"{name} over {transport} ({count} VMs)"
@@ -175,7 +232,16 @@ def main() -> int:
         if not os.path.exists(os.path.join(GUEST_DIR, needed)):
             print(f"missing {GUEST_DIR}/{needed}: run images/build-tiny-guest.sh (make setup)", file=sys.stderr)
             return 1
-    daemon = Daemon(config_sources(args.config, args.state_dir))
+    runtime = start_container_runtime()
+    try:
+        return run_demo(args, runtime)
+    finally:
+        if runtime is not None:
+            runtime.stop()  # the service, and any container of the demo still there
+
+
+def run_demo(args: argparse.Namespace, runtime: Optional[PodmanService]) -> int:
+    daemon = Daemon(config_sources(args.config, args.state_dir, runtime.socket_path if runtime else None))
     state_dir = daemon.config.settings.state_dir
     os.makedirs(state_dir, exist_ok=True)
     try:
@@ -229,6 +295,8 @@ def main() -> int:
     # VMs left running (the demo was interrupted) keep their NFS mounts and so their server
     stopped = "" if any(m.live for m in daemon.factory.machines.values()) else stop_nfs_server(daemon)
     print(summarize(daemon, started, backoffs, drained_at))
+    if runtime is None:
+        print("  containers: none (no Podman here: `make setup` installs it)")
     if stopped:
         print(f"  {stopped}")
     return 0

@@ -97,7 +97,11 @@ def test_demo_exits_0_and_prints_its_summary(demo):
     print(summary)
     assert done.stdout.count("demo summary") == 1, output(done)
     created = re.search(r"VMs created: (\d+)", summary)
-    assert created and int(created.group(1)) == len(machines) >= 2, summary
+    containers = re.search(r"containers created: (\d+)", summary)
+    assert created and containers and int(created.group(1)) + int(containers.group(1)) == len(machines), summary
+    assert int(created.group(1)) >= 2, summary
+    # Podman is on every machine `make setup` prepared: the demo runs its pilot in a container too
+    assert int(containers.group(1)) >= 1 and "demo-container over bind" in summary, summary
     assert re.search(r"APEL records archived: \d+", summary), summary
     assert "shutdown messages:" in summary and "drain: shutdown_time" in summary, summary
     assert "demo-ok over http" in summary and "demo-nowork over nfs" in summary, summary
@@ -128,6 +132,11 @@ def test_demo_vms_run_and_end_with_their_own_shutdown_message_over_http_and_nfs(
     assert all(m.record.mjf_transport == "http" for m in types["demo-ok"])
     assert all((m.finished.code, m.finished.outcome) == (200, "success") for m in ok), [m.finished for m in ok]
     assert any(m.finished.cpu_seconds > 0 for m in machines)
+    # demo-container: the same pilot in a container, MJF and joboutputs bind-mounted
+    containers = types["demo-container"]
+    assert containers and all(m.record.machine_model == "docker" for m in containers), containers
+    assert all(m.finished.code == 200 and m.finished.outcome == "success" for m in containers), \
+        [m.finished for m in containers]
 
 
 def test_demo_refills_a_slot_when_its_vm_ends(demo):
