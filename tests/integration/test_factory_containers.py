@@ -329,3 +329,34 @@ def test_vms_and_containers_share_the_processors_by_target_share(tmp_path, podma
             if factory.pattern.match(domain.name):
                 libvirt_hv.destroy(domain.uuid)
         libvirt_hv.close()
+
+
+def test_config_check_online_asks_the_runtime_for_its_images(tmp_path, podman):
+    """`config check --online`: the runtime answers; an image it lacks is a note (the factory
+    pulls it), one it has is nothing; a socket nobody serves is an error."""
+    factory = ContainerFactory(str(tmp_path), "cc", podman)
+    try:
+        factory.write_config(machinetype("have", "u") + machinetype("lack", "u").replace(
+            IMAGE, "docker://localhost/vf-absent:1"))
+        factory.write_file("have", "u", "#!/bin/sh\n")
+        factory.write_file("lack", "u", "#!/bin/sh\n")
+        done = subprocess.run([VACFACTORY, "--config", factory.config, "config", "check", "--online"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        notes = [line for line in (done.stdout + done.stderr).splitlines() if "root_image" in line]
+        assert len(notes) == 1 and "[machinetype lack] root_image" in notes[0] and \
+            "does not have localhost/vf-absent:1 yet" in notes[0], notes
+        dead = os.path.join(str(tmp_path), "dead.sock")
+        import socket as socketlib
+        with socketlib.socket(socketlib.AF_UNIX) as unserved:
+            unserved.bind(dead)  # a socket file nobody accepts on
+            with open(factory.config) as f:
+                text = f.read().replace(podman.socket_path, dead)
+            with open(factory.config, "w") as f:
+                f.write(text)
+            done = subprocess.run([VACFACTORY, "--config", factory.config, "config", "check", "--online"],
+                                  capture_output=True, text=True)
+        assert done.returncode != 0 and "container_socket" in done.stdout + done.stderr, done.stdout + done.stderr
+        assert "the container runtime does not answer" in done.stdout + done.stderr
+    finally:
+        factory.runtime.close()

@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from vacfactory.config.model import Config
 from vacfactory.config import options as table
 from vacfactory.config.parsers import Boolean, Integer, ValueType, Words, quote
+from vacfactory.core import values
 from vacfactory.errors import VacFactoryError
 from vacfactory.fetch.urlpolicy import UrlRefused, check_url_form
 
@@ -220,6 +221,11 @@ def _path_rules(option: str, text: str) -> Optional[str]:
     if option == "root_image" and "/" in text and not text.startswith(
             ("http://", "https://", "docker://", "/cvmfs/")):
         return f"{quote(text)} must be an http(s) or docker:// URL, a /cvmfs/ path or a plain file name"
+    if option == "root_image" and text.lower().startswith("docker://"):
+        try:  # what reaches the container runtime: an image reference and nothing else
+            values.docker_image(text)
+        except ValueError as error:
+            return str(error)
     return None
 
 

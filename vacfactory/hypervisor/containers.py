@@ -302,6 +302,18 @@ class ContainerHypervisor:
         except _API_ERRORS as exc:
             raise self._error(f"image {reference}", exc) from exc
 
+    def has_image(self, reference: str) -> bool:
+        """Is ``reference`` present (no pull is started: `config check` only looks)."""
+        values.check_image_reference(reference, "image")
+        client = self._client()
+        try:
+            client.inspect_image(reference)
+            return True
+        except ImageNotFound:
+            return False
+        except _API_ERRORS as exc:
+            raise self._error(f"image {reference}", exc) from exc
+
     def _pull(self, reference: str) -> None:
         """Pull in the calling (background) thread; raises unless the image is then present."""
         client = self._new_client()

@@ -9,6 +9,8 @@ answers "will the daemon work with it on this host?", one module per kind of che
 - ``capacity``: every share 0, processors and memory no VM can use;
 - ``pipes``: the last failed fetch of a vacuum pipe;
 - ``comments``: `` #`` inside a value (also run on configurations that do not load);
+- ``containers``: the container runtime's socket for docker machinetypes (online: it answers
+  and has their images);
 - ``online``: libvirt at libvirt_uri, the daemon's ports, host names (``--online``).
 
 Every check returns :class:`Finding` values naming the file and line of the option concerned.
@@ -27,6 +29,7 @@ from vacfactory.config.model import Config
 
 from .capacity import memory, processors, shares
 from .comments import inline_comments
+from .containers import container_runtime, container_socket
 from .files import MAX_TEMPLATE_BYTES, ImageProbe, apel_sender, keys, machinetype_files, nfs_server, state_dir
 from .findings import ERROR, NOTE, SEVERITIES, WARNING, Finding, Locator, as_mapping, count, ordered
 from .pipes import pipes, utc
@@ -35,7 +38,7 @@ from .qemu import QemuUser, find_qemu_user, qemu_access
 __all__ = [
     "ERROR", "NOTE", "SEVERITIES", "WARNING", "MAX_TEMPLATE_BYTES",
     "Finding", "HostProbes", "Locator", "QemuUser",
-    "apel_sender", "as_mapping", "count", "default_probes", "find_qemu_user", "inline_comments", "keys",
+    "apel_sender", "as_mapping", "container_runtime", "container_socket", "count", "default_probes", "find_qemu_user", "inline_comments", "keys",
     "machinetype_files", "memory", "nfs_server", "ordered", "pipes", "predict", "processors", "qemu_access",
     "shares", "state_dir", "utc",
 ]
@@ -70,6 +73,7 @@ def predict(config: Config, files: Sequence[str], probes: Optional[HostProbes] =
     findings += qemu_access(config, locator, probes.qemu_user)
     findings += keys(config, locator)
     findings += nfs_server(config, locator)
+    findings += container_socket(config, locator)
     findings += apel_sender(config, locator)
     findings += shares(config, locator)
     findings += processors(config, locator)

@@ -201,4 +201,7 @@ def resolve_all(hosts: Sequence[str], timeout: float) -> Dict[str, str]:
 
 def predict_online(config: Config, locator: Locator) -> List[Finding]:
     """Every online finding."""
-    return libvirt(config, locator) + ports(config, locator) + host_names(config, locator)
+    from .containers import container_runtime
+
+    return libvirt(config, locator) + container_runtime(config, locator) + ports(config, locator) \
+        + host_names(config, locator)
