@@ -13,6 +13,7 @@ imports a root filesystem of busybox-static with every applet linked.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -23,11 +24,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set
 
 from tests.waiting import scaled
 
-__all__ = ["PodmanService", "BUSYBOX", "missing_tools"]
+__all__ = ["PodmanService", "BUSYBOX", "missing_tools", "running_lab"]
 
 BUSYBOX = "localhost/vf-busybox:1"
 BUSYBOX_BINARY = "/bin/busybox"  # busybox-static: the image needs no libraries
@@ -215,3 +216,21 @@ runroot = "{self._path('run')}"
             self.podman("rmi", "--all", "--force", check=False)  # unmounts its layers
             shutil.rmtree(self.directory, ignore_errors=True)
         self._images.clear()
+
+
+@contextlib.contextmanager
+def running_lab() -> Iterator[PodmanService]:
+    """A started service with the busybox image, stopped (with every container it made) at the
+    end; fails the test (never skips it) when podman is missing."""
+    import pytest
+
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"podman lab: missing {', '.join(missing)} (tools/setup-machine.sh installs them)")
+    service = PodmanService()
+    try:
+        service.start()
+        service.import_busybox()
+        yield service
+    finally:
+        service.stop()

@@ -14,26 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import uuid as uuidlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from tests.bench.refills import Refills  # noqa: E402
 from tests.podman_lab import BUSYBOX, PodmanService, missing_tools  # noqa: E402
 from vacfactory.engine import naming  # noqa: E402
 from vacfactory.hypervisor.base import ContainerSpec  # noqa: E402
 from vacfactory.hypervisor.containers import ContainerHypervisor  # noqa: E402
-
-VACFACTORY = os.path.join(os.path.dirname(sys.executable), "vacfactory")
-
 
 def write_config(tmp: str, name: str, socket: str) -> str:
     path = os.path.join(tmp, "vacfactory.conf")
@@ -90,44 +85,21 @@ def bench_refill(refills: int) -> bool:
     try:
         podman.import_busybox()
         name = f"vfbdc{os.getpid()}.example.org"
-        stops, starts = [], []
-        lock = threading.Lock()
+        refills_seen = Refills()
         runtime = ContainerHypervisor(podman.socket_path, owner=name, remove_exited=False)
-
-        def on_event(event) -> None:
-            with lock:
-                if event.kind == "stopped":
-                    stops.append(time.time())
-                elif event.kind == "started":
-                    starts.append(time.time())
-
-        runtime.set_event_callback(on_event)
+        runtime.set_event_callback(refills_seen.on_event)
         with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
             config = write_config(tmp, name, podman.socket_path)
-            log = open(os.path.join(tmp, "daemon.log"), "w")
-            daemon = subprocess.Popen([VACFACTORY, "--config", config, "run"], stdout=log, stderr=subprocess.STDOUT)
             try:
-                deadline = time.time() + 60 + 10 * refills
-                while time.time() < deadline:
-                    with lock:
-                        if len(stops) >= refills + 2:
-                            break
-                    time.sleep(0.2)
+                refills_seen.run_daemon(config, os.path.join(tmp, "daemon.log"), refills, 10)
             finally:
-                daemon.send_signal(signal.SIGTERM)
-                daemon.wait(timeout=60)
                 for container in runtime.list_domains():
                     runtime.destroy(container.uuid)
             bare = bare_create(runtime, name)
         runtime.close()
     finally:
         podman.stop()
-    gaps = []
-    with lock:
-        for stop in stops:
-            following = [s for s in starts if s >= stop]
-            if following:
-                gaps.append(min(following) - stop)
+    gaps = refills_seen.gaps()
     if not gaps:
         print("container refill: no refills observed")
         return False

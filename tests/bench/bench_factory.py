@@ -36,6 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from tests.bench.refills import Refills  # noqa: E402
 from tests.unit.engine_harness import kernel_file, machinetype_text, make_harness, settings_text  # noqa: E402
 from vacfactory.engine import naming  # noqa: E402
 
@@ -137,48 +138,23 @@ def bench_refill(refills: int) -> bool:
         return False
     name = f"vfbrefill{os.getpid()}.example.org"
     pattern = naming.domain_pattern(name)
-    stops, starts = [], []
-    lock = threading.Lock()
+    refills_seen = Refills(lambda domain: bool(pattern.match(domain)))
 
     libvirt.registerErrorHandler(lambda *_: None, None)
     hypervisor = LibvirtHypervisor("qemu:///system")  # starts libvirt's event loop for us
-
-    def on_event(event) -> None:
-        if not pattern.match(event.name):
-            return
-        with lock:
-            if event.kind == "stopped":
-                stops.append(time.time())
-            elif event.kind == "started":
-                starts.append(time.time())
-
-    hypervisor.set_event_callback(on_event)
+    hypervisor.set_event_callback(refills_seen.on_event)
     hypervisor.list_domains()  # connect, so events flow
     with tempfile.TemporaryDirectory(prefix="vfbench-") as tmp:
         os.chmod(tmp, 0o755)
         config = write_daemon_config(tmp, name, "qemu:///system", "qemu", 2,
                                      "console=ttyS0 quiet panic=-1 vf_lifetime=2", kernel, initrd, 60)
-        log = open(os.path.join(tmp, "daemon.log"), "w")
-        daemon = subprocess.Popen([VACFACTORY, "--config", config, "run"], stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 60 + 20 * refills
-            while time.time() < deadline:
-                with lock:
-                    if len(stops) >= refills + 2:
-                        break
-                time.sleep(0.5)
+            refills_seen.run_daemon(config, os.path.join(tmp, "daemon.log"), refills, 20)
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
             for domain in hypervisor.list_domains():
                 if pattern.match(domain.name):
                     hypervisor.destroy(domain.uuid)
-    gaps = []
-    with lock:
-        for stop in stops:
-            following = [s for s in starts if s >= stop]
-            if following:
-                gaps.append(min(following) - stop)
+    gaps = refills_seen.gaps()
     bare = bare_create(kernel, initrd)
     hypervisor.close()
     if not gaps:

@@ -26,7 +26,7 @@ from tests.faults import profile
 from tests.faults.daemons import FactoryUnderTest, Machinetype
 from tests.faults.guests import GroundTruth
 from tests.faults.test_crash import CHECKPOINT_TIMEOUT, Trial, plan, run_trial, summarize
-from tests.podman_lab import BUSYBOX, PodmanService, missing_tools
+from tests.podman_lab import BUSYBOX, running_lab
 from vacfactory.faults import POINTS
 from vacfactory.hypervisor.containers import ContainerHypervisor
 
@@ -52,16 +52,8 @@ COMMAND = ("/bin/sh -c 'touch /var/spool/joboutputs/heartbeat; sleep $((RANDOM %
 
 @pytest.fixture(scope="module")
 def podman():
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"podman lab: missing {', '.join(missing)} (tools/setup-machine.sh installs them)")
-    service = PodmanService()
-    try:
-        service.start()
-        service.import_busybox()
+    with running_lab() as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.mark.timeout(profile.pick(900, 3600))

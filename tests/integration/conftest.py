@@ -50,15 +50,7 @@ def qemu_uri() -> str:
 def podman():
     """A private Podman API service with the busybox image (tests/podman_lab.py); stopped, with
     every container it made, at the end of the session. Fails (never skips) without podman."""
-    from tests.podman_lab import PodmanService, missing_tools
+    from tests.podman_lab import running_lab
 
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"podman lab: missing {', '.join(missing)} (tools/setup-machine.sh installs them)")
-    service = PodmanService()
-    try:
-        service.start()
-        service.import_busybox()
+    with running_lab() as service:
         yield service
-    finally:
-        service.stop()

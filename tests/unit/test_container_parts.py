@@ -171,3 +171,19 @@ def test_pulls_one_at_a_time_in_the_background_with_a_back_off():
     wait_for(lambda: calls.count("a:bad") == 2, "a second pull after the back-off")
     wait_for(lambda: pulls.failure("b:1") is None and pulls.status("b:1") == "being pulled" and len(calls) >= 3,
              "a succeeded pull forgotten (a new one starts if the image is still missing)")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-12-07T15:01:59.123456789Z", 1796655719.123456789),
+    ("2026-12-07T16:01:59+01:00", 1796655719.0),
+    ("2026-12-07T15:01:59.5Z", 1796655719.5),
+    ("0001-01-01T00:00:00Z", None),  # the zero time: never exited
+    ("yesterday", None),
+    (None, None),
+    ("2026-13-40T99:99:99Z", None),
+])
+def test_api_times_parse_to_epoch_seconds_or_none(text, expected):
+    from vacfactory.hypervisor.containers import parse_api_time
+
+    value = parse_api_time(text)
+    assert value == pytest.approx(expected, abs=1e-6) if expected is not None else value is None

@@ -24,7 +24,7 @@ from vacfactory.engine.accountant import Accountant
 from vacfactory.engine.boundary import VMBoundary
 from vacfactory.engine.factory import EngineParts, Environment, Factory
 from vacfactory.engine.vmbuild import VMBuilder
-from vacfactory.hypervisor.base import Hypervisor
+from vacfactory.hypervisor.base import DomainEvent, Hypervisor
 from vacfactory.hypervisor.fake import FakeHypervisor
 from vacfactory.hypervisor.libvirt_hv import LibvirtHypervisor
 from vacfactory.state.machines import MachineStore
@@ -135,8 +135,8 @@ def test_an_event_for_a_vm_that_is_not_live_leaves_nothing_behind(fake_engine):
     assert report.killed == [vm.name]
     entry = factory.vms[vm.uuid]
     assert not entry.live and entry.stop_time is None and entry.final_cpu is None
-    factory.on_event(type("E", (), {"kind": "stopped", "uuid": "4f0c0c52-0000-4000-8000-000000000001",
-                                    "cpu_seconds": 5.0})())  # another factory's VM
+    factory.on_event(DomainEvent(uuid="4f0c0c52-0000-4000-8000-000000000001", name="other-00.example.org",
+                                 kind="stopped", time=clock(), cpu_seconds=5.0))  # another factory's VM
     assert "4f0c0c52-0000-4000-8000-000000000001" not in factory.vms
 
 
@@ -191,3 +191,23 @@ def test_a_stop_event_racing_with_the_end_of_a_vm_leaves_no_fact_behind(fake_eng
     assert (entry.stop_time, entry.final_cpu, entry.seen_running) == (None, None, False)
     factory.vms.note_stop(vm.uuid, clock() + 1, 14.0)  # and after
     assert (entry.stop_time, entry.final_cpu) == (None, None) and not entry.live
+
+
+def test_a_stop_found_late_ends_the_vm_when_the_runtime_says_it_stopped(fake_engine):
+    """A container that exited while the daemon was down: the listing that finds it gives a
+    stopped event with the runtime's exit time (``at``); the VM ends then, not at its last
+    sign of life or when the engine saw it gone. An ``at`` in the future is the engine's now."""
+    factory, hv, clock = fake_engine(total=2)
+    factory.run_round()
+    first, second = sorted(factory.machines.values(), key=lambda m: m.name)
+    clock.advance(120)
+    factory.run_round()
+    exited = clock() - 50
+    for vm, at in ((first, exited), (second, clock() + 3600)):
+        hv.domains.pop(vm.uuid)  # gone, and no event while nobody listened
+        factory.on_event(DomainEvent(uuid=vm.uuid, name=vm.name, kind="stopped", time=clock(), at=at))
+    clock.advance(5)
+    report = factory.run_round()
+    assert sorted(report.finished) == sorted([first.name, second.name])
+    assert factory.machines[first.uuid].finished.end_time == exited
+    assert factory.machines[second.uuid].finished.end_time == clock() - 5  # not in the future
