@@ -150,7 +150,7 @@ def summarize(fault: str, trials: List[Trial], notes: str) -> profile.Row:
         worst_recovery_seconds=max(recoveries) if recoveries else None,
         worst_recovery_rounds=1 if recoveries else None,
         notes=notes,
-        problems=[f"[{t.lane} {t.kind} {t.point or f'after {t.delay:.2f} s'}] " + "\n".join(t.violations[:5])
+        problems=[f"[{t.lane} {t.kind} {t.point or f'after {t.delay:.2f} s'}] " + "\n".join(t.violations[:80])
                   for t in failed[:10]],
         details=details,
     )

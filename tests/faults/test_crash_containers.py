@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -56,6 +57,20 @@ def podman():
         yield service
 
 
+def explain(factory: FactoryUnderTest, truth: GroundTruth, trial: Trial) -> None:
+    """A failed trial: every log line about the machines it names, and their true lives."""
+    names = set(re.findall(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", " ".join(trial.violations)))
+    if not names:
+        return
+    lives = truth.lives(factory.name)
+    for uuid in sorted(names):
+        life = lives.get(uuid)
+        trial.violations.append(f"--- {uuid}: truth {life}")
+        slot = life.name if life is not None else uuid
+        trial.violations += [line for line in factory.log_text().splitlines() if uuid in line or slot in line
+                             or line.startswith("====")][-60:]
+
+
 @pytest.mark.timeout(profile.pick(900, 3600))
 def test_kill_9_with_containers_at_random_moments_and_every_checkpoint(private_libvirtd, podman, workdir):
     rng = random.Random(int(os.environ.get("VACFACTORY_FAULTS_SEED", "20261207")))
@@ -88,6 +103,7 @@ def test_kill_9_with_containers_at_random_moments_and_every_checkpoint(private_l
             for trial in queue:
                 trial.lane = factory.name.split(".")[0]
                 run_trial(factory, truth, trial, CHECKPOINT_TIMEOUT, TOLERANCE, END_SLACK)
+                explain(factory, truth, trial)
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 

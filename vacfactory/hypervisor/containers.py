@@ -7,7 +7,7 @@ ever listed, stopped or removed. Its UUID, grace period and size are labels too,
 restarted daemon knows everything it needs from the runtime alone.
 
 A container is a transient domain to the engine: one that has exited is not listed (and is
-removed here; its binds are the factory's directories and stay), and ``destroy`` returns at
+removed at the next listing; its binds are the factory's directories and stay), and ``destroy`` returns at
 once while a thread stops it (SIGTERM, SIGKILL after the grace period) and removes it. A
 container being stopped is renamed at once (its slot's name is free for the next machine);
 its slot name stays in a label, which is the name it is listed under.
@@ -143,6 +143,8 @@ class ContainerHypervisor:
         self._stopping: Dict[str, Tuple[str, threading.Thread]] = {}
         #: uuid -> (cpu seconds, monotonic time seen): the stop event's final CPU time
         self._last_cpu: Dict[str, Tuple[float, float]] = {}
+        #: ids of exited containers this object has reported (removed at the next listing)
+        self._exits_reported: set = set()
         self._pulls = ImagePulls(self._pull, retry_seconds=pull_retry_seconds)
         #: False: CPU from per-container stats even on Podman (tests run both ways)
         self.multi_stats = True
@@ -338,6 +340,8 @@ class ContainerHypervisor:
         """
         client = self._client()
         containers = self._call("listing containers", client.containers, all=True, filters=self._ours())
+        with self._lock:  # forget the exits of containers gone meanwhile
+            self._exits_reported &= {c.get("Id") for c in containers}
         return self._infos(client, containers)
 
     def domain_info(self, uuid: str) -> Optional[DomainInfo]:
@@ -366,12 +370,7 @@ class ContainerHypervisor:
             if status in _ALIVE:
                 alive.append((container, uuid, _ALIVE[status]))
             elif self.remove_exited:  # exited, dead, or never started by a process that died
-                log.info("%s: container %s %s: removing it", name, uuid, status)
-                exited_at = self._exit_time(client, container["Id"]) if status not in _NOT_STARTED else None
-                self._remove(client, container["Id"], name)
-                if exited_at is not None:
-                    self._deliver(DomainEvent(uuid=uuid, name=name, kind="stopped", time=time.time(),
-                                              cpu_seconds=self._forget_cpu(uuid), at=exited_at))
+                self._gone(client, container, uuid, name, status)
         cpu = self._cpu_seconds(client, [c["Id"] for c, _, _ in alive])
         now = time.monotonic()
         result = []
@@ -426,6 +425,25 @@ class ContainerHypervisor:
             return None
 
     # -- stopping ---------------------------------------------------------------------------
+
+    def _gone(self, client: docker.APIClient, container: Dict[str, Any], uuid: str, name: str, status: str) -> None:
+        """An exited container: reported (a stopped event with its exit time) at the first
+        listing that finds it, removed at the next one. By then the engine has recorded its
+        end: removing it at once, a crash in between would lose the exit time."""
+        container_id = container["Id"]
+        with self._lock:
+            reported = container_id in self._exits_reported
+            self._exits_reported.add(container_id)
+        if reported:
+            log.info("%s: container %s %s: removing it", name, uuid, status)
+            self._remove(client, container_id, name)
+            return
+        exited_at = self._exit_time(client, container_id) if status not in _NOT_STARTED else None
+        log.info("%s: container %s %s%s", name, uuid, status,
+                 "" if exited_at is None else time.strftime(" at %H:%M:%S", time.localtime(exited_at)))
+        if exited_at is not None:
+            self._deliver(DomainEvent(uuid=uuid, name=name, kind="stopped", time=time.time(),
+                                      cpu_seconds=self._forget_cpu(uuid), at=exited_at))
 
     def _exit_time(self, client: docker.APIClient, container_id: str) -> Optional[float]:
         """When the runtime says the container exited (epoch seconds), or None."""
