@@ -127,10 +127,13 @@ class ContainerFactory:
         self.process = None
 
     def cleanup(self) -> None:
+        """Stop the daemon and remove every container of ours, running or exited."""
         self.stop()
         try:
             for container in self.containers():
                 self.runtime.destroy(container.uuid)
+            for name in self.podman_names():  # exited ones the stopped daemon had not removed yet
+                self.podman.podman("rm", "-f", name, check=False)
             waiting.wait_for(lambda: not self.podman_names(), "our containers to be gone", 60)
         finally:
             self.runtime.close()

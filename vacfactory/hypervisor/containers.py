@@ -593,11 +593,16 @@ class ContainerHypervisor:
 
     def close(self) -> None:
         """Stop following events and drop the client; a later call starts both again.
-        Containers being stopped go on being stopped."""
+        Containers being stopped go on being stopped. Exited containers already reported
+        are removed now (a clean stop: the engine has recorded their ends), not left until
+        the next start."""
         with self._lock:
             events = self._events
             client, self._client_ = self._client_, None
             self._podman = None
+            reported, self._exits_reported = set(self._exits_reported), set()
+        for container_id in sorted(reported) if client is not None else ():
+            self._remove(client, container_id, container_id[:12])
         if events is not None:
             events.stop()
         if client is not None:
