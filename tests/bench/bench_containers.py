@@ -30,6 +30,7 @@ from vacfactory.engine import naming  # noqa: E402
 from vacfactory.hypervisor.base import ContainerSpec  # noqa: E402
 from vacfactory.hypervisor.containers import ContainerHypervisor  # noqa: E402
 
+
 def write_config(tmp: str, name: str, socket: str) -> str:
     path = os.path.join(tmp, "vacfactory.conf")
     with open(path, "w") as f:

@@ -47,6 +47,17 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
     return waiting.wait_for(look, what, timeout, interval, details=factory.diagnostics if factory else None)
 
 
+def stop_daemon(process: Optional[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to a daemon still running and wait for it (killed if it will not end)."""
+    if process is not None and process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=waiting.scaled(60))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", 0))
@@ -107,13 +118,7 @@ class RealFactory:
         self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=waiting.scaled(60))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_daemon(self.process)
         self.process = None
 
     def cleanup(self) -> None:

@@ -25,7 +25,7 @@ import pytest
 from tests import waiting
 from tests.faults.daemons import guest_cmdline, heartbeat_time
 from tests.faults.invariants import archive_records
-from tests.integration.realfactory import free_udp_port
+from tests.integration.realfactory import free_udp_port, stop_daemon
 from tests.podman_lab import BUSYBOX
 from vacfactory.engine import naming
 from vacfactory.hypervisor.base import BindSpec, ContainerSpec
@@ -117,13 +117,7 @@ class ContainerFactory:
                                             stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=waiting.scaled(60))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_daemon(self.process, sig)
         self.process = None
 
     def cleanup(self) -> None:
