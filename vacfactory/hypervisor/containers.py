@@ -555,19 +555,10 @@ class ContainerHypervisor:
             uuid = check_uuid(str(attributes.get(LABEL_UUID, "")))
         except InvalidValue:
             return
-        cpu_seconds = None
-        if kind == "stopped":
-            with self._lock:
-                last = self._last_cpu.pop(uuid, None)
-            cpu_seconds = None if last is None else last[0]
-        callback = self._callback
-        if callback is None:
-            return
+        cpu_seconds = self._forget_cpu(uuid) if kind == "stopped" else None
         name = str(attributes.get(LABEL_NAME) or attributes.get("name", ""))  # the slot's, if renamed
-        domain_event = DomainEvent(uuid=uuid, name=name, kind=kind, time=time.time(),
-                                   cpu_seconds=cpu_seconds)
-        log.debug("%s: event %s", domain_event.name, kind)
-        callback(domain_event)
+        log.debug("%s: event %s", name, kind)
+        self._deliver(DomainEvent(uuid=uuid, name=name, kind=kind, time=time.time(), cpu_seconds=cpu_seconds))
 
     # -- the rest of the protocol -----------------------------------------------------------
 
