@@ -290,8 +290,12 @@ def _check_finished(ctx: Context, machines: Mapping[str, Machine], v: List[str])
         if m.state == "done":
             keep = ctx.retention_seconds.get(m.record.machinetype, DEFAULT_RETENTION_SECONDS)
             age = ctx.check_time - m.finished.time
-            if keep > 0 and age > keep + ctx.retention_slack:
-                v.append(f"{m.name}: VM {uuid} kept {age:.0f} s after it finished, beyond retention "
+            # a directory may only go once it is done: one that was accounted late (the disk was
+            # full) is due from its cleaning, not from its finish
+            overdue = ctx.check_time - max(m.finished.time + keep, m.cleaned.time)
+            if keep > 0 and overdue > ctx.retention_slack:
+                v.append(f"{m.name}: VM {uuid} kept {age:.0f} s after it finished and "
+                         f"{ctx.check_time - m.cleaned.time:.0f} s after it was cleaned, beyond retention "
                          f"{keep:.0f} s (+{ctx.retention_slack:.0f} s)")
 
 

@@ -155,7 +155,14 @@ def test_two_processors_run_vms_to_completion_refill_promptly_and_drain_clean(da
     done = [m for m in machines if m.finished is not None]
     assert all(m.finished.outcome == "neutral" and m.finished.reason == "no_message" for m in done)
     assert all(m.accounted is not None and m.accounted.archive for m in done), "each VM gets an APEL record"
-    assert all(m.finished.cpu_seconds > 0 for m in done), "CPU time measured from libvirt"
+    # CPU time comes from libvirt: read at the guest's power-off when the event thread gets there
+    # before qemu exits, else the last round's observation. A VM that lives its whole life between
+    # two rounds on a loaded host can miss both (best effort, see libvirt_hv), so: some VM was
+    # measured, and no VM's end lost CPU time that a round had seen.
+    assert any(m.finished.cpu_seconds > 0 for m in done), "CPU time measured from libvirt"
+    for m in done:
+        seen = m.heartbeat.cpu_seconds if m.heartbeat else 0.0
+        assert m.finished.cpu_seconds >= seen, f"{m.name}: ended with {m.finished.cpu_seconds} CPU-s, seen {seen}"
 
     # each slot's next VM started soon after the previous one ended (event-driven refill)
     gaps = []
