@@ -205,8 +205,9 @@ def test_kill_9_and_restart_keeps_the_same_vms_without_duplicates_or_zombies(dae
     assert {dom.uuid for dom in d.domains()} == before, "kill -9 of the daemon leaves VMs running"
 
     d.start()
-    wait_for(lambda: "engine started" in d.log_text() and "decision:" in d.log_text().split("engine started")[-1],
-             60, "the restarted daemon to complete a round")
+    # the first daemon's log has "engine started" and a decision too: wait for the second start's
+    restarted = lambda: d.log_text().split("engine started")[2:]  # noqa: E731
+    wait_for(lambda: restarted() and "decision:" in restarted()[-1], 60, "the restarted daemon to complete a round")
     time.sleep(3)
     assert {m.uuid for m in d.machines().values() if m.live} == before
     assert {dom.uuid for dom in d.domains()} == before
