@@ -43,16 +43,28 @@ install_packages() {
 
 libvirt_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
 
+# Start a daemon without the caller's open descriptors: it would hold them for its whole life
+# (a caller's lock, or the pipe a CI runner reads to its end).
+detached() {
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    exec "$@"
+  )
+}
+
 start_libvirt() {
   libvirt_up && return 0
   [ "$(id -u)" = 0 ] || { say "libvirtd is not running and we are not root"; exit 1; }
   # Without udev /dev/kvm stays root-only, and libvirt then re-probes QEMU on every domain
   # start (~48 s each). Fix the mode before libvirtd starts.
   if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
-  [ -s /run/virtlogd.pid ] && kill -0 "$(cat /run/virtlogd.pid)" 2>/dev/null || virtlogd -d
+  [ -s /run/virtlogd.pid ] && kill -0 "$(cat /run/virtlogd.pid)" 2>/dev/null || detached virtlogd -d
   if ! { [ -s /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; }; then
     rm -f /run/libvirtd.pid
-    libvirtd -d
+    detached libvirtd -d
   fi
   for _ in $(seq 1 150); do libvirt_up && return 0; sleep 0.2; done
   say "libvirtd did not come up (see /var/log/libvirt/libvirtd.log)"
