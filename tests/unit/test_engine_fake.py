@@ -96,6 +96,27 @@ def test_a_vm_that_powers_off_is_finished_with_its_final_cpu_accounted_cleaned_a
     assert (entry.stop_time, entry.final_cpu, entry.seen_running) == (None, None, False)
 
 
+def test_a_missed_final_cpu_read_falls_back_to_the_last_round_not_the_older_heartbeat(fake_engine):
+    # on a starved host the read at power-off can come after qemu has exited (no CPU time);
+    # the heartbeat file is written at most every 10 s, but every round's listing counts
+    factory, hv, clock = fake_engine(total=1)
+    factory.run_round()
+    (vm,) = factory.machines.values()
+    clock.advance(20)
+    hv.set_cpu(vm.uuid, 7.0)
+    factory.run_round()
+    assert factory.machines[vm.uuid].heartbeat.cpu_seconds == 7.0
+    clock.advance(3)  # a round within HEARTBEAT_WRITE_SECONDS: listed, no heartbeat written
+    hv.set_cpu(vm.uuid, 9.5)
+    factory.run_round()
+    assert factory.machines[vm.uuid].heartbeat.cpu_seconds == 7.0
+    clock.advance(2)
+    hv.power_off(vm.uuid, cpu_seconds=None)
+    factory.run_round()
+    assert factory.machines[vm.uuid].finished.cpu_seconds == 9.5
+    assert factory.vms[vm.uuid].seen_cpu is None  # forgotten once the end is recorded
+
+
 def test_one_failed_start_in_a_parallel_round_fails_only_that_vm(fake_engine):
     factory, hv, _clock = fake_engine(total=4)
     hv.fail_creates["-02."] = "no room for qemu"

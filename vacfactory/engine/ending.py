@@ -80,8 +80,7 @@ class Finisher:
         if started is None or reason == "create_failed":
             return Finished(time=now, end_time=end_time, cpu_seconds=0.0, outcome=FAILED,
                             reason=reason or "create_failed")
-        cpu = final_cpu if final_cpu is not None else (machine.heartbeat.cpu_seconds if machine.heartbeat else 0.0)
-        return self._ran(machine, now, end_time, started, float(cpu), kill)
+        return self._ran(machine, now, end_time, started, final_cpu_time(entry, final_cpu), kill)
 
     def _ran(self, machine: Machine, now: float, end_time: float, started: float, cpu: float,
              kill: Optional[KillReason]) -> Finished:
@@ -102,3 +101,13 @@ class Finisher:
             log.info("%s: aborted after %ds, so a %s VM needs fizzle_seconds of at least that "
                      "to count as a fizzle (Vac's hint)", machine.name, int(wall), machine.record.machinetype)
         return finished
+
+
+def final_cpu_time(entry: VMEntry, final_cpu: Optional[float]) -> float:
+    """A VM's CPU time at its end: the largest reading known (CPU time only grows). The read at
+    the guest's power-off is exact but best effort (a starved event thread can miss the moment
+    before qemu exits); then the last round's listing, then the last heartbeat written (after a
+    restart, the only one left)."""
+    heartbeat = entry.machine.heartbeat
+    known = [final_cpu, entry.seen_cpu, heartbeat.cpu_seconds if heartbeat else None]
+    return float(max([cpu for cpu in known if cpu is not None], default=0.0))

@@ -36,6 +36,9 @@ class VMEntry:
     final_cpu: Optional[float] = None
     #: this process saw its domain running (so if it is gone now, it ended since then)
     seen_running: bool = False
+    #: the CPU time the last round listed (kept in memory: the heartbeat file is written at most
+    #: every HEARTBEAT_WRITE_SECONDS), the fallback when the final read at power-off is missed
+    seen_cpu: Optional[float] = None
     #: how it ended, when `finished` could not be written yet: the retry writes the same
     unrecorded: Optional[Finished] = None
     #: its accounting failed and that was logged (logged once until it works)
@@ -128,7 +131,7 @@ class VMTable:
         with self._lock:
             entry.machine = machine
             entry.stop_time = entry.final_cpu = None
-            entry.unrecorded, entry.seen_running = None, False
+            entry.unrecorded, entry.seen_running, entry.seen_cpu = None, False, None
 
     def set_final_cpu(self, entry: VMEntry, cpu_seconds: float) -> None:
         with self._lock:

@@ -281,6 +281,8 @@ class Factory:
                 report.finished.append(entry.name)
                 continue
             entry.seen_running = True
+            if domain.cpu_seconds:
+                entry.seen_cpu = domain.cpu_seconds
             heartbeat = entry.machine.heartbeat
             if domain.cpu_seconds and (heartbeat is None or now - heartbeat.time >= HEARTBEAT_WRITE_SECONDS):
                 self.transitions.apply(entry, Event.OBSERVED, Facts(time=now, cpu_seconds=domain.cpu_seconds))
