@@ -283,9 +283,9 @@ class Factory:
             entry.seen_running = True
             if domain.cpu_seconds:
                 entry.seen_cpu = domain.cpu_seconds
-            heartbeat = entry.machine.heartbeat
-            if domain.cpu_seconds and (heartbeat is None or now - heartbeat.time >= HEARTBEAT_WRITE_SECONDS):
-                self.transitions.apply(entry, Event.OBSERVED, Facts(time=now, cpu_seconds=domain.cpu_seconds))
+                heartbeat = entry.machine.heartbeat
+                if heartbeat is None or now - heartbeat.time >= HEARTBEAT_WRITE_SECONDS:
+                    self.transitions.apply(entry, Event.OBSERVED, Facts(time=now, cpu_seconds=domain.cpu_seconds))
 
     def _adopt(self, entry: VMEntry, domain: Optional[DomainInfo], now: float, report: RoundReport) -> bool:
         """A VM whose start was never recorded: (created, domain_found) adopts it,

@@ -592,8 +592,9 @@ class ContainerHypervisor:
             client, self._client_ = self._client_, None
             self._podman = None
             reported, self._exits_reported = set(self._exits_reported), set()
-        for container_id in sorted(reported) if client is not None else ():
-            self._remove(client, container_id, container_id[:12])
+        if client is not None:
+            for container_id in sorted(reported):
+                self._remove(client, container_id, container_id[:12])
         if events is not None:
             events.stop()
         if client is not None:
