@@ -27,6 +27,7 @@ from typing import List, Optional
 import pytest
 
 from tests.faults import invariants, profile
+from tests.waiting import scaled
 from tests.faults.daemons import (
     FactoryUnderTest,
     Machinetype,
@@ -152,11 +153,18 @@ def test_state_directory_fills_up_and_space_returns(private_libvirtd, guests, wo
         factory.spawn()
         assert wait_for(lambda: sum(m.finished is not None for m in machines(factory)) >= 4, 60), \
             "the factory never got going:\n" + factory.log_tail()
+        # every slot running when the disk fills, and no guest ending before it is full: on a
+        # busy machine filling takes a while, and VMs that all end meanwhile leave the full
+        # period with nothing to account (creation is paused, so no slot is refilled)
+        guests.hold.set()
+        assert wait_for(lambda: len(guests.domains(factory.name)) >= TOTAL, scaled(60)), \
+            "the factory never ran all its slots:\n" + factory.log_tail()
         log_mark = len(factory.log_text())
         t_full = time.time()
         filler.start()
-        assert filler.full.wait(30), "could not fill the filesystem"
+        assert filler.full.wait(scaled(30)), "could not fill the filesystem"
         t_filled = filler.full_at
+        guests.hold.clear()  # guests past their lifetime now end, with the disk full
         # two more processors (the main configuration is not on the full disk): the factory
         # must try to create, fail with a clear error, and leave nothing half-made
         factory.total_processors = TOTAL + 2
