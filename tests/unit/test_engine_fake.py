@@ -45,18 +45,30 @@ def fake_engine(tmp_path):
         config_path = tmp_path / "vacfactory.conf"
         config_path.write_text(text)
         clock = Clock()
-        watcher = ConfigWatcher(ConfigSources.for_main_file(str(config_path)), host_facts=HOST)
-        state_dir = watcher.current.settings.state_dir
         hypervisor = FakeHypervisor(clock)
-        factory = Factory(EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
-                                      builder=VMBuilder(state_dir), boundary=VMBoundary(),
-                                      accountant=Accountant.for_config(watcher)),
-                          Environment(host_processors=64, clock=clock, load_average=lambda: 0.0,
-                                      rng=random.Random(3)))
-        factory.start()
-        return factory, hypervisor, clock
+        return engine_on(str(config_path), hypervisor, clock), hypervisor, clock
 
     return build
+
+
+def engine_on(config_path: str, hypervisor: FakeHypervisor, clock: Clock) -> Factory:
+    """A started engine on the configuration at ``config_path`` and the fake hypervisor."""
+    watcher = ConfigWatcher(ConfigSources.for_main_file(config_path), host_facts=HOST)
+    state_dir = watcher.current.settings.state_dir
+    factory = Factory(EngineParts(config_source=watcher, hypervisor=hypervisor, store=MachineStore(state_dir),
+                                  builder=VMBuilder(state_dir), boundary=VMBoundary(),
+                                  accountant=Accountant.for_config(watcher)),
+                      Environment(host_processors=64, clock=clock, load_average=lambda: 0.0,
+                                  rng=random.Random(3)))
+    factory.start()
+    return factory
+
+
+def fake_restart(factory: Factory, hypervisor: FakeHypervisor, clock: Clock) -> Factory:
+    """A new engine on the same state directory and hypervisor, as after kill -9 (the fixture
+    keeps the configuration beside the state directory)."""
+    config_path = os.path.join(os.path.dirname(factory.store.state_dir), "vacfactory.conf")
+    return engine_on(config_path, hypervisor, clock)
 
 
 def archived(factory) -> list:
@@ -232,3 +244,48 @@ def test_a_stop_found_late_ends_the_vm_when_the_runtime_says_it_stopped(fake_eng
     assert sorted(report.finished) == sorted([first.name, second.name])
     assert factory.machines[first.uuid].finished.end_time == exited
     assert factory.machines[second.uuid].finished.end_time == clock() - 5  # not in the future
+
+
+@pytest.mark.parametrize("evidence", ["console log", "stop event"])
+def test_a_vm_that_started_unrecorded_and_ended_while_the_daemon_was_down_is_accounted(fake_engine, evidence):
+    """Killed between the domain's start and its `started` record, the daemon came back after
+    the VM had ended (a loaded host, a short-lived container): its domain is gone, but it ran.
+    It must be adopted, finished and accounted like any VM, not cleaned as an interrupted
+    creation. The signs: qemu's console log, or the runtime's stop event with its exit time."""
+    factory, hv, clock = fake_engine(total=1)
+    factory.run_round()
+    (vm,) = factory.machines.values()
+    os.unlink(os.path.join(vm.path, "started"))  # the crash: started, not recorded
+    factory.stop()
+    clock.advance(300)
+    hv.domains.pop(vm.uuid)  # it powered off while nobody listened
+    exited = clock() - 20
+    if evidence == "console log":
+        with open(vm.console_log, "w") as f:
+            f.write("booted\n")
+        os.utime(vm.console_log, (exited, exited))
+    again = fake_restart(factory, hv, clock)
+    if evidence == "stop event":  # what the container runtime's first listing delivers
+        again.on_event(DomainEvent(uuid=vm.uuid, name=vm.name, kind="stopped", time=clock(), at=exited))
+    clock.advance(1)
+    report = again.run_round()
+    assert report.adopted == [vm.name] and vm.name in report.finished
+    done = again.machines[vm.uuid]
+    assert done.started.time == vm.record.created and done.finished.end_time == exited
+    assert done.finished.outcome != "failed" and done.accounted.archive is not None
+    assert archived(again) == [vm.uuid]
+
+
+def test_a_vm_with_no_sign_that_it_ran_is_an_interrupted_creation(fake_engine):
+    factory, hv, clock = fake_engine(total=1)
+    factory.run_round()
+    (vm,) = factory.machines.values()
+    os.unlink(os.path.join(vm.path, "started"))
+    factory.stop()
+    hv.domains.pop(vm.uuid)  # the crash came before the domain started: no console log
+    again = fake_restart(factory, hv, clock)
+    clock.advance(1)
+    report = again.run_round()
+    assert report.adopted == [] and archived(again) == []
+    done = again.machines[vm.uuid]
+    assert done.finished.outcome == "failed" and done.accounted.skipped == "never started"

@@ -14,9 +14,11 @@ import time
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from tests.unit.view_harness import ViewDaemon, free_port, write_config
+from tests.waiting import scaled
 from vacfactory.cli.main import main
 from vacfactory.space.responder import Responder
 from vacfactory.space.snapshot import FactorySnapshot, MachinetypeStatus
@@ -68,13 +70,23 @@ def series(driver) -> dict:
 
 
 def wait_in_browser(driver, check, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
+    """Poll ``check(driver)`` until it is true. The page replaces what it re-renders, so an
+    element found a moment ago can be gone when it is read (stale): that is "not yet"."""
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
-        value = check(driver)
+        try:
+            value = check(driver)
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting in the browser for {what}")
+
+
+def text_of(driver, by: str, value: str) -> str:
+    """The (non-empty) text of an element the page may be re-rendering meanwhile."""
+    return wait_in_browser(driver, lambda d: d.find_element(by, value).text, f"the text of {value}")
 
 
 @pytest.fixture
@@ -119,8 +131,7 @@ def test_the_page_in_chromium_shows_the_factory_and_follows_it(browser, factory,
     expected = [{"slot": r["slot"], "state": r["state"], "name": r.get("name"), "machinetype": r.get("machinetype")}
                 for r in rows]
     wait_in_browser(browser, lambda d: slot_map(d) == expected, "the slot map")
-    summary = browser.find_element(By.ID, "summary")
-    assert summary.text == "4 of 4 processors busy, 0 free"
+    assert text_of(browser, By.ID, "summary") == "4 of 4 processors busy, 0 free"
 
     # the charts: each machinetype's shares (target, here, space), VMs started, CPU efficiency
     charts = wait_in_browser(browser, lambda d: series(d).get("alpha: shares") and series(d), "the charts")
@@ -129,7 +140,7 @@ def test_the_page_in_chromium_shows_the_factory_and_follows_it(browser, factory,
 
     # the space: the answering peer with its processors; the silent one marked. The peer's
     # hostile machinetype name is refused by the VacQuery parser before it reaches anything.
-    space = browser.find_element(By.ID, "space").text
+    space = text_of(browser, By.ID, "space")
     assert "127.0.0.2 answered alpha: 5" in space and "127.0.0.3 NO ANSWER" in space
     assert "pwned" not in space
 
@@ -146,16 +157,17 @@ def test_the_page_in_chromium_shows_the_factory_and_follows_it(browser, factory,
     wait_in_browser(browser, lambda d: d.find_element(By.ID, "summary").text
                     == f"{busy} of 4 processors busy, {4 - busy} free", "the new processor count")
     assert "abort: 300 " + HOSTILE in recent
-    table = browser.find_element(By.ID, "machinetypes").text
+    table = text_of(browser, By.ID, "machinetypes")
     assert "300: 1" in table
-    link = browser.find_element(By.CSS_SELECTOR, f'#recent tr[data-uuid="{ended.uuid}"] a')
-    assert link.get_attribute("href") == f"{v.url}/machine/{ended.uuid}"
+    href = wait_in_browser(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f'#recent tr[data-uuid="{ended.uuid}"] a').get_attribute("href"), "the VM's link")
+    assert href == f"{v.url}/machine/{ended.uuid}"
 
     # hostile text stayed text: no script ran, nothing was injected, the pipe's entry is not there
     assert browser.title.startswith("vacfactory") and "pwned" not in browser.title
     assert len(browser.find_elements(By.TAG_NAME, "script")) == 1
     assert browser.find_elements(By.CSS_SELECTOR, "img") == []
-    assert PIPE_SUFFIX not in browser.find_element(By.ID, "machinetypes").text
+    assert PIPE_SUFFIX not in text_of(browser, By.ID, "machinetypes")
     assert not [m for m in v.daemon.factory.config.machinetypes if "<" in m]
 
     # everything came from the factory's listener; the console is clean

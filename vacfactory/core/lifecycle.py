@@ -52,7 +52,7 @@ class Event(str, Enum):
     START = "start"                    # start its domain (in the creation pool, one VM per thread)
     DOMAIN_STARTED = "domain_started"  # the hypervisor started its domain
     START_FAILED = "start_failed"      # preparing, publishing or starting it failed
-    DOMAIN_FOUND = "domain_found"      # a domain exists whose start was never recorded (adopt)
+    DOMAIN_FOUND = "domain_found"      # a domain runs, or ran, whose start was never recorded (adopt)
     DOMAIN_MISSING = "domain_missing"  # no domain and none was ever started (interrupted creation)
     OBSERVED = "observed"              # its domain is running (the factory's heartbeat record)
     CLOCK_STEPPED = "clock_stepped"    # the wall clock stepped: its start time moves with it

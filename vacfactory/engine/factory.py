@@ -34,7 +34,7 @@ from vacfactory.engine import naming, policies, rebalance
 from vacfactory.engine.clockstep import ClockStepWatch
 from vacfactory.engine.configpoll import ConfigPoller
 from vacfactory.engine.creation import Creator
-from vacfactory.engine.ending import Finisher
+from vacfactory.engine.ending import Finisher, console_mtime
 from vacfactory.engine.entries import VMEntry, VMTable
 from vacfactory.engine.pause import ENOSPC_PAUSE_SECONDS, MIN_FREE_STATE_MIB, CreationPause
 from vacfactory.engine.drain import apply_drain
@@ -56,6 +56,15 @@ log = logging.getLogger(__name__)
 
 #: the factory's own heartbeat record of a VM is rewritten at most this often
 HEARTBEAT_WRITE_SECONDS = 10.0
+
+
+def started_unrecorded(entry: VMEntry) -> bool:
+    """Whether a VM whose start was never recorded and whose domain is gone did start: this
+    process saw it running (it could not record that: a full disk), the hypervisor reported
+    its stop (a container that exited while the daemon was down), or its console log exists
+    (qemu creates it when the domain starts). A VM that ran is accounted like any other; the
+    daemon killed between the start and its record must not lose it."""
+    return entry.seen_running or entry.stop_time is not None or console_mtime(entry.machine) is not None
 
 
 class Factory:
@@ -288,14 +297,18 @@ class Factory:
                     self.transitions.apply(entry, Event.OBSERVED, Facts(time=now, cpu_seconds=domain.cpu_seconds))
 
     def _adopt(self, entry: VMEntry, domain: Optional[DomainInfo], now: float, report: RoundReport) -> bool:
-        """A VM whose start was never recorded: (created, domain_found) adopts it,
-        (created, domain_missing) finishes it as failed. True if it is running now."""
-        # this process started it but could not record that (a full disk): it ran
-        if domain is None and not entry.seen_running:
+        """A VM whose start was never recorded: (created, domain_found) adopts it when its
+        domain runs or did run, (created, domain_missing) finishes it as failed. True if it was
+        adopted (the caller then finishes one whose domain is gone, as any VM that ended)."""
+        if domain is None and not started_unrecorded(entry):
             log.info("%s: creation was interrupted; cleaning up", entry.name)
             self.transitions.apply(entry, Event.DOMAIN_MISSING, Facts(time=now, reason="create_failed"))
             return False
-        log.info("%s: adopting a domain whose start was not recorded", entry.name)
+        if domain is None:
+            log.info("%s: its domain started, unrecorded, and has ended meanwhile: adopting it to account it",
+                     entry.name)
+        else:
+            log.info("%s: adopting a domain whose start was not recorded", entry.name)
         try:
             adopted = self.transitions.apply(entry, Event.DOMAIN_FOUND, Facts(time=entry.machine.record.created))
         except OSError as error:  # a full disk: adopted at a later round
